@@ -1,0 +1,130 @@
+"""LMDB backend: one key per image, the raw pixels and the label as its value; no pickle.
+
+Keys are the index as 8 big-endian bytes, so key order is index order and appends use LMDB's
+fast append mode. The map grows by itself: a write that would not fit grows the map first (and a
+``MapFullError`` that still happens grows it and retries), so ``map_size`` is never the user's problem.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import lmdb
+
+from imgstore.errors import CorruptStoreError
+from imgstore.store import Store
+
+_KEY = np.dtype(">u8")
+_INITIAL_MAP_SIZE = 1 << 30  # address space only: the file grows with the data, not with the map
+
+
+class LmdbStore(Store):
+    name = "lmdb"
+
+    def _open(self, create: bool) -> None:
+        self._env = lmdb.open(
+            str(self.path / "lmdb"),
+            map_size=_INITIAL_MAP_SIZE,
+            readonly=not self.writable,
+            create=create,
+            max_dbs=0,
+            sync=self.sync,
+            metasync=self.sync,
+            meminit=False,  # never write uninitialised memory to disk pages
+        )
+
+    def _close(self) -> None:
+        self._env.close()
+
+    def _reopen_after_fork(self) -> None:
+        # LMDB forbids using an environment opened before fork(); leave the parent's alone.
+        self._open(create=False)
+
+    # -------------------------------------------------------------- writing
+
+    def _write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+        n = len(images)
+        records = np.empty(n, dtype=np.dtype([("image", np.uint8, images.shape[1:]), ("label", "<i8")]))
+        records["image"] = images
+        records["label"] = labels
+        values = memoryview(records).cast("B")
+        keys = memoryview(np.arange(start, start + n, dtype=np.uint64).astype(_KEY)).cast("B")
+        size = records.dtype.itemsize
+        items = [(keys[k * 8 : k * 8 + 8], values[k * size : (k + 1) * size]) for k in range(n)]
+        self._ensure_room(n, size)
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    cursor = txn.cursor()
+                    # Records past the committed count are leftovers of a crashed write: drop them.
+                    if cursor.set_range(keys[:8]):
+                        while cursor.delete():
+                            pass
+                    cursor.putmulti(items, append=True)
+                return
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def _ensure_room(self, n: int, record_size: int) -> None:
+        """Grow the map ahead of a write so the common case never hits MapFullError."""
+        info, stat = self._env.info(), self._env.stat()
+        page = stat["psize"]
+        used = (info["last_pgno"] + 1) * page
+        # A value larger than half a page sits on its own overflow pages; add room for the tree.
+        per_record = -(-(record_size + 16) // page) * page + 64
+        needed = used + 2 * n * per_record + (1 << 20)
+        if needed > info["map_size"]:
+            self._env.set_mapsize(max(needed, 2 * info["map_size"]))
+
+    # -------------------------------------------------------------- reading
+
+    def _begin(self) -> lmdb.Transaction:
+        try:
+            return self._env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)  # another process grew the map: adopt its size
+            return self._env.begin(buffers=True)
+
+    def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+        flat = images.reshape(len(images), -1)
+        size = flat.shape[1]
+        keys = indices.astype(_KEY).tobytes()
+        with self._begin() as txn:
+            for k in range(len(indices)):
+                value = txn.get(keys[8 * k : 8 * k + 8])
+                if value is None or len(value) != size + 8:
+                    raise self._damaged(int(indices[k]), value)
+                flat[k] = np.frombuffer(value, np.uint8, size)
+                labels[k] = int.from_bytes(value[size:], "little")
+
+    def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
+        flat = images.reshape(len(images), -1)
+        size = flat.shape[1]
+        count = stop - start
+        k = 0
+        with self._begin() as txn:
+            cursor = txn.cursor()
+            cursor.set_key(start.to_bytes(8, "big"))
+            for value in cursor.iternext(keys=False, values=True):
+                if k == count:
+                    break
+                if len(value) != size + 8:
+                    raise self._damaged(start + k, value)
+                flat[k] = np.frombuffer(value, np.uint8, size)
+                labels[k] = int.from_bytes(value[size:], "little")
+                k += 1
+        if k != count:
+            raise self._damaged(start + k, None)
+
+    def _read_one(self, index: int) -> tuple[np.ndarray, int]:
+        shape = self.shape
+        size = int(np.prod(shape))
+        with self._begin() as txn:
+            value = txn.get(index.to_bytes(8, "big"))
+            if value is None or len(value) != size + 8:
+                raise self._damaged(index, value)
+            image = np.frombuffer(value, np.uint8, size).reshape(shape).copy()
+            return image, int.from_bytes(value[size:], "little")
+
+    def _damaged(self, index: int, value: memoryview | None) -> CorruptStoreError:
+        found = "no record" if value is None else f"a record of {len(value)} bytes"
+        return CorruptStoreError(f"{self.path}: image {index} is committed but LMDB holds {found}")
