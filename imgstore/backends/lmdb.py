@@ -7,37 +7,102 @@ fast append mode. The map grows by itself: a write that would not fit grows the 
 
 from __future__ import annotations
 
-import numpy as np
-import lmdb
+import os
+import threading
 
-from imgstore.errors import CorruptStoreError
+import lmdb
+import numpy as np
+
+from imgstore.errors import CorruptStoreError, StoreBusyError
 from imgstore.store import Store
 
 _KEY = np.dtype(">u8")
 _INITIAL_MAP_SIZE = 1 << 30  # address space only: the file grows with the data, not with the map
 
 
+class _SharedEnv:
+    """The one LMDB environment of a directory in this process, shared by every store handle on it.
+
+    LMDB forbids opening an environment twice in one process (its fcntl locks are per process), and
+    forbids using one across ``fork()``. So handles share an environment, and before any fork the
+    environments are closed, to be reopened lazily on first use in the parent and in the child.
+    """
+
+    def __init__(self, path: str, readonly: bool, sync: bool) -> None:
+        self.path, self.readonly, self.sync = path, readonly, sync
+        self.users = 0
+        self._env: lmdb.Environment | None = None
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None:
+            self._env = lmdb.open(
+                self.path,
+                map_size=_INITIAL_MAP_SIZE,
+                readonly=self.readonly,
+                create=False,
+                max_dbs=0,
+                sync=self.sync,
+                metasync=self.sync,
+                meminit=False,  # never write uninitialised memory to disk pages
+            )
+        return self._env
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
+_shared: dict[str, _SharedEnv] = {}
+_shared_lock = threading.Lock()
+
+
+def _close_all_before_fork() -> None:
+    for shared in _shared.values():
+        shared.close()
+
+
+os.register_at_fork(before=_close_all_before_fork)
+
+
 class LmdbStore(Store):
     name = "lmdb"
 
     def _open(self, create: bool) -> None:
-        self._env = lmdb.open(
-            str(self.path / "lmdb"),
-            map_size=_INITIAL_MAP_SIZE,
-            readonly=not self.writable,
-            create=create,
-            max_dbs=0,
-            sync=self.sync,
-            metasync=self.sync,
-            meminit=False,  # never write uninitialised memory to disk pages
-        )
+        path = self.path / "lmdb"
+        if create:
+            path.mkdir()
+        key = os.path.realpath(path)
+        with _shared_lock:
+            shared = _shared.get(key)
+            if shared is None:
+                readonly = not self.writable and not os.access(path, os.W_OK)
+                shared = _shared[key] = _SharedEnv(key, readonly, self.sync)
+            shared.users += 1
+        self._shared = shared
+        if self.writable and shared.readonly:
+            self._close()
+            raise StoreBusyError(f"{path} is open read-only in this process; close those handles to write")
+        try:
+            shared.env  # open now, so a damaged store fails at open_store, not at the first read
+        except lmdb.Error as exc:
+            self._close()
+            raise CorruptStoreError(f"{path} cannot be opened as LMDB: {exc}") from exc
 
     def _close(self) -> None:
-        self._env.close()
+        with _shared_lock:
+            self._shared.users -= 1
+            if self._shared.users == 0:
+                self._shared.close()
+                del _shared[self._shared.path]
 
     def _reopen_after_fork(self) -> None:
-        # LMDB forbids using an environment opened before fork(); leave the parent's alone.
-        self._open(create=False)
+        pass  # environments were closed before the fork and reopen on first use
+
+    @property
+    def _env(self) -> lmdb.Environment:
+        return self._shared.env
 
     # -------------------------------------------------------------- writing
 
@@ -60,6 +125,8 @@ class LmdbStore(Store):
                         while cursor.delete():
                             pass
                     cursor.putmulti(items, append=True)
+                if self.sync and not self._shared.sync:
+                    self._env.sync(True)  # the environment was opened without sync by another handle
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)

@@ -1,0 +1,367 @@
+"""The conformance suite every backend passes (pytest and Hypothesis needed).
+
+A backend's tests are one class::
+
+    class TestMyBackend(StoreConformance):
+        backend = "mine"
+
+Third-party backends can inherit it the same way, as zarr's stores do with ``zarr.testing``.
+Also holds ``check_*`` helpers shared by the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import imgstore
+from imgstore import Store, open_store
+from imgstore.errors import ImgStoreError, InvalidImageError
+from imgstore.manifest import MANIFEST_NAME, read_manifest
+
+
+def random_images(n: int, shape: tuple[int, ...] = (32, 32, 3), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images that exercise every byte value, and labels 0..9: round trips must be exact."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
+
+
+def check_owned_array(array: np.ndarray) -> None:
+    """Returned arrays belong to the caller: owned, writable, C-contiguous."""
+    assert isinstance(array, np.ndarray)
+    assert array.flags.owndata or array.base is None or _owns_through_base(array), "array is a view into the store"
+    assert array.flags.writeable
+    assert array.flags.c_contiguous
+
+
+def _owns_through_base(array: np.ndarray) -> bool:
+    # A reshape of a fresh array is still the caller's own memory (no library buffer behind it).
+    base = array.base
+    while isinstance(base, np.ndarray) and not base.flags.owndata:
+        base = base.base
+    return isinstance(base, np.ndarray) and base.flags.owndata
+
+
+def check_store_content(store: Store, images: np.ndarray, labels: np.ndarray) -> None:
+    """The store holds exactly these records in this order, by every read path."""
+    assert len(store) == len(images)
+    got_images, got_labels = store.get_many(range(len(store)))
+    if len(images) == 0 and store.shape is None:  # no image has fixed the shape yet
+        assert got_images.size == 0
+    else:
+        np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert got_labels.dtype == np.int64
+    if len(images):
+        for i in {0, len(images) // 2, len(images) - 1}:
+            image, label = store.get(i)
+            np.testing.assert_array_equal(image, images[i])
+            assert label == labels[i] and type(label) is int
+
+
+def _read_in_child(store: Store, indices: list[int], queue: multiprocessing.Queue) -> None:
+    images, labels = store.get_many(indices)
+    queue.put((images.tobytes(), labels.tolist()))
+
+
+class StoreConformance:
+    """Behaviour every backend must show. Subclasses set ``backend`` (and optionally ``options``)."""
+
+    backend: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    #: image shapes this backend holds; others must raise InvalidImageError before writing
+    shapes: ClassVar[tuple[tuple[int, ...], ...]] = ((32, 32, 3), (28, 28), (28, 28, 1), (5, 7, 4), (3, 2, 2))
+
+    def create(self, path: Path, **kwargs: Any) -> Store:
+        return open_store(path, self.backend, "w", **{**self.options, **kwargs})
+
+    def supports(self, shape: tuple[int, ...]) -> bool:
+        try:
+            imgstore.get_backend(self.backend).check_shape(shape)
+        except InvalidImageError:
+            return False
+        return True
+
+    @pytest.fixture
+    def path(self, tmp_path: Path) -> Path:
+        return tmp_path / "store"
+
+    @pytest.fixture
+    def filled(self, path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+        images, labels = random_images(300)
+        with self.create(path) as store:
+            store.put_many(images[:200], labels[:200])
+            store.put_many(images[200:], labels[200:])
+        return path, images, labels
+
+    # ------------------------------------------------------------------ round trip
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors])
+    @given(
+        shape_index=st.integers(0, 4),
+        batches=st.lists(st.integers(0, 17), min_size=1, max_size=4),
+        seed=st.integers(0, 2**32 - 1),
+        big_labels=st.booleans(),
+    )
+    def test_round_trip_is_exact(self, shape_index: int, batches: list[int], seed: int, big_labels: bool) -> None:
+        shape = self.shapes[shape_index]
+        images, labels = random_images(sum(batches), shape, seed)
+        if big_labels:
+            labels = labels * (2**62 // 10)  # labels are int64, not bytes
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "s"
+            store = self.create(path, sync=False)
+            if not self.supports(shape):
+                with pytest.raises(InvalidImageError):
+                    store.put_many(images if len(images) else images[:1], labels if len(images) else labels[:1])
+                assert len(store) == 0
+                return
+            start = 0
+            for size in batches:
+                assert store.put_many(images[start : start + size], labels[start : start + size]) == range(
+                    start, start + size
+                )
+                start += size
+            check_store_content(store, images, labels)
+            store.close()
+            with open_store(path) as reopened:
+                check_store_content(reopened, images, labels)
+
+    def test_put_returns_consecutive_indices(self, path: Path) -> None:
+        images, labels = random_images(5)
+        with self.create(path) as store:
+            assert [store.put(image, label) for image, label in zip(images, labels)] == list(range(5))
+            assert store.put_many(images, labels) == range(5, 10)
+            check_store_content(store, np.concatenate([images, images]), np.concatenate([labels, labels]))
+
+    def test_put_accepts_python_ints_and_numpy_integers(self, path: Path) -> None:
+        images, _ = random_images(3)
+        with self.create(path) as store:
+            store.put(images[0], 7)
+            store.put(images[1], np.uint8(3))
+            store.put_many(images[2:], [np.int32(9)])
+            assert store.get_many([0, 1, 2])[1].tolist() == [7, 3, 9]
+
+    def test_non_contiguous_and_fortran_input_is_stored_correctly(self, path: Path) -> None:
+        images, labels = random_images(12)
+        fortran = np.asfortranarray(images)
+        strided = np.repeat(images, 2, axis=0)[::2]  # a strided view equal to images
+        with self.create(path) as store:
+            store.put_many(fortran, labels)
+            store.put_many(strided, labels[:12])
+            store.put(images[3][:, :, :], labels[3])
+            check_store_content(
+                store, np.concatenate([images, images[:12], images[3:4]]), np.concatenate([labels, labels, labels[3:4]])
+            )
+
+    # ------------------------------------------------------------------ reading
+
+    def test_get_many_in_any_order_with_repeats(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        order = np.random.default_rng(1).permutation(len(images))
+        picks = np.concatenate([order[:50], order[:5], [0, 0, len(images) - 1, -1, -300]])
+        with open_store(path) as store:
+            got_images, got_labels = store.get_many(picks)
+            np.testing.assert_array_equal(got_images, images[picks])
+            np.testing.assert_array_equal(got_labels, labels[picks])
+            got_images, _ = store.get_many(slice(10, 20))
+            np.testing.assert_array_equal(got_images, images[10:20])
+            got_images, _ = store.get_many(range(250, 10, -7))
+            np.testing.assert_array_equal(got_images, images[250:10:-7])
+
+    def test_negative_index_counts_from_end(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        with open_store(path) as store:
+            image, label = store.get(-1)
+            np.testing.assert_array_equal(image, images[-1])
+            assert label == labels[-1]
+            np.testing.assert_array_equal(store[-300][0], images[0])
+
+    @pytest.mark.parametrize("bad", [300, -301, 10**12])
+    def test_index_out_of_range_raises_index_error(self, filled: tuple[Path, np.ndarray, np.ndarray], bad: int) -> None:
+        path, _, _ = filled
+        with open_store(path) as store:
+            with pytest.raises(IndexError):
+                store.get(bad)
+            with pytest.raises(IndexError):
+                store.get_many([0, bad])
+            with pytest.raises(IndexError):
+                store.get_many(range(bad, bad + 2) if bad > 0 else range(0, 302))
+
+    def test_returned_arrays_are_owned_writable_contiguous(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, _ = filled
+        with open_store(path) as store:
+            image, _ = store.get(5)
+            batch, labels = store.get_many([9, 3, 4])
+            scan, _ = store.get_many(range(0, 100))
+            first, _ = next(iter(store))
+            chunk, _ = next(store.iter_batches(7))
+            for array in (image, batch, labels, scan, first, chunk):
+                check_owned_array(array)
+            image[:] = 0  # writing to a returned array never reaches the store
+            batch[:] = 0
+            np.testing.assert_array_equal(store.get(5)[0], images[5])
+
+    def test_iteration_and_batches_cover_everything_in_order(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        with open_store(path) as store:
+            items = list(store)
+            assert len(items) == len(images)
+            np.testing.assert_array_equal(np.stack([image for image, _ in items]), images)
+            assert [label for _, label in items] == labels.tolist()
+            batches = list(store.iter_batches(64))
+            assert [len(b[0]) for b in batches] == [64, 64, 64, 64, 44]
+            np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), images)
+            np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), labels)
+            with pytest.raises(ValueError):
+                next(store.iter_batches(0))
+
+    def test_empty_store(self, path: Path) -> None:
+        with self.create(path, shape=(32, 32, 3)) as store:
+            assert len(store) == 0
+            assert list(store) == []
+            assert list(store.iter_batches(10)) == []
+            images, labels = store.get_many([])
+            assert images.shape == (0, 32, 32, 3) and labels.shape == (0,)
+            with pytest.raises(IndexError):
+                store.get(0)
+        with open_store(path) as reopened:
+            assert len(reopened) == 0 and reopened.shape == (32, 32, 3)
+            assert reopened.put_many.__self__ is reopened  # sanity: the API is there on an empty store
+
+    # ------------------------------------------------------------------ persistence and modes
+
+    def test_manifest_describes_the_store(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, _ = filled
+        manifest = read_manifest(path)
+        assert (path / MANIFEST_NAME).is_file()
+        assert manifest.backend == self.backend
+        assert manifest.shape == images.shape[1:]
+        assert manifest.dtype == "uint8"
+        assert manifest.count == len(images)
+        assert manifest.format_version == 1
+
+    def test_reopen_finds_backend_from_manifest(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        with open_store(path) as store:
+            assert store.backend == self.backend and store.mode == "r"
+            check_store_content(store, images, labels)
+
+    def test_append_mode_adds_after_existing(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        more, more_labels = random_images(20, seed=5)
+        with open_store(path, mode="a") as store:
+            assert store.put_many(more, more_labels) == range(300, 320)
+        with open_store(path) as store:
+            check_store_content(store, np.concatenate([images, more]), np.concatenate([labels, more_labels]))
+
+    def test_append_mode_creates_a_missing_store(self, path: Path) -> None:
+        images, labels = random_images(4)
+        with open_store(path, self.backend, "a", **self.options) as store:
+            store.put_many(images, labels)
+        with open_store(path, mode="a") as store:
+            store.put_many(images, labels)
+            assert len(store) == 8
+
+    def test_write_mode_replaces_an_existing_store(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, _, _ = filled
+        images, labels = random_images(3, seed=9)
+        with self.create(path) as store:
+            assert len(store) == 0
+            store.put_many(images, labels)
+        with open_store(path) as store:
+            check_store_content(store, images, labels)
+
+    def test_read_only_refuses_writes_and_keeps_data(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        with open_store(path, mode="r") as store:
+            with pytest.raises(PermissionError):
+                store.put(images[0], 1)
+            with pytest.raises(imgstore.ReadOnlyError):
+                store.put_many(images[:2], labels[:2])
+            assert len(store) == len(images)
+        with open_store(path) as store:
+            check_store_content(store, images, labels)
+
+    def test_closed_store_refuses_use(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, _, _ = filled
+        store = open_store(path)
+        store.close()
+        store.close()  # closing twice is harmless
+        with pytest.raises(imgstore.StoreClosedError):
+            store.get(0)
+
+    # ------------------------------------------------------------------ invalid input
+
+    def test_invalid_input_raises_and_writes_nothing(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        bad_calls = [
+            (images[:2].astype(np.float32), labels[:2], InvalidImageError),
+            (images[:2].astype(bool), labels[:2], InvalidImageError),
+            (images[:2].astype(np.int16), labels[:2], InvalidImageError),
+            (images[:2, :16], labels[:2], InvalidImageError),
+            (images[:2].transpose(0, 3, 1, 2), labels[:2], InvalidImageError),  # CHW given to an HWC store
+            (images[0], labels[:1], InvalidImageError),  # one image where a batch is expected
+            (images[:2], labels[:3], imgstore.InvalidLabelError),
+            (images[:2], [1, -1], imgstore.InvalidLabelError),
+            (images[:2], [1, 2**64], imgstore.InvalidLabelError),
+            (images[:2], [1.0, 2.0], imgstore.InvalidLabelError),
+            (images[:2], [True, False], imgstore.InvalidLabelError),
+            (images[:2], np.array([[1, 2]]), imgstore.InvalidLabelError),
+        ]
+        with open_store(path, mode="a") as store:
+            for bad_images, bad_labels, error in bad_calls:
+                with pytest.raises(error):
+                    store.put_many(bad_images, bad_labels)
+                assert issubclass(error, ImgStoreError) and issubclass(error, ValueError)
+            with pytest.raises(imgstore.InvalidLabelError):
+                store.put(images[0], -3)
+            with pytest.raises(imgstore.InvalidLabelError):
+                store.put(images[0], 2.5)
+            with pytest.raises(InvalidImageError):
+                store.put(images[0].astype(np.float64), 1)
+            assert len(store) == len(images)
+        with open_store(path) as store:
+            check_store_content(store, images, labels)
+
+    def test_unknown_option_is_refused(self, path: Path) -> None:
+        with pytest.raises(imgstore.InvalidOptionError, match="no option"):
+            open_store(path, self.backend, "w", not_an_option=1)
+        assert not (path / MANIFEST_NAME).exists()
+
+    # ------------------------------------------------------------------ processes
+
+    def test_pickled_store_reopens(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        with open_store(path) as store:
+            clone = pickle.loads(pickle.dumps(store))
+        with clone:
+            assert clone.mode == "r"
+            check_store_content(clone, images, labels)
+
+    @pytest.mark.parametrize("start_method", ["fork", "spawn"])
+    def test_child_process_reads_after_parent_used_store(
+        self, filled: tuple[Path, np.ndarray, np.ndarray], start_method: str
+    ) -> None:
+        path, images, labels = filled
+        context = multiprocessing.get_context(start_method)
+        picks = [7, 250, 3, 3, 99]
+        with open_store(path) as store:
+            store.get_many(range(len(store)))  # the parent's handles are live when the child starts
+            queue = context.Queue()
+            child = context.Process(target=_read_in_child, args=(store, picks, queue))
+            child.start()
+            raw, got_labels = queue.get(timeout=60)
+            child.join(timeout=60)
+            assert child.exitcode == 0
+            np.testing.assert_array_equal(np.frombuffer(raw, np.uint8).reshape(-1, *images.shape[1:]), images[picks])
+            assert got_labels == labels[picks].tolist()
+            check_store_content(store, images, labels)  # the parent's handles still work
