@@ -17,7 +17,7 @@ from imgstore.errors import CorruptStoreError, StoreBusyError
 from imgstore.store import Store
 
 _KEY = np.dtype(">u8")
-_INITIAL_MAP_SIZE = 1 << 30  # address space only: the file grows with the data, not with the map
+_INITIAL_MAP_SIZE = 64 << 20  # address space only; it doubles as the data grows
 
 
 class _SharedEnv:
