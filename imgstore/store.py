@@ -93,8 +93,7 @@ class Store(abc.ABC):
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         """One record; override where a single lookup beats a one-element gather."""
-        images = np.empty((1, *self.shape), dtype=np.uint8)
-        labels = np.empty(1, dtype=np.int64)
+        images, labels = self._batch(1, None)
         self._read_into(np.array([index], dtype=np.int64), images, labels)
         return images[0], int(labels[0])
 
@@ -207,19 +206,25 @@ class Store(abc.ABC):
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.get(index)
 
-    def get_many(self, indices: IndexLike) -> tuple[np.ndarray, np.ndarray]:
-        """Images ``[N, *shape]`` and labels ``[N]`` (int64) for any indices, in the order given."""
+    def get_many(
+        self, indices: IndexLike, *, out: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Images ``[N, *shape]`` and labels ``[N]`` (int64) for any indices, in the order given.
+
+        ``out=(images, labels)`` fills arrays the caller reuses (e.g. one pair per training step)
+        instead of allocating new ones; they are returned.
+        """
         self._check_usable()
         count = len(self)
         contiguous = _as_contiguous_range(indices, count)
         if contiguous is not None:
             start, stop = contiguous
-            images, labels = self._empty_batch(stop - start)
+            images, labels = self._batch(stop - start, out)
             if stop > start:
                 self._read_range_into(start, stop, images, labels)
             return images, labels
         idx = _checked_indices(indices, count)
-        images, labels = self._empty_batch(len(idx))
+        images, labels = self._batch(len(idx), out)
         if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
             self._read_range_into(int(idx[0]), int(idx[-1]) + 1, images, labels)
         elif len(idx):
@@ -239,9 +244,21 @@ class Store(abc.ABC):
             for image, label in zip(images, labels.tolist()):
                 yield image.copy(), label
 
-    def _empty_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        shape = self.shape or ()
-        return np.empty((n, *shape), dtype=np.uint8), np.empty(n, dtype=np.int64)
+    def _batch(self, n: int, out: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        shape = (n, *(self.shape or ()))
+        if out is None:
+            return np.empty(shape, dtype=np.uint8), np.empty(n, dtype=np.int64)
+        images, labels = out
+        for array, want, dtype in ((images, shape, np.uint8), (labels, (n,), np.int64)):
+            if (
+                not isinstance(array, np.ndarray)
+                or array.shape != want
+                or array.dtype != dtype
+                or not array.flags.c_contiguous
+                or not array.flags.writeable
+            ):
+                raise InvalidOptionError(f"out must be writable C-contiguous arrays of shapes {shape} uint8 and ({n},) int64")
+        return images, labels
 
     def _checked_index(self, index: int) -> int:
         if isinstance(index, (bool, np.bool_)):

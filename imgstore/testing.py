@@ -365,3 +365,18 @@ class StoreConformance:
             np.testing.assert_array_equal(np.frombuffer(raw, np.uint8).reshape(-1, *images.shape[1:]), images[picks])
             assert got_labels == labels[picks].tolist()
             check_store_content(store, images, labels)  # the parent's handles still work
+
+    def test_get_many_fills_caller_arrays(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+        path, images, labels = filled
+        out = (np.zeros((4, *images.shape[1:]), np.uint8), np.zeros(4, np.int64))
+        with open_store(path) as store:
+            got = store.get_many([5, 1, 9, 1], out=out)
+            assert got[0] is out[0] and got[1] is out[1]
+            np.testing.assert_array_equal(out[0], images[[5, 1, 9, 1]])
+            np.testing.assert_array_equal(out[1], labels[[5, 1, 9, 1]])
+            store.get_many(range(4), out=out)
+            np.testing.assert_array_equal(out[0], images[:4])
+            with pytest.raises(imgstore.InvalidOptionError):
+                store.get_many(range(5), out=out)
+            with pytest.raises(imgstore.InvalidOptionError):
+                store.get_many(range(4), out=(out[0].astype(np.int16), out[1]))
