@@ -10,6 +10,7 @@ Filtered (compressed) chunks, which a subclass may configure, are read through h
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -39,8 +40,7 @@ class Hdf5Store(Store):
         self._labels: h5py.Dataset | None = self._file.get("labels")
         if len(self) and (self._images is None or self._labels is None):
             raise CorruptStoreError(f"{path} has no images/labels datasets")
-        self._offsets: np.ndarray | None = None  # file offset of each image chunk, built on first read
-        self._label_cache: np.ndarray | None = None
+        self._index: _ReadIndex | None = None
 
     def _close(self) -> None:
         self._file.close()
@@ -71,80 +71,79 @@ class Hdf5Store(Store):
         self._file.flush()
         if self.sync:
             os.fsync(self._fd)  # H5Fflush hands the data to the OS; fsync makes it durable
-        self._offsets = self._label_cache = None
+        self._index = None
 
     # -------------------------------------------------------------- reading
 
-    @property
-    def _per_chunk(self) -> int:
-        return self._images.chunks[0]
-
-    def _chunk_offsets(self) -> np.ndarray | None:
-        """Byte offset of every image chunk the committed count covers; None when chunks are filtered."""
-        needed = -(-len(self) // self._per_chunk)
-        if self._offsets is not None and len(self._offsets) >= needed:
-            return self._offsets
-        self._check_extent(len(self))
-        dsid = self._images.id
-        if dsid.get_create_plist().get_nfilters():
-            return None
-        chunk_bytes = self._per_chunk * self._images[0:0].itemsize * int(np.prod(self.shape))
-        offsets = np.full(needed, -1, dtype=np.int64)
-
-        def note(info: h5py.h5d.StoreInfo) -> None:
-            chunk = info.chunk_offset[0] // self._per_chunk
-            if chunk < needed and info.size == chunk_bytes:
-                offsets[chunk] = info.byte_offset
-
-        dsid.chunk_iter(note)
-        if needed and offsets.min() < 0:
-            raise CorruptStoreError(f"{self.path / _FILE}: image chunks are missing or of the wrong size")
-        self._offsets = offsets
-        return offsets
-
-    def _all_labels(self) -> np.ndarray:
-        if self._label_cache is None or len(self._label_cache) < len(self):
+    def _read_index(self) -> _ReadIndex:
+        """Chunk offsets and labels of the committed records, built once per handle and per write."""
+        if self._index is None:
             self._check_extent(len(self))
-            self._label_cache = self._labels[: len(self)]
-        return self._label_cache
+            self._index = _ReadIndex.build(self._images, self._labels, len(self))
+        return self._index
 
     def _pread_into(self, buffer: np.ndarray, offset: int) -> None:
-        if os.preadv(self._fd, [memoryview(buffer).cast("B")], offset) != buffer.nbytes:
+        if os.preadv(self._fd, [buffer], offset) != buffer.nbytes:
             raise CorruptStoreError(f"{self.path / _FILE} ends before the data its chunk index points to")
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
-        offsets = self._chunk_offsets()
-        if offsets is None:
-            return self._images[index], int(self._all_labels()[index])
+        ix = self._read_index()
+        if ix.offsets is None:
+            return self._images[index], int(ix.labels[index])
         image = np.empty(self.shape, dtype=np.uint8)
-        chunk, row = divmod(index, self._per_chunk)
-        self._pread_into(image, int(offsets[chunk]) + row * image.nbytes)
-        return image, int(self._all_labels()[index])
+        chunk, row = divmod(index, ix.rows)
+        self._pread_into(image, int(ix.offsets[chunk]) + row * ix.image_nbytes)
+        return image, int(ix.labels[index])
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
-        labels[:] = self._all_labels()[start:stop]
-        offsets = self._chunk_offsets()
-        if offsets is None:
+        ix = self._read_index()
+        labels[:] = ix.labels[start:stop]
+        if ix.offsets is None:
             self._images.read_direct(images, source_sel=np.s_[start:stop])
             return
-        per_chunk, size = self._per_chunk, images[0].nbytes
-        for chunk in range(start // per_chunk, (stop - 1) // per_chunk + 1):
-            lo, hi = max(start, chunk * per_chunk), min(stop, (chunk + 1) * per_chunk)
-            self._pread_into(images[lo - start : hi - start], int(offsets[chunk]) + (lo - chunk * per_chunk) * size)
+        for chunk in range(start // ix.rows, (stop - 1) // ix.rows + 1):
+            lo, hi = max(start, chunk * ix.rows), min(stop, (chunk + 1) * ix.rows)
+            self._pread_into(images[lo - start : hi - start], int(ix.offsets[chunk]) + (lo - chunk * ix.rows) * ix.image_nbytes)
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
-        labels[:] = self._all_labels()[indices]
-        offsets = self._chunk_offsets()
-        if offsets is None:
-            order = np.argsort(indices, kind="stable")
-            for k in order:  # h5py wants increasing selections; go in file order
+        ix = self._read_index()
+        labels[:] = ix.labels[indices]
+        if ix.offsets is None:
+            for k in np.argsort(indices, kind="stable"):  # h5py wants increasing selections: file order
                 self._images.read_direct(images, source_sel=np.s_[indices[k]], dest_sel=np.s_[k])
             return
-        chunks, rows = np.divmod(indices, self._per_chunk)
-        positions = (offsets[chunks] + rows * images[0].nbytes).tolist()
+        chunks, rows = np.divmod(indices, ix.rows)
+        positions = (ix.offsets[chunks] + rows * ix.image_nbytes).tolist()
         for k, position in enumerate(positions):
             self._pread_into(images[k], position)
 
     def _check_extent(self, stop: int) -> None:
         if self._images is None or self._images.shape[0] < stop or self._labels.shape[0] < stop:
             raise CorruptStoreError(f"{self.path / _FILE} holds fewer images than its manifest commits")
+
+
+@dataclass(frozen=True)
+class _ReadIndex:
+    rows: int  # images per chunk
+    image_nbytes: int
+    offsets: np.ndarray | None  # file offset of each image chunk; None when chunks are filtered
+    labels: np.ndarray
+
+    @classmethod
+    def build(cls, images: h5py.Dataset, labels: h5py.Dataset, count: int) -> _ReadIndex:
+        rows = images.chunks[0]
+        image_nbytes = int(np.prod(images.shape[1:]))
+        if images.id.get_create_plist().get_nfilters():
+            return cls(rows, image_nbytes, None, labels[:count])
+        needed = -(-count // rows)
+        offsets = np.full(needed, -1, dtype=np.int64)
+
+        def note(info: h5py.h5d.StoreInfo) -> None:
+            chunk = info.chunk_offset[0] // rows
+            if chunk < needed and info.size == rows * image_nbytes:
+                offsets[chunk] = info.byte_offset
+
+        images.id.chunk_iter(note)
+        if needed and offsets.min() < 0:
+            raise CorruptStoreError(f"{images.file.filename}: image chunks are missing or of the wrong size")
+        return cls(rows, image_nbytes, offsets, labels[:count])
