@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from imgstore.errors import (
+    CorruptStoreError,
     InvalidImageError,
     InvalidLabelError,
     InvalidOptionError,
@@ -32,6 +33,7 @@ from imgstore.errors import (
     StoreIndexError,
     StoreNotFoundError,
 )
+from imgstore.checksums import read_checksums, record_checksums, write_checksums
 from imgstore.manifest import Manifest, manifest_path, read_manifest, write_manifest
 
 Mode = Literal["r", "w", "a"]
@@ -165,6 +167,7 @@ class Store(abc.ABC):
             manifest = replace(manifest, shape=images.shape[1:])
         try:
             self._write(start, images, labels)
+            write_checksums(self.path, start, record_checksums(images, labels), sync=self.sync)
             manifest = manifest.with_count(start + len(images))
             write_manifest(self.path, manifest, sync=self.sync)
         except OSError as exc:
@@ -230,6 +233,31 @@ class Store(abc.ABC):
         elif len(idx):
             self._read_into(idx, images, labels)
         return images, labels
+
+    def verify(self, batch_size: int = 4096) -> None:
+        """Read every committed record and check it against its checksum; raise :class:`CorruptStoreError` on damage."""
+        self._check_usable()
+        count = len(self)
+        expected = read_checksums(self.path, count)
+        if len(expected) < count:
+            raise CorruptStoreError(f"{self.path}: {count} images are committed but only {len(expected)} checksums")
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            try:
+                images, labels = self.get_many(range(start, stop))
+            except CorruptStoreError:
+                for index in range(start, stop):  # find which one, for the message
+                    try:
+                        self.get(index)
+                    except CorruptStoreError as exc:
+                        raise CorruptStoreError(f"{self.path}: damaged image at index {index}: {exc}") from exc
+                raise
+            bad = np.flatnonzero(record_checksums(images, labels) != expected[start : start + len(images)])
+            if len(bad):
+                raise CorruptStoreError(
+                    f"{self.path}: {len(bad)} damaged image(s) from index {start + int(bad[0])} "
+                    "(pixels or label differ from what was written)"
+                )
 
     def iter_batches(self, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every record in order, as ``(images, labels)`` batches of ``batch_size`` (the last may be shorter)."""
