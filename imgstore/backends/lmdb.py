@@ -17,6 +17,7 @@ from imgstore.errors import CorruptStoreError, StoreBusyError
 from imgstore.store import Store
 
 _KEY = np.dtype(">u8")
+_MAX_READERS = 512  # concurrent reading threads across all processes
 _WRITE_BLOCK = 4096  # records assembled per putmulti call
 _INITIAL_MAP_SIZE = 64 << 20  # address space only; it doubles as the data grows
 
@@ -46,7 +47,11 @@ class _SharedEnv:
                 sync=self.sync,
                 metasync=self.sync,
                 meminit=False,  # never write uninitialised memory to disk pages
+                max_readers=_MAX_READERS,
             )
+            if not self.readonly:
+                # Free reader slots that exited processes (e.g. short-lived DataLoader workers) left.
+                self._env.reader_check()
         return self._env
 
     def close(self) -> None:
