@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import fcntl
 import operator
 import os
 import shutil
@@ -27,6 +28,7 @@ from imgstore.errors import (
     InvalidLabelError,
     InvalidOptionError,
     ReadOnlyError,
+    StoreBusyError,
     StoreClosedError,
     StoreExistsError,
     StoreFullError,
@@ -39,6 +41,7 @@ from imgstore.manifest import Manifest, manifest_path, read_manifest, write_mani
 Mode = Literal["r", "w", "a"]
 IndexLike = int | Sequence[int] | np.ndarray | range | slice
 
+WRITER_LOCK_NAME = "writer.lock"
 _INT64_MAX = np.iinfo(np.int64).max
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -62,6 +65,7 @@ class Store(abc.ABC):
         self._manifest = manifest
         self._closed = False
         self._pid = os.getpid()
+        self._writer_lock: int | None = None  # fd holding the store's writer lock (modes "w", "a")
 
     # ------------------------------------------------------------------ backend primitives
 
@@ -312,7 +316,12 @@ class Store(abc.ABC):
         if not self._closed:
             self._closed = True
             if os.getpid() == self._pid:
-                self._close()
+                try:
+                    self._close()
+                finally:
+                    if self._writer_lock is not None:
+                        os.close(self._writer_lock)
+                        self._writer_lock = None
 
     def __enter__(self) -> Store:
         return self
@@ -422,7 +431,12 @@ def open_store(
     if mode not in ("r", "w", "a"):
         raise InvalidOptionError(f"mode must be 'r', 'w' or 'a', got {mode!r}")
     store_path = Path(path)
-    if mode == "w" or (mode == "a" and not manifest_path(store_path).exists()):
+    if mode == "r":
+        manifest = read_manifest(store_path)
+        return _open_existing(store_path, manifest, backend, mode, sync, options)
+
+    creating = mode == "w" or not manifest_path(store_path).exists()
+    if creating:
         if backend is None:
             raise (InvalidOptionError if mode == "w" else StoreNotFoundError)(
                 f"no store at {store_path}; pass backend=... to create one"
@@ -433,21 +447,48 @@ def open_store(
             if not image_shape or min(image_shape) < 1:
                 raise InvalidImageError(f"shape must be positive dimensions, got {shape}")
             cls.check_shape(image_shape)
-        manifest = Manifest(backend=cls.name, shape=image_shape, options=_checked_options(cls, options))
-        _prepare_empty_dir(store_path)
-        store = cls(store_path, manifest, mode, sync=sync)
-        store._open(create=True)
-        write_manifest(store_path, manifest, sync=sync)
-        return store
+        new_manifest = Manifest(backend=cls.name, shape=image_shape, options=_checked_options(cls, options))
+        _check_replaceable(store_path)
+        store_path.mkdir(parents=True, exist_ok=True)
+    lock = _lock_for_writing(store_path)
+    try:
+        if creating and (mode == "w" or not manifest_path(store_path).exists()):  # re-checked under the lock
+            _empty_except_lock(store_path)
+            store = cls(store_path, new_manifest, mode, sync=sync)
+            store._open(create=True)
+            write_manifest(store_path, new_manifest, sync=sync)
+        else:
+            store = _open_existing(store_path, read_manifest(store_path), backend, mode, sync, options)
+    except BaseException:
+        os.close(lock)
+        raise
+    store._writer_lock = lock
+    return store
 
-    manifest = read_manifest(store_path)
+
+def _open_existing(
+    path: Path, manifest: Manifest, backend: str | None, mode: Mode, sync: bool, options: Mapping[str, Any]
+) -> Store:
+    from imgstore.registry import get_backend
+
     if backend is not None and backend != manifest.backend:
-        raise InvalidOptionError(f"{store_path} is a {manifest.backend!r} store, not {backend!r}")
+        raise InvalidOptionError(f"{path} is a {manifest.backend!r} store, not {backend!r}")
     cls = get_backend(manifest.backend)
     merged = {**manifest.options, **_checked_options(cls, options, defaults=False)}
-    store = cls(store_path, replace(manifest, options=merged), mode, sync=sync)
+    store = cls(path, replace(manifest, options=merged), mode, sync=sync)
     store._open(create=False)
     return store
+
+
+def _lock_for_writing(path: Path) -> int:
+    """One writer per store: the commit protocol appends at the count the writer read when it opened."""
+    fd = os.open(path / WRITER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreBusyError(f"{path} is open for writing by another handle or process") from None
+    return fd
 
 
 def _checked_options(cls: type[Store], options: Mapping[str, Any], *, defaults: bool = True) -> dict[str, Any]:
@@ -458,14 +499,22 @@ def _checked_options(cls: type[Store], options: Mapping[str, Any], *, defaults: 
     return {**cls.option_defaults, **options} if defaults else dict(options)
 
 
-def _prepare_empty_dir(path: Path) -> None:
-    """Make ``path`` an empty directory, removing an old store there but nothing else."""
+def _check_replaceable(path: Path) -> None:
+    """Refuse to create a store over a file or over a directory that is not a store."""
     if path.exists() and not path.is_dir():
         raise StoreExistsError(f"{path} is a file; a store is a directory")
-    if path.is_dir():
-        if manifest_path(path).exists():
-            shutil.rmtree(path)
-        elif any(path.iterdir()):
+    if path.is_dir() and not manifest_path(path).exists():
+        if any(p.name != WRITER_LOCK_NAME for p in path.iterdir()):
             raise StoreExistsError(f"{path} is a non-empty directory that is not an imgstore store; not overwriting it")
-    path.mkdir(parents=True, exist_ok=True)
 
+
+def _empty_except_lock(path: Path) -> None:
+    # The manifest goes first: a crash part-way leaves a directory that is not a store, not a broken one.
+    manifest_path(path).unlink(missing_ok=True)
+    for entry in path.iterdir():
+        if entry.name == WRITER_LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

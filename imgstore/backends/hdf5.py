@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
 
 from imgstore.errors import CorruptStoreError
+from imgstore.manifest import fsync_dir
 from imgstore.store import Store
 
 _FILE = "images.h5"
@@ -28,19 +30,56 @@ class Hdf5Store(Store):
 
     def _open(self, create: bool) -> None:
         path = self.path / _FILE
-        mode = "w" if create else ("a" if self.writable else "r")
-        try:
-            self._file = h5py.File(path, mode, libver="latest")
-            self._fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            if create:
-                raise
-            raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
+        if create:
+            self._file = h5py.File(path, "w", libver="latest")
+        elif self.writable:
+            self._file = self._open_for_append(path)
+        else:
+            # SWMR read: consistent while a writer appends, and readable after a writer was killed.
+            try:
+                self._file = h5py.File(path, "r", libver="latest", swmr=True)
+            except OSError as exc:
+                raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
+        self._fd = os.open(path, os.O_RDONLY)
         self._images: h5py.Dataset | None = self._file.get("images")
         self._labels: h5py.Dataset | None = self._file.get("labels")
         if len(self) and (self._images is None or self._labels is None):
             raise CorruptStoreError(f"{path} has no images/labels datasets")
+        if self.writable and self._images is not None:
+            self._file.swmr_mode = True
         self._index: _ReadIndex | None = None
+
+    def _open_for_append(self, path: Path) -> h5py.File:
+        try:
+            return h5py.File(path, "a", libver="latest")
+        except OSError as exc:
+            if "already open for write" not in str(exc):
+                raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
+        # The file is marked open by a writer, and this handle holds the store's writer lock, so
+        # that writer died. HDF5 offers no API to clear the mark (only the h5clear tool), so the
+        # committed records are copied into a new file that replaces the old one atomically.
+        self._rebuild(path)
+        return h5py.File(path, "a", libver="latest")
+
+    def _rebuild(self, path: Path) -> None:
+        tmp = path.with_suffix(".rebuild.h5")
+        count = len(self)
+        with h5py.File(path, "r", libver="latest", swmr=True) as old, h5py.File(tmp, "w", libver="latest") as new:
+            if count:
+                for name in ("images", "labels"):
+                    source = old[name]
+                    target = new.create_dataset(
+                        name, shape=(count, *source.shape[1:]), maxshape=source.maxshape, chunks=source.chunks, dtype=source.dtype
+                    )
+                    for lo in range(0, count, 1 << 14):
+                        target[lo : min(count, lo + (1 << 14))] = source[lo : min(count, lo + (1 << 14))]
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(self.path)
 
     def _close(self) -> None:
         self._file.close()
@@ -62,6 +101,9 @@ class Hdf5Store(Store):
             self._labels = self._file.create_dataset(
                 "labels", shape=(0,), maxshape=(None,), chunks=(_LABEL_CHUNK,), dtype=np.int64
             )
+            # From here on the file is written in SWMR mode: its metadata is flushed in an order that
+            # keeps it readable whatever moment the writer is killed at (no new objects may be added).
+            self._file.swmr_mode = True
         stop = start + len(images)
         # Anything past the committed count is a crashed write's leftover: resizing drops it.
         self._images.resize(stop, axis=0)
