@@ -103,6 +103,9 @@ class Store(abc.ABC):
         self._read_into(np.array([index], dtype=np.int64), images, labels)
         return images[0], int(labels[0])
 
+    def _refresh(self, old_count: int) -> None:
+        """The manifest now commits more records than when the handle last looked: drop stale caches."""
+
     def _reopen_after_fork(self) -> None:
         """Handles inherited through ``fork()`` are not safe to use: open new ones, never touch the old."""
         self._open(create=False)
@@ -237,6 +240,21 @@ class Store(abc.ABC):
         elif len(idx):
             self._read_into(idx, images, labels)
         return images, labels
+
+    def refresh(self) -> int:
+        """See what writers committed since this handle opened (or last refreshed); returns the new length.
+
+        A handle otherwise keeps the length it opened with: reads are always of a consistent prefix.
+        """
+        self._check_usable()
+        manifest = read_manifest(self.path)
+        if manifest.count < len(self) or manifest.backend != self.name:
+            raise CorruptStoreError(f"{self.path} was replaced or shrank under this handle; open it again")
+        if manifest.count != len(self) or manifest.shape != self.shape:
+            old = len(self)
+            self._manifest = replace(manifest, options=self._manifest.options)
+            self._refresh(old)
+        return len(self)
 
     def verify(self, batch_size: int = 4096) -> None:
         """Read every committed record and check it against its checksum; raise :class:`CorruptStoreError` on damage."""

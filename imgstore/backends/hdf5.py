@@ -5,6 +5,10 @@ uncompressed image chunks go straight to the file with ``preadv`` at the offsets
 each chunk (``chunk_iter``), the technique kerchunk uses: a single-image read through h5py's
 selection machinery costs tens of microseconds, a ``preadv`` into the caller's array about two.
 Filtered (compressed) chunks, which a subclass may configure, are read through h5py instead.
+
+Concurrency and crashes: the writer works in SWMR mode, readers open with ``swmr=True``, and HDF5's
+own file locks are off because they would keep a writer out while any reader is open; the store's
+writer lock already admits one writer only.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ class Hdf5Store(Store):
     def _open(self, create: bool) -> None:
         path = self.path / _FILE
         if create:
-            self._file = h5py.File(path, "w", libver="latest")
+            self._file = h5py.File(path, "w", libver="latest", locking=False)
         elif self.writable:
             self._file = self._open_for_append(path)
         else:
             # SWMR read: consistent while a writer appends, and readable after a writer was killed.
             try:
-                self._file = h5py.File(path, "r", libver="latest", swmr=True)
+                self._file = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
             except OSError as exc:
                 raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
         self._fd = os.open(path, os.O_RDONLY)
@@ -51,7 +55,7 @@ class Hdf5Store(Store):
 
     def _open_for_append(self, path: Path) -> h5py.File:
         try:
-            return h5py.File(path, "a", libver="latest")
+            return h5py.File(path, "a", libver="latest", locking=False)
         except OSError as exc:
             if "already open for write" not in str(exc):
                 raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
@@ -59,12 +63,12 @@ class Hdf5Store(Store):
         # that writer died. HDF5 offers no API to clear the mark (only the h5clear tool), so the
         # committed records are copied into a new file that replaces the old one atomically.
         self._rebuild(path)
-        return h5py.File(path, "a", libver="latest")
+        return h5py.File(path, "a", libver="latest", locking=False)
 
     def _rebuild(self, path: Path) -> None:
         tmp = path.with_suffix(".rebuild.h5")
         count = len(self)
-        with h5py.File(path, "r", libver="latest", swmr=True) as old, h5py.File(tmp, "w", libver="latest") as new:
+        with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as old, h5py.File(tmp, "w", libver="latest", locking=False) as new:
             if count:
                 for name in ("images", "labels"):
                     source = old[name]
@@ -84,6 +88,16 @@ class Hdf5Store(Store):
     def _close(self) -> None:
         self._file.close()
         os.close(self._fd)
+
+    def _refresh(self, old_count: int) -> None:
+        if self._images is None:  # the writer created the datasets after this handle opened
+            self._file.close()
+            self._file = h5py.File(self.path / _FILE, "r", libver="latest", swmr=True, locking=False)
+            self._images, self._labels = self._file.get("images"), self._file.get("labels")
+        else:
+            self._images.refresh()  # SWMR: pick up the writer's new extent and chunk index
+            self._labels.refresh()
+        self._index = None
 
     def _reopen_after_fork(self) -> None:
         # HDF5's library state is not fork-safe: leave the inherited file id alone, open anew.

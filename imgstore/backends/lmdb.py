@@ -32,6 +32,11 @@ class _SharedEnv:
 
     def __init__(self, path: str, readonly: bool, sync: bool) -> None:
         self.path, self.readonly, self.sync = path, readonly, sync
+        # A directory this process cannot write (read-only media, a shared dataset) has no usable
+        # lock file; without one LMDB must not track readers, and no writer can be there anyway.
+        self.lock = os.access(os.path.join(path, "lock.mdb"), os.W_OK) or (
+            not os.path.exists(os.path.join(path, "lock.mdb")) and os.access(path, os.W_OK)
+        )
         self.users = 0
         self._env: lmdb.Environment | None = None
 
@@ -48,8 +53,9 @@ class _SharedEnv:
                 metasync=self.sync,
                 meminit=False,  # never write uninitialised memory to disk pages
                 max_readers=_MAX_READERS,
+                lock=self.lock,
             )
-            if not self.readonly:
+            if not self.readonly and self.lock:
                 # Free reader slots that exited processes (e.g. short-lived DataLoader workers) left.
                 self._env.reader_check()
         return self._env

@@ -50,6 +50,9 @@ class PngStore(Store):
     def _close(self) -> None:
         self._file_labels = None
 
+    def _refresh(self, old_count: int) -> None:
+        self._file_labels = None
+
     def image_path(self, index: int) -> Path:
         return Path(_image_path(str(self.path), self.options["files_per_dir"], index))
 
