@@ -20,6 +20,7 @@ from imgstore.errors import (
     StoreClosedError,
     StoreExistsError,
     StoreFullError,
+    StoreIOError,
     StoreIndexError,
     StoreNotFoundError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "StoreClosedError",
     "StoreExistsError",
     "StoreFullError",
+    "StoreIOError",
     "StoreIndexError",
     "StoreNotFoundError",
     "available_backends",

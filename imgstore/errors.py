@@ -56,8 +56,12 @@ class CorruptStoreError(ImgStoreError):
     """The store's files are damaged or inconsistent."""
 
 
-class StoreFullError(ImgStoreError, OSError):
-    """The disk (or a size limit) is full; the store still holds its last committed state."""
+class StoreIOError(ImgStoreError, OSError):
+    """A write failed in the operating system; the store still holds its last committed state."""
+
+
+class StoreFullError(StoreIOError):
+    """The disk (or a file size limit) is full; the store still holds its last committed state."""
 
 
 class StoreBusyError(ImgStoreError, BlockingIOError):

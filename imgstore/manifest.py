@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgstore.errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
+from imgstore.fileio import fsync_dir
 
 MANIFEST_NAME = "imgstore.json"
 FORMAT_VERSION = 1
@@ -91,12 +92,3 @@ def write_manifest(store_path: Path, manifest: Manifest, *, sync: bool) -> None:
     os.replace(tmp, path)
     if sync:
         fsync_dir(store_path)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (POSIX needs the directory synced too)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

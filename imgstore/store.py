@@ -24,6 +24,7 @@ import numpy as np
 
 from imgstore.errors import (
     CorruptStoreError,
+    ImgStoreError,
     InvalidImageError,
     InvalidLabelError,
     InvalidOptionError,
@@ -32,6 +33,7 @@ from imgstore.errors import (
     StoreClosedError,
     StoreExistsError,
     StoreFullError,
+    StoreIOError,
     StoreIndexError,
     StoreNotFoundError,
 )
@@ -177,10 +179,12 @@ class Store(abc.ABC):
             write_checksums(self.path, start, record_checksums(images, labels), sync=self.sync)
             manifest = manifest.with_count(start + len(images))
             write_manifest(self.path, manifest, sync=self.sync)
+        except ImgStoreError:
+            raise
         except OSError as exc:
             if exc.errno in _DISK_FULL_ERRNOS:
                 raise StoreFullError(f"no space left for {len(images)} images in {self.path}: {exc}") from exc
-            raise
+            raise StoreIOError(f"writing {len(images)} images to {self.path} failed: {exc}") from exc
         self._manifest = manifest
         return range(start, start + len(images))
 

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from imgstore.errors import CorruptStoreError
-from imgstore.manifest import fsync_dir
+from imgstore.fileio import fsync_dir, reserve
 from imgstore.store import Store
 
 _FILE = "images.h5"
@@ -119,6 +119,7 @@ class Hdf5Store(Store):
             # keeps it readable whatever moment the writer is killed at (no new objects may be added).
             self._file.swmr_mode = True
         stop = start + len(images)
+        reserve(self.path / _FILE, images.nbytes + labels.nbytes + (images.nbytes >> 4) + (1 << 20))
         # Anything past the committed count is a crashed write's leftover: resizing drops it.
         self._images.resize(stop, axis=0)
         self._labels.resize(stop, axis=0)

@@ -14,6 +14,7 @@ import lmdb
 import numpy as np
 
 from imgstore.errors import CorruptStoreError, StoreBusyError
+from imgstore.fileio import reserve
 from imgstore.store import Store
 
 _KEY = np.dtype(">u8")
@@ -158,6 +159,8 @@ class LmdbStore(Store):
         needed = used + 2 * n * per_record + (1 << 20)
         if needed > info["map_size"]:
             self._env.set_mapsize(max(needed, 2 * info["map_size"]))
+        data = self.path / "lmdb" / "data.mdb"
+        reserve(data, max(0, used + n * per_record + (1 << 20) - data.stat().st_size))
 
     # -------------------------------------------------------------- reading
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from imgstore import parallel
 from imgstore.errors import CorruptStoreError, InvalidImageError
-from imgstore.manifest import fsync_dir
+from imgstore.fileio import fsync_dir
 from imgstore.store import Store
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> PNG colour type
