@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,14 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data["shape"] = list(self.shape) if self.shape is not None else None
+        data["crc32"] = _checksum(data)
         return json.dumps(data, indent=1, sort_keys=True)
+
+
+def _checksum(data: dict[str, Any]) -> int:
+    """CRC-32 of the manifest's fields: a damaged count or shape must not pass for a real one."""
+    fields = {key: value for key, value in data.items() if key != "crc32"}
+    return zlib.crc32(json.dumps(fields, sort_keys=True).encode())
 
 
 def manifest_path(store_path: Path) -> Path:
@@ -51,6 +59,8 @@ def read_manifest(store_path: Path) -> Manifest:
         raise StoreNotFoundError(f"no imgstore store at {store_path} (no {MANIFEST_NAME})") from None
     except NotADirectoryError:
         raise StoreNotFoundError(f"{store_path} is a file, not an imgstore store directory") from None
+    except UnicodeDecodeError:
+        raise CorruptStoreError(f"{path} is not a valid imgstore manifest (not UTF-8 text)") from None
     try:
         data = json.loads(text)
         version = data["format_version"]
@@ -61,6 +71,8 @@ def read_manifest(store_path: Path) -> Manifest:
             f"{store_path} has store format version {version!r}; this imgstore reads version "
             f"{FORMAT_VERSION} only"
         )
+    if data.get("crc32") != _checksum(data):
+        raise CorruptStoreError(f"{path} is damaged: its checksum does not match its content")
     try:
         shape = data["shape"]
         manifest = Manifest(
