@@ -57,6 +57,8 @@ class Store(abc.ABC):
 
     #: The name the backend is registered under, kept in every store's manifest.
     name: ClassVar[str]
+    #: Exceptions of the backend's library that mean its files are damaged (become CorruptStoreError).
+    damage_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Creation options the backend accepts, with their defaults; kept in the manifest.
     option_defaults: ClassVar[Mapping[str, Any]] = {}
 
@@ -215,7 +217,11 @@ class Store(abc.ABC):
     def get(self, index: int) -> tuple[np.ndarray, int]:
         """The image and label at ``index`` (negative counts from the end)."""
         self._check_usable()
-        return self._read_one(self._checked_index(index))
+        index = self._checked_index(index)
+        try:
+            return self._read_one(index)
+        except self.damage_errors as exc:
+            raise self._damaged(exc) from exc
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.get(index)
@@ -234,16 +240,27 @@ class Store(abc.ABC):
         if contiguous is not None:
             start, stop = contiguous
             images, labels = self._batch(stop - start, out)
-            if stop > start:
-                self._read_range_into(start, stop, images, labels)
+            try:
+                if stop > start:
+                    self._read_range_into(start, stop, images, labels)
+            except self.damage_errors as exc:
+                raise self._damaged(exc) from exc
             return images, labels
         idx = _checked_indices(indices, count)
         images, labels = self._batch(len(idx), out)
-        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
-            self._read_range_into(int(idx[0]), int(idx[-1]) + 1, images, labels)
-        elif len(idx):
-            self._read_into(idx, images, labels)
+        try:
+            if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+                self._read_range_into(int(idx[0]), int(idx[-1]) + 1, images, labels)
+            elif len(idx):
+                self._read_into(idx, images, labels)
+        except self.damage_errors as exc:
+            raise self._damaged(exc) from exc
         return images, labels
+
+    def _damaged(self, exc: BaseException) -> ImgStoreError:
+        if isinstance(exc, PermissionError):  # not damage: keep the built-in's meaning
+            return StoreIOError(f"{self.path}: {exc}")
+        return CorruptStoreError(f"{self.path} is damaged: {type(exc).__name__}: {exc}")
 
     def refresh(self) -> int:
         """See what writers committed since this handle opened (or last refreshed); returns the new length.
@@ -257,7 +274,10 @@ class Store(abc.ABC):
         if manifest.count != len(self) or manifest.shape != self.shape:
             old = len(self)
             self._manifest = replace(manifest, options=self._manifest.options)
-            self._refresh(old)
+            try:
+                self._refresh(old)
+            except self.damage_errors as exc:
+                raise self._damaged(exc) from exc
         return len(self)
 
     def verify(self, batch_size: int = 4096) -> None:
@@ -498,7 +518,10 @@ def _open_existing(
     cls = get_backend(manifest.backend)
     merged = {**manifest.options, **_checked_options(cls, options, defaults=False)}
     store = cls(path, replace(manifest, options=merged), mode, sync=sync)
-    store._open(create=False)
+    try:
+        store._open(create=False)
+    except cls.damage_errors as exc:
+        raise store._damaged(exc) from exc
     return store
 
 

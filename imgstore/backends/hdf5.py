@@ -30,6 +30,7 @@ _LABEL_CHUNK = 1 << 14
 
 class Hdf5Store(Store):
     name = "hdf5"
+    damage_errors = (OSError, RuntimeError, KeyError)  # how h5py reports a damaged file
     option_defaults = {"chunk_bytes": 1 << 18}
 
     def _open(self, create: bool) -> None:

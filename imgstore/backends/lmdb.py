@@ -81,6 +81,7 @@ os.register_at_fork(before=_close_all_before_fork)
 
 class LmdbStore(Store):
     name = "lmdb"
+    damage_errors = (lmdb.Error,)
 
     def _open(self, create: bool) -> None:
         path = self.path / "lmdb"
@@ -98,9 +99,14 @@ class LmdbStore(Store):
             self._close()
             raise StoreBusyError(f"{path} is open read-only in this process; close those handles to write")
         try:
-            shared.env  # open now, so a damaged store fails at open_store, not at the first read
-        except lmdb.Error as exc:
+            info = shared.env.info()  # open now, so a damaged store fails at open_store, not at the first read
+            # A data file shorter than the pages LMDB uses would fault (SIGBUS) when those are read.
+            if os.path.getsize(path / "data.mdb") < (info["last_pgno"] + 1) * shared.env.stat()["psize"]:
+                raise CorruptStoreError(f"{path / 'data.mdb'} is truncated")
+        except (lmdb.Error, OSError, CorruptStoreError) as exc:
             self._close()
+            if isinstance(exc, CorruptStoreError):
+                raise
             raise CorruptStoreError(f"{path} cannot be opened as LMDB: {exc}") from exc
 
     def _close(self) -> None:
@@ -183,7 +189,7 @@ class LmdbStore(Store):
             for k in range(len(indices)):
                 value = get(keys[8 * k : 8 * k + 8])
                 if value is None or len(value) != size + 8:
-                    raise self._damaged(int(indices[k]), value)
+                    raise self._missing_record(int(indices[k]), value)
                 pixels[k * size : (k + 1) * size] = value[:size]
                 label_bytes[8 * k : 8 * k + 8] = value[size:]
 
@@ -199,12 +205,12 @@ class LmdbStore(Store):
                 if k == count:
                     break
                 if len(value) != size + 8:
-                    raise self._damaged(start + k, value)
+                    raise self._missing_record(start + k, value)
                 pixels[k * size : (k + 1) * size] = value[:size]
                 label_bytes[8 * k : 8 * k + 8] = value[size:]
                 k += 1
         if k != count:
-            raise self._damaged(start + k, None)
+            raise self._missing_record(start + k, None)
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         image = np.empty(self.shape, dtype=np.uint8)
@@ -212,10 +218,10 @@ class LmdbStore(Store):
         with self._begin() as txn:
             value = txn.get(index.to_bytes(8, "big"))
             if value is None or len(value) != size + 8:
-                raise self._damaged(index, value)
+                raise self._missing_record(index, value)
             memoryview(image).cast("B")[:] = value[:size]
             return image, int.from_bytes(value[size:], "little")
 
-    def _damaged(self, index: int, value: memoryview | None) -> CorruptStoreError:
+    def _missing_record(self, index: int, value: memoryview | None) -> CorruptStoreError:
         found = "no record" if value is None else f"a record of {len(value)} bytes"
         return CorruptStoreError(f"{self.path}: image {index} is committed but LMDB holds {found}")

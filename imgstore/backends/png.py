@@ -27,6 +27,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 class PngStore(Store):
     name = "png"
+    damage_errors = (OSError,)  # e.g. the labels file is missing
     option_defaults = {
         "compress_level": 6,  # Pillow's default; 1 is faster and larger, 9 slower and smaller
         "files_per_dir": 1000,
