@@ -222,6 +222,6 @@ def test_lmdb_values_are_raw_pixels_and_label_not_pickles(tmp_path: Path) -> Non
         store.put_many(images, labels)
     env = lmdb.open(str(tmp_path / "s" / "lmdb"), readonly=True, lock=False)
     with env.begin() as txn:
-        value = txn.get((1).to_bytes(8, "big"))
+        value = txn.get((0).to_bytes(8, "big"))  # block 0: the three images' pixels, then their labels
     env.close()
-    assert value == images[1].tobytes() + int(labels[1]).to_bytes(8, "little")
+    assert value == images.tobytes() + labels.astype("<i8").tobytes()
