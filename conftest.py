@@ -1,6 +1,6 @@
 """Root conftest: `pytest` runs the tests, `pytest --benchmark-only` runs the benchmarks.
 
-Naming a path on the command line always collects it, whatever the mode.
+Paths named on the command line are always collected, whatever the mode.
 """
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ import pytest
 ROOT = Path(__file__).parent
 
 
-def _named_on_command_line(config: pytest.Config) -> bool:
-    return any(not arg.startswith("-") and arg != "." for arg in config.args) and config.args != config.getini("testpaths")
-
-
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    if _named_on_command_line(config):
-        return None
+    if config.args_source == pytest.Config.ArgsSource.ARGS:
+        return None  # the user named what to run
     benchmarking = config.getoption("benchmark_only", False)
-    if collection_path == ROOT / "benchmarks" and not benchmarking:
+    # Called for what is inside the testpaths folders, not for the folders themselves.
+    if collection_path.is_relative_to(ROOT / "benchmarks") and not benchmarking:
         return True
-    if collection_path == ROOT / "tests" and benchmarking:
+    if collection_path.is_relative_to(ROOT / "tests") and benchmarking:
         return True
     return None
