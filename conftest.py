@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.options import add_options
+
 ROOT = Path(__file__).parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The benchmark options live here too: pytest parses the command line before it loads a
+    # conftest below the root, so `--cutoffs 10` (with a space) would otherwise be refused.
+    add_options(parser)
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
+import resource
 from pathlib import Path
+
+_FALLOC_FL_KEEP_SIZE = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
 def fsync_dir(path: Path) -> None:
@@ -16,14 +24,34 @@ def fsync_dir(path: Path) -> None:
 
 
 def reserve(path: Path, extra_bytes: int) -> None:
-    """Allocate ``extra_bytes`` past the end of ``path`` before a C library writes there.
+    """Claim disk blocks for ``extra_bytes`` past the end of ``path`` before a C library writes there.
 
     LMDB and HDF5 report a full disk in the middle of a write (LMDB as an I/O error, HDF5 with a
     handle left unusable, sometimes crashing the process at close). Claiming the blocks first turns
-    a full disk or a file size limit into a clean ``OSError`` (ENOSPC, EFBIG) before anything is written.
+    a full disk or a file size limit into a clean ``OSError`` (ENOSPC, EFBIG) before anything is
+    written. The file's size does not change (FALLOC_FL_KEEP_SIZE); :func:`release_reserve` gives
+    back what the write did not use. Where the file system cannot reserve, nothing is reserved.
     """
+    if extra_bytes <= 0:
+        return
     fd = os.open(path, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size + extra_bytes)
+        # Blocks reserved past the end do not count against a file size limit, so check it here.
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and os.fstat(fd).st_size + extra_bytes > limit:
+            raise OSError(errno.EFBIG, f"{path} would exceed the file size limit of {limit} bytes")
+        if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, os.fstat(fd).st_size, extra_bytes) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def release_reserve(path: Path) -> None:
+    """Give back reserved blocks past the end of ``path`` (truncating to its own size frees them)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)

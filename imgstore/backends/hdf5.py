@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from imgstore.errors import CorruptStoreError
-from imgstore.fileio import fsync_dir, reserve
+from imgstore.fileio import fsync_dir, release_reserve, reserve
 from imgstore.store import Store
 
 _FILE = "images.h5"
@@ -127,6 +127,7 @@ class Hdf5Store(Store):
         self._images.write_direct(images, dest_sel=np.s_[start:stop])
         self._labels.write_direct(labels, dest_sel=np.s_[start:stop])
         self._file.flush()
+        release_reserve(self.path / _FILE)
         if self.sync:
             os.fsync(self._fd)  # H5Fflush hands the data to the OS; fsync makes it durable
         self._index = None

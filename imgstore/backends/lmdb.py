@@ -15,7 +15,7 @@ import lmdb
 import numpy as np
 
 from imgstore.errors import CorruptStoreError, StoreBusyError
-from imgstore.fileio import reserve
+from imgstore.fileio import release_reserve, reserve
 from imgstore.store import Store
 
 _MAX_READERS = 512  # concurrent reading threads across all processes
@@ -165,6 +165,7 @@ class LmdbStore(Store):
                         cursor.put(_key(block), value, append=True)
                 if self.sync and not self._shared.sync:
                     self._env.sync(True)  # the environment was opened without sync by another handle
+                release_reserve(self.path / "lmdb" / "data.mdb")
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
@@ -178,7 +179,7 @@ class LmdbStore(Store):
         if needed > info["map_size"]:
             self._env.set_mapsize(max(needed, 2 * info["map_size"]))
         data = self.path / "lmdb" / "data.mdb"
-        reserve(data, max(0, used + nbytes + nbytes // 16 + (1 << 20) - data.stat().st_size))
+        reserve(data, used + nbytes + nbytes // 16 + (1 << 20) - data.stat().st_size)
 
     # -------------------------------------------------------------- reading
 
