@@ -1,0 +1,1 @@
+"""imgstore benchmark suite: run with `pytest --benchmark-only` from the project root (see README.md here)."""

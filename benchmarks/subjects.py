@@ -1,0 +1,255 @@
+"""What the benchmarks measure: "subjects" that store and read images, all behind one small protocol.
+
+A subject is a way of storing images: an imgstore backend (one subject per registered backend, so a
+new backend is benchmarked with no new code), the tutorial's approach (``benchmarks/tutorial.py``)
+or the raw-file limit (below). Every subject implements the same six operations, defined here once
+and applied identically to each:
+
+``store_single``
+    N images into a fresh, empty target, one call per image (for imgstore: one committed ``put``
+    each), then whatever makes the target durable and closed. Opening the empty target is setup.
+``store_many``
+    N images into a fresh, empty target in one call (``put_many``), then close. Opening is setup.
+``read_single``
+    N images, one call (``get``) per image, in index order, with the handle already open.
+``read_many``
+    N images in one call (``get_many(range(N))``), handle already open. The result arrays are
+    allocated inside the timed call on purpose: returning new arrays is part of the operation.
+``read_random``
+    Every image of the store once, one call (``get``) per image, in a shuffled order (seed 0),
+    handle already open: what a shuffled training epoch does.
+``iterate``
+    One full pass in index order in batches of 256 (``iter_batches(256)``), handle already open.
+
+Write operations take ``(target, images, labels)`` where ``target`` is what ``open_writer`` returned
+in the untimed setup; read operations take ``(reader, n)`` (``read_random``: ``(reader, order)``)
+and return what they read last, so the benchmark can check it (untimed) against the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+import imgstore
+
+OPERATIONS = ("store_single", "store_many", "read_single", "read_many", "read_random", "iterate")
+WRITE_OPERATIONS = ("store_single", "store_many")
+BATCH_SIZE = 256
+KINDS = ("limit", "imgstore", "tutorial")  # also the order of rows in the summary
+
+
+class Subject:
+    """One way of storing images. Subclasses set the three names and implement the operations."""
+
+    name: str  # row label and test id, e.g. "imgstore-lmdb"; unique
+    kind: str  # "imgstore" | "tutorial" | "limit"
+    backend: str  # e.g. "lmdb", "raw"; a tutorial row is the reference for the imgstore backend of the same name
+    operations: ClassVar[tuple[str, ...]] = OPERATIONS
+
+    def open_writer(self, path: Path, shape: tuple[int, ...]) -> Any:
+        """Make a fresh, empty target at ``path`` (untimed setup of the write operations)."""
+        raise NotImplementedError
+
+    def open_reader(self, path: Path, shape: tuple[int, ...]) -> Any:
+        """Open the store at ``path`` for the read operations (untimed)."""
+        return path
+
+    def close_reader(self, reader: Any) -> None:
+        pass
+
+    def build(self, path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+        """Make the store the read benchmarks read (untimed, once per session)."""
+        self.store_many(self.open_writer(path, images.shape[1:]), images, labels)
+
+    def store_single(self, target: Any, images: np.ndarray, labels: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def store_many(self, target: Any, images: np.ndarray, labels: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def read_single(self, reader: Any, n: int) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def read_many(self, reader: Any, n: int) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def read_random(self, reader: Any, order: list[int]) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def iterate(self, reader: Any, n: int) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class ImgstoreSubject(Subject):
+    """An imgstore backend, used only through the public API, with its defaults (durable: sync=True)."""
+
+    kind = "imgstore"
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.name = f"imgstore-{backend}"
+
+    def open_writer(self, path: Path, shape: tuple[int, ...]) -> imgstore.Store:
+        return imgstore.open_store(path, self.backend, "w")
+
+    def open_reader(self, path: Path, shape: tuple[int, ...]) -> imgstore.Store:
+        return imgstore.open_store(path, mode="r")
+
+    def close_reader(self, reader: imgstore.Store) -> None:
+        reader.close()
+
+    def store_single(self, target: imgstore.Store, images: np.ndarray, labels: np.ndarray) -> None:
+        for i in range(len(images)):
+            target.put(images[i], labels[i])
+        target.close()
+
+    def store_many(self, target: imgstore.Store, images: np.ndarray, labels: np.ndarray) -> None:
+        target.put_many(images, labels)
+        target.close()
+
+    def read_single(self, reader: imgstore.Store, n: int) -> tuple[np.ndarray, int]:
+        for i in range(n):
+            image, label = reader.get(i)
+        return image, label
+
+    def read_many(self, reader: imgstore.Store, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return reader.get_many(range(n))
+
+    def read_random(self, reader: imgstore.Store, order: list[int]) -> tuple[np.ndarray, int]:
+        for i in order:
+            image, label = reader.get(i)
+        return image, label
+
+    def iterate(self, reader: imgstore.Store, n: int) -> tuple[np.ndarray, np.ndarray]:
+        for batch in reader.iter_batches(BATCH_SIZE):
+            pass
+        return batch
+
+
+class _RawWriter:
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True)
+        self.dir = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        self.images = os.open(path / "images.raw", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.labels = os.open(path / "labels.raw", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+
+class _RawReader:
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.path = path
+        self.shape = shape
+        self.nbytes = int(np.prod(shape))
+        self.file = open(path / "images.raw", "rb", buffering=0)  # noqa: SIM115 - closed by close_reader
+        self.images = self.file.fileno()
+        # Labels are 8 bytes an image: any sane reader keeps them in memory, so they load at open.
+        self.labels = np.fromfile(path / "labels.raw", dtype="<i8")
+
+
+class LimitSubject(Subject):
+    """The limit: pixels in one raw file, labels (int64) in a second, plain OS calls, no format at all.
+
+    Writes: ``store_many`` is one write of all the bytes, ``store_single`` one ``os.write`` per image
+    (and per label) to the open files; both end durable like imgstore's stores, with fsync of the two
+    files and of their directory (``fsync=False`` makes the no-fsync row, for the writes only).
+    Reads, file already open: ``read_single``/``read_random`` one ``os.pread`` per image,
+    ``read_many`` one ``np.fromfile``, ``iterate`` one ``os.pread`` per batch. Labels (8 bytes an
+    image) are loaded when the reader opens, as any reader of such a file would keep them.
+    """
+
+    kind = "limit"
+
+    def __init__(self, fsync: bool = True) -> None:
+        self.fsync = fsync
+        self.name = "limit" if fsync else "limit-nofsync"
+        self.backend = "raw" if fsync else "raw-nofsync"
+        if not fsync:
+            self.operations = WRITE_OPERATIONS  # reading does not depend on fsync: the limit row covers it
+
+    def open_writer(self, path: Path, shape: tuple[int, ...]) -> _RawWriter:
+        return _RawWriter(path)
+
+    def open_reader(self, path: Path, shape: tuple[int, ...]) -> _RawReader:
+        return _RawReader(path, shape)
+
+    def close_reader(self, reader: _RawReader) -> None:
+        reader.file.close()
+
+    def _finish(self, target: _RawWriter) -> None:
+        for fd in (target.images, target.labels, target.dir):
+            if self.fsync:
+                os.fsync(fd)
+            os.close(fd)
+
+    def store_single(self, target: _RawWriter, images: np.ndarray, labels: np.ndarray) -> None:
+        labels = np.ascontiguousarray(labels, dtype="<i8")
+        for i in range(len(images)):  # one os.write per image (and one per label), like one put each
+            os.write(target.images, images[i])
+            os.write(target.labels, labels[i : i + 1])
+        self._finish(target)
+
+    def store_many(self, target: _RawWriter, images: np.ndarray, labels: np.ndarray) -> None:
+        _write_all(target.images, np.ascontiguousarray(images))
+        _write_all(target.labels, np.ascontiguousarray(labels, dtype="<i8"))
+        self._finish(target)
+
+    def read_single(self, reader: _RawReader, n: int) -> tuple[np.ndarray, int]:
+        return _pread_each(reader, range(n))
+
+    def read_many(self, reader: _RawReader, n: int) -> tuple[np.ndarray, np.ndarray]:
+        reader.file.seek(0)
+        images = np.fromfile(reader.file, dtype=np.uint8, count=n * reader.nbytes)
+        return images.reshape(n, *reader.shape), reader.labels[:n].copy()
+
+    def read_random(self, reader: _RawReader, order: list[int]) -> tuple[np.ndarray, int]:
+        return _pread_each(reader, order)
+
+    def iterate(self, reader: _RawReader, n: int) -> tuple[np.ndarray, np.ndarray]:
+        size = reader.nbytes
+        for start in range(0, n, BATCH_SIZE):
+            stop = min(start + BATCH_SIZE, n)
+            images = np.frombuffer(os.pread(reader.images, (stop - start) * size, start * size), np.uint8)
+            batch = images.reshape(stop - start, *reader.shape), reader.labels[start:stop].copy()
+        return batch
+
+
+def _pread_each(reader: _RawReader, indices: range | list[int]) -> tuple[np.ndarray, int]:
+    """One os.pread per image, file already open; the label comes from the labels loaded at open."""
+    size, shape = reader.nbytes, reader.shape
+    for i in indices:
+        image = np.frombuffer(os.pread(reader.images, size, i * size), np.uint8).reshape(shape)
+        label = int(reader.labels[i])
+    return image, label
+
+
+def _write_all(fd: int, array: np.ndarray) -> None:
+    view = memoryview(array).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated on disk under ``path`` (as ``du`` counts them), the same measure for every subject."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def make_subjects(backends: list[str]) -> list[Subject]:
+    """The limit rows, one row per imgstore backend asked for, and the tutorial's rows for those backends.
+
+    If the tutorial has none of the backends asked for, all its rows are kept, so that every group
+    still shows where the tutorial's approach stands.
+    """
+    from benchmarks.tutorial import TUTORIAL_SUBJECTS
+
+    tutorial = [s for s in TUTORIAL_SUBJECTS if s.backend in backends] or list(TUTORIAL_SUBJECTS)
+    return [LimitSubject(), LimitSubject(fsync=False), *(ImgstoreSubject(b) for b in backends), *tutorial]
