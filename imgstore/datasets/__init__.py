@@ -29,23 +29,35 @@ __all__ = [
 def load_dataset(
     name: str, n: int | None = None, *, root: str | Path | None = None, seed: int = 0, split: str = "train"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` images and labels of a dataset (all of it when ``n`` is None).
+    """The first ``n`` images and labels of dataset ``name`` (one of :data:`DATASETS`; all of it when ``n`` is None).
 
-    Past the end of a real dataset its images repeat, as the tutorial made its 100 000 CIFAR images
-    by doubling the 50 000. ``"synthetic"`` makes exactly ``n`` (default 50 000) distinct images from
-    ``seed``, and the first k of any larger request are the same k images.
+    Past the end of a real dataset its images repeat in order, as the tutorial made its 100 000
+    CIFAR-10 images by doubling the 50 000. ``"synthetic"`` makes exactly ``n`` distinct images
+    (default 50 000 for train, 10 000 for test) from ``seed``; its generation is batch-deterministic:
+    the first k images of any larger request are the same k images. ``"cifar10"`` needs ``root``
+    (see :func:`download_cifar10`); ``"fashion-mnist"`` defaults to Debian's files. ``seed`` only
+    applies to ``"synthetic"``, ``root`` only to the real datasets.
     """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0):
+        raise DatasetError(f"n must be None or an integer >= 0, got {n!r}")
     if name == "synthetic":
-        return synthetic_cifar10(50_000 if n is None else n, seed)
+        return synthetic_cifar10((50_000 if split == "train" else 10_000) if n is None else n, seed, split=split)
     if name == "cifar10":
         if root is None:
-            raise DatasetNotFoundError("cifar10 needs root= (a folder from imgstore.datasets.download_cifar10)")
+            raise DatasetNotFoundError(
+                "cifar10 needs root= (a folder holding cifar-10-batches-py/ or cifar-10-batches-bin/); "
+                "imgstore.datasets.download_cifar10(dest) fetches it"
+            )
         images, labels = load_cifar10(root, split)
     elif name == "fashion-mnist":
         images, labels = load_fashion_mnist(DEBIAN_ROOT if root is None else root, split)
     else:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if n is None or n <= len(images):
-        return images[:n].copy(), labels[:n].copy()
-    reps = -(-n // len(images))
-    return np.concatenate([images] * reps)[:n], np.concatenate([labels] * reps)[:n]
+        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if n is None or n == len(images):
+        return images, labels
+    if n < len(images):
+        return images[:n].copy(), labels[:n].copy()  # copies, so the full dataset can be freed
+    if len(images) == 0:
+        raise DatasetError(f"{name} has no images to repeat")
+    # np.resize repeats the whole array cyclically: image i of the result is image i % len.
+    return np.resize(images, (n, *images.shape[1:])), np.resize(labels, n)
