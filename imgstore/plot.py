@@ -189,7 +189,7 @@ def _store_read_figure(points: Sequence[Point], style: _Style, title: str) -> Fi
             scale = "log-log axes" if log else "linear axes"
             ax.set_title(f"{OPERATION_TITLES[operation]} ({operation}), {scale}")
     _legend(figure, [ax for row in axes for ax in row], ncols=4)
-    figure.suptitle(f"Time to store and read N images, median of rounds: {title}")
+    figure.suptitle(f"Time against number of images, median of rounds: {title}")
     return figure
 
 
@@ -229,20 +229,24 @@ def _draw_seconds(
 
 
 def _log_axes(ax: Axes, y_unit: str) -> None:
-    """Log-log axes labelled '1 k', '10 ms': engineering labels read faster than 10^-2."""
-    from matplotlib import ticker
-
     ax.set_xscale("log")
     ax.set_yscale("log")
-    for axis, unit in ((ax.xaxis, ""), (ax.yaxis, y_unit)):
-        axis.set_major_locator(ticker.LogLocator(base=10))
-        axis.set_major_formatter(ticker.EngFormatter(unit=unit))
-        # Label 2x and 5x too when the data spans few decades, or there may be one label only.
-        axis.set_minor_locator(ticker.LogLocator(base=10, subs=(2, 5)))
-        low, high = axis.get_data_interval()
-        few_decades = low > 0 and high / low < 300
-        axis.set_minor_formatter(ticker.EngFormatter(unit=unit) if few_decades
-                                 else ticker.NullFormatter())
+    _label_log_axis(ax.xaxis, unit="")
+    _label_log_axis(ax.yaxis, unit=y_unit)
+
+
+def _label_log_axis(axis: Any, unit: str) -> None:
+    """Labels such as '1 k' or '10 ms': engineering labels read faster than 10^-2."""
+    from matplotlib import ticker
+
+    axis.set_major_locator(ticker.LogLocator(base=10))
+    axis.set_major_formatter(ticker.EngFormatter(unit=unit))
+    # Label 2x and 5x too when the data spans few decades, or there may be one label only.
+    axis.set_minor_locator(ticker.LogLocator(base=10, subs=(2, 5)))
+    low, high = axis.get_data_interval()
+    few_decades = low > 0 and high / low < 300
+    axis.set_minor_formatter(ticker.EngFormatter(unit=unit) if few_decades
+                             else ticker.NullFormatter())
 
 
 def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure | None:
@@ -261,16 +265,20 @@ def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure |
     largest = max(n for sizes in disk.values() for n in sizes)
 
     figure = Figure(figsize=(13, 5.5), layout="constrained")
-    bars, lines = figure.subplots(1, 2)
+    bars, per_image = figure.subplots(1, 2)
     at_largest = [key for key in keys if largest in disk[key]]
     values = [disk[key][largest] for key in at_largest]
-    positions = range(len(at_largest))
-    bars.barh(positions, values, color=[style.line(k)["color"] for k in at_largest],
-              hatch=None)
-    for y, value in zip(positions, values):
-        bars.annotate(ticker.EngFormatter(unit="B")(value), (value, y), xytext=(4, 0),
-                      textcoords="offset points", va="center")
-    bars.set_yticks(list(positions), [style.label(k) for k in at_largest])
+    positions = list(range(len(at_largest)))
+    drawn = bars.barh(positions, values, color=[style.line(k)["color"] for k in at_largest])
+    for bar, key in zip(drawn, at_largest, strict=True):
+        if key[0] == "tutorial":  # same colour as its backend, hatched like its dashed line
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
+    size = ticker.EngFormatter(unit="B", places=1)
+    for y, value in zip(positions, values, strict=True):
+        bars.annotate(size(value), (value, y), xytext=(4, 0), textcoords="offset points",
+                      va="center")
+    bars.set_yticks(positions, [style.label(k) for k in at_largest])
     bars.invert_yaxis()  # legend order, top to bottom
     bars.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
     bars.set_xlim(right=max(values, default=1) * 1.25)  # room for the value labels
@@ -278,16 +286,25 @@ def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure |
     bars.set_title(f"Disk usage for {largest:,} images")
     bars.grid(True, axis="x", alpha=0.4)
 
+    # Bytes *per image*: total bytes grow with N for every backend and the lines would overlap;
+    # per image, the fixed overhead (small N) and the per-image cost (large N) both show.
     for key in keys:
         sizes = sorted(disk[key].items())
-        lines.plot([n for n, _ in sizes], [b for _, b in sizes], label=style.label(key),
-                   **style.line(key))
-    _log_axes(lines, y_unit="B")
-    lines.set_xlabel("number of images")
-    lines.set_ylabel("bytes on disk")
-    lines.set_title("Disk usage against number of images, log-log axes")
-    lines.grid(True, which="major", alpha=0.4)
-    lines.legend(fontsize="small")
+        per_image.plot([n for n, _ in sizes], [b / n for n, b in sizes], label=style.label(key),
+                       **style.line(key))
+    per_image.set_xscale("log")
+    _label_log_axis(per_image.xaxis, unit="")
+    low, high = per_image.yaxis.get_data_interval()
+    if low > 0 and high / low > 10:  # a large fixed overhead would squash the rest
+        per_image.set_yscale("log")
+    else:
+        per_image.set_ylim(bottom=0)
+    per_image.yaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
+    per_image.set_xlabel("number of images")
+    per_image.set_ylabel("bytes on disk per image")
+    per_image.set_title("Disk usage per image against number of images")
+    per_image.grid(True, which="major", alpha=0.4)
+    per_image.legend(fontsize="small")
     figure.suptitle(f"Disk usage: {title}")
     return figure
 
@@ -296,7 +313,7 @@ def _legend(figure: Figure, axes: Sequence[Axes], ncols: int) -> None:
     """One legend under the figure for every series of its panels (a panel may lack some)."""
     entries: dict[str, Any] = {}
     for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     if entries:
         figure.legend(list(entries.values()), list(entries), loc="outside lower center",

@@ -1,0 +1,246 @@
+"""The ``imgstore`` console script.
+
+Each subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its arguments and
+sets ``handler`` and ``command``; the handler takes the parsed arguments and returns the exit status.  To add a
+command, write the pair and list the first one in ``COMMANDS``.
+
+Exit status: 0 success, 1 the command's check failed (a regression), 2 bad input or usage.
+Errors imgstore raises on purpose (:class:`ImgStoreError`) become one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from imgstore.errors import ImgStoreError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+WORKFLOW = """\
+workflow:
+  1. save a run on the base branch, with every round's time:
+       pytest benchmarks --benchmark-only --benchmark-autosave --benchmark-save-data
+  2. save a run the same way on your branch;
+  3. compare the two files pytest-benchmark wrote under .benchmarks/<machine>/:
+       imgstore compare .benchmarks/*/0001_*.json .benchmarks/*/0002_*.json
+  4. draw a run:
+       imgstore plot .benchmarks/*/0002_*.json --out figures/
+  (pytest --benchmark-json=FILE writes the same format, rounds included.)
+"""
+
+COMPARE_HELP = """\
+Compare two saved benchmark runs and give each benchmark a verdict that holds on a noisy machine.
+
+For each benchmark in both runs: the ratio of medians candidate/baseline and a confidence interval
+for it from the saved rounds (Hodges-Lehmann/Mann-Whitney on log times).  A benchmark is a
+"regression" when its interval lies above 1 + THRESHOLD (slower than the threshold at CONFIDENCE)
+and the slowdown stays significant after a Bonferroni correction over the whole suite (no false
+alarms from the number of benchmarks); "improvement" is the mirror image.  Each interval also
+includes the drift between the two runs that the tutorial and limit rows of the same operation
+show (no imgstore change can move them), so a noisy machine widens the intervals instead of
+raising false alarms.  Give benchmarks enough rounds: at 20% round-to-round noise ~100 catch a
+25% slowdown at a 10% threshold; at 10%, ~25.
+Benchmarks without saved rounds, or with too few for the suite-wide test (8 per run for 40
+benchmarks at 0.99), are "unconfirmed": judged on their medians only, they never fail.
+Benchmarks in one run only are listed as added/removed.
+
+exit status: 0 no regression, 1 at least one regression, 2 bad input.
+"""
+
+PLOT_HELP = """\
+Draw PNG figures of one run: time (median of rounds) against the number of images per
+(kind, backend) series -- store_many and read_many side by side in linear and log-log axes --,
+disk usage per backend, and one log-log figure per other operation in the run.  Operations the
+run lacks are skipped.  Needs matplotlib: pip install 'imgstore-ml[plot]'.
+"""
+
+
+# --------------------------------------------------------------------------------------- compare
+
+
+def _add_compare(subparsers: argparse._SubParsersAction) -> None:
+    from imgstore.compare import COLUMNS, DEFAULT_COLUMNS
+
+    parser = subparsers.add_parser(
+        "compare",
+        help="compare two benchmark runs; exit 1 on a regression",
+        description=COMPARE_HELP,
+        epilog=WORKFLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("baseline", metavar="BASELINE.json", help="the run to compare against")
+    parser.add_argument("candidate", metavar="CANDIDATE.json", help="the run being judged")
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=0.10,
+        metavar="PERCENT",
+        help="smallest slowdown worth failing over, in percent, e.g. 10%% (default: 10%%)",
+    )
+    parser.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=0.99,
+        help="confidence of each interval, between 0 and 1; the suite-wide significance check "
+        "uses it Bonferroni-adjusted (default: 0.99)",
+    )
+    parser.add_argument(
+        "--markdown",
+        metavar="FILE",
+        type=Path,
+        help="also write a Markdown summary (for a pull-request comment) to FILE",
+    )
+    parser.add_argument(
+        "--columns",
+        type=_columns,
+        default=DEFAULT_COLUMNS,
+        help=f"comma-separated table columns out of: {', '.join(COLUMNS)} "
+        f"(default: {','.join(DEFAULT_COLUMNS)})",
+    )
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="divide every ratio by the machine drift (the median ratio of the tutorial and "
+        "limit benchmarks, which no imgstore change can affect)",
+    )
+    parser.set_defaults(handler=_run_compare, command="compare")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from imgstore import compare
+
+    baseline = compare.load_run(args.baseline)
+    candidate = compare.load_run(args.candidate)
+    rows = compare.compare_runs(
+        baseline, candidate, args.threshold, args.confidence, normalize=args.normalize
+    )
+    drift = compare.machine_drift(baseline, candidate)
+    notes = compare.notes(rows, drift, threshold=args.threshold, normalized=args.normalize)
+
+    print(compare.format_table(rows, args.columns))
+    print()
+    print(f"{compare.summary(rows)} (threshold {args.threshold:.0%}, confidence {args.confidence:g})")
+    for note in notes:
+        print(f"  {note}")
+    if args.markdown is not None:
+        text = compare.format_markdown(
+            rows,
+            baseline=baseline,
+            candidate=candidate,
+            threshold=args.threshold,
+            confidence=args.confidence,
+            columns=args.columns,
+            notes=notes,
+        )
+        try:
+            args.markdown.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ImgStoreError(f"{args.markdown}: cannot write: {exc.strerror or exc}") from None
+    return EXIT_FAILED if compare.has_regression(rows) else EXIT_OK
+
+
+def _threshold(text: str) -> float:
+    from imgstore.compare import parse_threshold
+
+    try:
+        return parse_threshold(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, not {text!r}")
+    return value
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    from imgstore.compare import COLUMNS
+
+    columns = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown or not columns:
+        raise argparse.ArgumentTypeError(
+            f"unknown column(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(COLUMNS)}"
+        )
+    return columns
+
+
+# ------------------------------------------------------------------------------------------ plot
+
+
+def _add_plot(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="draw PNG figures of one benchmark run",
+        description=PLOT_HELP,
+        epilog=WORKFLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run", metavar="RUN.json", help="a saved pytest-benchmark run")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="directory for the PNG files (created if missing)")
+    parser.set_defaults(handler=_run_plot, command="plot")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    # Imported here: matplotlib is optional, and `imgstore compare` must work without it.
+    from imgstore import compare, plot
+
+    run = compare.load_run(args.run)
+    try:
+        written = plot.plot_run(run, args.out)
+    except OSError as exc:
+        raise ImgStoreError(f"{args.out}: cannot write figures: {exc.strerror or exc}") from None
+    if not written:
+        raise ImgStoreError(
+            f"{args.run}: no benchmark has the extra_info the figures need "
+            "(kind, backend, operation, images)"
+        )
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ main
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_compare, _add_plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgstore",
+        description="imgstore benchmark tools: judge and draw pytest-benchmark runs.",
+        epilog=WORKFLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): report it, don't exit under a caller
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.handler(args)
+    except ImgStoreError as exc:
+        print(f"imgstore {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Tests of the ``imgstore`` console script: parsing, help, exit codes, the optional matplotlib."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imgstore import cli
+from imgstore.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_run(path: Path, medians: dict[str, float], rounds: int = 30) -> Path:
+    """A run in pytest-benchmark's layout, rounds spread +-5% around each median."""
+    benchmarks = []
+    for name, median in medians.items():
+        data = [median * (0.95 + 0.1 * i / (rounds - 1)) for i in range(rounds)]
+        benchmarks.append({
+            "group": "store_many n=10", "name": name, "fullname": f"bench.py::{name}",
+            "params": None, "param": None, "options": {},
+            "extra_info": {"kind": "imgstore", "backend": "lmdb", "operation": "store_many",
+                           "images": 10, "dataset": "d", "disk_bytes": 1000,
+                           "images_per_second": 10 / median, "ratio_to_limit": None,
+                           "ratio_to_tutorial": None},
+            "stats": {"median": median, "min": data[0], "max": data[-1], "rounds": rounds,
+                      "data": data, "iterations": 1},
+        })
+    path.write_text(json.dumps({"benchmarks": benchmarks}), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "base": write_run(tmp_path / "base.json", {"test_a": 0.010, "test_b": 0.020}),
+        "same": write_run(tmp_path / "same.json", {"test_a": 0.010, "test_b": 0.020}),
+        "slow": write_run(tmp_path / "slow.json", {"test_a": 0.015, "test_b": 0.020}),
+    }
+
+
+def test_help_explains_the_workflow(capsys: Any) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("compare", "plot"):
+        assert command in out
+    assert "--benchmark-autosave --benchmark-save-data" in out
+    assert ".benchmarks/" in out
+
+
+@pytest.mark.parametrize("command,words", [
+    ("compare", ["--threshold", "--confidence", "--markdown", "--columns", "exit status",
+                 "Bonferroni", "--benchmark-save-data"]),
+    ("plot", ["--out", "log-log", "imgstore-ml[plot]"]),
+])
+def test_subcommand_help(command: str, words: list[str], capsys: Any) -> None:
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for word in words:
+        assert word in out
+
+
+def test_no_command_is_a_usage_error(capsys: Any) -> None:
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_exit_codes(runs: dict[str, Path], capsys: Any) -> None:
+    assert main(["compare", str(runs["base"]), str(runs["same"])]) == 0
+    assert main(["compare", str(runs["base"]), str(runs["slow"])]) == 1
+    assert main(["compare", str(runs["slow"]), str(runs["base"])]) == 0
+    assert main(["compare", str(runs["base"]), str(runs["base"].with_name("nope.json"))]) == 2
+    # A 50% slowdown under a 60% threshold is not a regression.
+    assert main(["compare", str(runs["base"]), str(runs["slow"]), "--threshold", "60%"]) == 0
+
+
+def test_compare_table_on_stdout(runs: dict[str, Path], capsys: Any) -> None:
+    main(["compare", str(runs["base"]), str(runs["slow"])])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["benchmark", "baseline", "median", "candidate", "median", "ratio",
+                                "interval", "verdict"]
+    assert lines[2].startswith("test_a") and lines[2].endswith("regression")
+    assert "10 ms" in lines[2] and "15 ms" in lines[2] and "1.500" in lines[2]
+    # Columns line up: numbers right-aligned under their header, verdicts left-aligned.
+    assert lines[0].index("ratio") + len("ratio") == lines[2].index("1.500") + len("1.500")
+    assert lines[0].index("verdict") == lines[2].index("regression") == lines[3].index("unchanged")
+    assert any(line.startswith("1 regression, 0 improvements, 1 unchanged") for line in lines)
+
+
+def test_markdown_written(runs: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "pr-comment.md"
+    assert main(["compare", str(runs["base"]), str(runs["slow"]), "--markdown", str(target)]) == 1
+    text = target.read_text(encoding="utf-8")
+    assert text.splitlines()[0] == "### :x: Benchmarks: 1 regression, 0 improvements, 1 unchanged"
+    assert "| test_a | 10 ms | 15 ms | 1.500 |" in text
+
+
+def test_plot_without_matplotlib_says_what_to_install(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # A None entry in sys.modules makes `import matplotlib` raise ImportError.
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plot", str(runs["base"]), "--out", str(tmp_path / "figs")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'imgstore-ml[plot]'" in err and "Traceback" not in err
+    # compare needs no matplotlib at all.
+    assert main(["compare", str(runs["base"]), str(runs["same"])]) == 0
+
+
+def test_plot_command(runs: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(runs["base"]), "--out", str(tmp_path / "figs")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert [Path(p).name for p in printed] == ["store_read.png", "disk_usage.png"]
+
+
+def test_plot_requires_out(runs: dict[str, Path], capsys: Any) -> None:
+    assert main(["plot", str(runs["base"])]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_module_without_importing_matplotlib() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = "import sys, imgstore.cli; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "imgstore.cli", "compare", "--help"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "BASELINE.json" in result.stdout
+
+
+def test_commands_are_listed_in_one_place() -> None:
+    # Adding a command = writing _add_<name> and listing it here.
+    parser = cli.build_parser()
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert list(choices) == ["compare", "plot"]
+    assert len(cli.COMMANDS) == 2
