@@ -404,3 +404,15 @@ class StoreConformance:
         with open_store(path) as store:
             with pytest.raises(imgstore.CorruptStoreError, match="index 123"):
                 store.verify()
+
+    def test_single_puts_use_about_as_much_disk_as_one_batch(self, tmp_path: Path) -> None:
+        images, labels = random_images(200)
+        with self.create(tmp_path / "batch", sync=False) as store:
+            store.put_many(images, labels)
+            batch_bytes = store.disk_usage()
+        with self.create(tmp_path / "single", sync=False) as store:
+            for image, label in zip(images, labels):
+                store.put(image, label)
+            single_bytes = store.disk_usage()
+            check_store_content(store, images, labels)
+        assert single_bytes < 3 * batch_bytes + (1 << 20), (single_bytes, batch_bytes)
