@@ -117,6 +117,7 @@ def test_every_injected_write_failure_leaves_old_or_new_state(
         shutil.rmtree(path)
     else:
         pytest.fail("put_many never succeeded")
+    print(f"{backend}: put_many failed at {failures} injected points, each leaving a valid store")
     assert failures >= 3, f"only {failures} write-level steps were exercised"
 
 
