@@ -40,11 +40,7 @@ class Hdf5Store(Store):
         elif self.writable:
             self._file = self._open_for_append(path)
         else:
-            # SWMR read: consistent while a writer appends, and readable after a writer was killed.
-            try:
-                self._file = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
-            except OSError as exc:
-                raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
+            self._file = _open_for_reading(path)
         self._fd = os.open(path, os.O_RDONLY)
         self._images: h5py.Dataset | None = self._file.get("images")
         self._labels: h5py.Dataset | None = self._file.get("labels")
@@ -91,13 +87,11 @@ class Hdf5Store(Store):
         os.close(self._fd)
 
     def _refresh(self, old_count: int) -> None:
-        if self._images is None:  # the writer created the datasets after this handle opened
-            self._file.close()
-            self._file = h5py.File(self.path / _FILE, "r", libver="latest", swmr=True, locking=False)
-            self._images, self._labels = self._file.get("images"), self._file.get("labels")
-        else:
-            self._images.refresh()  # SWMR: pick up the writer's new extent and chunk index
-            self._labels.refresh()
+        # Reopen rather than Dataset.refresh(): that needs SWMR mode, which a reader opened while no
+        # writer was there does not use; a reopen also sees datasets a writer created meanwhile.
+        self._file.close()
+        self._file = _open_for_reading(self.path / _FILE)
+        self._images, self._labels = self._file.get("images"), self._file.get("labels")
         self._index = None
 
     def _reopen_after_fork(self) -> None:
@@ -179,6 +173,24 @@ class Hdf5Store(Store):
     def _check_extent(self, stop: int) -> None:
         if self._images is None or self._images.shape[0] < stop or self._labels.shape[0] < stop:
             raise CorruptStoreError(f"{self.path / _FILE} holds fewer images than its manifest commits")
+
+
+def _open_for_reading(path: Path) -> h5py.File:
+    """Plain read when no writer has the file; SWMR read when one has (or one died with it open).
+
+    SWMR reading is what lets a reader follow a live writer, but it retries every metadata read
+    whose checksum fails (torn reads are expected under a live writer), so a damaged file can take
+    minutes to fail; a plain read fails at once.
+    """
+    try:
+        return h5py.File(path, "r", libver="latest", locking=False)
+    except OSError as exc:
+        if "already open for write" not in str(exc):
+            raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
+    except OSError as exc:
+        raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
 
 
 @dataclass(frozen=True)
