@@ -61,8 +61,9 @@ def selected_subjects(config: pytest.Config) -> list[Subject]:
     backends = _comma_list(value) if value else registered
     unknown = set(backends) - set(registered)
     if unknown:
-        raise pytest.UsageError(f"--backends: no imgstore backend {', '.join(sorted(unknown))}; "
-                                f"registered: {', '.join(registered)}")
+        raise pytest.UsageError(
+            f"--backends: no imgstore backend {', '.join(sorted(unknown))}; registered: {', '.join(registered)}"
+        )
     return make_subjects(backends)
 
 

@@ -23,11 +23,14 @@ def add_options(parser: pytest.Parser) -> None:
         return  # already registered by the other conftest
     parser._imgstore_benchmark_options = True  # type: ignore[attr-defined]
     group = parser.getgroup("imgstore benchmarks")
-    group.addoption("--cutoffs", default=DEFAULT_CUTOFFS,
-                    help=f"comma list of image counts, or 'all' ({','.join(map(str, ALL_CUTOFFS))}); "
-                    f"default {DEFAULT_CUTOFFS}")
-    group.addoption("--backends", default=None,
-                    help="comma list of imgstore backends to benchmark; default every registered one")
+    group.addoption(
+        "--cutoffs",
+        default=DEFAULT_CUTOFFS,
+        help=f"comma list of image counts, or 'all' ({','.join(map(str, ALL_CUTOFFS))}); default {DEFAULT_CUTOFFS}",
+    )
+    group.addoption(
+        "--backends", default=None, help="comma list of imgstore backends to benchmark; default every registered one"
+    )
     group.addoption("--ops", default=None, help=f"comma list of operations; default all: {','.join(OPERATIONS)}")
     group.addoption("--dataset", default="synthetic", choices=DATASETS, help="images to store; default synthetic")
     group.addoption("--cifar10-dir", default=None, help="directory of the real CIFAR-10 files (for --dataset cifar10)")

@@ -86,8 +86,9 @@ def with_injected_slowdown(body: Callable[..., Any], fraction: float) -> Callabl
     return slowed
 
 
-def check_last_read(operation: str, n: int, order: list[int] | None, last: tuple[Any, Any],
-                    images: np.ndarray, labels: np.ndarray) -> None:
+def check_last_read(
+    operation: str, n: int, order: list[int] | None, last: tuple[Any, Any], images: np.ndarray, labels: np.ndarray
+) -> None:
     """What a read operation returned last is what the dataset holds there: the benchmark read real data."""
     if operation == "read_single":
         where: int | slice = n - 1

@@ -66,7 +66,7 @@ def _csv_reader(csvfile):
 
 def store_single_disk(disk_dir: Path, image: np.ndarray, image_id: int, label: int) -> None:
     Image.fromarray(image).save(disk_dir / f"{image_id}.png")
-    with open(disk_dir / f"{image_id}.csv", "wt") as csvfile:
+    with open(disk_dir / f"{image_id}.csv", "w") as csvfile:
         _csv_writer(csvfile).writerow([label])
 
 
@@ -261,24 +261,38 @@ class _TutorialPng(TutorialSubject):
     def build(self, path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         super().build(path, images, labels)
         for i, label in enumerate(labels):  # the per-image label files read_single_disk reads
-            with open(path / f"{i}.csv", "wt") as csvfile:
+            with open(path / f"{i}.csv", "w") as csvfile:
                 _csv_writer(csvfile).writerow([label])
 
 
 TUTORIAL_SUBJECTS: tuple[TutorialSubject, ...] = (
     _TutorialPng(
         "png",
-        {"store_single": store_single_disk, "store_many": store_many_disk, "read_single": read_single_disk,
-         "read_many": read_many_disk, "iterate": iterate_disk},
+        {
+            "store_single": store_single_disk,
+            "store_many": store_many_disk,
+            "read_single": read_single_disk,
+            "read_many": read_many_disk,
+            "iterate": iterate_disk,
+        },
     ),
     _TutorialLmdb(
         "lmdb",
-        {"store_many": store_many_lmdb, "read_single": read_single_lmdb,
-         "read_many": read_many_lmdb, "iterate": iterate_lmdb},
+        {
+            "store_many": store_many_lmdb,
+            "read_single": read_single_lmdb,
+            "read_many": read_many_lmdb,
+            "iterate": iterate_lmdb,
+        },
     ),
     TutorialSubject(
         "hdf5",
-        {"store_single": store_single_hdf5, "store_many": store_many_hdf5, "read_single": read_single_hdf5,
-         "read_many": read_many_hdf5, "iterate": iterate_hdf5},
+        {
+            "store_single": store_single_hdf5,
+            "store_many": store_many_hdf5,
+            "read_single": read_single_hdf5,
+            "read_many": read_many_hdf5,
+            "iterate": iterate_hdf5,
+        },
     ),
 )

@@ -1,7 +1,7 @@
 """imgstore: store lots of small images with their labels and read them back fast for training.
 
-    >>> with imgstore.open_store("cifar.store", "lmdb", "w") as store:
-    ...     store.put_many(images, labels)
+>>> with imgstore.open_store("cifar.store", "lmdb", "w") as store:
+...     store.put_many(images, labels)
 """
 
 from imgstore.errors import (
@@ -20,8 +20,8 @@ from imgstore.errors import (
     StoreClosedError,
     StoreExistsError,
     StoreFullError,
-    StoreIOError,
     StoreIndexError,
+    StoreIOError,
     StoreNotFoundError,
 )
 from imgstore.registry import available_backends, get_backend, register_backend

@@ -99,8 +99,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "--columns",
         type=_columns,
         default=DEFAULT_COLUMNS,
-        help=f"comma-separated table columns out of: {', '.join(COLUMNS)} "
-        f"(default: {','.join(DEFAULT_COLUMNS)})",
+        help=f"comma-separated table columns out of: {', '.join(COLUMNS)} (default: {','.join(DEFAULT_COLUMNS)})",
     )
     parser.add_argument(
         "--normalize",
@@ -116,9 +115,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     baseline = compare.load_run(args.baseline)
     candidate = compare.load_run(args.candidate)
-    rows = compare.compare_runs(
-        baseline, candidate, args.threshold, args.confidence, normalize=args.normalize
-    )
+    rows = compare.compare_runs(baseline, candidate, args.threshold, args.confidence, normalize=args.normalize)
     drift = compare.machine_drift(baseline, candidate)
     notes = compare.notes(rows, drift, threshold=args.threshold, normalized=args.normalize)
 
@@ -187,8 +184,9 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run", metavar="RUN.json", help="a saved pytest-benchmark run")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="directory for the PNG files (created if missing)")
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="directory for the PNG files (created if missing)"
+    )
     parser.set_defaults(handler=_run_plot, command="plot")
 
 
@@ -203,8 +201,7 @@ def _run_plot(args: argparse.Namespace) -> int:
         raise ImgStoreError(f"{args.out}: cannot write figures: {exc.strerror or exc}") from None
     if not written:
         raise ImgStoreError(
-            f"{args.run}: no benchmark has the extra_info the figures need "
-            "(kind, backend, operation, images)"
+            f"{args.run}: no benchmark has the extra_info the figures need (kind, backend, operation, images)"
         )
     for path in written:
         print(path)

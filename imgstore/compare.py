@@ -238,20 +238,13 @@ def _parse_benchmark(raw: object, where: str) -> Benchmark:
 
 def _is_positive(value: object) -> bool:
     # bool is an int; a time of True seconds is a broken file, not a time.
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 # ------------------------------------------------------------------------------------ statistics
 
 
-def ratio_interval(
-    baseline: Sequence[float], candidate: Sequence[float], confidence: float
-) -> tuple[float, float]:
+def ratio_interval(baseline: Sequence[float], candidate: Sequence[float], confidence: float) -> tuple[float, float]:
     """Confidence interval for the factor candidate/baseline between two sets of round times.
 
     The Hodges-Lehmann (Moses) interval of the shift between log times: the k-th smallest and
@@ -325,18 +318,11 @@ def machine_drift(baseline: Run, candidate: Run) -> Drift | None:
     than three of those.  None when the runs have nothing in common.
     """
     common = [name for name in baseline.benchmarks if name in candidate.benchmarks]
-    reference = [
-        name
-        for name in common
-        if baseline.benchmarks[name].extra_info.get("kind") in REFERENCE_KINDS
-    ]
+    reference = [name for name in common if baseline.benchmarks[name].extra_info.get("kind") in REFERENCE_KINDS]
     chosen = reference if len(reference) >= 3 else common
     if not chosen:
         return None
-    logs = [
-        math.log(candidate.benchmarks[name].median / baseline.benchmarks[name].median)
-        for name in chosen
-    ]
+    logs = [math.log(candidate.benchmarks[name].median / baseline.benchmarks[name].median) for name in chosen]
     return Drift(math.exp(statistics.median(logs)), len(chosen), chosen is reference)
 
 
@@ -362,11 +348,7 @@ def compare_runs(
     drift = measured.factor if measured else 1.0
 
     common = [name for name in baseline.benchmarks if name in candidate.benchmarks]
-    with_rounds = {
-        name
-        for name in common
-        if baseline.benchmarks[name].rounds and candidate.benchmarks[name].rounds
-    }
+    with_rounds = {name for name in common if baseline.benchmarks[name].rounds and candidate.benchmarks[name].rounds}
     # Bonferroni: "did anything change at all" keeps the asked-for confidence for the whole suite.
     suite = 1 - (1 - confidence) / max(len(with_rounds), 1)
 
@@ -402,10 +384,7 @@ def compare_runs(
             verdict = _unconfirmed_verdict(ratio, threshold)
         else:
             verdict = _verdict(low, high, significant, threshold)
-        rows.append(
-            Comparison(name, base.name, verdict, base, cand, ratio, low, high, confidence,
-                       significant, spread)
-        )
+        rows.append(Comparison(name, base.name, verdict, base, cand, ratio, low, high, confidence, significant, spread))
     for name, bench in candidate.benchmarks.items():
         if name not in baseline.benchmarks:
             rows.append(Comparison(name, bench.name, Verdict.ADDED, None, bench))
@@ -577,15 +556,10 @@ def _cells(comparisons: Sequence[Comparison], columns: Sequence[str]) -> list[li
             raise ValueError(f"unknown column {column!r}; choose from {', '.join(COLUMNS)}")
     # A short name is only an identifier if no two benchmarks share it.
     names = Counter(row.name for row in comparisons)
-    return [
-        [_cell(row, column, names[row.name] > 1) for column in columns]
-        for row in comparisons
-    ]
+    return [[_cell(row, column, names[row.name] > 1) for column in columns] for row in comparisons]
 
 
-def format_table(
-    comparisons: Sequence[Comparison], columns: Sequence[str] = DEFAULT_COLUMNS
-) -> str:
+def format_table(comparisons: Sequence[Comparison], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
     """Aligned plain-text table, one row per comparison, in the given order."""
     body = _cells(comparisons, columns)
     header = [COLUMNS[c][0] for c in columns]
@@ -638,8 +612,11 @@ def notes(
         )
     # Beyond the threshold at their own confidence, held back only by the suite-wide check.
     held_back = [
-        row.name for row in tested
-        if not row.significant and row.low is not None and row.high is not None
+        row.name
+        for row in tested
+        if not row.significant
+        and row.low is not None
+        and row.high is not None
         and (row.low > 1 + threshold or row.high < 1 / (1 + threshold))
     ]
     if held_back:
@@ -647,9 +624,7 @@ def notes(
             f"{len(held_back)} benchmark(s) beyond the threshold at their own confidence are not "
             f"significant for the whole suite (more rounds would settle it): {', '.join(held_back)}."
         )
-    unconfirmed = (
-        Verdict.SLOWER_UNCONFIRMED, Verdict.FASTER_UNCONFIRMED, Verdict.UNCHANGED_UNCONFIRMED
-    )
+    unconfirmed = (Verdict.SLOWER_UNCONFIRMED, Verdict.FASTER_UNCONFIRMED, Verdict.UNCHANGED_UNCONFIRMED)
     no_rounds = sum(row.verdict in unconfirmed and row.confidence is None for row in comparisons)
     if no_rounds:
         lines.append(
@@ -679,10 +654,7 @@ def notes(
             spreads[str(row.baseline.extra_info.get("operation"))] = row.between_runs
     if spreads:
         listed = ", ".join(f"{op} x{math.exp(sd):.2f}" for op, sd in sorted(spreads.items()))
-        lines.append(
-            "Between-run spread (1 sd, from the tutorial/limit rows), included in the intervals: "
-            f"{listed}."
-        )
+        lines.append(f"Between-run spread (1 sd, from the tutorial/limit rows), included in the intervals: {listed}.")
     if drift is not None:
         source = "tutorial/limit" if drift.reference else "common"
         text = f"Machine drift: x{drift.factor:.3f}, the median ratio of {drift.count} {source} benchmarks"

@@ -68,8 +68,7 @@ def read_manifest(store_path: Path) -> Manifest:
         raise CorruptStoreError(f"{path} is not a valid imgstore manifest: {exc}") from None
     if version != FORMAT_VERSION:
         raise FormatVersionError(
-            f"{store_path} has store format version {version!r}; this imgstore reads version "
-            f"{FORMAT_VERSION} only"
+            f"{store_path} has store format version {version!r}; this imgstore reads version {FORMAT_VERSION} only"
         )
     if data.get("crc32") != _checksum(data):
         raise CorruptStoreError(f"{path} is damaged: its checksum does not match its content")
@@ -85,8 +84,10 @@ def read_manifest(store_path: Path) -> Manifest:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptStoreError(f"{path} is not a valid imgstore manifest: {exc!r}") from None
-    if manifest.count < 0 or manifest.dtype != "uint8" or (
-        manifest.shape is not None and (not manifest.shape or min(manifest.shape) < 1)
+    if (
+        manifest.count < 0
+        or manifest.dtype != "uint8"
+        or (manifest.shape is not None and (not manifest.shape or min(manifest.shape) < 1))
     ):
         raise CorruptStoreError(f"{path} holds impossible values: {data}")
     return manifest

@@ -29,7 +29,7 @@ def can_fork() -> bool:
 def split(n: int, parts: int) -> list[tuple[int, int]]:
     """At most ``parts`` contiguous, non-empty ``(lo, hi)`` ranges covering ``range(n)``."""
     bounds = np.linspace(0, n, parts + 1).astype(int)
-    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=False) if hi > lo]
 
 
 def shared_like(array: np.ndarray) -> np.ndarray:

@@ -112,9 +112,7 @@ def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise MissingDependencyError(
-            "plotting needs matplotlib: pip install 'imgstore-ml[plot]'"
-        ) from exc
+        raise MissingDependencyError("plotting needs matplotlib: pip install 'imgstore-ml[plot]'") from exc
 
 
 # ------------------------------------------------------------------------------------- styling
@@ -193,9 +191,7 @@ def _store_read_figure(points: Sequence[Point], style: _Style, title: str) -> Fi
     return figure
 
 
-def _operation_figure(
-    points: Sequence[Point], operation: str, style: _Style, title: str
-) -> Figure:
+def _operation_figure(points: Sequence[Point], operation: str, style: _Style, title: str) -> Figure:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8, 6.5), layout="constrained")
@@ -207,14 +203,11 @@ def _operation_figure(
     return figure
 
 
-def _draw_seconds(
-    ax: Axes, series: dict[SeriesKey, list[Point]], style: _Style, *, log: bool
-) -> None:
+def _draw_seconds(ax: Axes, series: dict[SeriesKey, list[Point]], style: _Style, *, log: bool) -> None:
     from matplotlib import ticker
 
     for key, pts in series.items():
-        ax.plot([p.images for p in pts], [p.seconds for p in pts], label=style.label(key),
-                **style.line(key))
+        ax.plot([p.images for p in pts], [p.seconds for p in pts], label=style.label(key), **style.line(key))
     ax.set_xlabel("number of images")
     ax.set_ylabel("time (median)")
     if log:
@@ -245,8 +238,7 @@ def _label_log_axis(axis: Any, unit: str) -> None:
     axis.set_minor_locator(ticker.LogLocator(base=10, subs=(2, 5)))
     low, high = axis.get_data_interval()
     few_decades = low > 0 and high / low < 300
-    axis.set_minor_formatter(ticker.EngFormatter(unit=unit) if few_decades
-                             else ticker.NullFormatter())
+    axis.set_minor_formatter(ticker.EngFormatter(unit=unit) if few_decades else ticker.NullFormatter())
 
 
 def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure | None:
@@ -276,8 +268,7 @@ def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure |
             bar.set_alpha(0.6)
     size = ticker.EngFormatter(unit="B", places=1)
     for y, value in zip(positions, values, strict=True):
-        bars.annotate(size(value), (value, y), xytext=(4, 0), textcoords="offset points",
-                      va="center")
+        bars.annotate(size(value), (value, y), xytext=(4, 0), textcoords="offset points", va="center")
     bars.set_yticks(positions, [style.label(k) for k in at_largest])
     bars.invert_yaxis()  # legend order, top to bottom
     bars.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
@@ -290,8 +281,7 @@ def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure |
     # per image, the fixed overhead (small N) and the per-image cost (large N) both show.
     for key in keys:
         sizes = sorted(disk[key].items())
-        per_image.plot([n for n, _ in sizes], [b / n for n, b in sizes], label=style.label(key),
-                       **style.line(key))
+        per_image.plot([n for n, _ in sizes], [b / n for n, b in sizes], label=style.label(key), **style.line(key))
     per_image.set_xscale("log")
     _label_log_axis(per_image.xaxis, unit="")
     low, high = per_image.yaxis.get_data_interval()
@@ -316,8 +306,7 @@ def _legend(figure: Figure, axes: Sequence[Axes], ncols: int) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     if entries:
-        figure.legend(list(entries.values()), list(entries), loc="outside lower center",
-                      ncols=ncols)
+        figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=ncols)
 
 
 def _save(figure: Figure, path: Path) -> Path:

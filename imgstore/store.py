@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from imgstore.checksums import read_checksums, record_checksums, write_checksums
 from imgstore.errors import (
     CorruptStoreError,
     ImgStoreError,
@@ -33,11 +34,10 @@ from imgstore.errors import (
     StoreClosedError,
     StoreExistsError,
     StoreFullError,
-    StoreIOError,
     StoreIndexError,
+    StoreIOError,
     StoreNotFoundError,
 )
-from imgstore.checksums import read_checksums, record_checksums, write_checksums
 from imgstore.manifest import Manifest, manifest_path, read_manifest, write_manifest
 
 Mode = Literal["r", "w", "a"]
@@ -315,7 +315,7 @@ class Store(abc.ABC):
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
         for images, labels in self.iter_batches():
-            for image, label in zip(images, labels.tolist()):
+            for image, label in zip(images, labels.tolist(), strict=False):
                 yield image.copy(), label
 
     def _batch(self, n: int, out: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -331,7 +331,9 @@ class Store(abc.ABC):
                 or not array.flags.c_contiguous
                 or not array.flags.writeable
             ):
-                raise InvalidOptionError(f"out must be writable C-contiguous arrays of shapes {shape} uint8 and ({n},) int64")
+                raise InvalidOptionError(
+                    f"out must be writable C-contiguous arrays of shapes {shape} uint8 and ({n},) int64"
+                )
         return images, labels
 
     def _checked_index(self, index: int) -> int:

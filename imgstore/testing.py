@@ -104,7 +104,11 @@ class StoreConformance:
 
     # ------------------------------------------------------------------ round trip
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors])
+    @settings(
+        max_examples=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors],
+    )
     @given(
         shape_index=st.integers(0, 4),
         batches=st.lists(st.integers(0, 17), min_size=1, max_size=4),
@@ -138,7 +142,7 @@ class StoreConformance:
     def test_put_returns_consecutive_indices(self, path: Path) -> None:
         images, labels = random_images(5)
         with self.create(path) as store:
-            assert [store.put(image, label) for image, label in zip(images, labels)] == list(range(5))
+            assert [store.put(image, label) for image, label in zip(images, labels, strict=False)] == list(range(5))
             assert store.put_many(images, labels) == range(5, 10)
             check_store_content(store, np.concatenate([images, images]), np.concatenate([labels, labels]))
 
@@ -387,7 +391,9 @@ class StoreConformance:
             store.verify()
             store.verify(batch_size=7)
 
-    def test_verify_detects_a_flipped_byte_in_any_backend_file(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
+    def test_verify_detects_a_flipped_byte_in_any_backend_file(
+        self, filled: tuple[Path, np.ndarray, np.ndarray]
+    ) -> None:
         """Flip one byte inside the stored pixels of a record: reads may not notice, verify must."""
         path, images, _ = filled
         target = images[123].tobytes()
@@ -411,7 +417,7 @@ class StoreConformance:
             store.put_many(images, labels)
             batch_bytes = store.disk_usage()
         with self.create(tmp_path / "single", sync=False) as store:
-            for image, label in zip(images, labels):
+            for image, label in zip(images, labels, strict=False):
                 store.put(image, label)
             single_bytes = store.disk_usage()
             check_store_content(store, images, labels)

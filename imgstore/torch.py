@@ -73,7 +73,7 @@ class StoreDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any]]:
         images, labels = self.store.get_many(np.asarray(indices, dtype=np.int64))
-        return [self._sample(image, label) for image, label in zip(images, labels.tolist())]
+        return [self._sample(image, label) for image, label in zip(images, labels.tolist(), strict=False)]
 
     def _sample(self, image: np.ndarray, label: int) -> tuple[Any, Any]:
         sample: Any = torch.from_numpy(image) if self.output == "tensor" else image

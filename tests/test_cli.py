@@ -22,16 +22,35 @@ def write_run(path: Path, medians: dict[str, float], rounds: int = 30) -> Path:
     benchmarks = []
     for name, median in medians.items():
         data = [median * (0.95 + 0.1 * i / (rounds - 1)) for i in range(rounds)]
-        benchmarks.append({
-            "group": "store_many n=10", "name": name, "fullname": f"bench.py::{name}",
-            "params": None, "param": None, "options": {},
-            "extra_info": {"kind": "imgstore", "backend": "lmdb", "operation": "store_many",
-                           "images": 10, "dataset": "d", "disk_bytes": 1000,
-                           "images_per_second": 10 / median, "ratio_to_limit": None,
-                           "ratio_to_tutorial": None},
-            "stats": {"median": median, "min": data[0], "max": data[-1], "rounds": rounds,
-                      "data": data, "iterations": 1},
-        })
+        benchmarks.append(
+            {
+                "group": "store_many n=10",
+                "name": name,
+                "fullname": f"bench.py::{name}",
+                "params": None,
+                "param": None,
+                "options": {},
+                "extra_info": {
+                    "kind": "imgstore",
+                    "backend": "lmdb",
+                    "operation": "store_many",
+                    "images": 10,
+                    "dataset": "d",
+                    "disk_bytes": 1000,
+                    "images_per_second": 10 / median,
+                    "ratio_to_limit": None,
+                    "ratio_to_tutorial": None,
+                },
+                "stats": {
+                    "median": median,
+                    "min": data[0],
+                    "max": data[-1],
+                    "rounds": rounds,
+                    "data": data,
+                    "iterations": 1,
+                },
+            }
+        )
     path.write_text(json.dumps({"benchmarks": benchmarks}), encoding="utf-8")
     return path
 
@@ -54,11 +73,24 @@ def test_help_explains_the_workflow(capsys: Any) -> None:
     assert ".benchmarks/" in out
 
 
-@pytest.mark.parametrize("command,words", [
-    ("compare", ["--threshold", "--confidence", "--markdown", "--columns", "exit status",
-                 "Bonferroni", "--benchmark-save-data"]),
-    ("plot", ["--out", "log-log", "imgstore-ml[plot]"]),
-])
+@pytest.mark.parametrize(
+    "command,words",
+    [
+        (
+            "compare",
+            [
+                "--threshold",
+                "--confidence",
+                "--markdown",
+                "--columns",
+                "exit status",
+                "Bonferroni",
+                "--benchmark-save-data",
+            ],
+        ),
+        ("plot", ["--out", "log-log", "imgstore-ml[plot]"]),
+    ],
+)
 def test_subcommand_help(command: str, words: list[str], capsys: Any) -> None:
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -83,8 +115,16 @@ def test_exit_codes(runs: dict[str, Path], capsys: Any) -> None:
 def test_compare_table_on_stdout(runs: dict[str, Path], capsys: Any) -> None:
     main(["compare", str(runs["base"]), str(runs["slow"])])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["benchmark", "baseline", "median", "candidate", "median", "ratio",
-                                "interval", "verdict"]
+    assert lines[0].split() == [
+        "benchmark",
+        "baseline",
+        "median",
+        "candidate",
+        "median",
+        "ratio",
+        "interval",
+        "verdict",
+    ]
     assert lines[2].startswith("test_a") and lines[2].endswith("regression")
     assert "10 ms" in lines[2] and "15 ms" in lines[2] and "1.500" in lines[2]
     # Columns line up: numbers right-aligned under their header, verdicts left-aligned.
@@ -131,8 +171,9 @@ def test_console_script_runs_as_a_module_without_importing_matplotlib() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = "import sys, imgstore.cli; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
-    result = subprocess.run([sys.executable, "-m", "imgstore.cli", "compare", "--help"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "imgstore.cli", "compare", "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "BASELINE.json" in result.stdout
 
 

@@ -76,7 +76,10 @@ def noisy_rounds(rng: np.random.Generator, n: int, seconds: float) -> np.ndarray
 
 
 def noisy_run(
-    rng: np.random.Generator, slowdown: dict[int, float] | float = 1.0, *, benchmarks: int = 40,
+    rng: np.random.Generator,
+    slowdown: dict[int, float] | float = 1.0,
+    *,
+    benchmarks: int = 40,
     rounds: int = 120,
 ) -> Run:
     """A synthetic suite; ``slowdown`` scales every benchmark (float) or some of them (dict)."""
@@ -85,8 +88,7 @@ def noisy_run(
         factor = slowdown if isinstance(slowdown, float) else slowdown.get(index, 1.0)
         times = noisy_rounds(rng, rounds, 1e-3 * (index + 1) * factor)
         name = f"bench.py::test_{index}"
-        result[name] = Benchmark(name, f"test_{index}", None, float(np.median(times)),
-                                 tuple(times))
+        result[name] = Benchmark(name, f"test_{index}", None, float(np.median(times)), tuple(times))
     return Run("synthetic", result)
 
 
@@ -142,17 +144,12 @@ def test_power_for_25_percent_over_800_benchmarks() -> None:
 
 def test_5_percent_slowdown_at_10_percent_threshold_is_not_flagged() -> None:
     rng = np.random.default_rng(5)
-    alarms = sum(
-        len(flagged(compare_runs(noisy_run(rng), noisy_run(rng, 1.05), threshold=0.10)))
-        for _ in range(20)
-    )
+    alarms = sum(len(flagged(compare_runs(noisy_run(rng), noisy_run(rng, 1.05), threshold=0.10))) for _ in range(20))
     # Measured: 0 of 800, although every benchmark really is 5% slower.
     assert alarms == 0
 
 
-def drifting_run(
-    rng: np.random.Generator, slowdown: dict[int, float] | None = None, *, reference: bool = True
-) -> Run:
+def drifting_run(rng: np.random.Generator, slowdown: dict[int, float] | None = None, *, reference: bool = True) -> Run:
     """20 reference rows (tutorial) and 20 imgstore rows of one operation, 50 rounds each with 10%
     noise, and each row shifted for the whole run by log-normal drift of sd 15% -- what this
     machine does between two runs, which no round can show."""
@@ -162,8 +159,9 @@ def drifting_run(
         times = 1e-3 * (index + 1) * factor * rng.lognormal(0.0, 0.1, 50)
         kind = "tutorial" if index < 20 and reference else "imgstore"
         name = f"bench.py::test_{index}"
-        result[name] = Benchmark(name, f"test_{index}", None, float(np.median(times)), tuple(times),
-                                 {"kind": kind, "operation": "read_many"})
+        result[name] = Benchmark(
+            name, f"test_{index}", None, float(np.median(times)), tuple(times), {"kind": kind, "operation": "read_many"}
+        )
     return Run("drifting", result)
 
 
@@ -172,8 +170,16 @@ def test_drift_between_runs_is_measured_on_reference_rows_not_alarmed() -> None:
     pairs = [(drifting_run(rng), drifting_run(rng)) for _ in range(20)]
     with_reference = sum(len(flagged(compare_runs(a, b))) for a, b in pairs)
     rounds_only = sum(
-        len(flagged(compare_runs(*(Run(r.path, {n: Benchmark(**{**b.__dict__, "extra_info": {}})
-                                                 for n, b in r.benchmarks.items()}) for r in pair))))
+        len(
+            flagged(
+                compare_runs(
+                    *(
+                        Run(r.path, {n: Benchmark(**{**b.__dict__, "extra_info": {}}) for n, b in r.benchmarks.items()})
+                        for r in pair
+                    )
+                )
+            )
+        )
         for pair in pairs
     )
     # Measured: rounds alone raise 380 alarms in 20 comparisons; with the spread of the reference
@@ -212,19 +218,15 @@ def test_threshold_zero_still_controls_false_alarms_for_the_suite() -> None:
     # (4 in 20).  Measured: 1 in 20 comparisons.
     rng = np.random.default_rng(99)
     alarms = sum(
-        len(flagged(compare_runs(noisy_run(rng, rounds=30), noisy_run(rng, rounds=30), 0.0)))
-        for _ in range(20)
+        len(flagged(compare_runs(noisy_run(rng, rounds=30), noisy_run(rng, rounds=30), 0.0))) for _ in range(20)
     )
     assert alarms <= 1
 
 
 def test_rows_are_sorted_regressions_first() -> None:
     rng = np.random.default_rng(4)
-    rows = compare_runs(noisy_run(rng, benchmarks=6), noisy_run(rng, {2: 0.5, 4: 1.5, 5: 2.0},
-                                                               benchmarks=6))
-    assert [row.verdict for row in rows[:3]] == [
-        Verdict.REGRESSION, Verdict.REGRESSION, Verdict.IMPROVEMENT
-    ]
+    rows = compare_runs(noisy_run(rng, benchmarks=6), noisy_run(rng, {2: 0.5, 4: 1.5, 5: 2.0}, benchmarks=6))
+    assert [row.verdict for row in rows[:3]] == [Verdict.REGRESSION, Verdict.REGRESSION, Verdict.IMPROVEMENT]
     assert rows[0].fullname == "bench.py::test_5"  # the biggest slowdown first
 
 
@@ -236,8 +238,7 @@ def test_too_few_rounds_are_judged_on_medians_unconfirmed() -> None:
     assert (rows[0].low, rows[0].high) == (0.0, math.inf)  # no 99% interval from 3 rounds
     assert rows[0].verdict is Verdict.SLOWER_UNCONFIRMED
     assert not compare.has_regression(rows)
-    assert any("too few rounds" in note and "at least 5" in note
-               for note in compare.notes(rows, threshold=0.1))
+    assert any("too few rounds" in note and "at least 5" in note for note in compare.notes(rows, threshold=0.1))
     assert "too few rounds" in compare.format_table(rows)
 
 
@@ -246,11 +247,19 @@ def test_rounds_for_one_benchmark_but_not_for_the_suite_are_unconfirmed() -> Non
     # Bonferroni level for 10 benchmarks: the doubling shows, unconfirmed, with its interval.
     def run(factor: float) -> Run:
         rounds = (1.0, 1.02, 0.98, 1.01, 0.99, 1.03)
-        return Run("r", {
-            f"t{i}": Benchmark(f"t{i}", f"t{i}", None, factor if i == 0 else 1.0,
-                               tuple(r * (factor if i == 0 else 1.0) for r in rounds))
-            for i in range(10)
-        })
+        return Run(
+            "r",
+            {
+                f"t{i}": Benchmark(
+                    f"t{i}",
+                    f"t{i}",
+                    None,
+                    factor if i == 0 else 1.0,
+                    tuple(r * (factor if i == 0 else 1.0) for r in rounds),
+                )
+                for i in range(10)
+            },
+        )
 
     assert compare.rounds_needed(0.99, 10) == 7
     rows = compare_runs(run(1.0), run(2.0))
@@ -265,18 +274,27 @@ def test_slowdown_not_significant_for_the_suite_is_named_in_the_notes() -> None:
     slow_rounds = (1.045, *(1.5 + 0.01 * i for i in range(7)))
 
     def run(first: tuple[float, ...]) -> Run:
-        return Run("r", {
-            f"t{i}": Benchmark(f"t{i}", f"t{i}", None, float(np.median(first if i == 0 else base_rounds)),
-                               first if i == 0 else base_rounds)
-            for i in range(10)
-        })
+        return Run(
+            "r",
+            {
+                f"t{i}": Benchmark(
+                    f"t{i}",
+                    f"t{i}",
+                    None,
+                    float(np.median(first if i == 0 else base_rounds)),
+                    first if i == 0 else base_rounds,
+                )
+                for i in range(10)
+            },
+        )
 
     rows = compare_runs(run(base_rounds), run(slow_rounds), threshold=0.0)
     row = next(r for r in rows if r.fullname == "t0")
     assert row.low is not None and row.low > 1 and not row.significant
     assert row.verdict is Verdict.UNCHANGED
-    assert any("not significant for the whole suite" in note and "t0" in note
-               for note in compare.notes(rows, threshold=0.0))
+    assert any(
+        "not significant for the whole suite" in note and "t0" in note for note in compare.notes(rows, threshold=0.0)
+    )
 
 
 # ---------------------------------------------------------------------------- interval internals
@@ -309,8 +327,7 @@ def test_mann_whitney_cut_matches_published_table() -> None:
 
 def test_many_rounds_are_thinned_not_refused() -> None:
     rng = np.random.default_rng(2)
-    low, high = compare.ratio_interval(rng.lognormal(0, 0.2, 20000),
-                                       rng.lognormal(0, 0.2, 20000) * 1.1, 0.99)
+    low, high = compare.ratio_interval(rng.lognormal(0, 0.2, 20000), rng.lognormal(0, 0.2, 20000) * 1.1, 0.99)
     assert low < 1.1 < high and high / low < 1.1
 
 
@@ -340,13 +357,11 @@ def test_added_and_removed_are_listed_not_failures(tmp_path: Path, capsys: Any) 
 def test_machine_drift_widens_intervals_unless_normalized() -> None:
     # The whole machine is 1.3x slower in the candidate run, and test_9 really is 1.5x slower.
     rng = np.random.default_rng(8)
-    base, cand = noisy_run(rng, benchmarks=12), noisy_run(rng, {i: 1.3 for i in range(12)} | {9: 1.95},
-                                                          benchmarks=12)
+    base, cand = noisy_run(rng, benchmarks=12), noisy_run(rng, {i: 1.3 for i in range(12)} | {9: 1.95}, benchmarks=12)
     for run in (base, cand):  # the first 6 play the tutorial/limit rows
         for index, name in enumerate(list(run.benchmarks)):
             kind = "tutorial" if index < 6 else "imgstore"
-            run.benchmarks[name] = Benchmark(**{**run.benchmarks[name].__dict__,
-                                                "extra_info": {"kind": kind}})
+            run.benchmarks[name] = Benchmark(**{**run.benchmarks[name].__dict__, "extra_info": {"kind": kind}})
     drift = compare.machine_drift(base, cand)
     assert drift is not None and drift.reference and drift.count == 6
     assert drift.factor == pytest.approx(1.3, rel=0.05)
@@ -358,8 +373,7 @@ def test_machine_drift_widens_intervals_unless_normalized() -> None:
     assert normalized[0].verdict is Verdict.REGRESSION
 
 
-@pytest.mark.parametrize("text,value", [("10%", 0.10), ("10", 0.10), (" 2.5 % ", 0.025),
-                                        ("0%", 0.0)])
+@pytest.mark.parametrize("text,value", [("10%", 0.10), ("10", 0.10), (" 2.5 % ", 0.025), ("0%", 0.0)])
 def test_parse_threshold(text: str, value: float) -> None:
     assert compare.parse_threshold(text) == pytest.approx(value)
 
@@ -372,7 +386,11 @@ def test_parse_threshold_rejects(text: str) -> None:
 
 def test_format_seconds() -> None:
     assert [compare.format_seconds(s) for s in (2.5, 0.0123, 4.5e-6, 3e-9, 1234.0)] == [
-        "2.5 s", "12.3 ms", "4.5 µs", "3 ns", "1234 s"
+        "2.5 s",
+        "12.3 ms",
+        "4.5 µs",
+        "3 ns",
+        "1234 s",
     ]
 
 
@@ -409,9 +427,23 @@ def start_benchmark_run(directory: Path, work: float) -> tuple[subprocess.Popen[
     output = directory / "run.json"
     env = {**os.environ, "IMGSTORE_TEST_WORK": str(work)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
-         f"--benchmark-json={output}", "--benchmark-save-data", str(directory)],
-        cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-only",
+            f"--benchmark-json={output}",
+            "--benchmark-save-data",
+            str(directory),
+        ],
+        cwd=directory,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     return process, output
 
@@ -439,9 +471,7 @@ def test_real_run_is_read_with_rounds_and_extra_info(real_runs: tuple[Path, Path
     assert bench.extra_info["operation"] == "store_many" and bench.extra_info["images"] == 100
 
 
-def test_real_threefold_slowdown_fails_and_speedup_passes(
-    real_runs: tuple[Path, Path], capsys: Any
-) -> None:
+def test_real_threefold_slowdown_fails_and_speedup_passes(real_runs: tuple[Path, Path], capsys: Any) -> None:
     base, slow = (str(path) for path in real_runs)
     assert main(["compare", base, slow]) == 1
     out = capsys.readouterr().out
@@ -488,12 +518,8 @@ MALFORMED: dict[str, str] = {
     "no fullname": json.dumps({"benchmarks": [{"stats": {"median": 1.0}}]}),
     "no stats": json.dumps({"benchmarks": [{"fullname": "t"}]}),
     "negative median": json.dumps({"benchmarks": [{"fullname": "t", "stats": {"median": -1}}]}),
-    "bad rounds": json.dumps(
-        {"benchmarks": [{"fullname": "t", "stats": {"median": 1, "data": [1, "x"]}}]}
-    ),
-    "duplicate": json.dumps(
-        {"benchmarks": [{"fullname": "t", "stats": {"median": 1}}] * 2}
-    ),
+    "bad rounds": json.dumps({"benchmarks": [{"fullname": "t", "stats": {"median": 1, "data": [1, "x"]}}]}),
+    "duplicate": json.dumps({"benchmarks": [{"fullname": "t", "stats": {"median": 1}}] * 2}),
 }
 
 
@@ -515,8 +541,7 @@ def test_missing_file_exits_2(tmp_path: Path, capsys: Any) -> None:
     assert "nope.json" in err and "cannot read" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("option", [["--threshold", "ten"], ["--confidence", "1.5"],
-                                    ["--confidence", "nan"]])
+@pytest.mark.parametrize("option", [["--threshold", "ten"], ["--confidence", "1.5"], ["--confidence", "nan"]])
 def test_bad_options_exit_2(option: list[str], tmp_path: Path, capsys: Any) -> None:
     good = str(write_run(tmp_path / "good.json", [bench_json("m::t", [1.0] * 10)]))
     assert main(["compare", good, good, *option]) == 2

@@ -37,7 +37,11 @@ def build_store(path: Path, backend: str) -> None:
 def mutate(store: Path, rng: random.Random) -> str:
     files = sorted(p for p in store.rglob("*") if p.is_file() and p.name != "writer.lock")
     # Weigh files by size so the big data files get most of the damage, but every file gets some.
-    target = rng.choices(files, weights=[1 + p.stat().st_size for p in files])[0] if rng.random() < 0.7 else rng.choice(files)
+    target = (
+        rng.choices(files, weights=[1 + p.stat().st_size for p in files])[0]
+        if rng.random() < 0.7
+        else rng.choice(files)
+    )
     data = bytearray(target.read_bytes())
     kind = rng.choice(["flip", "flip", "overwrite", "zero", "truncate", "delete", "append"])
     if kind == "delete":

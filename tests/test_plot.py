@@ -54,9 +54,22 @@ def run_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "test_mini_suite.py").write_text(BENCH_FILE, encoding="utf-8")
     output = directory / "run.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
-         f"--benchmark-json={output}", str(directory)],
-        cwd=directory, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-only",
+            f"--benchmark-json={output}",
+            str(directory),
+        ],
+        cwd=directory,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return output
@@ -72,9 +85,7 @@ def assert_png(path: Path, min_width: int = 700) -> None:
 
 def test_plot_writes_the_tutorial_figures(run_file: Path, tmp_path: Path) -> None:
     written = plot_run(run_file, tmp_path / "figures")
-    assert [path.name for path in written] == [
-        "store_read.png", "disk_usage.png", "read_random.png", "iterate.png"
-    ]
+    assert [path.name for path in written] == ["store_read.png", "disk_usage.png", "read_random.png", "iterate.png"]
     for path in written:
         assert path.parent == tmp_path / "figures"
         assert_png(path)
@@ -94,8 +105,9 @@ def test_cli_plot_prints_the_paths(run_file: Path, tmp_path: Path, capsys: Any) 
     out = tmp_path / "new" / "dir"
     assert main(["plot", str(run_file), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(out / name) for name in
-                       ("store_read.png", "disk_usage.png", "read_random.png", "iterate.png")]
+    assert printed == [
+        str(out / name) for name in ("store_read.png", "disk_usage.png", "read_random.png", "iterate.png")
+    ]
     assert all(Path(path).is_file() for path in printed)
 
 
@@ -105,15 +117,21 @@ def synthetic_run(path: Path, benchmarks: list[dict[str, Any]]) -> Path:
 
 
 def bench(operation: str, images: int, seconds: float, **extra: Any) -> dict[str, Any]:
-    info = {"kind": "imgstore", "backend": "lmdb", "operation": operation, "images": images,
-            "dataset": "d", "disk_bytes": None, **extra}
+    info = {
+        "kind": "imgstore",
+        "backend": "lmdb",
+        "operation": operation,
+        "images": images,
+        "dataset": "d",
+        "disk_bytes": None,
+        **extra,
+    }
     name = f"t::{operation}-{images}-{info['backend']}"
     return {"fullname": name, "name": name, "extra_info": info, "stats": {"median": seconds}}
 
 
 def test_missing_operations_are_skipped_not_errors(tmp_path: Path) -> None:
-    run = synthetic_run(tmp_path / "run.json",
-                        [bench("read_many", n, n * 1e-4) for n in (10, 100, 1000)])
+    run = synthetic_run(tmp_path / "run.json", [bench("read_many", n, n * 1e-4) for n in (10, 100, 1000)])
     written = plot_run(run, tmp_path / "out")
     # No store_many (one column only), no disk_bytes (no disk figure), no other operation.
     assert [path.name for path in written] == ["store_read.png"]
@@ -121,26 +139,27 @@ def test_missing_operations_are_skipped_not_errors(tmp_path: Path) -> None:
 
 
 def test_run_without_the_extra_info_draws_nothing(tmp_path: Path, capsys: Any) -> None:
-    run = synthetic_run(tmp_path / "run.json",
-                        [{"fullname": "t::x", "extra_info": {}, "stats": {"median": 1.0}}])
+    run = synthetic_run(tmp_path / "run.json", [{"fullname": "t::x", "extra_info": {}, "stats": {"median": 1.0}}])
     assert plot_run(run, tmp_path / "out") == []
     assert main(["plot", str(run), "--out", str(tmp_path / "out")]) == 2
     assert "extra_info" in capsys.readouterr().err
 
 
 def test_operation_names_cannot_escape_the_output_directory(tmp_path: Path) -> None:
-    run = synthetic_run(tmp_path / "run.json", [bench("../../evil op", 10, 1e-3),
-                                               bench("../../evil op", 100, 1e-2)])
+    run = synthetic_run(tmp_path / "run.json", [bench("../../evil op", 10, 1e-3), bench("../../evil op", 100, 1e-2)])
     written = plot_run(run, tmp_path / "out")
     assert [path.name for path in written] == ["evil_op.png"]
     assert written[0].parent == tmp_path / "out"
 
 
 def test_single_cutoff_and_few_decades_still_draw(tmp_path: Path) -> None:
-    run = synthetic_run(tmp_path / "run.json", [
-        bench("store_many", 50, 0.02, disk_bytes=200_000),
-        bench("iterate", 50, 0.01),
-        bench("iterate", 80, 0.015),
-    ])
+    run = synthetic_run(
+        tmp_path / "run.json",
+        [
+            bench("store_many", 50, 0.02, disk_bytes=200_000),
+            bench("iterate", 50, 0.01),
+            bench("iterate", 80, 0.015),
+        ],
+    )
     names = [path.name for path in plot_run(run, tmp_path / "out")]
     assert names == ["store_read.png", "disk_usage.png", "iterate.png"]

@@ -87,7 +87,16 @@ def test_another_format_version_is_refused_clearly(tmp_path: Path) -> None:
         open_store(tmp_path / "s")
 
 
-@pytest.mark.parametrize("text", ["", "{", "[]", '{"format_version": 1}', '{"format_version": 1, "backend": "png", "shape": [32], "count": -4, "dtype": "uint8"}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "{",
+        "[]",
+        '{"format_version": 1}',
+        '{"format_version": 1, "backend": "png", "shape": [32], "count": -4, "dtype": "uint8"}',
+    ],
+)
 def test_a_damaged_manifest_is_a_corrupt_store(tmp_path: Path, text: str) -> None:
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / MANIFEST_NAME).write_text(text)
@@ -152,7 +161,9 @@ def test_third_party_backend_via_entry_point(tmp_path: Path, monkeypatch: pytest
     dist = tmp_path / "thirdparty_store-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-store\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[imgstore.backends]\nhdf5-small-chunks = thirdparty_store:SmallChunkStore\n")
+    (dist / "entry_points.txt").write_text(
+        "[imgstore.backends]\nhdf5-small-chunks = thirdparty_store:SmallChunkStore\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "hdf5-small-chunks" in imgstore.available_backends()
     images, labels = random_images(40)
@@ -184,7 +195,9 @@ def test_lmdb_map_grows_by_itself(tmp_path: Path) -> None:
         np.testing.assert_array_equal(store.get_many(range(total - 201, total - 1))[0], images)
 
 
-def _read_after_writer_grew_map(path: str, ready: multiprocessing.Event, grown: multiprocessing.Event, out: multiprocessing.Queue) -> None:
+def _read_after_writer_grew_map(
+    path: str, ready: multiprocessing.Event, grown: multiprocessing.Event, out: multiprocessing.Queue
+) -> None:
     with open_store(path) as store:
         store.get(0)  # the map is mapped at its old size now
         ready.set()

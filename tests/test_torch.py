@@ -34,7 +34,7 @@ def store_path(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Co
     path = tmp_path / request.param
     with imgstore.open_store(path, request.param, "w") as store:
         store.put_many(images, labels)
-    expected = Counter((_digest(image), int(label)) for image, label in zip(images, labels))
+    expected = Counter((_digest(image), int(label)) for image, label in zip(images, labels, strict=False))
     return path, expected
 
 
@@ -42,7 +42,7 @@ def _epoch(loader: DataLoader) -> Counter:
     seen: Counter = Counter()
     for images, labels in loader:
         assert images.dtype == torch.uint8 and images.shape[1:] == (8, 8, 3)
-        seen.update((_digest(image.numpy()), int(label)) for image, label in zip(images, labels))
+        seen.update((_digest(image.numpy()), int(label)) for image, label in zip(images, labels, strict=False))
     return seen
 
 
@@ -52,7 +52,12 @@ def test_dataloader_workers_read_exactly_the_store(store_path: tuple[Path, Count
     dataset = StoreDataset(path)
     dataset[0]  # the parent has an open handle before the workers start
     loader = DataLoader(
-        dataset, batch_size=16, shuffle=True, num_workers=2, multiprocessing_context=start_method, persistent_workers=True
+        dataset,
+        batch_size=16,
+        shuffle=True,
+        num_workers=2,
+        multiprocessing_context=start_method,
+        persistent_workers=True,
     )
     assert _epoch(loader) == expected
     assert _epoch(loader) == expected  # the persistent workers serve a second epoch too
@@ -60,7 +65,9 @@ def test_dataloader_workers_read_exactly_the_store(store_path: tuple[Path, Count
 
 def test_single_sample_fetch_and_transforms(store_path: tuple[Path, Counter]) -> None:
     path, expected = store_path
-    dataset = StoreDataset(path, transform=lambda x: x.permute(2, 0, 1).float() / 255, target_transform=lambda y: y + 100)
+    dataset = StoreDataset(
+        path, transform=lambda x: x.permute(2, 0, 1).float() / 255, target_transform=lambda y: y + 100
+    )
     loader = DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="fork")
     count = 0
     for image, label in loader:

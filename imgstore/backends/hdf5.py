@@ -65,12 +65,19 @@ class Hdf5Store(Store):
     def _rebuild(self, path: Path) -> None:
         tmp = path.with_suffix(".rebuild.h5")
         count = len(self)
-        with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as old, h5py.File(tmp, "w", libver="latest", locking=False) as new:
+        with (
+            h5py.File(path, "r", libver="latest", swmr=True, locking=False) as old,
+            h5py.File(tmp, "w", libver="latest", locking=False) as new,
+        ):
             if count:
                 for name in ("images", "labels"):
                     source = old[name]
                     target = new.create_dataset(
-                        name, shape=(count, *source.shape[1:]), maxshape=source.maxshape, chunks=source.chunks, dtype=source.dtype
+                        name,
+                        shape=(count, *source.shape[1:]),
+                        maxshape=source.maxshape,
+                        chunks=source.chunks,
+                        dtype=source.dtype,
                     )
                     for lo in range(0, count, 1 << 14):
                         target[lo : min(count, lo + (1 << 14))] = source[lo : min(count, lo + (1 << 14))]
@@ -156,7 +163,9 @@ class Hdf5Store(Store):
             return
         for chunk in range(start // ix.rows, (stop - 1) // ix.rows + 1):
             lo, hi = max(start, chunk * ix.rows), min(stop, (chunk + 1) * ix.rows)
-            self._pread_into(images[lo - start : hi - start], int(ix.offsets[chunk]) + (lo - chunk * ix.rows) * ix.image_nbytes)
+            self._pread_into(
+                images[lo - start : hi - start], int(ix.offsets[chunk]) + (lo - chunk * ix.rows) * ix.image_nbytes
+            )
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         ix = self._read_index()

@@ -160,7 +160,11 @@ class LmdbStore(Store):
                         lo = max(start, block * per_block) - start  # offsets into this call's arrays
                         hi = min(stop, (block + 1) * per_block) - start
                         held = len(head) // (size + 8)  # may exceed kept: a crashed write's records
-                        old = (head[: kept * size], head[held * size : held * size + kept * 8]) if block == first_block else (b"", b"")
+                        old = (
+                            (head[: kept * size], head[held * size : held * size + kept * 8])
+                            if block == first_block
+                            else (b"", b"")
+                        )
                         value = b"".join((old[0], pixels[lo * size : hi * size], old[1], label_bytes[lo * 8 : hi * 8]))
                         cursor.put(_key(block), value, append=True)
                 if self.sync and not self._shared.sync:
@@ -207,7 +211,7 @@ class LmdbStore(Store):
         blocks, rows = np.divmod(indices, per_block)
         with self._begin() as txn:
             get = txn.get
-            for k, (block, row) in enumerate(zip(blocks.tolist(), rows.tolist())):
+            for k, (block, row) in enumerate(zip(blocks.tolist(), rows.tolist(), strict=False)):
                 value = get(_key(block))
                 count = self._records(value, block, size, per_block)
                 if row >= count:
@@ -230,7 +234,9 @@ class LmdbStore(Store):
                     break  # a short block: the records after it are missing
                 lo = done - first
                 pixels[(done - start) * size : (hi - start) * size] = value[lo * size : (hi - first) * size]
-                label_bytes[(done - start) * 8 : (hi - start) * 8] = value[count * size + lo * 8 : count * size + (hi - first) * 8]
+                label_bytes[(done - start) * 8 : (hi - start) * 8] = value[
+                    count * size + lo * 8 : count * size + (hi - first) * 8
+                ]
                 done, block = hi, block + 1
                 if done == stop or count < per_block:
                     break
