@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -121,4 +120,3 @@ def test_store_on_read_only_media_opens_for_reading(read_only_dir: tuple[Path, P
         store.verify()
     with pytest.raises((imgstore.ReadOnlyError, PermissionError, OSError)):
         imgstore.open_store(mounted / backend, mode="a")
-    shutil.rmtree(source, ignore_errors=True) if mounted != source else None

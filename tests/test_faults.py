@@ -187,7 +187,7 @@ def test_file_size_limit_in_a_subprocess(tmp_path: Path, backend: str) -> None:
     with imgstore.open_store(path) as store:
         store.verify()
         assert len(store) >= 50 and (len(store) - 50) % 400 == 0
-        check_store_content(store, *map(lambda a: a[: len(store)], _expected(len(store), images, labels)))
+        check_store_content(store, *_expected(len(store), images, labels))
 
 
 def _expected(count: int, first: np.ndarray, first_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

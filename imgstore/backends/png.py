@@ -111,12 +111,7 @@ class PngStore(Store):
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         image = np.empty(self.shape, dtype=np.uint8)
         _decode_into(_image_path(str(self.path), self.options["files_per_dir"], index), image)
-        with open(self._labels_path, "rb") as f:
-            f.seek(index * 8)
-            raw = f.read(8)
-        if len(raw) != 8:
-            raise CorruptStoreError(f"{self._labels_path} has no label for committed image {index}")
-        return image, int.from_bytes(raw, "little")
+        return image, int(self._labels()[index])  # labels are read once per handle, not per image
 
 
 # ---------------------------------------------------------------------- per-image work (also run in pool workers)
