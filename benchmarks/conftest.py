@@ -17,7 +17,7 @@ import pytest
 
 import imgstore
 from benchmarks.options import ALL_CUTOFFS, add_options
-from benchmarks.subjects import KINDS, OPERATIONS, Subject, disk_usage, make_subjects
+from benchmarks.subjects import KINDS, OPERATIONS, Subject, disk_usage, file_bytes, make_subjects
 
 SLOWDOWN_VARIABLE = "IMGSTORE_BENCH_INJECT_SLOWDOWN"
 RESULTS = pytest.StashKey[list]()  # the Metadata of every benchmark run, for the summary
@@ -123,16 +123,16 @@ class ReadStores:
     def __init__(self, root: Path, dataset: tuple[str, np.ndarray, np.ndarray]) -> None:
         self.root = root
         self.dataset = dataset
-        self.built: dict[tuple[str, int], tuple[Path, int]] = {}
+        self.built: dict[tuple[str, int], tuple[Path, int, int]] = {}
 
-    def get(self, subject: Subject, n: int) -> tuple[Path, int]:
-        """(path, bytes on disk) of the store holding the first ``n`` images."""
+    def get(self, subject: Subject, n: int) -> tuple[Path, int, int]:
+        """(path, bytes on disk, bytes in files) of the store holding the first ``n`` images."""
         key = (subject.name, n)
         if key not in self.built:
             name, images, labels = self.dataset
             path = self.root / f"{name}-{subject.name}-{n}"
             subject.build(path, images[:n], labels[:n])
-            self.built[key] = (path, disk_usage(path))
+            self.built[key] = (path, disk_usage(path), file_bytes(path))
         return self.built[key]
 
 
@@ -175,13 +175,18 @@ def fill_ratios(benchmarks: list[Any]) -> None:
 
     The reference of a row is the row of the same dataset, operation and cutoff whose kind is
     "limit" and backend "raw" (the durable limit), and the "tutorial" row of the row's backend.
+    A read_random_many row also gets speedup_over_single: the same subject's read_random median
+    (the same images one get each) over its own.
     """
     rows = [b for b in benchmarks if b and "operation" in b.extra_info]
     limit: dict[tuple, float] = {}
     tutorial: dict[tuple, float] = {}
+    one_by_one: dict[tuple, float] = {}  # read_random medians, by subject
     for bench in rows:
         info = bench.extra_info
         key = (info["dataset"], info["operation"], info["images"])
+        if info["operation"] == "read_random":
+            one_by_one[(info["dataset"], info["images"], bench.params["subject_name"])] = bench.stats.median
         if info["kind"] == "limit" and info["backend"] == "raw":
             limit[key] = bench.stats.median
         if info["kind"] == "tutorial":
@@ -194,6 +199,9 @@ def fill_ratios(benchmarks: list[Any]) -> None:
         info["ratio_to_limit"] = median / reference if reference else None
         reference = tutorial.get((*key, info["backend"]))
         info["ratio_to_tutorial"] = median / reference if reference else None
+        single = one_by_one.get((info["dataset"], info["images"], bench.params["subject_name"]))
+        many = info["operation"] == "read_random_many"
+        info["speedup_over_single"] = single / median if single and many else None
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list[Any], output_json: dict) -> None:
@@ -245,6 +253,10 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
         return
     fill_ratios(rows)
     tr.section("imgstore benchmarks: medians of this run; xlimit / xtutorial = median / that reference row's median")
+    tr.write_line(
+        "disk MB: blocks allocated (as du counts); file MB: bytes in the files; "
+        "xsingle: read_random median / read_random_many median (the same images, one get each)"
+    )
     slowdown = os.environ.get(SLOWDOWN_VARIABLE)
     if slowdown:
         tr.write_line(f"WARNING: {SLOWDOWN_VARIABLE}={slowdown} is set: that row is slowed down on purpose", red=True)
@@ -252,14 +264,22 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
     for bench in rows:
         groups.setdefault(bench.group, []).append(bench)
     for group in sorted(groups, key=_group_order):
-        ordered = sorted(groups[group], key=lambda b: (KINDS.index(b.extra_info["kind"]), b.extra_info["backend"]))
+        ordered = sorted(
+            groups[group],
+            key=lambda b: (KINDS.index(b.extra_info["kind"]), b.extra_info["backend"], b.params["subject_name"]),
+        )
+        many = ordered[0].extra_info["operation"] == "read_random_many"
         tr.write_line(f"{group} ({ordered[0].extra_info['dataset']})", bold=True)
-        tr.write_line(f"  {'subject':<22}{'median':>11}{'images/s':>13}{'xlimit':>9}{'xtutorial':>11}{'disk MB':>10}")
+        tr.write_line(
+            f"  {'subject':<24}{'median':>11}{'images/s':>13}{'xlimit':>9}{'xtutorial':>11}"
+            f"{'disk MB':>10}{'file MB':>10}" + (f"{'xsingle':>9}" if many else "")
+        )
         for bench in ordered:
             info = bench.extra_info
-            disk = "-" if info["disk_bytes"] is None else f"{info['disk_bytes'] / 1e6:.2f}"
             tr.write_line(
-                f"  {bench.params['subject_name']:<22}{_seconds(bench.stats.median):>11}"
+                f"  {bench.params['subject_name']:<24}{_seconds(bench.stats.median):>11}"
                 f"{info['images_per_second']:>13,.0f}"
-                f"{_ratio(info['ratio_to_limit']):>9}{_ratio(info['ratio_to_tutorial']):>11}{disk:>10}"
+                f"{_ratio(info['ratio_to_limit']):>9}{_ratio(info['ratio_to_tutorial']):>11}"
+                f"{info['disk_bytes'] / 1e6:>10.2f}{info['file_bytes'] / 1e6:>10.2f}"
+                + (f"{_ratio(info['speedup_over_single']):>9}" if many else "")
             )

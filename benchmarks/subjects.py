@@ -2,7 +2,7 @@
 
 A subject is a way of storing images: an imgstore backend (one subject per registered backend, so a
 new backend is benchmarked with no new code), the tutorial's approach (``benchmarks/tutorial.py``)
-or the raw-file limit (below). Every subject implements the same six operations, defined here once
+or the raw-file limit (below). Every subject implements the same seven operations, defined here once
 and applied identically to each:
 
 ``store_single``
@@ -18,26 +18,35 @@ and applied identically to each:
 ``read_random``
     Every image of the store once, one call (``get``) per image, in a shuffled order (seed 0),
     handle already open: what a shuffled training epoch does.
+``read_random_many``
+    The same images in the same shuffled order, 256 indices per call (``get_many``): what a
+    DataLoader with a shuffling batch sampler asks for.  Its rows also give the speed-up over
+    ``read_random`` of the same subject (``x_single`` in the summary).
 ``iterate``
     One full pass in index order in batches of 256 (``iter_batches(256)``), handle already open.
 
 Write operations take ``(target, images, labels)`` where ``target`` is what ``open_writer`` returned
-in the untimed setup; read operations take ``(reader, n)`` (``read_random``: ``(reader, order)``)
+in the untimed setup; read operations take ``(reader, n)`` (``read_random(_many)``: ``(reader, order)``)
 and return what they read last, so the benchmark can check it (untimed) against the dataset.
+
+Besides the defaults, each imgstore backend is also measured on its writes with ``sync=False``
+(``imgstore-<backend>-nosync``: what durability costs) and with each of its ``presets`` (named
+option sets the backend declares, e.g. PNG compression levels) on store_many and read_many.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 import imgstore
 
-OPERATIONS = ("store_single", "store_many", "read_single", "read_many", "read_random", "iterate")
+OPERATIONS = ("store_single", "store_many", "read_single", "read_many", "read_random", "read_random_many", "iterate")
 WRITE_OPERATIONS = ("store_single", "store_many")
+SHUFFLED_OPERATIONS = ("read_random", "read_random_many")  # take the shuffled order, not a count
 BATCH_SIZE = 256
 KINDS = ("limit", "imgstore", "tutorial")  # also the order of rows in the summary
 
@@ -48,7 +57,8 @@ class Subject:
     name: str  # row label and test id, e.g. "imgstore-lmdb"; unique
     kind: str  # "imgstore" | "tutorial" | "limit"
     backend: str  # e.g. "lmdb", "raw"; a tutorial row is the reference for the imgstore backend of the same name
-    operations: ClassVar[tuple[str, ...]] = OPERATIONS
+    operations: tuple[str, ...] = OPERATIONS  # the ones it is benchmarked on
+    variant: str = ""  # a non-default setting of the same backend (imgstore rows only)
 
     def open_writer(self, path: Path, shape: tuple[int, ...]) -> Any:
         """Make a fresh, empty target at ``path`` (untimed setup of the write operations)."""
@@ -80,6 +90,9 @@ class Subject:
     def read_random(self, reader: Any, order: list[int]) -> tuple[Any, Any]:
         raise NotImplementedError
 
+    def read_random_many(self, reader: Any, order: list[int]) -> tuple[Any, Any]:
+        raise NotImplementedError
+
     def iterate(self, reader: Any, n: int) -> tuple[Any, Any]:
         raise NotImplementedError
 
@@ -88,19 +101,27 @@ class Subject:
 
 
 class ImgstoreSubject(Subject):
-    """An imgstore backend, used only through the public API, with its defaults (durable: sync=True)."""
+    """An imgstore backend, used only through the public API: with its defaults (durable:
+    sync=True), or a variant -- ``sync=False`` or one of the backend's ``presets`` -- that is
+    measured on fewer operations and named after what it changes."""
 
     kind = "imgstore"
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, variant: str = "", options: dict[str, Any] | None = None) -> None:
         self.backend = backend
-        self.name = f"imgstore-{backend}"
+        self.name = f"imgstore-{backend}-{variant}" if variant else f"imgstore-{backend}"
+        self.variant = variant
+        self.options = options or {}
+        if variant == "nosync":
+            self.operations = WRITE_OPERATIONS  # reads do not depend on it
+        elif variant:
+            self.operations = ("store_many", "read_many")  # where an option's trade-off shows
 
     def open_writer(self, path: Path, shape: tuple[int, ...]) -> imgstore.Store:
-        return imgstore.open_store(path, self.backend, "w")
+        return imgstore.open_store(path, self.backend, "w", **self.options)
 
     def open_reader(self, path: Path, shape: tuple[int, ...]) -> imgstore.Store:
-        return imgstore.open_store(path, mode="r")
+        return imgstore.open_store(path, mode="r")  # the store's manifest keeps its options
 
     def close_reader(self, reader: imgstore.Store) -> None:
         reader.close()
@@ -126,6 +147,11 @@ class ImgstoreSubject(Subject):
         for i in order:
             image, label = reader.get(i)
         return image, label
+
+    def read_random_many(self, reader: imgstore.Store, order: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        for start in range(0, len(order), BATCH_SIZE):
+            batch = reader.get_many(order[start : start + BATCH_SIZE])
+        return batch
 
     def iterate(self, reader: imgstore.Store, n: int) -> tuple[np.ndarray, np.ndarray]:
         for batch in reader.iter_batches(BATCH_SIZE):  # noqa: B007 - the last batch is returned
@@ -210,6 +236,16 @@ class LimitSubject(Subject):
     def read_random(self, reader: _RawReader, order: list[int]) -> tuple[np.ndarray, int]:
         return _pread_each(reader, order)
 
+    def read_random_many(self, reader: _RawReader, order: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        size = reader.nbytes
+        for start in range(0, len(order), BATCH_SIZE):
+            indices = order[start : start + BATCH_SIZE]
+            images = np.empty((len(indices), size), np.uint8)
+            for row, i in enumerate(indices):  # one preadv per image, straight into the batch
+                os.preadv(reader.images, [images[row]], i * size)
+            batch = images.reshape(len(indices), *reader.shape), reader.labels[indices]
+        return batch
+
     def iterate(self, reader: _RawReader, n: int) -> tuple[np.ndarray, np.ndarray]:
         size = reader.nbytes
         for start in range(0, n, BATCH_SIZE):
@@ -234,6 +270,11 @@ def _write_all(fd: int, array: np.ndarray) -> None:
         view = view[os.write(fd, view) :]
 
 
+def file_bytes(path: Path) -> int:
+    """Bytes in the files under ``path`` (their sizes, not the blocks they take)."""
+    return sum(os.lstat(os.path.join(root, name)).st_size for root, _dirs, files in os.walk(path) for name in files)
+
+
 def disk_usage(path: Path) -> int:
     """Bytes allocated on disk under ``path`` (as ``du`` counts them), the same measure for every subject."""
     total = 0
@@ -252,4 +293,9 @@ def make_subjects(backends: list[str]) -> list[Subject]:
     from benchmarks.tutorial import TUTORIAL_SUBJECTS
 
     tutorial = [s for s in TUTORIAL_SUBJECTS if s.backend in backends] or list(TUTORIAL_SUBJECTS)
-    return [LimitSubject(), LimitSubject(fsync=False), *(ImgstoreSubject(b) for b in backends), *tutorial]
+    stores: list[Subject] = []
+    for backend in backends:
+        stores += [ImgstoreSubject(backend), ImgstoreSubject(backend, "nosync", {"sync": False})]
+        presets = imgstore.get_backend(backend).presets
+        stores += [ImgstoreSubject(backend, name, dict(options)) for name, options in presets.items()]
+    return [LimitSubject(), LimitSubject(fsync=False), *stores, *tutorial]

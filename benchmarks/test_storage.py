@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.subjects import BATCH_SIZE, WRITE_OPERATIONS, Subject, disk_usage
+from benchmarks.subjects import BATCH_SIZE, SHUFFLED_OPERATIONS, WRITE_OPERATIONS, Subject, disk_usage, file_bytes
 
 if TYPE_CHECKING:
     from benchmarks.conftest import ReadStores
@@ -68,7 +68,7 @@ def warm_up(body: Callable[..., Any], args: tuple[Any, ...]) -> float:
 
 
 def random_order(n: int) -> list[int]:
-    """The shuffled order of read_random: fixed seed, so every subject reads the same sequence."""
+    """The shuffled order of read_random(_many): fixed seed, so every subject reads the same sequence."""
     return np.random.default_rng(0).permutation(n).tolist()
 
 
@@ -94,6 +94,8 @@ def check_last_read(
         where: int | slice = n - 1
     elif operation == "read_random":
         where = order[-1]
+    elif operation == "read_random_many":
+        where = order[(n - 1) // BATCH_SIZE * BATCH_SIZE :]
     elif operation == "read_many":
         where = slice(0, n)
     else:  # iterate: the last batch
@@ -133,10 +135,10 @@ def test_storage(
             return (subject.open_writer(targets[-1], images.shape[1:]), images, labels), {}
 
         benchmark.pedantic(body, setup=setup, rounds=rounds_for(cutoff), iterations=1)
-        disk_bytes = disk_usage(targets[-1])
+        disk_bytes, stored_bytes = disk_usage(targets[-1]), file_bytes(targets[-1])
     else:
-        path, disk_bytes = read_stores.get(subject, cutoff)
-        order = random_order(cutoff) if operation == "read_random" else None
+        path, disk_bytes, stored_bytes = read_stores.get(subject, cutoff)
+        order = random_order(cutoff) if operation in SHUFFLED_OPERATIONS else None
         reader = subject.open_reader(path, images.shape[1:])
         args = (reader, order if order is not None else cutoff)
         try:
@@ -153,12 +155,15 @@ def test_storage(
     benchmark.extra_info.update(
         kind=subject.kind,
         backend=subject.backend,
+        variant=subject.variant,
         operation=operation,
         images=cutoff,
         dataset=dataset_name,
         disk_bytes=int(disk_bytes),
+        file_bytes=int(stored_bytes),
         images_per_second=cutoff / benchmark.stats.stats.median,
         ratio_to_limit=None,  # filled at the end of the session, from the reference rows of this run
         ratio_to_tutorial=None,
+        speedup_over_single=None,
     )
     bench_results.append(benchmark.stats)

@@ -11,6 +11,8 @@ Operations the tutorial has no function for, applied in its per-call style:
 
 - ``read_random``: its single-image read function (``read_single_*``), called once per image in
   the shuffled order. For HDF5 that opens the one file of all images and indexes it per call.
+- ``read_random_many``: the same single-image calls in the shuffled order, stacked into one array
+  per batch of 256 (the tutorial has no read of chosen indices).
 - ``iterate``: one call per batch of 256 in the style of its ``read_many_*``: LMDB opens the
   environment, reads the batch in one transaction and closes it; HDF5 opens the file, reads the
   batch's slice with ``np.array(...).astype("uint8")`` and closes it; PNG decodes the batch's files
@@ -244,6 +246,12 @@ class TutorialSubject(Subject):
         for i in order:
             image, label = self.f["read_single"](reader, i)
         return image, label
+
+    def read_random_many(self, reader: Path, order: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        for start in range(0, len(order), BATCH_SIZE):
+            pairs = [self.f["read_single"](reader, i) for i in order[start : start + BATCH_SIZE]]
+            batch = np.stack([image for image, _ in pairs]), np.array([label for _, label in pairs])
+        return batch
 
     def iterate(self, reader: Path, n: int) -> tuple[object, object]:
         return self.f["iterate"](reader, n)

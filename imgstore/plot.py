@@ -38,6 +38,7 @@ OPERATION_TITLES = {
     "store_single": "Storing images one at a time",
     "read_single": "Reading images one at a time",
     "read_random": "Reading images in random order",
+    "read_random_many": "Reading shuffled batches",
     "iterate": "Iterating over all images",
 }
 KIND_ORDER = {"imgstore": 0, "tutorial": 1, "limit": 2}
@@ -55,9 +56,10 @@ class Point:
     images: int
     seconds: float  # median of the rounds
     disk_bytes: int | None
+    variant: str = ""  # a non-default imgstore setting, e.g. "nosync" or "level1"
 
 
-SeriesKey = tuple[str, str, str]  # (kind, backend, dataset)
+SeriesKey = tuple[str, str, str, str]  # (kind, backend, dataset, variant)
 
 
 def extract_points(run: Run) -> list[Point]:
@@ -78,6 +80,7 @@ def extract_points(run: Run) -> list[Point]:
                 images=images,
                 seconds=bench.median,
                 disk_bytes=disk if isinstance(disk, int) and disk >= 0 else None,
+                variant=str(info.get("variant") or ""),
             )
         )
     return points
@@ -134,17 +137,19 @@ class _Style:
         self.several_datasets = len({p.dataset for p in points}) > 1
 
     def label(self, key: SeriesKey) -> str:
-        kind, backend, dataset = key
-        label = f"{backend} ({kind})"
+        kind, backend, dataset, variant = key
+        label = f"{backend} ({kind}, {variant})" if variant else f"{backend} ({kind})"
         return f"{label}, {dataset}" if self.several_datasets and dataset else label
 
     def line(self, key: SeriesKey) -> dict[str, Any]:
-        kind, backend, _ = key
+        kind, backend, _, variant = key
         if kind == "limit":
             return {"color": "0.45", "linestyle": ":", "marker": "x", "linewidth": 2}
         color = self.colors.get(backend, "black")
         if kind == "tutorial":
             return {"color": color, "linestyle": "--", "marker": "s", "markerfacecolor": "none"}
+        if variant:  # same backend, another setting: same colour, thinner dash-dot line
+            return {"color": color, "linestyle": "-.", "marker": "^", "linewidth": 1}
         return {"color": color, "linestyle": "-", "marker": "o", "linewidth": 2}
 
 
@@ -153,8 +158,8 @@ def _series(points: Iterable[Point], operation: str) -> dict[SeriesKey, list[Poi
     groups: dict[SeriesKey, list[Point]] = {}
     for point in points:
         if point.operation == operation:
-            groups.setdefault((point.kind, point.backend, point.dataset), []).append(point)
-    ordered = sorted(groups, key=lambda k: (KIND_ORDER.get(k[0], 3), k[0], k[1], k[2]))
+            groups.setdefault((point.kind, point.backend, point.dataset, point.variant), []).append(point)
+    ordered = sorted(groups, key=lambda k: (KIND_ORDER.get(k[0], 3), k[0], k[1], k[3], k[2]))
     return {key: sorted(groups[key], key=lambda p: p.images) for key in ordered}
 
 
@@ -248,12 +253,12 @@ def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure |
     # Bytes per (series, images): from store_many when it reported them, else any operation.
     disk: dict[SeriesKey, dict[int, int]] = {}
     for point in sorted(points, key=lambda p: p.operation != "store_many"):
-        if point.disk_bytes is not None:
-            sizes = disk.setdefault((point.kind, point.backend, point.dataset), {})
+        if point.disk_bytes is not None and point.variant != "nosync":  # nosync: the same bytes as its default
+            sizes = disk.setdefault((point.kind, point.backend, point.dataset, point.variant), {})
             sizes.setdefault(point.images, point.disk_bytes)
     if not disk:
         return None
-    keys = sorted(disk, key=lambda k: (KIND_ORDER.get(k[0], 3), k[0], k[1], k[2]))
+    keys = sorted(disk, key=lambda k: (KIND_ORDER.get(k[0], 3), k[0], k[1], k[3], k[2]))
     largest = max(n for sizes in disk.values() for n in sizes)
 
     figure = Figure(figsize=(13, 5.5), layout="constrained")

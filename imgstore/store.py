@@ -61,6 +61,8 @@ class Store(abc.ABC):
     damage_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Creation options the backend accepts, with their defaults; kept in the manifest.
     option_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Named sets of those options whose trade-off a user should see (the benchmarks measure each).
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __init__(self, path: Path, manifest: Manifest, mode: Mode, *, sync: bool) -> None:
         self.path = path

@@ -34,6 +34,7 @@ class PngStore(Store):
         "workers": None,  # processes for big batches; None: one per CPU
         "parallel_min": 2048,  # smaller batches stay in this process: a pool round trip costs more
     }
+    presets = {"level1": {"compress_level": 1}, "level9": {"compress_level": 9}}
 
     @classmethod
     def check_shape(cls, shape: tuple[int, ...]) -> None:
