@@ -112,9 +112,13 @@ def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every store of the session. Nothing in it is deleted before the session ends: mass deletes of
     files slow down file creation on this machine class for minutes, which would distort the PNG
     store benchmarks that follow. Deleted at the end (pytest would otherwise keep three sessions' worth)."""
+    # Written back now, not during this session's write benchmarks: what an earlier run (say the
+    # other side of an interleaved gate run) left unsynced or deleted.
+    os.sync()
     path = tmp_path_factory.mktemp("imgstore-bench")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+    os.sync()  # and this session's deletes, before whatever runs next
 
 
 class ReadStores:

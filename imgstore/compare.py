@@ -144,6 +144,9 @@ class Verdict(str, Enum):
     # Slower than the threshold by its ratio, but the interval does not settle it: not a failure;
     # rerun those benchmarks (``--rerun FILE`` lists them; .ci/bench-gate does it) and judge again.
     UNSURE = "slower? (rerun)"
+    # A tutorial or limit row judged slower: the machine or the reference code moved, not imgstore;
+    # shown, never a failure.
+    REFERENCE_SLOWER = "slower (reference row)"
     IMPROVEMENT = "improvement"
     UNCHANGED = "unchanged"
     # Judged on the medians alone (no saved rounds, or too few for the suite-wide test): never a
@@ -464,7 +467,7 @@ def compare_runs(
         if math.isinf(suite_high):  # too few rounds for the suite-wide test to ever pass
             verdict = _unconfirmed_verdict(ratio, threshold)
         else:
-            verdict = _verdict(low, high, significant, threshold)
+            verdict = _verdict(low, high, significant, threshold, base.extra_info.get("kind"))
         rows.append(Comparison(name, base.name, verdict, base, cand, ratio, low, high, confidence, significant, spread))
     return _sorted_rows(rows)
 
@@ -522,7 +525,7 @@ def _repeated_comparisons(
         spread, typical = spreads[name]
         low, high = math.exp(centre - z_each * spread), math.exp(centre + z_each * spread)
         significant = centre - z_suite * spread > 0 or centre + z_suite * spread < 0
-        verdict = _verdict(low, high, significant, threshold)
+        verdict = _verdict(low, high, significant, threshold, base.extra_info.get("kind"))
         # Unsettled only because this benchmark's runs disagreed (one run hit by a neighbour, say):
         # at its operation's usual spread the same ratio would be a regression, so a rerun can settle it.
         reference = base.extra_info.get("kind") in REFERENCE_KINDS  # no imgstore change to settle there
@@ -617,9 +620,9 @@ def _widen(ratio: float, low: float, high: float, extra: float) -> tuple[float, 
     return math.exp(centre - down), math.exp(centre + up)
 
 
-def _verdict(low: float, high: float, significant: bool, threshold: float) -> Verdict:
+def _verdict(low: float, high: float, significant: bool, threshold: float, kind: object = None) -> Verdict:
     if significant and low > 1 + threshold:
-        return Verdict.REGRESSION
+        return Verdict.REFERENCE_SLOWER if kind in REFERENCE_KINDS else Verdict.REGRESSION
     if significant and high < 1 / (1 + threshold):
         return Verdict.IMPROVEMENT
     return Verdict.UNCHANGED

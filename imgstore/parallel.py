@@ -23,7 +23,8 @@ def default_workers() -> int:
 
 
 def can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods()
+    # A daemonic process (e.g. a PyTorch DataLoader worker) may not have children: work in-process.
+    return "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:

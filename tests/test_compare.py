@@ -247,6 +247,31 @@ def test_repeated_runs_measure_each_benchmarks_drift() -> None:
     assert caught_write < 10
 
 
+def test_a_slower_reference_row_is_shown_but_never_fails() -> None:
+    rng = np.random.default_rng(5)
+
+    def run(slowdown: float) -> Run:
+        rows = {}
+        for index, kind in enumerate(("limit", "tutorial", "imgstore", "imgstore")):
+            factor = slowdown if kind != "imgstore" else 1.0
+            times = 1e-3 * (index + 1) * factor * (1 + rng.exponential(0.02, 30))
+            info = {"kind": kind, "operation": "store_many"}
+            rows[f"t{index}"] = Benchmark(f"t{index}", f"t{index}", None, float(np.median(times)), tuple(times), info)
+        return Run("r", rows)
+
+    for compared in (
+        compare_runs(run(1.0), run(3.0)),
+        compare_runs(compare.merge_runs([run(1.0), run(1.0)]), compare.merge_runs([run(3.0), run(3.0)])),
+    ):
+        assert {row.fullname: row.verdict for row in compared} == {
+            "t0": Verdict.REFERENCE_SLOWER,
+            "t1": Verdict.REFERENCE_SLOWER,
+            "t2": Verdict.UNCHANGED,
+            "t3": Verdict.UNCHANGED,
+        }
+        assert not compare.has_regression(compared)
+
+
 def test_merge_runs_pools_rounds_and_keeps_each_runs_median(tmp_path: Path) -> None:
     for side, level in (("a", 1.0), ("b", 1.2)):
         write_run(tmp_path / f"{side}.json", [bench_json("b.py::t", [level, level * 1.01, level * 0.99])])

@@ -58,6 +58,9 @@ class PngStore(Store):
     def image_path(self, index: int) -> Path:
         return Path(_image_path(str(self.path), self.options["files_per_dir"], index))
 
+    def _read_ahead(self) -> int:
+        return self.options["parallel_min"] if self._workers(self.options["parallel_min"]) > 1 else 0
+
     def _workers(self, n: int) -> int:
         if n < self.options["parallel_min"] or not parallel.can_fork():
             return 1
