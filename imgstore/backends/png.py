@@ -17,7 +17,6 @@ from PIL import Image
 
 from imgstore import parallel
 from imgstore.errors import CorruptStoreError, InvalidImageError
-from imgstore.fileio import fsync_dir
 from imgstore.store import Store
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> PNG colour type
@@ -82,9 +81,9 @@ class PngStore(Store):
             f.write(labels.astype("<i8").tobytes())
         self._file_labels = None
         if self.sync:
-            _sync_filesystem(self.path)  # one syncfs for every new file: far cheaper than an fsync each
-            for d in dirs | {self.path / "png"}:
-                fsync_dir(d)
+            # One syncfs for every new file and folder entry: far cheaper than an fsync of each
+            # file and folder, and it covers the folders too (it writes back all metadata).
+            _sync_filesystem(self.path)
 
     # -------------------------------------------------------------- reading
 
