@@ -5,6 +5,8 @@ Written files (a figure whose data the run lacks is skipped, not an error):
 
 * ``store_read.png``  -- store_many and read_many side by side, linear axes above, log-log below;
 * ``disk_usage.png``  -- bytes on disk per series at the largest cutoff, and bytes against images;
+* ``presets.png``     -- per backend with presets (e.g. PNG compression levels): store_many and
+  read_many time against bytes in the files, at the largest cutoff, one point per setting;
 * ``<operation>.png`` -- one log-log figure per other operation in the run (store_single, ...).
 
 Only benchmarks whose ``extra_info`` follows the suite's contract (kind, backend, operation,
@@ -56,7 +58,8 @@ class Point:
     images: int
     seconds: float  # median of the rounds
     disk_bytes: int | None
-    variant: str = ""  # a non-default imgstore setting, e.g. "nosync" or "level1"
+    variant: str = ""  # a non-default imgstore setting, e.g. "nosync" or "level0"
+    file_bytes: int | None = None
 
 
 SeriesKey = tuple[str, str, str, str]  # (kind, backend, dataset, variant)
@@ -81,6 +84,7 @@ def extract_points(run: Run) -> list[Point]:
                 seconds=bench.median,
                 disk_bytes=disk if isinstance(disk, int) and disk >= 0 else None,
                 variant=str(info.get("variant") or ""),
+                file_bytes=files if isinstance(files := info.get("file_bytes"), int) and files >= 0 else None,
             )
         )
     return points
@@ -104,6 +108,9 @@ def plot_run(run: Run | str | Path, out_dir: str | Path) -> list[Path]:
     figure = _disk_figure(points, style, title)
     if figure is not None:
         written.append(_save(figure, out / "disk_usage.png"))
+    figure = _presets_figure(points, style, title)
+    if figure is not None:
+        written.append(_save(figure, out / "presets.png"))
     others = sorted({p.operation for p in points} - set(MAIN_OPERATIONS), key=_operation_order)
     for operation in others:
         figure = _operation_figure(points, operation, style, title)
@@ -134,6 +141,8 @@ class _Style:
         backends = sorted({p.backend for p in points if p.kind != "limit"})
         palette = colormaps["tab10"].colors
         self.colors = {backend: palette[i % len(palette)] for i, backend in enumerate(backends)}
+        variants = sorted({p.variant for p in points if p.variant})
+        self.markers = {variant: "^v<>DPX*"[i % 8] for i, variant in enumerate(variants)}
         self.several_datasets = len({p.dataset for p in points}) > 1
 
     def label(self, key: SeriesKey) -> str:
@@ -148,8 +157,8 @@ class _Style:
         color = self.colors.get(backend, "black")
         if kind == "tutorial":
             return {"color": color, "linestyle": "--", "marker": "s", "markerfacecolor": "none"}
-        if variant:  # same backend, another setting: same colour, thinner dash-dot line
-            return {"color": color, "linestyle": "-.", "marker": "^", "linewidth": 1}
+        if variant:  # same backend, another setting: same colour, thinner dash-dot line, own marker
+            return {"color": color, "linestyle": "-.", "marker": self.markers.get(variant, "^"), "linewidth": 1}
         return {"color": color, "linestyle": "-", "marker": "o", "linewidth": 2}
 
 
@@ -205,6 +214,45 @@ def _operation_figure(points: Sequence[Point], operation: str, style: _Style, ti
     ax.set_title(f"{OPERATION_TITLES.get(operation, operation)} ({operation}), log-log axes")
     _legend(figure, [ax], ncols=3)
     figure.suptitle(f"Median of rounds: {title}", fontsize="medium")
+    return figure
+
+
+def _presets_figure(points: Sequence[Point], style: _Style, title: str) -> Figure | None:
+    """Time against file bytes for each setting of a backend that has presets (not nosync)."""
+    from matplotlib import ticker
+    from matplotlib.figure import Figure
+
+    wanted = [
+        p
+        for p in points
+        if p.kind == "imgstore" and p.operation in MAIN_OPERATIONS and p.variant != "nosync" and p.file_bytes
+    ]
+    backends = sorted({p.backend for p in wanted if p.variant})
+    if not backends:
+        return None
+    figure = Figure(figsize=(13, 5 * len(backends)), layout="constrained")
+    axes = figure.subplots(len(backends), 2, squeeze=False)
+    for row, backend in enumerate(backends):
+        for column, operation in enumerate(MAIN_OPERATIONS):
+            ax = axes[row][column]
+            these = [p for p in wanted if p.backend == backend and p.operation == operation]
+            if not these:
+                ax.set_visible(False)
+                continue
+            largest = max(p.images for p in these)
+            for p in sorted((p for p in these if p.images == largest), key=lambda p: p.variant):
+                key = (p.kind, p.backend, p.dataset, p.variant)
+                ax.plot([p.file_bytes], [p.seconds], **{**style.line(key), "linestyle": "none", "markersize": 9})
+                label = p.variant or "default"
+                ax.annotate(label, (p.file_bytes, p.seconds), textcoords="offset points", xytext=(6, 4))
+            ax.set_title(f"{backend}: {operation} of {largest:,} images, by setting")
+            ax.set_xlabel("bytes in the files")
+            ax.set_ylabel("time (median)")
+            ax.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
+            ax.yaxis.set_major_formatter(ticker.EngFormatter(unit="s"))
+            ax.margins(0.25)
+            ax.grid(True, alpha=0.4)
+    figure.suptitle(f"Presets: time against bytes: {title}")
     return figure
 
 

@@ -163,3 +163,20 @@ def test_single_cutoff_and_few_decades_still_draw(tmp_path: Path) -> None:
     )
     names = [path.name for path in plot_run(run, tmp_path / "out")]
     assert names == ["store_read.png", "disk_usage.png", "iterate.png"]
+
+
+def test_presets_are_drawn_as_time_against_bytes(tmp_path: Path) -> None:
+    rows = []
+    for variant, seconds, size in (("", 0.7, 2_300_000), ("level0", 0.5, 3_200_000), ("level9", 0.75, 2_290_000)):
+        for operation in ("store_many", "read_many"):
+            row = bench(operation, 1000, seconds, backend="png", variant=variant, file_bytes=size, disk_bytes=4_100_000)
+            row["fullname"] = row["name"] = f"t::{operation}-png-{variant}"
+            rows.append(row)
+    nosync = bench("store_many", 1000, 0.4, backend="png", variant="nosync", file_bytes=2_300_000)
+    nosync["fullname"] = nosync["name"] = "t::store_many-png-nosync"
+    run = synthetic_run(tmp_path / "run.json", [*rows, nosync])
+    points = extract_points(load_run(run))
+    assert {p.variant for p in points} == {"", "level0", "level9", "nosync"}
+    written = plot_run(run, tmp_path / "out")
+    assert [path.name for path in written] == ["store_read.png", "disk_usage.png", "presets.png"]
+    assert_png(written[2], min_width=1000)

