@@ -71,7 +71,14 @@ Repeated runs (the gate)
       (:func:`repeated_run_spreads`): the change cannot move that, so it is measured on both
       sides, per benchmark, and never taken below what is typical for its operation;
     * the verdict rule is the one above: beyond the threshold at ``confidence`` and significant
-      after Bonferroni.
+      after Bonferroni;
+    * ``slower? (rerun)`` when it is not, but would be at the spread usual for its operation:
+      the benchmark's own runs disagreed (one of them hit by a neighbour, typically), which more
+      runs settle.  No failure; ``--rerun FILE`` lists them and ``.ci/bench-gate`` runs both
+      sides twice more and judges just those (``--only FILE``) on the new runs.
+
+    In both modes a tutorial or limit row is at most ``slower (reference row)``, never a
+    regression: it measures the machine or the reference code, not imgstore.
 
     Measured on this project's 2-core machine (README, "Regression gate"): false alarms in A/A
     comparisons and detections of a 25% slowdown injected into one benchmark, from runs of
