@@ -14,7 +14,7 @@ import pytest
 from benchmarks.subjects import OPERATIONS
 
 ALL_CUTOFFS = (10, 100, 1_000, 10_000, 100_000)
-DEFAULT_CUTOFFS = "10,100,1000,10000"  # ~7 minutes on 2 cores; `--cutoffs=all` adds 100 000 (~40 min)
+DEFAULT_CUTOFFS = "10,100,1000,10000"  # see benchmarks/README.md, "Measured"; `--cutoffs=all` adds 100 000
 DATASETS = ("synthetic", "cifar10", "fashion-mnist")
 
 

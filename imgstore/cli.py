@@ -24,38 +24,45 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 WORKFLOW = """\
 workflow:
   1. save a run on the base branch, with every round's time:
-       pytest benchmarks --benchmark-only --benchmark-autosave --benchmark-save-data
-  2. save a run the same way on your branch;
+       pytest --benchmark-only --benchmark-save=base --benchmark-save-data
+  2. save a run the same way on your branch (--benchmark-save=head);
   3. compare the two files pytest-benchmark wrote under .benchmarks/<machine>/:
-       imgstore compare .benchmarks/*/0001_*.json .benchmarks/*/0002_*.json
-     or, to gate (what CI does), two runs per side taken interleaved, one directory per side:
-       pytest benchmarks --benchmark-only --benchmark-save-data --benchmark-json=runs/base/1.json
-       (then runs/head/1.json, runs/base/2.json, runs/head/2.json)
-       imgstore compare runs/base runs/head
+       imgstore compare .benchmarks/*/*_base.json .benchmarks/*/*_head.json
   4. draw a run:
-       imgstore plot .benchmarks/*/0002_*.json --out figures/
+       imgstore plot .benchmarks/*/*_head.json --out figures/
+  To gate a change (what CI does), from the repository root with the change in the working tree:
+       .ci/bench-gate origin/main
+  runs base and head twice each, interleaved, on the gated matrix, compares the two directories of
+  runs (exit 1 on a regression) and settles "slower? (rerun)" rows with two more runs a side.
   (pytest --benchmark-json=FILE writes the same format, rounds included.)
 """
 
 COMPARE_HELP = """\
 Compare benchmark runs and give each benchmark a verdict that holds on a noisy machine.
 
-For each benchmark in both: the ratio of medians candidate/baseline and a confidence interval
-for it from the saved rounds (Hodges-Lehmann/Mann-Whitney on log times).  A benchmark is a
-"regression" when its interval lies above 1 + THRESHOLD (slower than the threshold at CONFIDENCE)
-and the slowdown stays significant after a Bonferroni correction over the whole suite (no false
-alarms from the number of benchmarks); "improvement" is the mirror image.
+BASELINE and CANDIDATE are each a pytest-benchmark JSON file, or a directory of such files taken
+as repeated runs of the same code.
 
-Rounds show the noise inside a run, not how far a whole run moves, and on a shared machine whole
-runs move by 10-30%.  So give each side as a directory of repeated runs, taken interleaved
-(base, head, base, head): each interval then also includes the spread between runs of the same
-code, measured per benchmark.  That is the gate this project measured (README, "Regression
-gate").  With one file per side the intervals are widened by the spread of the tutorial and limit
-rows of the same operation instead (no imgstore change can move them), which is coarser.
-Benchmarks without saved rounds, or with too few for the suite-wide test (8 per run for 40
-benchmarks at 0.99), are "unconfirmed": judged on their medians only, they never fail.
-Benchmarks in one side only are listed as added/removed.
+One file a side: per benchmark, the ratio of medians candidate/baseline and a confidence interval
+for it from the saved rounds (Hodges-Lehmann/Mann-Whitney on log times), widened by the drift
+between the two runs that the tutorial and limit rows of the same operation show.
 
+A directory a side (what .ci/bench-gate gives): each run is reduced to its fastest round
+(interference only adds time); the ratio is that of the geometric means of these, and its interval
+comes from how far the runs of the same code spread, per benchmark (never below what is usual for
+its operation).  This is the gate whose false-alarm and detection rates the README gives.
+
+Verdicts:
+  regression             the interval lies above 1 + THRESHOLD at CONFIDENCE and the slowdown is
+                         significant after Bonferroni over the suite: exit status 1
+  improvement            the mirror image
+  slower? (rerun)        (directories) over the threshold, but this benchmark's own runs
+                         disagreed; not a failure; --rerun FILE lists them
+  slower (reference row) a tutorial/limit row: the machine or the reference code moved; never fails
+  unchanged              none of the above
+  ... (unconfirmed)      no saved rounds, or too few for the suite-wide test (8 per run for 40
+                         benchmarks at 0.99): judged on medians only, never fails
+  added / removed        in one side only
 exit status: 0 no regression, 1 at least one regression, 2 bad input.
 """
 
@@ -81,10 +88,10 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "baseline", metavar="BASELINE.json", help="the run to compare against, or a directory of repeated runs"
+        "baseline", metavar="BASELINE", help="the run to compare against (JSON file), or a directory of repeated runs"
     )
     parser.add_argument(
-        "candidate", metavar="CANDIDATE.json", help="the run being judged, or a directory of repeated runs"
+        "candidate", metavar="CANDIDATE", help="the run being judged (JSON file), or a directory of repeated runs"
     )
     parser.add_argument(
         "--threshold",

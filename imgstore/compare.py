@@ -198,7 +198,8 @@ class Run:
 class Comparison:
     """One row of the comparison.
 
-    ``ratio`` is candidate/baseline of the medians (divided by the machine drift when normalized).
+    ``ratio`` is candidate/baseline of the medians (divided by the machine drift when normalized);
+    with repeated runs on a side, of the geometric means of each run's fastest round.
     ``low``/``high`` bound it at ``confidence``; they are None without rounds, and 0/inf when there
     are too few rounds for an interval at that confidence.
     """
@@ -594,7 +595,7 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
     """
     variance: dict[str, float] = {}
     factor: dict[str, float] = {}
-    freedom = 0
+    freedoms = []
     for name, sides in fastest.items():
         squares, freedom = 0.0, 0
         for logs in sides:
@@ -602,12 +603,14 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
             squares += sum((x - mean) ** 2 for x in logs)
             freedom += len(logs) - 1
         variance[name] = squares / freedom if freedom else 0.0
+        freedoms.append(freedom)
         factor[name] = math.sqrt(sum(1 / len(logs) for logs in sides))
     by_operation: dict[Any, list[float]] = {}
     for name, value in variance.items():
         by_operation.setdefault(baseline.benchmarks[name].extra_info.get("operation"), []).append(value)
     # The median of variances with few degrees of freedom falls short of their mean (0.69x at 2):
     # scaled back by the median of chi-square/df (Wilson-Hilferty), so the floor is not too low.
+    freedom = statistics.median(freedoms) if freedoms else 0
     shortfall = (1 - 2 / (9 * freedom)) ** 3 if freedom else 1.0
     typical = {operation: statistics.median(values) / shortfall for operation, values in by_operation.items()}
     spreads = {}
@@ -842,17 +845,21 @@ def notes(
             "(--rerun FILE lists them; .ci/bench-gate does this once)."
         )
     regressions = [row.fullname for row in comparisons if row.verdict is Verdict.REGRESSION]
-    if regressions:
+    repeated = [row for row in tested if row.baseline and row.candidate and _repeated(row)]
+    if regressions and not repeated:
         # A neighbour can slow one benchmark for a whole run; a second run is the only cure.
         ids = " ".join(f"'{name}'" for name in regressions)
+        rows = [row for row in comparisons if row.verdict is Verdict.REGRESSION and row.baseline]
+        sizes = sorted({str(row.baseline.extra_info.get("images")) for row in rows if row.baseline})  # type: ignore[union-attr]
+        cutoffs = f" --cutoffs={','.join(sizes)}" if sizes and "None" not in sizes else ""
         lines.append(
             "A busy neighbour can slow one benchmark down for a whole run: confirm with "
-            f"`pytest --benchmark-only --benchmark-save-data --benchmark-json=confirm.json {ids}` "
+            f"`pytest --benchmark-only{cutoffs} --benchmark-json=confirm.json {ids}` "
             "and compare the baseline with confirm.json."
         )
-    repeated = [row for row in tested if row.baseline and row.candidate and row.baseline.run_rounds]
     if repeated:
-        sides = f"{len(repeated[0].baseline.run_rounds)} and {len(repeated[0].candidate.run_rounds or [1])}"  # type: ignore[union-attr]
+        first = repeated[0]
+        sides = f"{len(first.baseline.run_rounds) or 1} and {len(first.candidate.run_rounds) or 1}"  # type: ignore[union-attr]
         lines.append(
             f"Repeated runs ({sides} a side): ratio and interval are of each run's fastest round; "
             "the interval includes the spread between runs of the same code, per benchmark."
@@ -873,6 +880,10 @@ def notes(
             text += "; if it is far from 1, the machine changed speed (rerun, or use --normalize)."
         lines.append(text)
     return lines
+
+
+def _repeated(row: Comparison) -> bool:
+    return bool((row.baseline and row.baseline.run_rounds) or (row.candidate and row.candidate.run_rounds))
 
 
 def _markdown_table(comparisons: Sequence[Comparison], columns: Sequence[str]) -> str:

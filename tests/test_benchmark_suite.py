@@ -73,3 +73,31 @@ def test_summary_prints_every_group(run: dict[str, Any]) -> None:
     for operation in OPERATIONS:
         assert f"{operation} n=10 (synthetic)" in out
     assert "xsingle" in out
+
+
+def test_saved_runs_compare_and_fail_as_pytest_benchmark_documents(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    base = [sys.executable, "-m", "pytest", "--benchmark-only", "--cutoffs=10", "--ops=read_many",
+            "--backends=lmdb", "-q", "-p", "no:cacheprovider", f"--benchmark-storage={storage}"]  # fmt: skip
+
+    def run(*extra: str, slowdown: str = "") -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "IMGSTORE_BENCH_INJECT_SLOWDOWN"}
+        if slowdown:
+            env["IMGSTORE_BENCH_INJECT_SLOWDOWN"] = slowdown
+        return subprocess.run([*base, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    saved = run("--benchmark-save=baseline", "--benchmark-save-data")
+    assert saved.returncode == 0, saved.stdout[-2000:]
+    (baseline,) = storage.glob("*/0001_baseline.json")
+    doc = json.loads(baseline.read_text())
+    assert all(len(b["stats"]["data"]) == b["stats"]["rounds"] for b in doc["benchmarks"])
+    assert all(b["extra_info"]["ratio_to_limit"] for b in doc["benchmarks"] if b["extra_info"]["kind"] == "imgstore")
+
+    # A threefold slowdown of one row against the saved run: pytest-benchmark's own gate fails it.
+    slow = run("--benchmark-compare=0001", "--benchmark-compare-fail=min:50%", slowdown="imgstore-lmdb:read_many:2")
+    assert slow.returncode != 0
+    assert "Performance has regressed" in slow.stdout + slow.stderr
+    assert "imgstore-lmdb-read_many" in slow.stdout + slow.stderr
+    autosaved = run("--benchmark-autosave")
+    assert autosaved.returncode == 0
+    assert len(list(storage.glob("*/0002_*.json"))) == 1

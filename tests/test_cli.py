@@ -69,8 +69,9 @@ def test_help_explains_the_workflow(capsys: Any) -> None:
     out = capsys.readouterr().out
     for command in ("compare", "plot"):
         assert command in out
-    assert "--benchmark-autosave --benchmark-save-data" in out
+    assert "--benchmark-save=base --benchmark-save-data" in out
     assert ".benchmarks/" in out
+    assert ".ci/bench-gate origin/main" in out
 
 
 @pytest.mark.parametrize(
@@ -86,6 +87,9 @@ def test_help_explains_the_workflow(capsys: Any) -> None:
                 "exit status",
                 "Bonferroni",
                 "--benchmark-save-data",
+                "--rerun",
+                "slower? (rerun)",
+                "slower (reference row)",
             ],
         ),
         ("plot", ["--out", "log-log", "imgstore-ml[plot]"]),
@@ -174,7 +178,7 @@ def test_console_script_runs_as_a_module_without_importing_matplotlib() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "imgstore.cli", "compare", "--help"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0 and "BASELINE.json" in result.stdout
+    assert result.returncode == 0 and "BASELINE CANDIDATE" in result.stdout
 
 
 def test_commands_are_listed_in_one_place() -> None:
