@@ -605,9 +605,17 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
         variance[name] = squares / freedom if freedom else 0.0
         freedoms.append(freedom)
         factor[name] = math.sqrt(sum(1 / len(logs) for logs in sides))
+    # Two floors. What is usual for the operation: the median over its benchmarks, robust to a few
+    # odd ones. And what the variants of the same backend on the same operation show (the mean over
+    # the other rows of the same kind and backend: imgstore-png, -png-nosync, -png-level0, ...):
+    # they run the same code path, and a PNG write swings with the cost of creating files for
+    # seconds at a time, which two runs of one benchmark can miss.
     by_operation: dict[Any, list[float]] = {}
+    by_backend: dict[Any, list[tuple[str, float]]] = {}
     for name, value in variance.items():
-        by_operation.setdefault(baseline.benchmarks[name].extra_info.get("operation"), []).append(value)
+        info = baseline.benchmarks[name].extra_info
+        by_operation.setdefault(info.get("operation"), []).append(value)
+        by_backend.setdefault(_variant_group(info), []).append((name, value))
     # The median of variances with few degrees of freedom falls short of their mean (0.69x at 2):
     # scaled back by the median of chi-square/df (Wilson-Hilferty), so the floor is not too low.
     freedom = statistics.median(freedoms) if freedoms else 0
@@ -615,9 +623,15 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
     typical = {operation: statistics.median(values) / shortfall for operation, values in by_operation.items()}
     spreads = {}
     for name, value in variance.items():
-        usual = typical[baseline.benchmarks[name].extra_info.get("operation")]
+        info = baseline.benchmarks[name].extra_info
+        siblings = [v for other, v in by_backend[_variant_group(info)] if other != name]
+        usual = max(typical[info.get("operation")], statistics.fmean(siblings) if siblings else 0.0)
         spreads[name] = (math.sqrt(max(value, usual)) * factor[name], math.sqrt(usual) * factor[name])
     return spreads
+
+
+def _variant_group(info: dict[str, Any]) -> tuple[Any, ...]:
+    return info.get("operation"), info.get("kind"), info.get("backend"), info.get("images")
 
 
 def _widen(ratio: float, low: float, high: float, extra: float) -> tuple[float, float]:
