@@ -69,7 +69,8 @@ Repeated runs (the gate)
       that of the geometric means of these figures, candidate over baseline;
     * its interval is ratio x/÷ exp(z sd), sd from how far the runs of the same code spread
       (:func:`repeated_run_spreads`): the change cannot move that, so it is measured on both
-      sides, per benchmark, and never taken below what is typical for its operation;
+      sides, per benchmark, and never taken below what is typical for its operation, nor below
+      what the other variants of its backend show on that operation (``-nosync``, presets);
     * the verdict rule is the one above: beyond the threshold at ``confidence`` and significant
       after Bonferroni;
     * ``slower? (rerun)`` when it is not, but would be at the spread usual for its operation:
