@@ -590,9 +590,8 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
     the same code differ only by the machine, so their spread holds whatever the change did: the
     sd of a run's figure about its side's mean, pooled over both sides, times sqrt(1/k + 1/m)
     for k and m runs.  With two runs a side a benchmark's own estimate rests on two degrees of
-    freedom and now and then comes out far too small, so it is never taken below the median
-    estimate of the benchmarks of the same operation (which move alike: fsync-bound writes a
-    lot, cached reads little).
+    freedom and now and then comes out far too small, so it is never taken below the two floors
+    described in the body (its operation's usual spread, its backend's other variants').
     """
     variance: dict[str, float] = {}
     factor: dict[str, float] = {}
@@ -852,20 +851,19 @@ def notes(
             f"{needed} in each run): unconfirmed, judged on the medians and never counted as "
             "regressions."
         )
-    unsure = [row.name for row in comparisons if row.verdict is Verdict.UNSURE]
-    if unsure:
+    unsettled = [row.name for row in comparisons if row.verdict is Verdict.UNSURE]
+    if unsettled:
         lines.append(
-            f"{len(unsure)} benchmark(s) slower than the threshold by their ratio but not conclusively "
-            f"(not a failure): {', '.join(unsure)}. Rerun just them and compare the new runs "
+            f"{len(unsettled)} benchmark(s) slower than the threshold by their ratio but not conclusively "
+            f"(not a failure): {', '.join(unsettled)}. Rerun just them and compare the new runs "
             "(--rerun FILE lists them; .ci/bench-gate does this once)."
         )
-    regressions = [row.fullname for row in comparisons if row.verdict is Verdict.REGRESSION]
-    repeated = [row for row in tested if row.baseline and row.candidate and _repeated(row)]
+    regressions = [row for row in comparisons if row.verdict is Verdict.REGRESSION]
+    repeated = [row for row in tested if _repeated(row)]
     if regressions and not repeated:
         # A neighbour can slow one benchmark for a whole run; a second run is the only cure.
-        ids = " ".join(f"'{name}'" for name in regressions)
-        rows = [row for row in comparisons if row.verdict is Verdict.REGRESSION and row.baseline]
-        sizes = sorted({str(row.baseline.extra_info.get("images")) for row in rows if row.baseline})  # type: ignore[union-attr]
+        ids = " ".join(f"'{row.fullname}'" for row in regressions)
+        sizes = sorted({str(row.baseline.extra_info.get("images")) for row in regressions if row.baseline})
         cutoffs = f" --cutoffs={','.join(sizes)}" if sizes and "None" not in sizes else ""
         lines.append(
             "A busy neighbour can slow one benchmark down for a whole run: confirm with "
@@ -880,9 +878,10 @@ def notes(
             "the interval includes the spread between runs of the same code, per benchmark."
         )
     spreads: dict[str, float] = {}
-    for row in [] if repeated else tested:
-        if row.between_runs and row.baseline is not None:
-            spreads[str(row.baseline.extra_info.get("operation"))] = row.between_runs
+    if not repeated:  # one run a side: the spreads come from the reference rows, per operation
+        for row in tested:
+            if row.between_runs and row.baseline is not None:
+                spreads[str(row.baseline.extra_info.get("operation"))] = row.between_runs
     if spreads:
         listed = ", ".join(f"{op} x{math.exp(sd):.2f}" for op, sd in sorted(spreads.items()))
         lines.append(f"Between-run spread (1 sd, from the tutorial/limit rows), included in the intervals: {listed}.")
