@@ -25,7 +25,8 @@ from imgstore.errors import (
     StoreNotFoundError,
 )
 from imgstore.registry import available_backends, get_backend, register_backend
-from imgstore.store import Store, open_store
+from imgstore.opening import open_store
+from imgstore.store import Store
 
 __version__ = "0.1.0"
 

@@ -4,22 +4,42 @@ Writing the manifest is the commit point of every write: a backend first writes 
 indices ``count .. count + n - 1`` (invisible to readers, who never look past ``count``), then the
 manifest is replaced atomically (write a temporary file, fsync, rename) with the new count. A crash
 before the rename leaves the old state; after it, the new one. No backend needs its own commit record.
+
+The manifest also names every file the store owns (``files``), so that replacing a store deletes
+those and nothing else, and the *generation* those files are named after: a store created again
+with mode ``"w"`` gets new file names, so a reader of the old store never reads the new one's files.
+A manifest with ``creating`` set is a store whose creation has not finished (no record is lost by
+finishing or redoing it).
+
+Format versions: 1 (no generation, files or record checksums other than CRC-32) is still read and
+appended to; new stores are version 2.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from imgstore.errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
 from imgstore.fileio import fsync_dir
 
 MANIFEST_NAME = "imgstore.json"
-FORMAT_VERSION = 1
+WRITER_LOCK_NAME = "writer.lock"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_V2_FIELDS = ("generation", "files", "checksum", "group", "creating")
+_MAX_MANIFEST_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 1 << 31  # 2 GiB: a tampered shape may not make a read allocate terabytes
+_MAX_COUNT = 1 << 48
+_MAX_DIMS = 8
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +50,11 @@ class Manifest:
     dtype: str = "uint8"
     options: dict[str, Any] = field(default_factory=dict)  # creation options the backend keeps
     format_version: int = FORMAT_VERSION
+    generation: str = ""  # names this creation's files ("" in version 1 stores)
+    files: tuple[str, ...] = ()  # entries of the store directory the store owns, besides manifest and lock
+    checksum: str = "xxh3_64"  # per-record checksum algorithm ("crc32" in version 1 stores)
+    group: int = 0  # records per group checksum; 0 until the shape is known, 1 for none
+    creating: bool = False
 
     def with_count(self, count: int) -> Manifest:
         return replace(self, count=count)
@@ -37,8 +62,24 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data["shape"] = list(self.shape) if self.shape is not None else None
+        data["files"] = list(self.files)
+        if self.format_version == 1:
+            for name in _V2_FIELDS:
+                del data[name]
         data["crc32"] = _checksum(data)
         return json.dumps(data, indent=1, sort_keys=True)
+
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` (an entry of the store directory) belongs to this store."""
+        return (
+            name in (MANIFEST_NAME, WRITER_LOCK_NAME)
+            or (name.startswith(f".{MANIFEST_NAME}.") and name.endswith(".tmp"))
+            or any(name == own or name.startswith(f"{own}.") for own in self.files)
+        )
+
+    @property
+    def image_nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape is not None else 0
 
 
 def _checksum(data: dict[str, Any]) -> int:
@@ -47,61 +88,144 @@ def _checksum(data: dict[str, Any]) -> int:
     return zlib.crc32(json.dumps(fields, sort_keys=True).encode())
 
 
+def generation_name(name: str, generation: str) -> str:
+    """``images.h5`` of generation ``ab12`` is ``images-ab12.h5`` (version 1 stores: just ``images.h5``)."""
+    if not generation:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-{generation}{dot}{suffix}"
+
+
 def manifest_path(store_path: Path) -> Path:
     return store_path / MANIFEST_NAME
 
 
 def read_manifest(store_path: Path) -> Manifest:
+    """The store's manifest; :class:`CorruptStoreError` for anything that is not a valid one."""
     path = manifest_path(store_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise StoreNotFoundError(f"no imgstore store at {store_path} (no {MANIFEST_NAME})") from None
     except NotADirectoryError:
         raise StoreNotFoundError(f"{store_path} is a file, not an imgstore store directory") from None
-    except UnicodeDecodeError:
-        raise CorruptStoreError(f"{path} is not a valid imgstore manifest (not UTF-8 text)") from None
+    except IsADirectoryError:
+        raise CorruptStoreError(f"{path} is a directory, not an imgstore manifest") from None
+    except OSError as exc:
+        raise CorruptStoreError(f"{path} cannot be read: {exc}") from None
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise CorruptStoreError(f"{path} is not a valid imgstore manifest (over {_MAX_MANIFEST_BYTES} bytes)")
     try:
-        data = json.loads(text)
-        version = data["format_version"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptStoreError(f"{path} is not a valid imgstore manifest: {exc}") from None
-    if version != FORMAT_VERSION:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CorruptStoreError(f"{path} is not a valid imgstore manifest: {type(exc).__name__}") from None
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise CorruptStoreError(f"{path} is not a valid imgstore manifest (no format_version)")
+    version = data["format_version"]
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise FormatVersionError(
-            f"{store_path} has store format version {version!r}; this imgstore reads version {FORMAT_VERSION} only"
+            f"{store_path} has store format version {version!r}; this imgstore reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     if data.get("crc32") != _checksum(data):
         raise CorruptStoreError(f"{path} is damaged: its checksum does not match its content")
     try:
-        shape = data["shape"]
-        manifest = Manifest(
-            backend=str(data["backend"]),
-            shape=tuple(int(s) for s in shape) if shape is not None else None,
-            count=int(data["count"]),
-            dtype=str(data["dtype"]),
-            options=dict(data.get("options", {})),
-            format_version=version,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptStoreError(f"{path} is not a valid imgstore manifest: {exc!r}") from None
-    if (
-        manifest.count < 0
-        or manifest.dtype != "uint8"
-        or (manifest.shape is not None and (not manifest.shape or min(manifest.shape) < 1))
-    ):
-        raise CorruptStoreError(f"{path} holds impossible values: {data}")
+        manifest = _parse(data, version)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise CorruptStoreError(f"{path} is not a valid imgstore manifest: {exc!r}"[:500]) from None
+    _check_values(path, manifest)
     return manifest
+
+
+def _parse(data: dict[str, Any], version: int) -> Manifest:
+    shape = data["shape"]
+    options = data.get("options", {})
+    if not isinstance(options, dict) or not isinstance(data["backend"], str):
+        raise TypeError("backend must be a string and options an object")
+    extra: dict[str, Any] = {"checksum": "crc32", "group": 1}  # what a version 1 store means
+    if version >= 2:
+        files = data["files"]
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise TypeError("files must be a list of names")
+        extra = {
+            "generation": _str(data["generation"]),
+            "files": tuple(files),
+            "checksum": _str(data["checksum"]),
+            "group": _int(data["group"]),
+            "creating": _bool(data["creating"]),
+        }
+    return Manifest(
+        backend=data["backend"],
+        shape=tuple(_int(s) for s in shape) if shape is not None else None,
+        count=_int(data["count"]),
+        dtype=_str(data["dtype"]),
+        options=options,
+        format_version=version,
+        **extra,
+    )
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {value!r}"[:100])
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}"[:100])
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}"[:100])
+    return value
+
+
+def _check_values(path: Path, manifest: Manifest) -> None:
+    shape = manifest.shape
+    problems = []
+    if not 0 <= manifest.count <= _MAX_COUNT:
+        problems.append(f"count {manifest.count}")
+    if manifest.dtype != "uint8":
+        problems.append(f"dtype {manifest.dtype!r}")
+    if shape is not None and (not 1 <= len(shape) <= _MAX_DIMS or min(shape) < 1 or max(shape) > MAX_IMAGE_BYTES):
+        problems.append(f"shape {shape}")
+    elif shape is not None and manifest.image_nbytes > MAX_IMAGE_BYTES:
+        problems.append(f"shape {shape} ({manifest.image_nbytes} bytes an image; at most {MAX_IMAGE_BYTES})")
+    if manifest.count and shape is None:
+        problems.append("records but no shape")
+    if manifest.checksum not in ("crc32", "xxh3_64"):
+        problems.append(f"checksum {manifest.checksum!r}")
+    if not 0 <= manifest.group <= 1 << 20 or (shape is not None and manifest.group < 1):
+        problems.append(f"group {manifest.group}")
+    if manifest.format_version >= 2 and not re.fullmatch(r"[0-9a-f]{8,32}", manifest.generation):
+        problems.append(f"generation {manifest.generation!r}"[:100])
+    bad_files = [f for f in manifest.files if not _FILE_NAME.fullmatch(f) or f in (MANIFEST_NAME, WRITER_LOCK_NAME)]
+    if bad_files:
+        problems.append(f"file names {bad_files[:3]!r}"[:200])
+    if problems:
+        raise CorruptStoreError(f"{path} holds impossible values: {'; '.join(problems)}")
 
 
 def write_manifest(store_path: Path, manifest: Manifest, *, sync: bool) -> None:
     """Replace the manifest atomically; with ``sync`` it is durable when this returns."""
     path = manifest_path(store_path)
     tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(manifest.to_json())
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(manifest.to_json())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if sync:
         fsync_dir(store_path)

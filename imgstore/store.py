@@ -1,20 +1,21 @@
 """One store API over every backend.
 
 :class:`Store` holds everything backends share: argument checking, the manifest and its commit
-protocol, index handling, batching, iteration, pickling and reopening after ``fork()``. A backend
-subclasses it in one file and implements a few primitives (``_open``, ``_write``, ``_read_into``,
-``_close``; optionally faster ``_read_range_into`` and ``_read_one``), then is registered by name in
-:mod:`imgstore.registry`.
+protocol, record checksums (checked on every read), index handling, batching, iteration, pickling
+and reopening after ``fork()``. A backend subclasses it in one file and implements a few primitives
+(``_open``, ``_write``, ``_read_into``, ``_close``; optionally faster ``_read_range_into`` and
+``_read_one``), then is registered by name in :mod:`imgstore.registry`. Opening, creating and
+replacing stores is :mod:`imgstore.opening`.
 """
 
 from __future__ import annotations
 
 import abc
 import errno
-import fcntl
 import operator
 import os
-import shutil
+import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from imgstore.checksums import read_checksums, record_checksums, write_checksums
+from imgstore.checksums import Checksums, group_size
 from imgstore.errors import (
     CorruptStoreError,
     ImgStoreError,
@@ -32,46 +33,96 @@ from imgstore.errors import (
     ReadOnlyError,
     StoreBusyError,
     StoreClosedError,
-    StoreExistsError,
     StoreFullError,
     StoreIndexError,
     StoreIOError,
-    StoreNotFoundError,
 )
-from imgstore.manifest import Manifest, manifest_path, read_manifest, write_manifest
+from imgstore.manifest import MAX_IMAGE_BYTES, Manifest, generation_name, read_manifest, write_manifest
+from imgstore.options import Option
 
 Mode = Literal["r", "w", "a"]
 IndexLike = int | Sequence[int] | np.ndarray | range | slice
 
-WRITER_LOCK_NAME = "writer.lock"
 _INT64_MAX = np.iinfo(np.int64).max
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
+_VERIFY_PIECE_BYTES = 1 << 20  # scans are read and checked in pieces that stay in the CPU cache
+
+
+class WriterLock:
+    """The store's writer lock (``flock`` on ``writer.lock``), owned by the process that took it.
+
+    A forked child inherits the descriptor, and with it the lock: every child closes its copies at
+    once, so the lock is released when the owner lets go, and the child's handle cannot write.
+    """
+
+    _held: ClassVar[weakref.WeakSet[WriterLock]] = weakref.WeakSet()
+    _guard = threading.Lock()
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        self.pid = os.getpid()
+        with self._guard:
+            self._held.add(self)
+
+    @property
+    def owned(self) -> bool:
+        return self.fd is not None and self.pid == os.getpid()
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @classmethod
+    def _drop_inherited(cls) -> None:
+        for lock in list(cls._held):
+            if lock.pid != os.getpid():
+                lock.release()
+
+
+os.register_at_fork(after_in_child=WriterLock._drop_inherited)
 
 
 class Store(abc.ABC):
     """A store of same-shaped uint8 images, each with an integer label, addressed 0 .. len-1.
 
     Open one with :func:`imgstore.open_store`. Every returned array is owned, writable and
-    C-contiguous. Writes are committed per ``put``/``put_many`` call.
+    C-contiguous. Writes are committed per ``put``/``put_many`` call. Every read checks what it
+    returns against the record's checksum unless the store was opened with ``verify_reads=False``.
     """
 
     #: The name the backend is registered under, kept in every store's manifest.
     name: ClassVar[str]
     #: Exceptions of the backend's library that mean its files are damaged (become CorruptStoreError).
     damage_errors: ClassVar[tuple[type[BaseException], ...]] = ()
-    #: Creation options the backend accepts, with their defaults; kept in the manifest.
-    option_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: The backend's options: types, ranges, defaults, and which are part of the store's layout.
+    option_specs: ClassVar[Mapping[str, Option]] = {}
     #: Named sets of those options whose trade-off a user should see (the benchmarks measure each).
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: The entries the backend keeps in the store directory (named per generation: see :meth:`file`).
+    files: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, path: Path, manifest: Manifest, mode: Mode, *, sync: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        mode: Mode,
+        *,
+        sync: bool,
+        verify_reads: bool = True,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self.mode: Mode = mode
         self.sync = sync
+        self.verify_reads = verify_reads
         self._manifest = manifest
+        self._overrides = dict(overrides or {})
         self._closed = False
         self._pid = os.getpid()
-        self._writer_lock: int | None = None  # fd holding the store's writer lock (modes "w", "a")
+        self._lock: WriterLock | None = None  # modes "w" and "a"
+        self._checksums = self._make_checksums(manifest)
 
     # ------------------------------------------------------------------ backend primitives
 
@@ -133,15 +184,21 @@ class Store(abc.ABC):
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(self._manifest.options)
+        """The store's options (from its manifest), with this handle's own settings over them."""
+        return {**self._manifest.options, **self._overrides}
 
     @property
     def writable(self) -> bool:
-        return self.mode != "r"
+        """Whether this handle may write: opened for writing, in the process that holds the writer lock."""
+        return self.mode != "r" and self._lock is not None and self._lock.owned
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def file(self, name: str) -> Path:
+        """Where the backend's entry ``name`` (one of its ``files``) of this store lives."""
+        return self.path / generation_name(name, self._manifest.generation)
 
     def __len__(self) -> int:
         return self._manifest.count
@@ -158,42 +215,88 @@ class Store(abc.ABC):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
         return total
 
+    # ------------------------------------------------------------------ checksums
+
+    def _make_checksums(self, manifest: Manifest) -> Checksums:
+        if manifest.checksum == "crc32":
+            return Checksums(self.path / generation_name("checksums.crc32", manifest.generation), None, "crc32", 1)
+        groups = self.path / generation_name("groups.xxh3", manifest.generation)
+        return Checksums(self.file("checksums.xxh3"), groups, manifest.checksum, manifest.group)
+
+    def _load_checksums(self) -> None:
+        self._checksums.load(len(self))
+
+    def _full_groups(self, start: int, images: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+        """Checksums of the groups this write fills, reading back the committed part of the first one."""
+        checksums = self._checksums
+        if not checksums.has_groups:
+            return {}
+        g, stop = checksums.group, start + len(images)
+        first = start // g
+        if stop // g == first:
+            return {}
+        head = start - first * g
+        if head:  # committed records of the first group: read back (and checked) to hash the whole group
+            old_images, old_labels = self._batch(head, None)
+            self._read_range_into(first * g, start, old_images, old_labels)
+            checksums.check_range(first * g, old_images, old_labels, self.path)
+            images = np.concatenate([old_images, images])
+            labels = np.concatenate([old_labels, labels])
+        return {
+            group: checksums.of_group(images[(group - first) * g : (group - first + 1) * g],
+                                      labels[(group - first) * g : (group - first + 1) * g])
+            for group in range(first, stop // g)
+        }
+
     # ------------------------------------------------------------------ writing
 
     def put(self, image: np.ndarray, label: int) -> int:
         """Append one image; returns its index."""
-        image = np.asarray(image)
+        image = _as_image_array(image)
         return self.put_many(image[np.newaxis], [_as_label(label)])[0]
 
     def put_many(self, images: np.ndarray | Sequence[np.ndarray], labels: Sequence[int] | np.ndarray) -> range:
         """Append images ``[N, *shape]`` with their labels in one all-or-nothing commit; returns their indices."""
-        self._check_usable()
-        if not self.writable:
-            raise ReadOnlyError(f"store {self.path} is open read-only (mode='r')")
+        self._check_writable()
         images = self._checked_images(images)
         labels = _checked_labels(labels, len(images))
         start = len(self)
         if len(images) == 0:
             return range(start, start)
-        manifest = self._manifest
-        if manifest.shape is None:
-            manifest = replace(manifest, shape=images.shape[1:])
+        old = manifest = self._manifest
+        if old.shape is None:  # the first images fix the shape, and with it the checksum groups
+            group = group_size(images[0].nbytes) if old.checksum == "xxh3_64" else 1
+            manifest = self._manifest = replace(old, shape=images.shape[1:], group=group)
+            self._checksums = self._make_checksums(manifest)
         try:
+            records = self._checksums.of_records(images, labels)
+            groups = self._full_groups(start, images, labels)
             self._write(start, images, labels)
-            write_checksums(self.path, start, record_checksums(images, labels), sync=self.sync)
+            self._checksums.write(start, records, groups, sync=self.sync)
             manifest = manifest.with_count(start + len(images))
             write_manifest(self.path, manifest, sync=self.sync)
-        except ImgStoreError:
-            raise
-        except OSError as exc:
-            if exc.errno in _DISK_FULL_ERRNOS:
-                raise StoreFullError(f"no space left for {len(images)} images in {self.path}: {exc}") from exc
-            raise StoreIOError(f"writing {len(images)} images to {self.path} failed: {exc}") from exc
+        except BaseException as exc:
+            if old.shape is None:  # nothing was committed: the store is still without a shape
+                self._manifest, self._checksums = old, self._make_checksums(old)
+            if isinstance(exc, ImgStoreError) or not isinstance(exc, OSError):
+                raise
+            raise io_error(exc, f"writing {len(images)} images to {self.path}") from exc
         self._manifest = manifest
+        self._checksums.extend(start, records, groups)
         return range(start, start + len(images))
 
+    def _check_writable(self) -> None:
+        self._check_usable()
+        if self.mode == "r":
+            raise ReadOnlyError(f"store {self.path} is open read-only (mode='r')")
+        if not self.writable:
+            raise StoreBusyError(
+                f"this handle on {self.path} was opened for writing by process {self._lock.pid if self._lock else '?'}; "
+                "only that process may write (open the store in this process, after the other closes it)"
+            )
+
     def _checked_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        array = np.asarray(images)
+        array = _as_image_array(images)
         if array.dtype != np.uint8:
             raise InvalidImageError(
                 f"images must be uint8 arrays, got dtype {array.dtype}; convert explicitly "
@@ -205,6 +308,8 @@ class Store(abc.ABC):
                 raise InvalidImageError(
                     f"put_many takes a batch [N, H, W] or [N, H, W, C]; got an array of shape {array.shape}"
                 )
+            if min(array.shape[1:]) < 1 or int(np.prod(array.shape[1:], dtype=np.int64)) > MAX_IMAGE_BYTES:
+                raise InvalidImageError(f"images must have positive dimensions and at most 2 GiB; got {array.shape}")
             self.check_shape(tuple(array.shape[1:]))
         elif array.shape[1:] != shape or array.ndim != len(shape) + 1:
             raise InvalidImageError(
@@ -221,9 +326,14 @@ class Store(abc.ABC):
         self._check_usable()
         index = self._checked_index(index)
         try:
-            return self._read_one(index)
+            image, label = self._read_one(index)
         except self.damage_errors as exc:
             raise self._damaged(exc) from exc
+        if self.verify_reads:
+            self._checksums.check_records(
+                np.array([index]), image[np.newaxis], np.array([label], dtype=np.int64), self.path
+            )
+        return image, label
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.get(index)
@@ -242,27 +352,54 @@ class Store(abc.ABC):
         if contiguous is not None:
             start, stop = contiguous
             images, labels = self._batch(stop - start, out)
-            try:
-                if stop > start:
-                    self._read_range_into(start, stop, images, labels)
-            except self.damage_errors as exc:
-                raise self._damaged(exc) from exc
+            self._read_range(start, stop, images, labels)
             return images, labels
         idx = _checked_indices(indices, count)
         images, labels = self._batch(len(idx), out)
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+            self._read_range(int(idx[0]), int(idx[-1]) + 1, images, labels)
+            return images, labels
         try:
-            if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
-                self._read_range_into(int(idx[0]), int(idx[-1]) + 1, images, labels)
-            elif len(idx):
+            if len(idx):
                 self._read_into(idx, images, labels)
         except self.damage_errors as exc:
             raise self._damaged(exc) from exc
+        if self.verify_reads and len(idx):
+            self._checksums.check_records(idx, images, labels, self.path)
         return images, labels
+
+    def _read_range(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
+        """Records ``start .. stop - 1``; verified in pieces that are checked while still in the CPU cache."""
+        if stop <= start:
+            return
+        step = stop - start
+        if self.verify_reads:
+            group = self._checksums.group
+            step = max(group, _VERIFY_PIECE_BYTES // max(1, images[0].nbytes) // group * group)
+        try:
+            lo = start
+            while lo < stop:  # pieces aligned to whole groups
+                hi = min(stop, (lo // step + 1) * step)
+                piece = images[lo - start : hi - start], labels[lo - start : hi - start]
+                self._read_range_into(lo, hi, *piece)
+                if self.verify_reads:
+                    self._checksums.check_range(lo, *piece, self.path)
+                lo = hi
+        except self.damage_errors as exc:
+            raise self._damaged(exc) from exc
 
     def _damaged(self, exc: BaseException) -> ImgStoreError:
         if isinstance(exc, PermissionError):  # not damage: keep the built-in's meaning
             return StoreIOError(f"{self.path}: {exc}")
+        if isinstance(exc, FileNotFoundError) and self._replaced():
+            return CorruptStoreError(f"{self.path} was replaced (mode 'w') under this handle; open it again")
         return CorruptStoreError(f"{self.path} is damaged: {type(exc).__name__}: {exc}")
+
+    def _replaced(self) -> bool:
+        try:
+            return read_manifest(self.path).generation != self._manifest.generation
+        except ImgStoreError:
+            return True
 
     def refresh(self) -> int:
         """See what writers committed since this handle opened (or last refreshed); returns the new length.
@@ -271,11 +408,15 @@ class Store(abc.ABC):
         """
         self._check_usable()
         manifest = read_manifest(self.path)
-        if manifest.count < len(self) or manifest.backend != self.name:
+        same = manifest.backend == self.name and manifest.generation == self._manifest.generation
+        if manifest.count < len(self) or not same or manifest.creating:
             raise CorruptStoreError(f"{self.path} was replaced or shrank under this handle; open it again")
         if manifest.count != len(self) or manifest.shape != self.shape:
             old = len(self)
-            self._manifest = replace(manifest, options=self._manifest.options)
+            self._manifest = replace(manifest, files=self._manifest.files)
+            if self._checksums.group != manifest.group:
+                self._checksums = self._make_checksums(self._manifest)
+            self._load_checksums()
             try:
                 self._refresh(old)
             except self.damage_errors as exc:
@@ -285,32 +426,34 @@ class Store(abc.ABC):
     def verify(self, batch_size: int = 4096) -> None:
         """Read every committed record and check it against its checksum; raise :class:`CorruptStoreError` on damage."""
         self._check_usable()
+        if operator.index(batch_size) < 1 or isinstance(batch_size, bool):
+            raise InvalidOptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         count = len(self)
-        expected = read_checksums(self.path, count)
-        if len(expected) < count:
-            raise CorruptStoreError(f"{self.path}: {count} images are committed but only {len(expected)} checksums")
-        for start in range(0, count, batch_size):
-            stop = min(start + batch_size, count)
-            try:
-                images, labels = self.get_many(range(start, stop))
-            except CorruptStoreError:
-                for index in range(start, stop):  # find which one, for the message
-                    try:
-                        self.get(index)
-                    except CorruptStoreError as exc:
-                        raise CorruptStoreError(f"{self.path}: damaged image at index {index}: {exc}") from exc
-                raise
-            bad = np.flatnonzero(record_checksums(images, labels) != expected[start : start + len(images)])
-            if len(bad):
-                raise CorruptStoreError(
-                    f"{self.path}: {len(bad)} damaged image(s) from index {start + int(bad[0])} "
-                    "(pixels or label differ from what was written)"
-                )
+        verify_reads, self.verify_reads = self.verify_reads, False
+        try:
+            for start in range(0, count, batch_size):
+                stop = min(start + batch_size, count)
+                try:
+                    images, labels = self.get_many(range(start, stop))
+                except CorruptStoreError:
+                    for index in range(start, stop):  # find which one, for the message
+                        try:
+                            self.get(index)
+                        except CorruptStoreError as exc:
+                            raise CorruptStoreError(f"{self.path}: damaged image at index {index}: {exc}") from exc
+                    raise
+                self._checksums.check_records(np.arange(start, stop), images, labels, self.path)
+                self._checksums.check_range(start, images, labels, self.path)
+        finally:
+            self.verify_reads = verify_reads
 
     def iter_batches(self, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every record in order, as ``(images, labels)`` batches of ``batch_size`` (the last may be shorter)."""
-        if operator.index(batch_size) < 1:
-            raise InvalidOptionError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or operator.index(batch_size) < 1:
+            raise InvalidOptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        return self._iter_batches(operator.index(batch_size))
+
+    def _iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         count = len(self)  # a snapshot: appends during iteration are not read
         # Read whole spans of batches when the backend is faster per image on bigger reads (PNG
         # decodes big reads on every core); each batch is then a copy, so it stays the caller's own.
@@ -353,7 +496,10 @@ class Store(abc.ABC):
     def _checked_index(self, index: int) -> int:
         if isinstance(index, (bool, np.bool_)):
             raise InvalidOptionError("an index must be an integer, not a bool")
-        i = operator.index(index)
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise InvalidOptionError(f"an index must be an integer, got {type(index).__name__}") from None
         count = len(self)
         if i < 0:
             i += count
@@ -367,7 +513,7 @@ class Store(abc.ABC):
         if self._closed:
             raise StoreClosedError(f"store {self.path} is closed")
         if os.getpid() != self._pid:
-            self._pid = os.getpid()
+            self._pid = os.getpid()  # a forked child: new handles, and no writing (the parent holds the lock)
             self._reopen_after_fork()
 
     def close(self) -> None:
@@ -377,9 +523,8 @@ class Store(abc.ABC):
                 try:
                     self._close()
                 finally:
-                    if self._writer_lock is not None:
-                        os.close(self._writer_lock)
-                        self._writer_lock = None
+                    if self._lock is not None:
+                        self._lock.release()
 
     def __enter__(self) -> Store:
         return self
@@ -390,18 +535,29 @@ class Store(abc.ABC):
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # A store pickles as "how to reopen it" (e.g. for spawn-started DataLoader workers);
         # a "w" handle reopens as "a" so unpickling never erases the store.
+        from imgstore.opening import reopen
+
         mode = "r" if self.mode == "r" else "a"
-        return (_reopen, (str(self.path), self.name, mode, self.sync, self._runtime_options()))
-
-    def _runtime_options(self) -> dict[str, Any]:
-        return dict(self._manifest.options)
+        return (reopen, (str(self.path), self.name, mode, self.sync, self.verify_reads, dict(self._overrides)))
 
 
-def _reopen(path: str, backend: str, mode: Mode, sync: bool, options: dict[str, Any]) -> Store:
-    return open_store(path, backend, mode, sync=sync, **options)
+def io_error(exc: OSError, doing: str) -> StoreIOError | ReadOnlyError:
+    """imgstore's error for an OS error met while ``doing`` something to a store."""
+    if exc.errno in _DISK_FULL_ERRNOS:
+        return StoreFullError(f"{doing}: no space left (or a file size limit): {exc}")
+    if exc.errno in _READ_ONLY_ERRNOS:
+        return ReadOnlyError(f"{doing}: {exc}; open the store with mode='r' to read it")
+    return StoreIOError(f"{doing} failed: {exc}")
 
 
 # ---------------------------------------------------------------------- argument checks
+
+
+def _as_image_array(images: Any) -> np.ndarray:
+    try:
+        return np.asarray(images)
+    except (ValueError, TypeError) as exc:  # e.g. a ragged list of images
+        raise InvalidImageError(f"images must form one array [N, H, W(, C)] of one shape: {exc}") from None
 
 
 def _as_label(label: Any) -> int:
@@ -414,9 +570,16 @@ def _as_label(label: Any) -> int:
 
 
 def _checked_labels(labels: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
+    if not isinstance(labels, np.ndarray):
+        try:
+            labels = list(labels)
+        except TypeError:
+            raise InvalidLabelError(f"labels must be a 1-D sequence of integers, got {type(labels).__name__}") from None
+        if any(isinstance(x, (bool, np.bool_)) for x in labels):  # numpy would take True for 1
+            raise InvalidLabelError("labels must be integers, not bools")
     try:
         array = np.asarray(labels)
-    except (ValueError, OverflowError) as exc:
+    except (ValueError, OverflowError, TypeError) as exc:
         raise InvalidLabelError(f"labels must be a 1-D sequence of integers: {exc}") from None
     if array.dtype == object:  # e.g. Python ints beyond int64 or mixed types
         array = np.asarray([_as_label(x) for x in array.ravel()], dtype=object)
@@ -449,133 +612,25 @@ def _as_contiguous_range(indices: IndexLike, count: int) -> tuple[int, int] | No
 
 
 def _checked_indices(indices: IndexLike, count: int) -> np.ndarray:
-    array = np.asarray(indices)
+    if isinstance(indices, slice):
+        indices = range(*indices.indices(count))
+    if isinstance(indices, (bool, np.bool_)):
+        raise InvalidOptionError("indices must be integers, not a bool")
+    try:
+        array = np.asarray(indices)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidOptionError(f"indices must be a 1-D sequence of integers: {exc}") from None
     if array.size == 0:
         return np.empty(0, dtype=np.int64)
     if array.dtype.kind not in "iu":
         raise InvalidOptionError(f"indices must be integers, got dtype {array.dtype}")
     if array.ndim != 1:
         raise InvalidOptionError(f"indices must be 1-D, got shape {array.shape}")
-    array = array.astype(np.int64)
-    if array.min() < -count or array.max() >= count:
-        bad = array[(array < -count) | (array >= count)][0]
+    # Compare before converting: uint64 indices at or above 2**63 would wrap to negative in int64.
+    too_big = array >= count
+    too_small = array < -count if array.dtype.kind == "i" else np.zeros(array.shape, bool)
+    if too_big.any() or too_small.any():
+        bad = array[too_big | too_small][0]
         raise StoreIndexError(f"index {bad} is out of range for a store of {count} images")
+    array = array.astype(np.int64)
     return np.where(array < 0, array + count, array)
-
-
-# ---------------------------------------------------------------------- opening
-
-
-def open_store(
-    path: str | os.PathLike[str],
-    backend: str | None = None,
-    mode: Mode = "r",
-    *,
-    shape: Sequence[int] | None = None,
-    sync: bool = True,
-    **options: Any,
-) -> Store:
-    """Open the store at ``path`` (a directory).
-
-    ``mode``: ``"r"`` read only (writes raise :class:`ReadOnlyError`); ``"a"`` append, creating the
-    store if there is none; ``"w"`` create, replacing an existing store (never a directory that is
-    not a store). ``backend`` is needed to create; on opening it is read from the manifest (giving a
-    different one raises). ``shape`` fixes the image shape up front (else the first write does).
-    ``sync=False`` skips fsync: faster writes, but the last commits may be lost on power failure.
-    ``options`` are the backend's own (see its ``option_defaults``).
-    """
-    from imgstore.registry import get_backend
-
-    if mode not in ("r", "w", "a"):
-        raise InvalidOptionError(f"mode must be 'r', 'w' or 'a', got {mode!r}")
-    store_path = Path(path)
-    if mode == "r":
-        manifest = read_manifest(store_path)
-        return _open_existing(store_path, manifest, backend, mode, sync, options)
-
-    creating = mode == "w" or not manifest_path(store_path).exists()
-    if creating:
-        if backend is None:
-            raise (InvalidOptionError if mode == "w" else StoreNotFoundError)(
-                f"no store at {store_path}; pass backend=... to create one"
-            )
-        cls = get_backend(backend)
-        image_shape = tuple(operator.index(s) for s in shape) if shape is not None else None
-        if image_shape is not None:
-            if not image_shape or min(image_shape) < 1:
-                raise InvalidImageError(f"shape must be positive dimensions, got {shape}")
-            cls.check_shape(image_shape)
-        new_manifest = Manifest(backend=cls.name, shape=image_shape, options=_checked_options(cls, options))
-        _check_replaceable(store_path)
-        store_path.mkdir(parents=True, exist_ok=True)
-    lock = _lock_for_writing(store_path)
-    try:
-        if creating and (mode == "w" or not manifest_path(store_path).exists()):  # re-checked under the lock
-            _empty_except_lock(store_path)
-            store = cls(store_path, new_manifest, mode, sync=sync)
-            store._open(create=True)
-            write_manifest(store_path, new_manifest, sync=sync)
-        else:
-            store = _open_existing(store_path, read_manifest(store_path), backend, mode, sync, options)
-    except BaseException:
-        os.close(lock)
-        raise
-    store._writer_lock = lock
-    return store
-
-
-def _open_existing(
-    path: Path, manifest: Manifest, backend: str | None, mode: Mode, sync: bool, options: Mapping[str, Any]
-) -> Store:
-    from imgstore.registry import get_backend
-
-    if backend is not None and backend != manifest.backend:
-        raise InvalidOptionError(f"{path} is a {manifest.backend!r} store, not {backend!r}")
-    cls = get_backend(manifest.backend)
-    merged = {**manifest.options, **_checked_options(cls, options, defaults=False)}
-    store = cls(path, replace(manifest, options=merged), mode, sync=sync)
-    try:
-        store._open(create=False)
-    except cls.damage_errors as exc:
-        raise store._damaged(exc) from exc
-    return store
-
-
-def _lock_for_writing(path: Path) -> int:
-    """One writer per store: the commit protocol appends at the count the writer read when it opened."""
-    fd = os.open(path / WRITER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreBusyError(f"{path} is open for writing by another handle or process") from None
-    return fd
-
-
-def _checked_options(cls: type[Store], options: Mapping[str, Any], *, defaults: bool = True) -> dict[str, Any]:
-    unknown = set(options) - set(cls.option_defaults)
-    if unknown:
-        valid = ", ".join(sorted(cls.option_defaults)) or "none"
-        raise InvalidOptionError(f"backend {cls.name!r} has no option {', '.join(sorted(unknown))} (options: {valid})")
-    return {**cls.option_defaults, **options} if defaults else dict(options)
-
-
-def _check_replaceable(path: Path) -> None:
-    """Refuse to create a store over a file or over a directory that is not a store."""
-    if path.exists() and not path.is_dir():
-        raise StoreExistsError(f"{path} is a file; a store is a directory")
-    if path.is_dir() and not manifest_path(path).exists():
-        if any(p.name != WRITER_LOCK_NAME for p in path.iterdir()):
-            raise StoreExistsError(f"{path} is a non-empty directory that is not an imgstore store; not overwriting it")
-
-
-def _empty_except_lock(path: Path) -> None:
-    # The manifest goes first: a crash part-way leaves a directory that is not a store, not a broken one.
-    manifest_path(path).unlink(missing_ok=True)
-    for entry in path.iterdir():
-        if entry.name == WRITER_LOCK_NAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import imgstore
 from imgstore import Store, open_store
 from imgstore.errors import ImgStoreError, InvalidImageError
-from imgstore.manifest import MANIFEST_NAME, read_manifest
+from imgstore.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 
 
 def random_images(n: int, shape: tuple[int, ...] = (32, 32, 3), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +250,10 @@ class StoreConformance:
         assert manifest.shape == images.shape[1:]
         assert manifest.dtype == "uint8"
         assert manifest.count == len(images)
-        assert manifest.format_version == 1
+        assert manifest.format_version == FORMAT_VERSION
+        entries = {entry.name for entry in path.iterdir()}
+        assert set(manifest.files) <= entries, "the manifest names files the store does not have"
+        assert all(manifest.owns(name) for name in entries), "the store holds files its manifest does not name"
 
     def test_reopen_finds_backend_from_manifest(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
         path, images, labels = filled

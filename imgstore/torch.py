@@ -16,7 +16,8 @@ from typing import Any, Literal
 import numpy as np
 
 from imgstore.errors import InvalidOptionError, MissingDependencyError
-from imgstore.store import Store, open_store
+from imgstore.opening import open_store
+from imgstore.store import Store
 
 try:
     import torch

@@ -152,10 +152,11 @@ def test_third_party_backend_via_entry_point(tmp_path: Path, monkeypatch: pytest
         "thirdparty_store",
         """
         from imgstore.backends.hdf5 import Hdf5Store
+        from imgstore.options import Option
 
         class SmallChunkStore(Hdf5Store):
             name = "hdf5-small-chunks"
-            option_defaults = {"chunk_bytes": 4096}
+            option_specs = {"chunk_bytes": Option(4096, 1, 1 << 31, fixed=True)}
         """,
     )
     dist = tmp_path / "thirdparty_store-1.0.dist-info"
@@ -233,7 +234,8 @@ def test_lmdb_values_are_raw_pixels_and_label_not_pickles(tmp_path: Path) -> Non
     images, labels = random_images(3)
     with open_store(tmp_path / "s", "lmdb", "w") as store:
         store.put_many(images, labels)
-    env = lmdb.open(str(tmp_path / "s" / "lmdb"), readonly=True, lock=False)
+        environment = store.file("lmdb")
+    env = lmdb.open(str(environment), readonly=True, lock=False)
     with env.begin() as txn:
         value = txn.get((0).to_bytes(8, "big"))  # block 0: the three images' pixels, then their labels
     env.close()

@@ -22,6 +22,7 @@ import numpy as np
 
 from imgstore.errors import CorruptStoreError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
+from imgstore.options import Option
 from imgstore.store import Store
 
 _FILE = "images.h5"
@@ -31,10 +32,11 @@ _LABEL_CHUNK = 1 << 14
 class Hdf5Store(Store):
     name = "hdf5"
     damage_errors = (OSError, RuntimeError, KeyError)  # how h5py reports a damaged file
-    option_defaults = {"chunk_bytes": 1 << 18}
+    option_specs = {"chunk_bytes": Option(1 << 18, 1, 1 << 31, fixed=True)}
+    files = (_FILE,)
 
     def _open(self, create: bool) -> None:
-        path = self.path / _FILE
+        path = self.file(_FILE)
         if create:
             self._file = h5py.File(path, "w", libver="latest", locking=False)
         elif self.writable:
@@ -63,7 +65,7 @@ class Hdf5Store(Store):
         return h5py.File(path, "a", libver="latest", locking=False)
 
     def _rebuild(self, path: Path) -> None:
-        tmp = path.with_suffix(".rebuild.h5")
+        tmp = path.with_name(path.name + ".rebuild")
         count = len(self)
         with (
             h5py.File(path, "r", libver="latest", swmr=True, locking=False) as old,
@@ -97,7 +99,7 @@ class Hdf5Store(Store):
         # Reopen rather than Dataset.refresh(): that needs SWMR mode, which a reader opened while no
         # writer was there does not use; a reopen also sees datasets a writer created meanwhile.
         self._file.close()
-        self._file = _open_for_reading(self.path / _FILE)
+        self._file = _open_for_reading(self.file(_FILE))
         self._images, self._labels = self._file.get("images"), self._file.get("labels")
         self._index = None
 
@@ -121,14 +123,14 @@ class Hdf5Store(Store):
             # keeps it readable whatever moment the writer is killed at (no new objects may be added).
             self._file.swmr_mode = True
         stop = start + len(images)
-        reserve(self.path / _FILE, images.nbytes + labels.nbytes + (images.nbytes >> 4) + (1 << 20))
+        reserve(self.file(_FILE), images.nbytes + labels.nbytes + (images.nbytes >> 4) + (1 << 20))
         # Anything past the committed count is a crashed write's leftover: resizing drops it.
         self._images.resize(stop, axis=0)
         self._labels.resize(stop, axis=0)
         self._images.write_direct(images, dest_sel=np.s_[start:stop])
         self._labels.write_direct(labels, dest_sel=np.s_[start:stop])
         self._file.flush()
-        release_reserve(self.path / _FILE)
+        release_reserve(self.file(_FILE))
         if self.sync:
             os.fsync(self._fd)  # H5Fflush hands the data to the OS; fsync makes it durable
         self._index = None
@@ -144,7 +146,7 @@ class Hdf5Store(Store):
 
     def _pread_into(self, buffer: np.ndarray, offset: int) -> None:
         if os.preadv(self._fd, [buffer], offset) != buffer.nbytes:
-            raise CorruptStoreError(f"{self.path / _FILE} ends before the data its chunk index points to")
+            raise CorruptStoreError(f"{self.file(_FILE)} ends before the data its chunk index points to")
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         ix = self._read_index()
@@ -181,7 +183,7 @@ class Hdf5Store(Store):
 
     def _check_extent(self, stop: int) -> None:
         if self._images is None or self._images.shape[0] < stop or self._labels.shape[0] < stop:
-            raise CorruptStoreError(f"{self.path / _FILE} holds fewer images than its manifest commits")
+            raise CorruptStoreError(f"{self.file(_FILE)} holds fewer images than its manifest commits")
 
 
 def _open_for_reading(path: Path) -> h5py.File:

@@ -16,6 +16,7 @@ import numpy as np
 
 from imgstore.errors import CorruptStoreError, StoreBusyError
 from imgstore.fileio import release_reserve, reserve
+from imgstore.options import Option
 from imgstore.store import Store
 
 _MAX_READERS = 512  # concurrent reading threads across all processes
@@ -84,11 +85,12 @@ class LmdbStore(Store):
     # Records are grouped in blocks of about block_bytes (64 KiB: 16 whole pages for CIFAR): one
     # key per image would put each 3 080-byte record on its own 4 096-byte page (a third more
     # disk) and cost a B-tree lookup per image in a scan.
-    option_defaults = {"block_bytes": 1 << 16}
+    option_specs = {"block_bytes": Option(1 << 16, 1, 1 << 30, fixed=True)}
     damage_errors = (lmdb.Error,)
+    files = ("lmdb",)
 
     def _open(self, create: bool) -> None:
-        path = self.path / "lmdb"
+        path = self.file("lmdb")
         if create:
             path.mkdir()
         key = os.path.realpath(path)
@@ -169,7 +171,7 @@ class LmdbStore(Store):
                         cursor.put(_key(block), value, append=True)
                 if self.sync and not self._shared.sync:
                     self._env.sync(True)  # the environment was opened without sync by another handle
-                release_reserve(self.path / "lmdb" / "data.mdb")
+                release_reserve(self.file("lmdb") / "data.mdb")
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
@@ -182,7 +184,7 @@ class LmdbStore(Store):
         needed = used + 2 * (nbytes + nbytes // 16) + (1 << 20)  # x2: copy-on-write keeps old pages until commit
         if needed > info["map_size"]:
             self._env.set_mapsize(max(needed, 2 * info["map_size"]))
-        data = self.path / "lmdb" / "data.mdb"
+        data = self.file("lmdb") / "data.mdb"
         reserve(data, used + nbytes + nbytes // 16 + (1 << 20) - data.stat().st_size)
 
     # -------------------------------------------------------------- reading

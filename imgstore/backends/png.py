@@ -17,6 +17,7 @@ from PIL import Image
 
 from imgstore import parallel
 from imgstore.errors import CorruptStoreError, InvalidImageError
+from imgstore.options import Option
 from imgstore.store import Store
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> PNG colour type
@@ -27,11 +28,13 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 class PngStore(Store):
     name = "png"
     damage_errors = (OSError,)  # e.g. the labels file is missing
-    option_defaults = {
-        "compress_level": 6,  # Pillow's default; 1 is faster and larger, 9 slower and smaller
-        "files_per_dir": 1000,
-        "workers": None,  # processes for big batches; None: one per CPU
-        "parallel_min": 2048,  # smaller batches stay in this process: a pool round trip costs more
+    files = ("png", "labels.i64")
+    option_specs = {
+        # Pillow's default; 1 is faster and larger, 9 slower and smaller. Applies to new writes only.
+        "compress_level": Option(6, 0, 9),
+        "files_per_dir": Option(1000, 1, 1 << 30, fixed=True),  # where image i's file is
+        "workers": Option(None, 1, 1024, allow_none=True),  # processes for big batches; None: one per CPU
+        "parallel_min": Option(2048, 1, 1 << 40),  # smaller batches stay in this process: a pool round trip costs more
     }
     # Level 0 stores deflate blocks uncompressed: 2x faster to encode, 1.5x to decode, +40% bytes
     # (a 32x32 PNG still fits one 4 KiB block); 9 squeezes hardest. 1 is no faster than 6 here.
@@ -45,7 +48,8 @@ class PngStore(Store):
             )
 
     def _open(self, create: bool) -> None:
-        self._labels_path = self.path / _LABELS
+        self._labels_path = self.file(_LABELS)
+        self._root = str(self.file("png"))
         if create:
             self._labels_path.touch()
         self._file_labels: np.ndarray | None = None  # loaded on first read of many
@@ -57,7 +61,7 @@ class PngStore(Store):
         self._file_labels = None
 
     def image_path(self, index: int) -> Path:
-        return Path(_image_path(str(self.path), self.options["files_per_dir"], index))
+        return Path(_image_path(self._root, self.options["files_per_dir"], index))
 
     def _read_ahead(self) -> int:
         return self.options["parallel_min"] if self._workers(self.options["parallel_min"]) > 1 else 0
@@ -71,11 +75,11 @@ class PngStore(Store):
 
     def _write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
         per_dir = self.options["files_per_dir"]
-        dirs = {self.path / "png" / f"{i // per_dir:05d}" for i in range(start, start + len(images), per_dir)}
+        dirs = {self.file("png") / f"{i // per_dir:05d}" for i in range(start, start + len(images), per_dir)}
         dirs.add(self.image_path(start + len(images) - 1).parent)
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
-        args = (str(self.path), per_dir, start, self.options["compress_level"])
+        args = (self._root, per_dir, start, self.options["compress_level"])
         parallel.run_split(lambda lo, hi: _encode_range(images, lo, hi, args), len(images), self._workers(len(images)))
         with open(self._labels_path, "r+b") as f:
             f.truncate(start * 8)  # drop labels a crashed write left past the committed count
@@ -99,7 +103,7 @@ class PngStore(Store):
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         labels[:] = self._labels()[indices]
-        args = (str(self.path), self.options["files_per_dir"], indices)
+        args = (self._root, self.options["files_per_dir"], indices)
         workers = self._workers(len(indices))
         if workers == 1:
             _decode_range(images, 0, len(indices), args)
@@ -115,7 +119,7 @@ class PngStore(Store):
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         image = np.empty(self.shape, dtype=np.uint8)
-        _decode_into(_image_path(str(self.path), self.options["files_per_dir"], index), image)
+        _decode_into(_image_path(self._root, self.options["files_per_dir"], index), image)
         return image, int(self._labels()[index])  # labels are read once per handle, not per image
 
 
@@ -123,7 +127,7 @@ class PngStore(Store):
 
 
 def _image_path(root: str, per_dir: int, index: int) -> str:
-    return f"{root}/png/{index // per_dir:05d}/{index:09d}.png"
+    return f"{root}/{index // per_dir:05d}/{index:09d}.png"
 
 
 def _encode_range(images: np.ndarray, lo: int, hi: int, args: tuple[str, int, int, int]) -> None:

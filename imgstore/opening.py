@@ -1,0 +1,319 @@
+"""Opening, creating and replacing stores, and the one-writer lock.
+
+Creating (mode ``"w"``, or ``"a"`` where there is no store) never deletes what is not the store's:
+
+1. Under the writer lock, the directory must be empty, or hold a valid manifest (whose ``files``
+   name what the old store owns). Anything else (a foreign ``imgstore.json``, a damaged manifest,
+   files without a manifest) is refused with :class:`StoreExistsError` before anything is touched.
+2. A manifest marked ``creating`` that names the old store's files and the new store's is
+   committed first. From here a crash or a full disk leaves a directory that ``"w"`` (or ``"a"``)
+   finishes creating, never one it refuses.
+3. The old store's files (and only those) are deleted; the new store's files are made under new
+   names (a fresh *generation*), so readers of the old store never read the new one's files.
+4. The manifest of the new, empty store is committed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import operator
+import os
+import secrets
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from imgstore.checksums import group_size
+from imgstore.errors import (
+    CorruptStoreError,
+    ImgStoreError,
+    InvalidImageError,
+    InvalidOptionError,
+    StoreBusyError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+from imgstore.manifest import (
+    MANIFEST_NAME,
+    MAX_IMAGE_BYTES,
+    WRITER_LOCK_NAME,
+    Manifest,
+    generation_name,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
+from imgstore.options import check_options, resolve_options
+from imgstore.store import Mode, Store, WriterLock, io_error
+
+_STORE_FILES = ("checksums.xxh3", "groups.xxh3")  # the store's own, beside the backend's
+_LEGACY_STORE_FILES = ("checksums.crc32",)  # format version 1
+
+
+def open_store(
+    path: str | os.PathLike[str],
+    backend: str | None = None,
+    mode: Mode = "r",
+    *,
+    shape: Sequence[int] | None = None,
+    sync: bool = True,
+    verify_reads: bool = True,
+    **options: Any,
+) -> Store:
+    """Open the store at ``path`` (a directory).
+
+    ``mode``: ``"r"`` read only (writes raise :class:`ReadOnlyError`); ``"a"`` append, creating the
+    store if there is none; ``"w"`` create, replacing an existing store (deleting only the files its
+    manifest names; never a directory that is not a store). ``backend`` is needed to create; on
+    opening it is read from the manifest (giving a different one raises). ``shape`` fixes the image
+    shape up front (else the first write does). ``sync=False`` skips fsync: faster writes, but the
+    last commits may be lost on power failure. ``verify_reads=False`` skips checking each record
+    read against its checksum (see the README for what the check costs). ``options`` are the
+    backend's own (see its ``option_specs``): layout options are fixed when the store is created.
+    """
+    from imgstore.registry import get_backend
+
+    if mode not in ("r", "w", "a"):
+        raise InvalidOptionError(f"mode must be 'r', 'w' or 'a', got {mode!r}")
+    for name, flag in (("sync", sync), ("verify_reads", verify_reads)):
+        if not isinstance(flag, bool):
+            raise InvalidOptionError(f"{name} must be True or False, got {flag!r}")
+    store_path = Path(path)
+    if mode == "r":
+        return _open_existing(store_path, read_manifest(store_path), backend, mode, sync, verify_reads, options)
+
+    cls = get_backend(backend) if backend is not None else None
+    image_shape = _checked_shape(cls, shape) if cls is not None else None
+    if cls is not None:
+        check_options(cls.name, cls.option_specs, options)  # bad options raise before anything is touched
+    _make_directory(store_path)
+    lock = _lock_for_writing(store_path)
+    try:
+        old = _existing_manifest(store_path, mode)
+        if mode == "a" and old is not None and not old.creating:
+            store = _open_existing(store_path, old, backend, mode, sync, verify_reads, options, lock)
+        else:
+            if cls is None:
+                if old is None:
+                    raise StoreNotFoundError(f"no store at {store_path}; pass backend=... to create one")
+                raise InvalidOptionError(f"{store_path} was being created and is empty; pass backend=... to create it")
+            store = _create(store_path, cls, old, image_shape, sync, verify_reads, options, lock)
+    except BaseException:
+        lock.release()
+        raise
+    return store
+
+
+def reopen(
+    path: str, backend: str, mode: Mode, sync: bool, verify_reads: bool, overrides: dict[str, Any]
+) -> Store:
+    """Unpickle a store: open it again the way it was open."""
+    return open_store(path, backend, mode, sync=sync, verify_reads=verify_reads, **overrides)
+
+
+def _checked_shape(cls: type[Store], shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    if shape is None:
+        return None
+    try:
+        image_shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise InvalidImageError(f"shape must be a sequence of integers, got {shape!r}") from None
+    if not image_shape or min(image_shape) < 1 or any(isinstance(s, bool) for s in shape):
+        raise InvalidImageError(f"shape must be positive dimensions, got {shape}")
+    nbytes = 1
+    for s in image_shape:
+        nbytes *= s
+    if nbytes > MAX_IMAGE_BYTES:
+        raise InvalidImageError(f"shape {image_shape} is {nbytes} bytes an image; at most {MAX_IMAGE_BYTES}")
+    cls.check_shape(image_shape)
+    return image_shape
+
+
+def _open_existing(
+    path: Path,
+    manifest: Manifest,
+    backend: str | None,
+    mode: Mode,
+    sync: bool,
+    verify_reads: bool,
+    options: Mapping[str, Any],
+    lock: WriterLock | None = None,
+) -> Store:
+    from imgstore.registry import get_backend
+
+    if manifest.creating:
+        raise CorruptStoreError(
+            f"{path} is being created, or its creation was interrupted; open it with mode 'w' to create it again"
+        )
+    if backend is not None and backend != manifest.backend:
+        raise InvalidOptionError(f"{path} is a {manifest.backend!r} store, not {backend!r}")
+    cls = get_backend(manifest.backend)
+    kept, overrides = resolve_options(cls.name, cls.option_specs, manifest.options, options)
+    manifest = replace(_with_legacy_files(manifest, cls), options=kept)
+    if manifest.shape is not None:
+        try:
+            cls.check_shape(manifest.shape)
+        except InvalidImageError as exc:
+            raise CorruptStoreError(f"{path}: its manifest holds a shape its backend cannot hold: {exc}") from None
+    store = cls(path, manifest, mode, sync=sync, verify_reads=verify_reads, overrides=overrides)
+    store._lock = lock
+    try:
+        store._load_checksums()
+        store._open(create=False)
+    except cls.damage_errors as exc:
+        raise store._damaged(exc) from exc
+    except OSError as exc:
+        if isinstance(exc, ImgStoreError):
+            raise
+        raise CorruptStoreError(f"{path} cannot be opened: {exc}") from exc
+    return store
+
+
+def _with_legacy_files(manifest: Manifest, cls: type[Store]) -> Manifest:
+    if manifest.format_version >= 2:
+        return manifest
+    return replace(manifest, files=(*cls.files, *_LEGACY_STORE_FILES))
+
+
+def _create(
+    path: Path,
+    cls: type[Store],
+    old: Manifest | None,
+    shape: tuple[int, ...] | None,
+    sync: bool,
+    verify_reads: bool,
+    options: Mapping[str, Any],
+    lock: WriterLock,
+) -> Store:
+    generation = secrets.token_hex(4)
+    while old is not None and generation == old.generation:
+        generation = secrets.token_hex(4)
+    new = Manifest(
+        backend=cls.name,
+        shape=shape,
+        options={name: spec.default for name, spec in cls.option_specs.items()} | check_options(
+            cls.name, cls.option_specs, options
+        ),
+        generation=generation,
+        files=tuple(generation_name(name, generation) for name in (*cls.files, *_STORE_FILES)),
+        group=group_size(_nbytes(shape)) if shape is not None else 0,
+    )
+    doing = f"creating a {cls.name} store at {path}"
+    try:
+        # The intent first: a manifest naming every file the old and the new store may leave behind.
+        named = tuple(dict.fromkeys((*(old.files if old else ()), *new.files)))
+        write_manifest(path, replace(new, files=named, creating=True), sync=sync)
+        if old is not None:
+            _delete_owned(path, old)
+        store = cls(path, new, "w", sync=sync, verify_reads=verify_reads)
+        store._lock = lock
+        store._open(create=True)
+    except OSError as exc:
+        _delete_owned(path, new, quietly=True)  # give back what was made; the intent still names it
+        if isinstance(exc, ImgStoreError):
+            raise
+        raise io_error(exc, doing) from exc
+    except BaseException:
+        _delete_owned(path, new, quietly=True)
+        raise
+    try:
+        for name in _STORE_FILES:
+            store.file(name).touch()
+        write_manifest(path, new, sync=sync)
+    except OSError as exc:
+        store.close()
+        _delete_owned(path, new, quietly=True)
+        raise io_error(exc, doing) from exc
+    return store
+
+
+def _nbytes(shape: tuple[int, ...]) -> int:
+    nbytes = 1
+    for s in shape:
+        nbytes *= s
+    return nbytes
+
+
+def _make_directory(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise StoreExistsError(f"{path} is a symbolic link to nothing; not creating a store through it")
+    if path.exists() and not path.is_dir():
+        raise StoreExistsError(f"{path} is a file; a store is a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StoreExistsError(f"{path} exists and is not a directory") from None
+    except OSError as exc:
+        raise io_error(exc, f"creating the directory {path}") from exc
+
+
+def _lock_for_writing(path: Path) -> WriterLock:
+    """One writer per store: the commit protocol appends at the count the writer read when it opened."""
+    try:
+        fd = os.open(path / WRITER_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreExistsError(f"{path / WRITER_LOCK_NAME} is a symbolic link; not an imgstore lock") from None
+        raise io_error(exc, f"opening {path} for writing") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreBusyError(f"{path} is open for writing by another handle or process") from None
+    return WriterLock(fd)
+
+
+def _existing_manifest(path: Path, mode: Mode) -> Manifest | None:
+    """The manifest of the store a writer is about to open or replace; None for an empty directory.
+
+    Refuses (:class:`StoreExistsError`) what is not a valid store, so that nothing is deleted.
+    """
+    from imgstore.registry import get_backend
+
+    if not manifest_path(path).exists() and not manifest_path(path).is_symlink():
+        foreign = sorted(
+            entry.name for entry in path.iterdir() if not Manifest("", None).owns(entry.name)
+        )
+        if foreign:
+            raise StoreExistsError(
+                f"{path} is a non-empty directory that is not an imgstore store (it holds {', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); not writing into it"
+            )
+        return None
+    try:
+        manifest = read_manifest(path)
+    except ImgStoreError as exc:
+        if mode == "a":
+            raise
+        raise StoreExistsError(
+            f"{path / MANIFEST_NAME} is not a valid imgstore manifest ({exc}); not replacing what is there"
+        ) from None
+    if manifest.format_version < 2:
+        try:
+            manifest = _with_legacy_files(manifest, get_backend(manifest.backend))
+        except ImgStoreError:
+            if mode == "a":
+                raise
+            raise StoreExistsError(
+                f"{path} is a store of backend {manifest.backend!r}, which is not installed: "
+                "its files are unknown, so it is not replaced"
+            ) from None
+    return manifest
+
+
+def _delete_owned(path: Path, manifest: Manifest, *, quietly: bool = False) -> None:
+    """Delete the entries of ``path`` that ``manifest`` names as the store's (not the manifest or lock)."""
+    for entry in path.iterdir():
+        if entry.name in (MANIFEST_NAME, WRITER_LOCK_NAME) or not manifest.owns(entry.name):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            if not quietly:
+                raise
