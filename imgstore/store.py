@@ -330,9 +330,7 @@ class Store(abc.ABC):
         except self.damage_errors as exc:
             raise self._damaged(exc) from exc
         if self.verify_reads:
-            self._checksums.check_records(
-                np.array([index]), image[np.newaxis], np.array([label], dtype=np.int64), self.path
-            )
+            self._checksums.check_one(index, image, label, self.path)
         return image, label
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:

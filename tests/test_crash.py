@@ -110,5 +110,5 @@ def test_killed_writer_loses_nothing_acknowledged(tmp_path: Path, backend: str) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", imgstore.available_backends())
-def test_killed_writer_loses_nothing_acknowledged_50_times(tmp_path: Path, backend: str) -> None:
-    run_crashes(tmp_path, backend, kills=50, seed=12)
+def test_killed_writer_loses_nothing_acknowledged_60_times(tmp_path: Path, backend: str) -> None:
+    run_crashes(tmp_path, backend, kills=60, seed=12)

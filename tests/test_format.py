@@ -1,0 +1,88 @@
+"""Stores written by earlier versions keep working: pinned stores under ``tests/data`` are read back bit-exact.
+
+``format1/`` holds one small store per backend written by imgstore's format version 1 (commit
+c5d7c9c: CRC-32 record checksums, files without generation names), and ``expected.npz`` the records.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgstore
+from imgstore.manifest import MANIFEST_NAME
+from imgstore.testing import check_store_content, random_images
+
+DATA = Path(__file__).parent / "data"
+BACKENDS = ("png", "lmdb", "hdf5")
+
+
+@pytest.fixture
+def expected() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(DATA / "format1" / "expected.npz") as saved:
+        return saved["images"], saved["labels"]
+
+
+@pytest.fixture(params=BACKENDS)
+def format1_store(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    path = tmp_path / request.param
+    shutil.copytree(DATA / "format1" / request.param, path)
+    return path
+
+
+def test_format1_stores_read_back_bit_exact(format1_store: Path, expected: tuple[np.ndarray, np.ndarray]) -> None:
+    with imgstore.open_store(format1_store) as store:
+        assert json.loads((format1_store / MANIFEST_NAME).read_text())["format_version"] == 1
+        check_store_content(store, *expected)
+        store.verify()
+        order = np.random.default_rng(3).permutation(len(store))
+        np.testing.assert_array_equal(store.get_many(order)[0], expected[0][order])
+
+
+def test_format1_reads_are_verified(format1_store: Path) -> None:
+    checksums = format1_store / "checksums.crc32"
+    data = bytearray(checksums.read_bytes())
+    data[4 * 7] ^= 1  # record 7's CRC-32
+    checksums.write_bytes(bytes(data))
+    with imgstore.open_store(format1_store) as store:
+        store.get(6)
+        with pytest.raises(imgstore.CorruptStoreError, match="index 7"):
+            store.get(7)
+        with pytest.raises(imgstore.CorruptStoreError):
+            store.get_many(range(len(store)))
+    with imgstore.open_store(format1_store, verify_reads=False) as store:
+        store.get(7)  # unchecked: the pixels themselves are intact
+
+
+def test_format1_stores_take_appends_and_stay_format1(
+    format1_store: Path, expected: tuple[np.ndarray, np.ndarray]
+) -> None:
+    more, more_labels = random_images(30, (8, 8, 3), seed=8)
+    with imgstore.open_store(format1_store, mode="a") as store:
+        store.put_many(more, more_labels)
+        store.put(more[0], 5)
+    assert json.loads((format1_store / MANIFEST_NAME).read_text())["format_version"] == 1
+    with imgstore.open_store(format1_store) as store:
+        check_store_content(
+            store,
+            np.concatenate([expected[0], more, more[:1]]),
+            np.concatenate([expected[1], more_labels, [5]]),
+        )
+        store.verify()
+
+
+def test_replacing_a_format1_store_deletes_its_files_and_nothing_else(format1_store: Path) -> None:
+    (format1_store / "notes.txt").write_text("mine")
+    backend = json.loads((format1_store / MANIFEST_NAME).read_text())["backend"]
+    legacy = {"png": {"png", "labels.i64"}, "lmdb": {"lmdb"}, "hdf5": {"images.h5"}}[backend] | {"checksums.crc32"}
+    with imgstore.open_store(format1_store, backend, "w") as store:
+        store.put_many(*random_images(3, (8, 8, 3)))
+    names = {entry.name for entry in format1_store.iterdir()}
+    assert not names & legacy
+    assert (format1_store / "notes.txt").read_text() == "mine"
+    with imgstore.open_store(format1_store) as store:
+        assert len(store) == 3 and store.backend == backend
