@@ -152,6 +152,8 @@ def _run_compare(args: argparse.Namespace) -> int:
             wanted = set(args.only.read_text(encoding="utf-8").split())
         except OSError as exc:
             raise ImgStoreError(f"{args.only}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ImgStoreError(f"{args.only}: not a text file (not UTF-8 at byte {exc.start})") from None
         rows = [row for row in rows if row.fullname in wanted]
     drift = compare.machine_drift(baseline, candidate)
     notes = compare.notes(rows, drift, threshold=args.threshold, normalized=args.normalize)
@@ -194,12 +196,15 @@ def _threshold(text: str) -> float:
 
 
 def _confidence(text: str) -> float:
+    from imgstore.compare import CONFIDENCE_RANGE
+
+    low, high = CONFIDENCE_RANGE
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < 1:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, not {text!r}")
+    if not low <= value <= high:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 ({low:f} to {high:f}), not {text!r}")
     return value
 
 
@@ -235,9 +240,9 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_plot(args: argparse.Namespace) -> int:
     # Imported here: matplotlib is optional, and `imgstore compare` must work without it.
-    from imgstore import compare, plot
+    from imgstore import plot, runs
 
-    run = compare.load_run(args.run)
+    run = runs.load_run(args.run)
     try:
         written = plot.plot_run(run, args.out)
     except OSError as exc:
@@ -278,8 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ImgStoreError as exc:
-        print(f"imgstore {args.command}: error: {exc}", file=sys.stderr)
+        print(f"imgstore {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _one_line(text: str) -> str:
+    """The message with its control characters escaped: a path or name with a newline stays on one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 if __name__ == "__main__":

@@ -96,19 +96,21 @@ or ``removed``, which is not a failure either.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from imgstore.errors import ImgStoreError
+from imgstore.errors import ImgStoreError  # noqa: F401  (re-exported: callers catch compare.ImgStoreError)
+
+# Reading and checking saved runs: in one place for compare and plot (re-exported here).
+from imgstore.runs import Benchmark, Run, load_run, load_runs, merge_runs
 
 __all__ = [
     "Benchmark",
@@ -116,6 +118,7 @@ __all__ = [
     "DEFAULT_COLUMNS",
     "Drift",
     "COLUMNS",
+    "CONFIDENCE_RANGE",
     "Run",
     "Verdict",
     "compare_runs",
@@ -145,6 +148,9 @@ _MAX_ROUNDS = 1000
 # Exact Mann-Whitney null distribution up to this n*m; the normal approximation is within one
 # rank of it beyond (checked for 50x50 and 30x80).
 _EXACT_LIMIT = 2500
+# Confidences accepted by compare_runs: beyond these its Bonferroni-adjusted level rounds to 1 in
+# floating point (or its z to 0), and no gate wants them anyway.
+CONFIDENCE_RANGE = (1e-6, 1 - 1e-6)
 
 
 class Verdict(str, Enum):
@@ -174,28 +180,6 @@ _VERDICT_ORDER = {verdict: rank for rank, verdict in enumerate(Verdict)}
 
 
 @dataclass(frozen=True)
-class Benchmark:
-    """One benchmark of a run: identified across runs by ``fullname``; times in seconds."""
-
-    fullname: str
-    name: str
-    group: str | None
-    median: float
-    rounds: tuple[float, ...] = ()
-    extra_info: dict[str, Any] = field(default_factory=dict)
-    # The rounds of each run, when several runs of the same code were merged (see merge_runs).
-    run_rounds: tuple[tuple[float, ...], ...] = ()
-
-
-@dataclass(frozen=True)
-class Run:
-    path: str
-    benchmarks: dict[str, Benchmark]
-    datetime: str | None = None
-    commit: str | None = None
-
-
-@dataclass(frozen=True)
 class Comparison:
     """One row of the comparison.
 
@@ -216,118 +200,6 @@ class Comparison:
     confidence: float | None = None
     significant: bool = False  # the Bonferroni-adjusted interval excludes 1
     between_runs: float = 0.0  # log-scale spread between runs added to the interval (see module)
-
-
-# --------------------------------------------------------------------------------------- loading
-
-
-def load_run(path: str | Path) -> Run:
-    """Read a pytest-benchmark JSON file; raise :class:`ImgStoreError` with a one-line reason."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ImgStoreError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ImgStoreError(f"{path}: not a text file") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ImgStoreError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
-        raise ImgStoreError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
-
-    benchmarks: dict[str, Benchmark] = {}
-    for index, raw in enumerate(doc["benchmarks"]):
-        bench = _parse_benchmark(raw, f"{path}: benchmarks[{index}]")
-        if bench.fullname in benchmarks:
-            raise ImgStoreError(f"{path}: benchmark {bench.fullname!r} appears twice")
-        benchmarks[bench.fullname] = bench
-    commit_info = doc.get("commit_info")
-    commit = commit_info.get("id") if isinstance(commit_info, dict) else None
-    return Run(
-        path=str(path),
-        benchmarks=benchmarks,
-        datetime=doc.get("datetime") if isinstance(doc.get("datetime"), str) else None,
-        commit=commit if isinstance(commit, str) else None,
-    )
-
-
-def _parse_benchmark(raw: object, where: str) -> Benchmark:
-    if not isinstance(raw, dict):
-        raise ImgStoreError(f"{where} is not an object")
-    fullname = raw.get("fullname")
-    stats = raw.get("stats")
-    if not isinstance(fullname, str) or not fullname:
-        raise ImgStoreError(f"{where} has no 'fullname'")
-    if not isinstance(stats, dict):
-        raise ImgStoreError(f"{where} ({fullname}) has no 'stats'")
-    median = stats.get("median")
-    if not _is_positive(median):
-        raise ImgStoreError(f"{where} ({fullname}) has no positive 'stats.median'")
-    data = stats.get("data", [])
-    if not isinstance(data, list) or not all(_is_positive(t) for t in data):
-        raise ImgStoreError(f"{where} ({fullname}): 'stats.data' is not a list of positive times")
-    extra_info = raw.get("extra_info")
-    name = raw.get("name")
-    group = raw.get("group")
-    return Benchmark(
-        fullname=fullname,
-        name=name if isinstance(name, str) and name else fullname,
-        group=group if isinstance(group, str) else None,
-        median=float(median),
-        rounds=tuple(float(t) for t in data),
-        extra_info=extra_info if isinstance(extra_info, dict) else {},
-    )
-
-
-def _is_positive(value: object) -> bool:
-    # bool is an int; a time of True seconds is a broken file, not a time.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def load_runs(path: str | Path) -> Run:
-    """A JSON file, or a directory whose ``*.json`` files are repeated runs of the same code (merged)."""
-    path = Path(path)
-    if not path.is_dir():
-        return load_run(path)
-    files = sorted(path.glob("*.json"))
-    if not files:
-        raise ImgStoreError(f"{path}: a directory with no *.json run in it")
-    return merge_runs([load_run(file) for file in files])
-
-
-def merge_runs(runs: Sequence[Run]) -> Run:
-    """Several runs of the same code as one: rounds pooled, each run's median kept.
-
-    Runs of one side taken at different times (base, head, base, head, ...) are what lets
-    :func:`compare_runs` see how much a benchmark moves between runs of the same code.  A benchmark
-    enters the merged run only if every run has it.
-    """
-    if not runs:
-        raise ImgStoreError("no runs to merge")
-    if len(runs) == 1:
-        return runs[0]
-    first = runs[0]
-    benchmarks = {}
-    for name, bench in first.benchmarks.items():
-        copies = [run.benchmarks.get(name) for run in runs]
-        if any(copy is None for copy in copies):
-            continue
-        per_run = tuple(copy.rounds for copy in copies)  # type: ignore[union-attr]
-        rounds = tuple(t for run_rounds in per_run for t in run_rounds)
-        medians = [copy.median for copy in copies]  # type: ignore[union-attr]
-        benchmarks[name] = Benchmark(
-            fullname=name,
-            name=bench.name,
-            group=bench.group,
-            median=statistics.median(rounds) if rounds else statistics.median(medians),
-            rounds=rounds if all(per_run) else (),
-            extra_info=bench.extra_info,
-            run_rounds=per_run if all(per_run) else (),
-        )
-    return Run(
-        path=" + ".join(run.path for run in runs), benchmarks=benchmarks, datetime=first.datetime, commit=first.commit
-    )
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -395,7 +267,7 @@ def _mann_whitney_pmf(n: int, m: int) -> np.ndarray:
 
 class Drift(NamedTuple):
     factor: float  # candidate/baseline
-    count: int  # benchmarks it is the median of
+    count: int  # type: ignore[assignment]  # benchmarks it is the median of (shadows tuple.count)
     reference: bool  # True: tutorial/limit benchmarks only; False: all common benchmarks
 
 
@@ -431,8 +303,10 @@ def compare_runs(
     """
     if threshold < 0 or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a non-negative fraction, not {threshold}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, not {confidence}")
+    if not CONFIDENCE_RANGE[0] <= confidence <= CONFIDENCE_RANGE[1]:  # also rejects nan
+        raise ValueError(
+            f"confidence must be between {CONFIDENCE_RANGE[0]:f} and {CONFIDENCE_RANGE[1]:f}, not {confidence}"
+        )
     measured = machine_drift(baseline, candidate) if normalize else None
     drift = measured.factor if measured else 1.0
 
@@ -618,8 +492,8 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
         by_backend.setdefault(_variant_group(info), []).append((name, value))
     # The median of variances with few degrees of freedom falls short of their mean (0.69x at 2):
     # scaled back by the median of chi-square/df (Wilson-Hilferty), so the floor is not too low.
-    freedom = statistics.median(freedoms) if freedoms else 0
-    shortfall = (1 - 2 / (9 * freedom)) ** 3 if freedom else 1.0
+    median_freedom = statistics.median(freedoms) if freedoms else 0
+    shortfall = (1 - 2 / (9 * median_freedom)) ** 3 if median_freedom else 1.0
     typical = {operation: statistics.median(values) / shortfall for operation, values in by_operation.items()}
     spreads = {}
     for name, value in variance.items():

@@ -7,12 +7,15 @@ Written files (a figure whose data the run lacks is skipped, not an error):
 * ``disk_usage.png``  -- bytes on disk per series at the largest cutoff, and bytes against images;
 * ``presets.png``     -- per backend with presets (e.g. PNG compression levels): store_many and
   read_many time against bytes in the files, at the largest cutoff, one point per setting;
-* ``<operation>.png`` -- one log-log figure per other operation in the run (store_single, ...).
+* ``<operation>.png`` -- one log-log figure per other operation in the run (store_single, ...);
+  the operation comes from the file, so its file name keeps only ``[A-Za-z0-9_.-]`` and is made
+  distinct (``-2``, ``-3``, ...) from the three above and from the other operations' files.
 
 Only benchmarks whose ``extra_info`` follows the suite's contract (kind, backend, operation,
-images) are drawn.  matplotlib is an optional extra and is imported only when a figure is drawn;
-figures are drawn on the Agg canvas directly, without pyplot, so nothing global (the backend of an
-application that imports imgstore) is changed.
+images) are drawn; the run is read and checked by :func:`imgstore.runs.load_run`.  matplotlib
+is an optional extra and is imported only when a figure is drawn; figures are drawn on the Agg
+canvas directly, without pyplot, so nothing global (the backend of an application that imports
+imgstore) is changed.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgstore.compare import Run, load_run
 from imgstore.errors import MissingDependencyError
+from imgstore.runs import Run, load_run
 
 if TYPE_CHECKING:  # only for annotations: matplotlib is optional
     from matplotlib.axes import Axes
@@ -34,6 +37,8 @@ __all__ = ["Point", "extract_points", "plot_run"]
 
 # The two operations of the tutorial's main figure, then the others in a stable order.
 MAIN_OPERATIONS = ("store_many", "read_many")
+# The files every run may write; an operation's figure never takes one of these names.
+FIXED_FIGURES = ("store_read", "disk_usage", "presets")
 OPERATION_TITLES = {
     "store_many": "Storing many images at once",
     "read_many": "Reading many images at once",
@@ -99,7 +104,7 @@ def plot_run(run: Run | str | Path, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     style = _Style(points)
-    title = Path(run.path).name + (f" ({run.datetime[:19]})" if run.datetime else "")
+    title = _text(Path(run.path).name + (f" ({run.datetime[:19]})" if run.datetime else ""))
 
     written: list[Path] = []
     figure = _store_read_figure(points, style, title)
@@ -112,9 +117,9 @@ def plot_run(run: Run | str | Path, out_dir: str | Path) -> list[Path]:
     if figure is not None:
         written.append(_save(figure, out / "presets.png"))
     others = sorted({p.operation for p in points} - set(MAIN_OPERATIONS), key=_operation_order)
-    for operation in others:
+    for operation, name in _file_names(others).items():
         figure = _operation_figure(points, operation, style, title)
-        written.append(_save(figure, out / f"{_safe_name(operation)}.png"))
+        written.append(_save(figure, out / f"{name}.png"))
     return written
 
 
@@ -139,7 +144,7 @@ class _Style:
         from matplotlib import colormaps
 
         backends = sorted({p.backend for p in points if p.kind != "limit"})
-        palette = colormaps["tab10"].colors
+        palette = colormaps["tab10"].colors  # type: ignore[attr-defined]  # a ListedColormap
         self.colors = {backend: palette[i % len(palette)] for i, backend in enumerate(backends)}
         variants = sorted({p.variant for p in points if p.variant})
         self.markers = {variant: "^v<>DPX*"[i % 8] for i, variant in enumerate(variants)}
@@ -148,7 +153,7 @@ class _Style:
     def label(self, key: SeriesKey) -> str:
         kind, backend, dataset, variant = key
         label = f"{backend} ({kind}, {variant})" if variant else f"{backend} ({kind})"
-        return f"{label}, {dataset}" if self.several_datasets and dataset else label
+        return _text(f"{label}, {dataset}" if self.several_datasets and dataset else label)
 
     def line(self, key: SeriesKey) -> dict[str, Any]:
         kind, backend, _, variant = key
@@ -179,7 +184,29 @@ def _operation_order(operation: str) -> tuple[int, str]:
 
 def _safe_name(operation: str) -> str:
     # The operation comes from the JSON file; it must not escape out_dir or be an odd file name.
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", operation).strip("._") or "operation"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", operation)[:100].strip("._-") or "operation"
+
+
+def _file_names(operations: Sequence[str]) -> dict[str, str]:
+    """A file name (without .png) per operation: safe, and distinct from the fixed figures and from
+    each other, ignoring case (``Store_Read.png`` is ``store_read.png`` on macOS and Windows)."""
+    taken = {name.casefold() for name in FIXED_FIGURES}
+    names = {}
+    for operation in operations:
+        base = name = _safe_name(operation)
+        suffix = 1
+        while name.casefold() in taken:
+            suffix += 1
+            name = f"{base}-{suffix}"
+        taken.add(name.casefold())
+        names[operation] = name
+    return names
+
+
+def _text(text: str) -> str:
+    """Text from the file as matplotlib shows it literally: a '$' would start mathtext (and a
+    malformed formula raises at draw time); control characters are shown escaped."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text).replace("$", r"\$")
 
 
 # ------------------------------------------------------------------------------------- figures
@@ -211,7 +238,7 @@ def _operation_figure(points: Sequence[Point], operation: str, style: _Style, ti
     figure = Figure(figsize=(8, 6.5), layout="constrained")
     ax = figure.subplots()
     _draw_seconds(ax, _series(points, operation), style, log=True)
-    ax.set_title(f"{OPERATION_TITLES.get(operation, operation)} ({operation}), log-log axes")
+    ax.set_title(_text(f"{OPERATION_TITLES.get(operation, operation)} ({operation}), log-log axes"))
     _legend(figure, [ax], ncols=3)
     figure.suptitle(f"Median of rounds: {title}", fontsize="medium")
     return figure
@@ -243,9 +270,9 @@ def _presets_figure(points: Sequence[Point], style: _Style, title: str) -> Figur
             for p in sorted((p for p in these if p.images == largest), key=lambda p: p.variant):
                 key = (p.kind, p.backend, p.dataset, p.variant)
                 ax.plot([p.file_bytes], [p.seconds], **{**style.line(key), "linestyle": "none", "markersize": 9})
-                label = p.variant or "default"
+                label = _text(p.variant or "default")
                 ax.annotate(label, (p.file_bytes, p.seconds), textcoords="offset points", xytext=(6, 4))
-            ax.set_title(f"{backend}: {operation} of {largest:,} images, by setting")
+            ax.set_title(_text(f"{backend}: {operation} of {largest:,} images, by setting"))
             ax.set_xlabel("bytes in the files")
             ax.set_ylabel("time (median)")
             ax.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
@@ -333,8 +360,10 @@ def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure |
     # Bytes *per image*: total bytes grow with N for every backend and the lines would overlap;
     # per image, the fixed overhead (small N) and the per-image cost (large N) both show.
     for key in keys:
-        sizes = sorted(disk[key].items())
-        per_image.plot([n for n, _ in sizes], [b / n for n, b in sizes], label=style.label(key), **style.line(key))
+        by_images = sorted(disk[key].items())
+        per_image.plot(
+            [n for n, _ in by_images], [b / n for n, b in by_images], label=style.label(key), **style.line(key)
+        )
     per_image.set_xscale("log")
     _label_log_axis(per_image.xaxis, unit="")
     low, high = per_image.yaxis.get_data_interval()

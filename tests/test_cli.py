@@ -187,3 +187,55 @@ def test_commands_are_listed_in_one_place() -> None:
     choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert list(choices) == ["compare", "plot"]
     assert len(cli.COMMANDS) == 2
+
+
+def test_only_file_that_is_not_utf8_exits_2(runs: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    only = tmp_path / "only.txt"
+    only.write_bytes(b"bench.py::test_a\n\xff\xfe\n")
+    assert main(["compare", str(runs["base"]), str(runs["slow"]), "--only", str(only)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"imgstore compare: error: {only}: ") and "UTF-8" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_error_messages_stay_on_one_line(runs: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    # A file name is the user's: a newline in it must not split the message.
+    missing = tmp_path / "no\nsuch\rfile.json"
+    assert main(["compare", str(runs["base"]), str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "no\\nsuch\\rfile.json" in err and "cannot read" in err
+    assert main(["plot", str(missing), "--out", str(tmp_path / "figs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgstore plot: error: ") and len(err.splitlines()) == 1
+
+
+def test_malformed_run_exits_2_as_a_console_script(runs: dict[str, Path], tmp_path: Path) -> None:
+    # The cases, end to end through `python -m imgstore.cli`: exit 2 (not 1, "regression"),
+    # one line on stderr naming the file, nothing on stdout.
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    good = json.loads(runs["base"].read_text(encoding="utf-8"))
+    cases = {
+        "tiny.json": ("median", 1e-300),
+        "huge.json": ("median", 1e300),
+        "bigint.json": ("median", 10**400),
+    }
+    for name, (key, value) in cases.items():
+        doc = json.loads(json.dumps(good))
+        doc["benchmarks"][0]["stats"][key] = value
+        (tmp_path / name).write_text(json.dumps(doc), encoding="utf-8")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    doc = json.loads(json.dumps(good))
+    doc["benchmarks"][0]["extra_info"]["operation"] = ["store_many"]
+    (tmp_path / "oplist.json").write_text(json.dumps(doc), encoding="utf-8")
+    pairs = [("tiny.json", "huge.json"), ("bigint.json", "bigint.json"), ("deep.json", "deep.json")]
+    for a, b in [*pairs, ("oplist.json", "oplist.json")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "imgstore.cli", "compare", str(tmp_path / a), str(tmp_path / b)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"imgstore compare: error: {tmp_path / a}: ")
+        assert len(result.stderr.splitlines()) == 1 and result.stdout == ""

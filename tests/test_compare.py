@@ -711,7 +711,81 @@ def test_unwritable_markdown_exits_2(tmp_path: Path, capsys: Any) -> None:
 
 
 def test_compare_is_importable_without_the_package_init() -> None:
-    # imgstore/__init__.py is written elsewhere; compare must rely only on imgstore.errors.
-    source = (REPO / "imgstore" / "compare.py").read_text(encoding="utf-8")
-    imports = [line for line in source.splitlines() if line.startswith(("from imgstore", "import imgstore"))]
-    assert imports == ["from imgstore.errors import ImgStoreError"]
+    # imgstore/__init__.py is written elsewhere; compare must rely only on imgstore.errors and on
+    # imgstore.runs (the reader of saved runs it shares with plot), which relies only on errors.
+    def imports(module: str) -> list[str]:
+        source = (REPO / "imgstore" / f"{module}.py").read_text(encoding="utf-8")
+        lines = [line for line in source.splitlines() if line.startswith(("from imgstore", "import imgstore"))]
+        return [line.partition(" import ")[0] for line in lines]
+
+    assert imports("compare") == ["from imgstore.errors", "from imgstore.runs"]
+    assert imports("runs") == ["from imgstore.errors"]
+    # And it does import with an empty package in place of imgstore/__init__.py.
+    code = textwrap.dedent(
+        """
+        import sys, types
+        package = types.ModuleType("imgstore")
+        package.__path__ = [sys.argv[1]]
+        sys.modules["imgstore"] = package
+        import imgstore.compare
+        print(" ".join(sorted(name for name in sys.modules if name.startswith("imgstore"))))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "imgstore")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["imgstore", "imgstore.compare", "imgstore.errors", "imgstore.runs"]
+
+
+# ------------------------------------------------------------------- extreme but valid timings
+
+
+def extreme_side(directory: Path, fast: float, slow: float, *, rounds: int, runs: int = 1) -> Path:
+    """A side whose rows sit at the extremes: an imgstore row and two reference rows per operation
+    at ``fast``, two reference rows at ``slow`` (so the between-run spread is as wide as it gets)."""
+    directory.mkdir()
+    for run in range(runs):
+        rows = []
+        for index, (kind, seconds) in enumerate(
+            [("imgstore", fast), ("tutorial", fast), ("limit", slow), ("tutorial", slow), ("limit", fast)]
+        ):
+            times = [min(seconds * (1 + 0.01 * i + 0.05 * run), 1e9) for i in range(rounds)] or [seconds]
+            info = {"kind": kind, "backend": "b", "operation": "read_many", "images": 10}
+            rows.append(bench_json(f"b.py::test_{index}", times, extra_info=info, save_data=bool(rounds)))
+        write_run(directory / f"{run}.json", rows)
+    return directory
+
+
+@pytest.mark.parametrize("fast,slow", [(1e-12, 1e9), (1e-9, 1e6), (1e-6, 1e-3)])
+@pytest.mark.parametrize("rounds", [0, 3, 30, 1500])
+def test_extreme_valid_timings_give_finite_ratios(fast: float, slow: float, rounds: int, tmp_path: Path) -> None:
+    # A run at the two ends of the accepted range against its mirror image: every ratio is
+    # finite and positive, every interval finite or the documented (0, inf) of too few rounds.
+    for runs in (1, 2):
+        base = extreme_side(tmp_path / f"base{runs}", fast, slow, rounds=rounds, runs=runs)
+        cand = extreme_side(tmp_path / f"cand{runs}", slow, fast, rounds=rounds, runs=runs)
+        for a, b in ((base, cand), (cand, base)):
+            for normalize in (False, True):
+                rows = compare_runs(compare.load_runs(a), compare.load_runs(b), normalize=normalize)
+                for row in rows:
+                    assert row.ratio is not None and 0 < row.ratio < math.inf
+                    if row.low is not None and row.high is not None:
+                        assert not math.isnan(row.low) and not math.isnan(row.high)
+                        assert (row.low, row.high) == (0.0, math.inf) or 0 < row.low <= row.high < math.inf
+                compare.notes(rows, compare.machine_drift(compare.load_runs(a), compare.load_runs(b)), threshold=0.1)
+                compare.format_table(rows)
+            for confidence in ("0.000001", "0.5", "0.999999"):
+                assert main(["compare", str(a), str(b), "--confidence", confidence]) in (0, 1)
+
+
+@pytest.mark.parametrize("confidence", ["0.9999999999999999", "1e-300", "0", "1", "-0.5", "inf"])
+def test_confidence_too_close_to_0_or_1_is_a_usage_error(confidence: str, tmp_path: Path, capsys: Any) -> None:
+    # 0.9999999999999999 used to reach NormalDist.inv_cdf(1.0), 1e-300 a division by zero: tracebacks, exit 1.
+    base = extreme_side(tmp_path / "base", 1e-3, 2e-3, rounds=30)
+    cand = extreme_side(tmp_path / "cand", 2e-3, 1e-3, rounds=30)
+    assert main(["compare", str(base), str(cand), "--confidence", confidence]) == 2
+    err = capsys.readouterr().err
+    assert "--confidence" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="confidence"):
+        compare_runs(compare.load_runs(base), compare.load_runs(cand), confidence=float(confidence))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -180,3 +181,87 @@ def test_presets_are_drawn_as_time_against_bytes(tmp_path: Path) -> None:
     written = plot_run(run, tmp_path / "out")
     assert [path.name for path in written] == ["store_read.png", "disk_usage.png", "presets.png"]
     assert_png(written[2], min_width=1000)
+
+
+# ----------------------------------------------------------------- names and numbers from the file
+
+
+@pytest.mark.parametrize("fixed", ["store_read", "disk_usage", "presets", "Store_Read", "PRESETS", "./disk_usage"])
+def test_an_operation_never_overwrites_a_fixed_figure(fixed: str, tmp_path: Path) -> None:
+    # An operation named store_read used to write store_read.png over the main figure.
+    rows = [bench("store_many", n, n * 1e-4, disk_bytes=n * 4000) for n in (10, 100)]
+    rows += [bench(fixed, n, n * 1e-4) for n in (10, 100)]
+    presets = bench("store_many", 100, 1e-2, backend="png", variant="level0", file_bytes=300_000)
+    presets["fullname"] = "t::store_many-png-level0"
+    run = synthetic_run(tmp_path / "run.json", [*rows, presets, bench("read_many", 100, 1e-2, backend="png")])
+    written = plot_run(run, tmp_path / "out")
+    names = [path.name for path in written]
+    assert names[:3] == ["store_read.png", "disk_usage.png", "presets.png"]
+    assert len(names) == 4 and names[3].casefold() != fixed.casefold() + ".png"
+    assert len({name.casefold() for name in names}) == 4
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(names)
+    # The main figure is still the main figure (store_many and read_many side by side).
+    with Image.open(written[0]) as image:
+        assert image.width > image.height * 1.1
+
+
+def test_operation_names_give_distinct_safe_file_names(tmp_path: Path) -> None:
+    operations = [
+        "../x",
+        "/etc/x",
+        "x",  # the two above reduce to it
+        "a/b",
+        "a_b",
+        "a b",
+        "nul\0byte",
+        ".hidden",
+        "..",
+        "...",
+        "-rf",
+        "iterate",
+        "Iterate",
+        "z" * 300,
+        "z" * 301,
+        "operation",
+    ]
+    rows = [bench(op, n, n * 1e-4) for op in operations for n in (10, 100)]
+    for index, row in enumerate(rows):
+        row["fullname"] = row["name"] = f"t::{index}"
+    written = plot_run(synthetic_run(tmp_path / "run.json", rows), tmp_path / "out")
+    assert len(written) == len(operations)
+    for path in written:
+        assert path.parent == tmp_path / "out"
+        assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,110}\.png", path.name), path.name
+    assert len({path.name.casefold() for path in written}) == len(operations)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(path.name for path in written)
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out" / "a").exists()
+
+
+def test_dollar_signs_in_names_are_drawn_literally(tmp_path: Path) -> None:
+    # A '$' starts matplotlib's mathtext; "$\\frac{" in a backend used to raise at draw time.
+    rows = [
+        bench(operation, n, n * 1e-4, backend="lm$db\\frac{", variant=variant, file_bytes=n * 3000)
+        for operation in ("store_many", "read_many", "op$\\y{")
+        for variant in ("", "le$vel")
+        for n in (10, 100)
+    ]
+    for index, row in enumerate(rows):
+        row["fullname"] = f"t::{index}"
+    run = synthetic_run(tmp_path / "run$x.json", rows)
+    assert [path.name for path in plot_run(run, tmp_path / "out")] == ["store_read.png", "presets.png", "op_y.png"]
+
+
+@pytest.mark.parametrize(
+    "field,digits", [("images", 400), ("disk_bytes", 400), ("file_bytes", 400), ("images", 20), ("kind", 400)]
+)
+def test_huge_integers_exit_2_with_one_line(field: str, digits: int, tmp_path: Path, capsys: Any) -> None:
+    # Each used to end in an OverflowError traceback (or, for kind, to be drawn as a number).
+    row = bench("store_many", 10, 1e-3, backend="png", variant="level0", file_bytes=1000, disk_bytes=2000)
+    row["extra_info"][field] = 10**digits
+    run = synthetic_run(tmp_path / "run.json", [row, bench("store_many", 100, 1e-2, backend="png", file_bytes=9000)])
+    out = tmp_path / "out"
+    assert main(["plot", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"imgstore plot: error: {run}: ") and f"extra_info.{field}" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()

@@ -1,0 +1,261 @@
+"""Saved pytest-benchmark runs: read and checked in one place, for ``imgstore compare`` and ``plot``.
+
+A run file comes from anywhere (an artifact of another CI job, a file edited by hand), so every
+field the tools use is checked here, once, before any arithmetic or drawing sees it:
+
+* timings (``stats.median``, ``min``, ``max``, ``mean``, every ``stats.data`` round) are numbers
+  between :data:`MIN_SECONDS` and :data:`MAX_SECONDS`; ``stddev`` and ``iqr`` are between 0 and
+  :data:`MAX_SECONDS`; ``stats.rounds`` is a count of at least one.  Within these bounds every ratio
+  of two timings, its logarithm and the intervals built on it stay finite;
+* ``name``, ``group``, ``datetime`` and ``extra_info.{kind, backend, operation, dataset, variant}``
+  are strings (or null); ``extra_info.images`` is a count of at least one and
+  ``extra_info.{disk_bytes, file_bytes}`` counts of bytes, all below :data:`MAX_COUNT` (or null);
+  ``params``, ``extra_info``, ``machine_info``, ``commit_info`` are objects (or null);
+* not JSON, not UTF-8, nested too deeply, an integer of thousands of digits, a file over
+  :data:`MAX_FILE_BYTES`: refused as well.
+
+Booleans are never numbers here (``true`` seconds is a broken file).  Anything else raises
+:class:`ImgStoreError` with one line: the file, where in it, and what is wrong.  This module depends
+on nothing of imgstore but :mod:`imgstore.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgstore.errors import ImgStoreError
+
+__all__ = ["Benchmark", "Run", "load_run", "load_runs", "merge_runs", "MAX_FILE_BYTES", "MIN_SECONDS", "MAX_SECONDS"]
+
+# A saved run with every round of a full suite is a few MB; this is far beyond any real one.
+MAX_FILE_BYTES = 256 * 2**20
+# One picosecond to ~30 years: any real timing, and no ratio, log or exp of them overflows.
+MIN_SECONDS, MAX_SECONDS = 1e-12, 1e9
+# Images, bytes and rounds: exact as floats (below 2**53), so plotting them cannot overflow.
+MAX_COUNT = 10**15
+# extra_info fields the tools read, by the type they must have (null is always allowed).
+_TEXT_INFO = ("kind", "backend", "operation", "dataset", "variant")
+_COUNT_INFO = {"images": 1, "disk_bytes": 0, "file_bytes": 0}  # name -> smallest value
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark of a run: identified across runs by ``fullname``; times in seconds."""
+
+    fullname: str
+    name: str
+    group: str | None
+    median: float
+    rounds: tuple[float, ...] = ()
+    extra_info: dict[str, Any] = field(default_factory=dict)
+    # The rounds of each run, when several runs of the same code were merged (see merge_runs).
+    run_rounds: tuple[tuple[float, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class Run:
+    path: str
+    benchmarks: dict[str, Benchmark]
+    datetime: str | None = None
+    commit: str | None = None
+
+
+class _Malformed(Exception):
+    """A problem found in the document, without the file name (added by :func:`load_run`)."""
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a pytest-benchmark JSON file; raise :class:`ImgStoreError` with a one-line reason."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ImgStoreError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the path (only through the API: argv cannot hold one)
+        raise ImgStoreError(f"{path!r}: cannot read: not a valid path") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ImgStoreError(f"{path}: too large for a benchmark run (over {MAX_FILE_BYTES // 2**20} MiB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ImgStoreError(f"{path}: not a text file (not UTF-8 at byte {exc.start})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ImgStoreError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ImgStoreError(f"{path}: not a benchmark run: JSON nested too deeply") from None
+    except ValueError:  # an integer of more digits than int() accepts from text (4300)
+        raise ImgStoreError(f"{path}: not a benchmark run: holds an integer too large to read") from None
+    try:
+        return _parse_run(doc, str(path))
+    except _Malformed as exc:
+        raise ImgStoreError(f"{path}: {exc}") from None
+
+
+def _parse_run(doc: object, path: str) -> Run:
+    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
+        what = f"the top level is {_describe(doc)}" if not isinstance(doc, dict) else "no 'benchmarks' list"
+        raise _Malformed(f"not a pytest-benchmark JSON file ({what})")
+    for key in ("machine_info", "commit_info"):
+        _optional(doc, key, dict, "an object")
+    datetime = _optional(doc, "datetime", str, "a string")
+    commit_info = doc.get("commit_info") or {}
+    commit = _optional(commit_info, "id", str, "a string", "commit_info.id")
+
+    benchmarks: dict[str, Benchmark] = {}
+    for index, raw in enumerate(doc["benchmarks"]):
+        bench = _parse_benchmark(raw, f"benchmarks[{index}]")
+        if bench.fullname in benchmarks:
+            raise _Malformed(f"benchmark {_short(bench.fullname)} appears twice")
+        benchmarks[bench.fullname] = bench
+    return Run(path=path, benchmarks=benchmarks, datetime=datetime, commit=commit)
+
+
+def _parse_benchmark(raw: object, where: str) -> Benchmark:
+    if not isinstance(raw, dict):
+        raise _Malformed(f"{where} is {_describe(raw)}, not an object")
+    fullname = raw.get("fullname")
+    if not isinstance(fullname, str) or not fullname:
+        raise _Malformed(f"{where} has no 'fullname'")
+    where = f"{where} ({_short(fullname)})"
+    name = _optional(raw, "name", str, "a string", where=where)
+    group = _optional(raw, "group", str, "a string", where=where)
+    _optional(raw, "params", dict, "an object", where=where)
+    extra_info = _optional(raw, "extra_info", dict, "an object", where=where) or {}
+    for key in _TEXT_INFO:
+        _optional(extra_info, key, str, "a string", f"extra_info.{key}", where)
+    for key, smallest in _COUNT_INFO.items():
+        value = extra_info.get(key)
+        if value is not None and not _is_count(value, smallest):
+            bounds = f"from {smallest} to {MAX_COUNT:.0e}"
+            raise _Malformed(f"{where}: extra_info.{key} is {_describe(value)}, not a whole number {bounds}")
+
+    stats = raw.get("stats")
+    if not isinstance(stats, dict):
+        raise _Malformed(f"{where} has no 'stats'")
+    if "median" not in stats:
+        raise _Malformed(f"{where} has no 'stats.median'")
+    for key in ("median", "min", "max", "mean"):
+        if key in stats:
+            _check_seconds(stats[key], f"{where}: stats.{key}", MIN_SECONDS)
+    for key in ("stddev", "iqr"):
+        if key in stats:
+            _check_seconds(stats[key], f"{where}: stats.{key}", 0.0)
+    if "rounds" in stats and not _is_count(stats["rounds"], 1):
+        raise _Malformed(f"{where}: stats.rounds is {_describe(stats['rounds'])}, not a count of rounds (1 or more)")
+    data = stats.get("data", [])
+    if not isinstance(data, list):
+        raise _Malformed(f"{where}: 'stats.data' is {_describe(data)}, not a list of positive times")
+    for index, seconds in enumerate(data):
+        _check_seconds(seconds, f"{where}: stats.data[{index}]", MIN_SECONDS)
+    return Benchmark(
+        fullname=fullname,
+        name=name or fullname,
+        group=group,
+        median=float(stats["median"]),
+        rounds=tuple(float(t) for t in data),
+        extra_info=extra_info,
+    )
+
+
+def _optional(
+    mapping: dict[str, Any], key: str, kind: type, article: str, label: str | None = None, where: str = ""
+) -> Any:
+    """``mapping[key]`` if it is of ``kind``, None if absent or null; else malformed."""
+    value = mapping.get(key)
+    if value is not None and not isinstance(value, kind):
+        prefix = f"{where}: " if where else ""
+        raise _Malformed(f"{prefix}{label or key} is {_describe(value)}, not {article}")
+    return value
+
+
+def _check_seconds(value: object, what: str, smallest: float) -> None:
+    """A time in seconds: a number (not a bool) within [smallest, MAX_SECONDS] (positive if smallest > 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Malformed(f"{what} is {_describe(value)}, not a time in seconds")
+    # Compared as they are: float(10**400) would overflow, and nan fails every comparison.
+    if not smallest <= value <= MAX_SECONDS:
+        raise _Malformed(f"{what} is {_describe(value)}, not a time from {smallest:g} to {MAX_SECONDS:g} seconds")
+
+
+def _is_count(value: object, smallest: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and smallest <= value <= MAX_COUNT
+
+
+def _describe(value: object) -> str:
+    """A short description of a JSON value for an error message: never huge, never two lines."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):  # str() of a huge int is slow, long, or refused (over 4300 digits)
+        return str(value) if abs(value) < 10**30 else "an integer of more than 30 digits"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        return repr(value) if math.isfinite(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return f"the string {_short(value)}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """repr() of a string from the file, cut to ``limit`` characters: one short line whatever it holds."""
+    shown = repr(text[:limit])
+    return shown if len(text) <= limit else f"{shown[:-1]}...{shown[-1]}"
+
+
+def load_runs(path: str | Path) -> Run:
+    """A JSON file, or a directory whose ``*.json`` files are repeated runs of the same code (merged)."""
+    path = Path(path)
+    if not path.is_dir():
+        return load_run(path)
+    files = sorted(path.glob("*.json"))
+    if not files:
+        raise ImgStoreError(f"{path}: a directory with no *.json run in it")
+    return merge_runs([load_run(file) for file in files])
+
+
+def merge_runs(runs: Sequence[Run]) -> Run:
+    """Several runs of the same code as one: rounds pooled, each run's median kept.
+
+    Runs of one side taken at different times (base, head, base, head, ...) are what lets
+    :func:`imgstore.compare.compare_runs` see how much a benchmark moves between runs of the same
+    code.  A benchmark enters the merged run only if every run has it.
+    """
+    if not runs:
+        raise ImgStoreError("no runs to merge")
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    benchmarks = {}
+    for name, bench in first.benchmarks.items():
+        copies = [run.benchmarks.get(name) for run in runs]
+        if any(copy is None for copy in copies):
+            continue
+        per_run = tuple(copy.rounds for copy in copies)  # type: ignore[union-attr]
+        rounds = tuple(t for run_rounds in per_run for t in run_rounds)
+        medians = [copy.median for copy in copies]  # type: ignore[union-attr]
+        benchmarks[name] = Benchmark(
+            fullname=name,
+            name=bench.name,
+            group=bench.group,
+            median=statistics.median(rounds) if rounds else statistics.median(medians),
+            rounds=rounds if all(per_run) else (),
+            extra_info=bench.extra_info,
+            run_rounds=per_run if all(per_run) else (),
+        )
+    return Run(
+        path=" + ".join(run.path for run in runs), benchmarks=benchmarks, datetime=first.datetime, commit=first.commit
+    )
