@@ -232,6 +232,23 @@ def test_cifar10_batch_must_be_what_the_real_files_hold(tmp_path: Path, content:
         _read_python_batch(path)
 
 
+def test_cifar10_files_larger_than_a_batch_can_be_are_refused_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imgstore.datasets import cifar10
+
+    path = tmp_path / "test_batch"
+    path.write_bytes(batch(np.zeros((3, 3072), np.uint8), [0, 1, 2]))
+    monkeypatch.setattr(cifar10, "_MAX_FILE_BYTES", path.stat().st_size - 1)  # the real cap: 369 MB
+    with pytest.raises(DatasetError, match="too large for a CIFAR-10 batch"):
+        _read_python_batch(path)
+    binary = tmp_path / "test_batch.bin"
+    np.zeros((3, 3073), np.uint8).tofile(binary)
+    monkeypatch.setattr(cifar10, "_MAX_IMAGES", 2)
+    with pytest.raises(DatasetError, match="more than the 2 records"):
+        cifar10._read_binary_batch(binary)
+
+
 class CPickleWriter:
     """Writes opcodes as Python 2's cPickle did, numbering the memo from 1 as cPickle does."""
 
