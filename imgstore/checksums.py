@@ -57,12 +57,12 @@ class Checksums:
         """One checksum per record of the batch."""
         n = len(images)
         size = images[0].nbytes if n else 0
-        pixels = memoryview(np.ascontiguousarray(images)).cast("B")
+        pixels = np.ascontiguousarray(images).data.cast("B")
         out = np.empty(n, self.dtype)
         if self.width == 8:
             out[:] = [_xxh3(pixels[k * size : (k + 1) * size], label) for k, label in enumerate(labels.tolist())]
         else:
-            label_bytes = memoryview(np.ascontiguousarray(labels, dtype="<i8")).cast("B")
+            label_bytes = np.ascontiguousarray(labels, dtype="<i8").data.cast("B")
             out[:] = [
                 zlib.crc32(label_bytes[8 * k : 8 * k + 8], zlib.crc32(pixels[k * size : (k + 1) * size]))
                 for k in range(n)
@@ -72,7 +72,7 @@ class Checksums:
     @staticmethod
     def of_group(images: np.ndarray, labels: np.ndarray) -> int:
         labels = np.ascontiguousarray(labels, dtype="<i8")
-        return _xxh3(memoryview(np.ascontiguousarray(images)).cast("B"), _xxh3(memoryview(labels).cast("B")))
+        return _xxh3(np.ascontiguousarray(images).data.cast("B"), _xxh3(labels.data.cast("B")))
 
     # ------------------------------------------------------------------ files
 
@@ -112,9 +112,9 @@ class Checksums:
     def check_one(self, index: int, image: np.ndarray, label: int, where: object) -> None:
         """:meth:`check_records` for one record, at a fraction of its cost (the path of every ``get``)."""
         if self.width == 8:
-            ok = _xxh3(image, label) == self.records[index]
+            ok = _xxh3(image.data, label) == self.records[index]
         else:
-            ok = zlib.crc32(label.to_bytes(8, "little"), zlib.crc32(image)) == self.records[index]
+            ok = zlib.crc32(label.to_bytes(8, "little"), zlib.crc32(image.data)) == self.records[index]
         if not ok:
             self.check_records(np.array([index]), image[np.newaxis], np.array([label], dtype=np.int64), where)
 
@@ -138,7 +138,9 @@ class Checksums:
             at = group * g - start
             if self.of_group(images[at : at + g], labels[at : at + g]) != self.groups[group]:
                 self.check_records(np.arange(group * g, group * g + g), images[at : at + g], labels[at : at + g], where)
-                raise CorruptStoreError(f"{where}: the checksum of images {group * g} .. {group * g + g - 1} is damaged")
+                raise CorruptStoreError(
+                    f"{where}: the checksum of images {group * g} .. {group * g + g - 1} is damaged"
+                )
 
 
 def _write_at(path: Path, index: int, width: int, data: bytes, *, sync: bool) -> None:

@@ -90,6 +90,7 @@ def open_store(
     if cls is not None:
         check_options(cls.name, cls.option_specs, options)  # bad options raise before anything is touched
     _make_directory(store_path)
+    _existing_manifest(store_path, mode)  # refuse what is not a store before even the lock file is made
     lock = _lock_for_writing(store_path)
     try:
         old = _existing_manifest(store_path, mode)
@@ -107,9 +108,7 @@ def open_store(
     return store
 
 
-def reopen(
-    path: str, backend: str, mode: Mode, sync: bool, verify_reads: bool, overrides: dict[str, Any]
-) -> Store:
+def reopen(path: str, backend: str, mode: Mode, sync: bool, verify_reads: bool, overrides: dict[str, Any]) -> Store:
     """Unpickle a store: open it again the way it was open."""
     return open_store(path, backend, mode, sync=sync, verify_reads=verify_reads, **overrides)
 
@@ -194,9 +193,8 @@ def _create(
     new = Manifest(
         backend=cls.name,
         shape=shape,
-        options={name: spec.default for name, spec in cls.option_specs.items()} | check_options(
-            cls.name, cls.option_specs, options
-        ),
+        options={name: spec.default for name, spec in cls.option_specs.items()}
+        | check_options(cls.name, cls.option_specs, options),
         generation=generation,
         files=tuple(generation_name(name, generation) for name in (*cls.files, *_STORE_FILES)),
         group=group_size(_nbytes(shape)) if shape is not None else 0,
@@ -274,9 +272,7 @@ def _existing_manifest(path: Path, mode: Mode) -> Manifest | None:
     from imgstore.registry import get_backend
 
     if not manifest_path(path).exists() and not manifest_path(path).is_symlink():
-        foreign = sorted(
-            entry.name for entry in path.iterdir() if not Manifest("", None).owns(entry.name)
-        )
+        foreign = sorted(entry.name for entry in path.iterdir() if not Manifest("", None).owns(entry.name))
         if foreign:
             raise StoreExistsError(
                 f"{path} is a non-empty directory that is not an imgstore store (it holds {', '.join(foreign[:3])}"

@@ -74,6 +74,11 @@ class WriterLock:
         if fd is not None:
             os.close(fd)
 
+    def __del__(self) -> None:
+        # A writer handle dropped without close() must not keep others out until the process exits.
+        if self.owned:
+            self.release()
+
     @classmethod
     def _drop_inherited(cls) -> None:
         for lock in list(cls._held):
@@ -243,8 +248,10 @@ class Store(abc.ABC):
             images = np.concatenate([old_images, images])
             labels = np.concatenate([old_labels, labels])
         return {
-            group: checksums.of_group(images[(group - first) * g : (group - first + 1) * g],
-                                      labels[(group - first) * g : (group - first + 1) * g])
+            group: checksums.of_group(
+                images[(group - first) * g : (group - first + 1) * g],
+                labels[(group - first) * g : (group - first + 1) * g],
+            )
             for group in range(first, stop // g)
         }
 
@@ -290,9 +297,10 @@ class Store(abc.ABC):
         if self.mode == "r":
             raise ReadOnlyError(f"store {self.path} is open read-only (mode='r')")
         if not self.writable:
+            owner = self._lock.pid if self._lock else "another process"
             raise StoreBusyError(
-                f"this handle on {self.path} was opened for writing by process {self._lock.pid if self._lock else '?'}; "
-                "only that process may write (open the store in this process, after the other closes it)"
+                f"this handle on {self.path} was opened for writing by process {owner}; only that process "
+                "may write (open the store in this process, after the other closes it)"
             )
 
     def _checked_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
@@ -620,6 +628,10 @@ def _checked_indices(indices: IndexLike, count: int) -> np.ndarray:
         raise InvalidOptionError(f"indices must be a 1-D sequence of integers: {exc}") from None
     if array.size == 0:
         return np.empty(0, dtype=np.int64)
+    if array.dtype == object and array.ndim == 1:  # Python ints beyond 64 bits
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in array):
+            bad = next(i for i in array if not -count <= i < count)
+            raise StoreIndexError(f"index {bad} is out of range for a store of {count} images")
     if array.dtype.kind not in "iu":
         raise InvalidOptionError(f"indices must be integers, got dtype {array.dtype}")
     if array.ndim != 1:

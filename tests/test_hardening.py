@@ -1,0 +1,618 @@
+"""The guarantees where an adversarial pass broke them (issue 9): each case as it was found.
+
+LMDB- and HDF5-specific cases are in ``test_lmdb.py`` and ``test_hdf5.py``; malformed benchmark
+files in ``test_runs.py``; the loaders' memory bombs in ``test_datasets.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgstore
+from imgstore.manifest import MANIFEST_NAME, _checksum, read_manifest
+from imgstore.testing import check_store_content, random_images
+
+BACKENDS = imgstore.available_backends()
+
+
+def _fill(path: Path, backend: str, n: int = 30, seed: int = 0, **options: object) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = random_images(n, (8, 8, 3), seed)
+    with imgstore.open_store(path, backend, "w", **options) as store:
+        store.put_many(images, labels)
+    return images, labels
+
+
+def _tamper(path: Path, **fields: object) -> None:
+    """Change manifest fields and recompute its checksum, as a deliberate forger would."""
+    data = json.loads((path / MANIFEST_NAME).read_text())
+    data.update(fields)
+    data["crc32"] = _checksum(data)
+    (path / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------- 1. "w" deletes only the store's own files
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("foreign_manifest", ['{"format_version": 1}', "[1, 2]", '{"any": "json"}', "not json"])
+def test_write_mode_refuses_a_directory_with_a_foreign_manifest(
+    tmp_path: Path, backend: str, foreign_manifest: str
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / MANIFEST_NAME).write_text(foreign_manifest)
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8 a photo")
+    (photos / "notes").mkdir()
+    (photos / "notes" / "todo.txt").write_text("keep me")
+    before = _tree(photos)
+    with pytest.raises(imgstore.StoreExistsError):
+        imgstore.open_store(photos, backend, "w")
+    assert _tree(photos) == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_mode_keeps_files_a_user_put_inside_a_store(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    _fill(path, backend)
+    (path / "README.txt").write_text("what this data set is")
+    (path / "extra").mkdir()
+    (path / "extra" / "a.png").write_bytes(b"mine")
+    (path / "lmdb").mkdir(exist_ok=True)  # a name a backend used in format 1, but not this store's
+    images, labels = _fill(path, backend, n=5, seed=3)
+    assert (path / "README.txt").read_text() == "what this data set is"
+    assert (path / "extra" / "a.png").read_bytes() == b"mine"
+    assert (path / "lmdb").is_dir()
+    with imgstore.open_store(path) as store:
+        check_store_content(store, images, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_mode_replaces_a_store_of_another_backend(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    other = BACKENDS[(BACKENDS.index(backend) + 1) % len(BACKENDS)]
+    _fill(path, other)
+    images, labels = _fill(path, backend, n=7, seed=2)
+    manifest = read_manifest(path)
+    assert {entry.name for entry in path.iterdir()} == {*manifest.files, MANIFEST_NAME, "writer.lock"}
+    with imgstore.open_store(path) as store:
+        check_store_content(store, images, labels)
+
+
+# ---------------------------------------------------------------------- 3 and 12. options
+
+
+@pytest.mark.parametrize(
+    ("backend", "option", "other"),
+    [("png", "files_per_dir", 7), ("lmdb", "block_bytes", 4096), ("hdf5", "chunk_bytes", 999)],
+)
+@pytest.mark.parametrize("mode", ["r", "a"])
+def test_reopening_with_another_layout_option_is_refused(
+    tmp_path: Path, backend: str, option: str, other: int, mode: str
+) -> None:
+    path = tmp_path / "s"
+    images, labels = _fill(path, backend, n=60)
+    before = (path / MANIFEST_NAME).read_bytes()
+    with pytest.raises(imgstore.InvalidOptionError, match=option):
+        imgstore.open_store(path, mode=mode, **{option: other})
+    assert (path / MANIFEST_NAME).read_bytes() == before
+    default = imgstore.get_backend(backend).option_specs[option].default
+    with imgstore.open_store(path, mode=mode, **{option: default}) as store:  # the same value is fine
+        check_store_content(store, images, labels)
+
+
+def test_handle_settings_apply_to_that_handle_only(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _fill(path, "png", compress_level=1)
+    with imgstore.open_store(path, mode="a", compress_level=9, workers=1) as store:
+        assert store.options["compress_level"] == 9 and store.options["workers"] == 1
+        store.put_many(*random_images(3, (8, 8, 3)))
+    assert read_manifest(path).options["compress_level"] == 1
+    with imgstore.open_store(path) as store:
+        assert store.options["compress_level"] == 1 and len(store) == 33
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        ("png", {"files_per_dir": 0}),
+        ("png", {"workers": -1}),
+        ("png", {"workers": 0}),
+        ("png", {"compress_level": "fast"}),
+        ("png", {"compress_level": 42}),
+        ("png", {"compress_level": True}),
+        ("png", {"parallel_min": 2.5}),
+        ("lmdb", {"block_bytes": "big"}),
+        ("lmdb", {"block_bytes": -5}),
+        ("lmdb", {"block_bytes": 1 << 40}),
+        ("hdf5", {"chunk_bytes": None}),
+        ("hdf5", {"chunk_bytes": 0}),
+    ],
+)
+def test_bad_option_values_are_refused_before_anything_is_written(
+    tmp_path: Path, backend: str, options: dict[str, object]
+) -> None:
+    (name,) = options
+    with pytest.raises(imgstore.InvalidOptionError, match=name):
+        imgstore.open_store(tmp_path / "s", backend, "w", **options)
+    assert not (tmp_path / "s").exists() or not (tmp_path / "s" / MANIFEST_NAME).exists()
+    _fill(tmp_path / "t", backend)
+    with pytest.raises(imgstore.InvalidOptionError, match=name):
+        imgstore.open_store(tmp_path / "t", mode="a", **options)
+
+
+@pytest.mark.parametrize("flag", ["sync", "verify_reads"])
+def test_flags_must_be_bools(tmp_path: Path, flag: str) -> None:
+    with pytest.raises(imgstore.InvalidOptionError, match=flag):
+        imgstore.open_store(tmp_path / "s", "lmdb", "w", **{flag: "yes"})
+
+
+# ---------------------------------------------------------------------- 4. a writer handle in a forked child
+
+
+def _write_in_child(store: imgstore.Store, conn: Connection) -> None:
+    try:
+        image, label = store.get(0)  # reading is fine
+        store.put(image, label)
+        conn.send("acknowledged")
+    except imgstore.StoreBusyError:
+        conn.send("busy")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        conn.send(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_writer_handle_cannot_write_in_a_forked_child(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    images, labels = _fill(path, backend)
+    more, more_labels = random_images(5, (8, 8, 3), seed=9)
+    context = multiprocessing.get_context("fork")
+    with imgstore.open_store(path, mode="a") as store:
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_write_in_child, args=(store, send))
+        child.start()
+        assert receive.recv() == "busy"
+        child.join(30)
+        store.put_many(more, more_labels)  # the parent still writes, at the indices it expects
+    with imgstore.open_store(path) as store:
+        check_store_content(store, np.concatenate([images, more]), np.concatenate([labels, more_labels]))
+        store.verify()
+
+
+def _hold_forever(conn: Connection) -> None:
+    conn.send("ready")
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_writer_lock_goes_with_the_writer_not_its_children(tmp_path: Path, backend: str) -> None:
+    """A child forked while a writer is open must not keep the store locked after the writer closes."""
+    path = tmp_path / "s"
+    _fill(path, backend)
+    context = multiprocessing.get_context("fork")
+    store = imgstore.open_store(path, mode="a")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_hold_forever, args=(send,), daemon=True)
+    child.start()
+    try:
+        assert receive.recv() == "ready"
+        store.close()
+        imgstore.open_store(path, mode="a").close()  # not StoreBusyError
+    finally:
+        child.kill()
+        child.join()
+
+
+def test_a_writer_dropped_without_close_releases_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _fill(path, "png")
+    store = imgstore.open_store(path, mode="a")
+    del store
+    imgstore.open_store(path, mode="a").close()
+
+
+# ---------------------------------------------------------------------- 5. "w" while this process reads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_mode_while_this_process_reads_the_store(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    images, labels = _fill(path, backend)
+    with imgstore.open_store(path) as reader:
+        reader.get_many(range(len(reader)))
+        new_images, new_labels = _fill(path, backend, n=12, seed=4)  # works, or refuses before deleting
+        try:
+            got_images, got_labels = reader.get_many(range(len(reader)))
+        except imgstore.CorruptStoreError:
+            pass  # an error is allowed; a mix is not
+        else:
+            np.testing.assert_array_equal(got_images, images)
+            np.testing.assert_array_equal(got_labels, labels)
+    with imgstore.open_store(path) as store:
+        check_store_content(store, new_images, new_labels)
+
+
+# ---------------------------------------------------------------------- 6. damage is caught on every read
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+@pytest.mark.parametrize("what", ["pixels", "label"])
+def test_a_flipped_byte_is_never_returned_as_good(tmp_path: Path, backend: str, what: str) -> None:
+    path = tmp_path / "s"
+    images, labels = random_images(300, (8, 8, 3), seed=5)
+    labels = np.arange(300, dtype=np.int64) + 10**12  # each label's bytes are unique, so easy to find
+    with imgstore.open_store(path, backend, "w") as store:
+        store.put_many(images, labels)
+        data_file = store.file(store.files[0])
+    target = images[123].tobytes() if what == "pixels" else images[123].tobytes()[-16:]
+    files = [data_file] if data_file.is_file() else sorted(p for p in data_file.rglob("*") if p.is_file())
+    for file in files:
+        data = bytearray(file.read_bytes())
+        at = data.find(target)
+        if at >= 0:
+            break
+    assert at >= 0
+    if what == "pixels":
+        data[at + 5] ^= 0x01
+    else:  # the label: LMDB keeps it after the block's pixels, HDF5 in its own dataset
+        label_bytes = int(labels[123]).to_bytes(8, "little")
+        at = data.find(label_bytes)
+        assert at >= 0
+        data[at] ^= 0x02
+    file.write_bytes(bytes(data))
+    with imgstore.open_store(path) as store:
+        with pytest.raises(imgstore.CorruptStoreError, match="index 123"):
+            store.get(123)
+        for indices in (range(300), range(100, 130), [5, 123, 7], np.random.default_rng(0).permutation(300)):
+            with pytest.raises(imgstore.CorruptStoreError):
+                store.get_many(indices)
+        with pytest.raises(imgstore.CorruptStoreError):
+            list(store.iter_batches(64))
+        store.get(122)  # the neighbours are fine
+        np.testing.assert_array_equal(store.get_many(range(124, 300))[0], images[124:])
+    with imgstore.open_store(path, verify_reads=False) as store:
+        assert not np.array_equal(store.get(123)[0], images[123]) or store.get(123)[1] != labels[123]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damaged_checksums_are_damage(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    _fill(path, backend, n=300)
+    manifest = read_manifest(path)
+    for name in manifest.files:
+        if name.startswith(("checksums", "groups")):
+            file = path / name
+            data = bytearray(file.read_bytes())
+            if not data:
+                continue
+            data[len(data) // 2] ^= 0x10
+            file.write_bytes(bytes(data))
+    with imgstore.open_store(path) as store:
+        with pytest.raises(imgstore.CorruptStoreError):
+            store.get_many(range(300))
+        with pytest.raises(imgstore.CorruptStoreError):
+            store.verify()
+
+
+# ---------------------------------------------------------------------- 7. index dtypes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_indices_out_of_range_whatever_their_dtype(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    _fill(path, backend)
+    with imgstore.open_store(path) as store:
+        for bad in ([2**63], [2**64 - 1], [0, 2**63 + 29], np.array([2**63], np.uint64), np.array([30], np.uint8)):
+            with pytest.raises(imgstore.StoreIndexError):
+                store.get_many(np.asarray(bad, dtype=np.uint64) if isinstance(bad, list) else bad)
+        with pytest.raises(imgstore.StoreIndexError):
+            store.get(np.uint64(2**64 - 1))
+        with pytest.raises(imgstore.StoreIndexError):
+            store.get_many([2**70])
+        with pytest.raises(imgstore.InvalidOptionError):
+            store.get_many([1.0, 2.0])
+        with pytest.raises(imgstore.InvalidOptionError):
+            store.get("3")  # type: ignore[arg-type]
+        np.testing.assert_array_equal(store.get_many(np.array([29, 0], np.uint64))[1], store.get_many([29, 0])[1])
+
+
+def test_slices_with_a_step_and_bools(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    images, labels = _fill(path, "lmdb")
+    with imgstore.open_store(path) as store:
+        np.testing.assert_array_equal(store.get_many(slice(0, 10, 2))[0], images[0:10:2])
+        np.testing.assert_array_equal(store.get_many(slice(None, None, -3))[1], labels[::-3])
+        with pytest.raises(imgstore.InvalidOptionError):
+            store.iter_batches(True)
+        with pytest.raises(imgstore.InvalidOptionError):
+            store.get(True)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- 8. a reader while another process re-creates
+
+
+def _recreate_repeatedly(path: str, backend: str, rounds: int) -> None:
+    for k in range(rounds):
+        images, labels = random_images(40, (8, 8, 3), seed=100 + k)
+        with imgstore.open_store(path, backend, "w") as store:
+            store.put_many(images, labels + 100 * (k + 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("verify_reads", [True, False])
+def test_a_reader_sees_one_store_or_an_error_never_a_mix(tmp_path: Path, backend: str, verify_reads: bool) -> None:
+    path = tmp_path / "s"
+    images, labels = _fill(path, backend, n=40)
+    context = multiprocessing.get_context("fork")
+    with imgstore.open_store(path, verify_reads=verify_reads) as reader:
+        reader.get_many(range(40))  # labels and checksums cached
+        writer = context.Process(target=_recreate_repeatedly, args=(str(path), backend, 15))
+        writer.start()
+        errors = 0
+        while writer.is_alive() or errors == 0:
+            try:
+                got_images, got_labels = reader.get_many(range(40))
+                image, label = reader.get(17)
+            except imgstore.CorruptStoreError:
+                errors += 1
+                if not writer.is_alive():
+                    break
+                continue
+            np.testing.assert_array_equal(got_images, images)
+            np.testing.assert_array_equal(got_labels, labels)
+            np.testing.assert_array_equal(image, images[17])
+            assert label == labels[17]
+            if not writer.is_alive():
+                break
+        writer.join(60)
+        assert writer.exitcode == 0
+
+
+# ---------------------------------------------------------------------- 11. full disk at creation, kills during "w"
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def _fill_disk(mount_point: Path, leave: int) -> Path:
+    filler = mount_point / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("leave", [0, 4096, 12288])
+def test_creating_a_store_on_a_full_disk(tiny_filesystem: Path, backend: str, leave: int) -> None:
+    filler = _fill_disk(tiny_filesystem, leave)
+    path = tiny_filesystem / "store"
+    code = _in_subprocess(
+        f"""
+        import imgstore, numpy as np
+        try:
+            with imgstore.open_store({str(path)!r}, {backend!r}, "w", shape=(8, 8, 3)) as store:
+                store.put_many(np.zeros((400, 8, 8, 3), np.uint8), [1] * 400)
+        except imgstore.StoreFullError:
+            raise SystemExit(7)
+        """
+    )
+    assert code in (0, 7), f"the process ended with {code} (a signal is negative), not StoreFullError"
+    filler.unlink()
+    images, labels = random_images(50, (8, 8, 3))
+    with imgstore.open_store(path, backend, "w") as store:  # works again once there is space
+        store.put_many(images, labels)
+    with imgstore.open_store(path) as store:
+        check_store_content(store, images, labels)
+        store.verify()
+    manifest = read_manifest(path)
+    assert all(manifest.owns(entry.name) for entry in path.iterdir())
+
+
+def _in_subprocess(source: str) -> int:
+    import sys
+    import textwrap
+
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(source)], timeout=120).returncode
+
+
+def _recreate_forever(path: str, backend: str, conn: Connection) -> None:
+    images, labels = random_images(300, (8, 8, 3))
+    conn.send("ready")
+    while True:
+        with imgstore.open_store(path, backend, "w") as store:
+            store.put_many(images, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_kill_during_write_mode_never_locks_the_directory_out(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    (tmp_path / "mine.txt").write_text("beside the store")
+    rng = random.Random(5)
+    context = multiprocessing.get_context("fork")
+    for _ in range(12):
+        receive, send = context.Pipe(duplex=False)
+        writer = context.Process(target=_recreate_forever, args=(str(path), backend, send))
+        writer.start()
+        receive.recv()
+        time.sleep(rng.uniform(0.0, 0.08))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+        try:
+            with imgstore.open_store(path) as store:  # the old store, the new one, or an unfinished one
+                assert len(store) in (0, 300)
+                store.verify()
+        except imgstore.CorruptStoreError as exc:
+            assert "being created" in str(exc)
+        except imgstore.StoreNotFoundError:
+            pass
+    images, labels = random_images(20, (8, 8, 3), seed=1)
+    with imgstore.open_store(path, backend, "w") as store:
+        store.put_many(images, labels)
+    with imgstore.open_store(path, mode="a") as store:
+        check_store_content(store, images, labels)
+    assert all(read_manifest(path).owns(entry.name) for entry in path.iterdir())
+    assert (tmp_path / "mine.txt").read_text() == "beside the store"
+
+
+# ---------------------------------------------------------------------- 14. imgstore's errors, not plain ones
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_images_raise_invalid_image_error(tmp_path: Path, backend: str) -> None:
+    with imgstore.open_store(tmp_path / "s", backend, "w") as store:
+        for bad in (
+            np.zeros((2, 0, 8, 3), np.uint8),
+            np.zeros((2, 8, 0), np.uint8),
+            [np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)],  # ragged
+            [[1, 2], [3]],
+        ):
+            with pytest.raises(imgstore.InvalidImageError):
+                store.put_many(bad, [1, 2])
+        with pytest.raises(imgstore.InvalidImageError):
+            store.put(np.zeros((0, 8, 3), np.uint8), 1)
+        with pytest.raises(imgstore.InvalidLabelError):
+            store.put_many(np.zeros((2, 8, 8, 3), np.uint8), [3, True])
+        with pytest.raises(imgstore.InvalidLabelError):
+            store.put_many(np.zeros((2, 8, 8, 3), np.uint8), [3, np.True_])
+        assert len(store) == 0
+    with pytest.raises(imgstore.InvalidImageError):
+        imgstore.open_store(tmp_path / "t", backend, "w", shape=(0, 3))
+    with pytest.raises(imgstore.InvalidImageError):
+        imgstore.open_store(tmp_path / "u", backend, "w", shape=(1 << 20, 1 << 20, 3))
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"format_version": 2, "x": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        " " * (2 << 20),
+        "\udcff" if False else "\x00\x01",
+    ],
+)
+def test_malformed_manifests_are_corrupt_store_errors(tmp_path: Path, manifest: str) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / MANIFEST_NAME).write_text(manifest)
+    with pytest.raises(imgstore.CorruptStoreError):
+        imgstore.open_store(tmp_path / "s")
+    with pytest.raises(imgstore.CorruptStoreError):
+        imgstore.open_store(tmp_path / "s", mode="a")
+    with pytest.raises(imgstore.StoreExistsError):
+        imgstore.open_store(tmp_path / "s", "lmdb", "w")
+
+
+def test_a_manifest_that_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "s" / MANIFEST_NAME).mkdir(parents=True)
+    with pytest.raises(imgstore.ImgStoreError):
+        imgstore.open_store(tmp_path / "s")
+    with pytest.raises(imgstore.StoreExistsError):
+        imgstore.open_store(tmp_path / "s", "png", "w")
+    assert (tmp_path / "s" / MANIFEST_NAME).is_dir()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"count": 10**12},
+        {"count": 2**70},
+        {"count": -1},
+        {"shape": [10**6, 10**6, 3]},
+        {"shape": [8, 8, 3, 1, 1, 1, 1, 1, 1]},
+        {"shape": [8, 8, 0]},
+        {"shape": "8x8"},
+        {"count": 31},
+        {"files": ["../outside"]},
+        {"group": -3},
+        {"options": {"files_per_dir": 0, "block_bytes": 0, "chunk_bytes": 0}},
+        {"options": []},
+        {"backend": ["lmdb"]},
+        {"generation": "../x"},
+        {"format_version": 99},
+        {"count": True},
+    ],
+)
+def test_a_forged_manifest_is_an_imgstore_error_not_a_crash(
+    tmp_path: Path, backend: str, fields: dict[str, object]
+) -> None:
+    path = tmp_path / "s"
+    _fill(path, backend)
+    _tamper(path, **fields)
+    with pytest.raises(imgstore.ImgStoreError):
+        with imgstore.open_store(path) as store:
+            store.get_many(range(len(store)))
+            store.verify()
+
+
+def test_a_dangling_symlink_as_the_path(tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(imgstore.StoreNotFoundError):
+        imgstore.open_store(link)
+    for mode in ("w", "a"):
+        with pytest.raises(imgstore.StoreExistsError):
+            imgstore.open_store(link, "lmdb", mode)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    source, mounted = tmp_path / "src", tmp_path / "ro"
+    source.mkdir()
+    mounted.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    try:
+        subprocess.run(["mount", "--bind", str(source), str(mounted)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make a read-only mount here: {exc}")
+    try:
+        yield source, mounted
+    finally:
+        subprocess.run(["umount", str(mounted)], check=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writing_on_read_only_media_is_a_read_only_error(read_only_mount: tuple[Path, Path], backend: str) -> None:
+    source, mounted = read_only_mount
+    images, labels = _fill(source / "s", backend)
+    for mode in ("a", "w"):
+        with pytest.raises(imgstore.ReadOnlyError):
+            imgstore.open_store(mounted / "s", backend, mode)
+        with pytest.raises(imgstore.ReadOnlyError):
+            imgstore.open_store(mounted / "new", backend, mode)
+    with imgstore.open_store(mounted / "s") as store:
+        check_store_content(store, images, labels)
