@@ -30,8 +30,10 @@ in the untimed setup; read operations take ``(reader, n)`` (``read_random(_many)
 and return what they read last, so the benchmark can check it (untimed) against the dataset.
 
 Besides the defaults, each imgstore backend is also measured on its writes with ``sync=False``
-(``imgstore-<backend>-nosync``: what durability costs) and with each of its ``presets`` (named
-option sets the backend declares, e.g. PNG compression levels) on store_many and read_many.
+(``imgstore-<backend>-nosync``: what durability costs), on its reads with ``verify_reads=False``
+(``imgstore-<backend>-noverify``: what checking every record read against its checksum costs),
+and with each of its ``presets`` (named option sets the backend declares, e.g. PNG compression
+levels) on store_many and read_many.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import imgstore
 
 OPERATIONS = ("store_single", "store_many", "read_single", "read_many", "read_random", "read_random_many", "iterate")
 WRITE_OPERATIONS = ("store_single", "store_many")
+VERIFIED_OPERATIONS = ("read_many", "read_random", "read_random_many")  # where the noverify rows show the check's cost
 SHUFFLED_OPERATIONS = ("read_random", "read_random_many")  # take the shuffled order, not a count
 BATCH_SIZE = 256
 KINDS = ("limit", "imgstore", "tutorial")  # also the order of rows in the summary
@@ -114,6 +117,8 @@ class ImgstoreSubject(Subject):
         self.options = options or {}
         if variant == "nosync":
             self.operations = WRITE_OPERATIONS  # reads do not depend on it
+        elif variant == "noverify":
+            self.operations = VERIFIED_OPERATIONS  # writes do not depend on it
         elif variant:
             self.operations = ("store_many", "read_many")  # where an option's trade-off shows
 
@@ -121,7 +126,8 @@ class ImgstoreSubject(Subject):
         return imgstore.open_store(path, self.backend, "w", **self.options)
 
     def open_reader(self, path: Path, shape: tuple[int, ...]) -> imgstore.Store:
-        return imgstore.open_store(path, mode="r")  # the store's manifest keeps its options
+        # The store's manifest keeps its options; the variant's own (e.g. verify_reads) apply to this handle.
+        return imgstore.open_store(path, mode="r", **self.options)
 
     def close_reader(self, reader: imgstore.Store) -> None:
         reader.close()
@@ -295,7 +301,11 @@ def make_subjects(backends: list[str]) -> list[Subject]:
     tutorial = [s for s in TUTORIAL_SUBJECTS if s.backend in backends] or list(TUTORIAL_SUBJECTS)
     stores: list[Subject] = []
     for backend in backends:
-        stores += [ImgstoreSubject(backend), ImgstoreSubject(backend, "nosync", {"sync": False})]
+        stores += [
+            ImgstoreSubject(backend),
+            ImgstoreSubject(backend, "nosync", {"sync": False}),
+            ImgstoreSubject(backend, "noverify", {"verify_reads": False}),
+        ]
         presets = imgstore.get_backend(backend).presets
         stores += [ImgstoreSubject(backend, name, dict(options)) for name, options in presets.items()]
     return [LimitSubject(), LimitSubject(fsync=False), *stores, *tutorial]

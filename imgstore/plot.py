@@ -67,6 +67,8 @@ class Point:
     file_bytes: int | None = None
 
 
+# Variants that change how a store is written or read, not what it holds: the same bytes as the default.
+SAME_BYTES_VARIANTS = ("nosync", "noverify")
 SeriesKey = tuple[str, str, str, str]  # (kind, backend, dataset, variant)
 
 
@@ -252,7 +254,10 @@ def _presets_figure(points: Sequence[Point], style: _Style, title: str) -> Figur
     wanted = [
         p
         for p in points
-        if p.kind == "imgstore" and p.operation in MAIN_OPERATIONS and p.variant != "nosync" and p.file_bytes
+        if p.kind == "imgstore"
+        and p.operation in MAIN_OPERATIONS
+        and p.variant not in SAME_BYTES_VARIANTS
+        and p.file_bytes
     ]
     backends = sorted({p.backend for p in wanted if p.variant})
     if not backends:
@@ -328,7 +333,7 @@ def _disk_figure(points: Sequence[Point], style: _Style, title: str) -> Figure |
     # Bytes per (series, images): from store_many when it reported them, else any operation.
     disk: dict[SeriesKey, dict[int, int]] = {}
     for point in sorted(points, key=lambda p: p.operation != "store_many"):
-        if point.disk_bytes is not None and point.variant != "nosync":  # nosync: the same bytes as its default
+        if point.disk_bytes is not None and point.variant not in SAME_BYTES_VARIANTS:
             sizes = disk.setdefault((point.kind, point.backend, point.dataset, point.variant), {})
             sizes.setdefault(point.images, point.disk_bytes)
     if not disk:

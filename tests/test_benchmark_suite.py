@@ -61,6 +61,7 @@ def test_variants_are_measured_where_they_matter(run: dict[str, Any]) -> None:
         operations.setdefault(bench["params"]["subject_name"], set()).add(bench["extra_info"]["operation"])
     for backend in imgstore.available_backends():
         assert operations[f"imgstore-{backend}-nosync"] == {"store_single", "store_many"}
+        assert operations[f"imgstore-{backend}-noverify"] == {"read_many", "read_random", "read_random_many"}
         for preset in imgstore.get_backend(backend).presets:
             assert operations[f"imgstore-{backend}-{preset}"] == {"store_many", "read_many"}
     assert {"imgstore-png-level0", "imgstore-png-level9"} <= set(operations)
