@@ -457,11 +457,21 @@ def _recreate_forever(path: str, backend: str, conn: Connection) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_kill_during_write_mode_never_locks_the_directory_out(tmp_path: Path, backend: str) -> None:
+    kill_during_write_mode(tmp_path, backend, kills=12, seed=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_kill_during_write_mode_never_locks_the_directory_out_120_times(tmp_path: Path, backend: str) -> None:
+    kill_during_write_mode(tmp_path, backend, kills=120, seed=6)
+
+
+def kill_during_write_mode(tmp_path: Path, backend: str, kills: int, seed: int) -> None:
     path = tmp_path / "s"
     (tmp_path / "mine.txt").write_text("beside the store")
-    rng = random.Random(5)
+    rng = random.Random(seed)
     context = multiprocessing.get_context("fork")
-    for _ in range(12):
+    for _ in range(kills):
         receive, send = context.Pipe(duplex=False)
         writer = context.Process(target=_recreate_forever, args=(str(path), backend, send))
         writer.start()
