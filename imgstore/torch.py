@@ -34,7 +34,8 @@ class StoreDataset(Dataset):
     ``output="tensor"`` gives ``torch.uint8`` tensors shaped like the stored images (H, W[, C]);
     ``"numpy"`` gives arrays. ``transform`` and ``target_transform`` are applied per sample, after
     conversion. A batched fetch (``__getitems__``, used by ``DataLoader`` with a batch size) reads
-    the whole batch with one ``get_many``.
+    the whole batch with one ``get_many``. Every record read is checked against its checksum
+    unless ``verify_reads=False`` (see :func:`imgstore.open_store`).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class StoreDataset(Dataset):
         transform: Callable[[Any], Any] | None = None,
         target_transform: Callable[[int], Any] | None = None,
         output: Output = "tensor",
+        verify_reads: bool = True,
     ) -> None:
         if output not in ("tensor", "numpy"):
             raise InvalidOptionError(f"output must be 'tensor' or 'numpy', got {output!r}")
@@ -51,7 +53,8 @@ class StoreDataset(Dataset):
         self.transform = transform
         self.target_transform = target_transform
         self.output = output
-        with open_store(self.path) as store:  # fail now, in the parent, if the store is missing or damaged
+        self.verify_reads = verify_reads
+        with open_store(self.path, verify_reads=verify_reads) as store:  # fail now, in the parent, if the store is missing or damaged
             self._length = len(store)
         self._store: Store | None = None
         self._pid = 0
@@ -62,7 +65,7 @@ class StoreDataset(Dataset):
     @property
     def store(self) -> Store:
         if self._store is None or self._pid != os.getpid():
-            self._store = open_store(self.path)  # read-only, this process's own handle
+            self._store = open_store(self.path, verify_reads=self.verify_reads)  # this process's own reader
             self._pid = os.getpid()
         return self._store
 
