@@ -54,7 +54,8 @@ class StoreDataset(Dataset):
         self.target_transform = target_transform
         self.output = output
         self.verify_reads = verify_reads
-        with open_store(self.path, verify_reads=verify_reads) as store:  # fail now, in the parent, if the store is missing or damaged
+        # Fail now, in the parent, if the store is missing or damaged.
+        with open_store(self.path, verify_reads=verify_reads) as store:
             self._length = len(store)
         self._store: Store | None = None
         self._pid = 0
