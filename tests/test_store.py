@@ -166,6 +166,8 @@ def test_third_party_backend_via_entry_point(tmp_path: Path, monkeypatch: pytest
         "[imgstore.backends]\nhdf5-small-chunks = thirdparty_store:SmallChunkStore\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(imgstore.registry, "_entry_points", None)  # entry points are read once a process
+    monkeypatch.setattr(imgstore.registry, "_loaded", {})
     assert "hdf5-small-chunks" in imgstore.available_backends()
     images, labels = random_images(40)
     with open_store(tmp_path / "s", "hdf5-small-chunks", "w") as store:
@@ -173,6 +175,46 @@ def test_third_party_backend_via_entry_point(tmp_path: Path, monkeypatch: pytest
     with open_store(tmp_path / "s") as store:
         assert store.backend == "hdf5-small-chunks"
         check_store_content(store, images, labels)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("from imgstore.backends.hdf5 import Hdf5Store as Misnamed\n", "calls itself 'hdf5'"),
+        ("class Misnamed:\n    name = 'odd'\n", "not an imgstore Store class"),
+        ("Misnamed = 42\n", "not an imgstore Store class"),
+    ],
+)
+def test_registry_checks_what_a_name_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, message: str
+) -> None:
+    module = f"odd_backend_{abs(hash(source))}"  # a fresh module per case: imports are cached
+    _write_module(tmp_path, module, source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(imgstore.registry, "_registry", dict(imgstore.registry._registry))
+    monkeypatch.setattr(imgstore.registry, "_loaded", {})
+    imgstore.register_backend("odd", f"{module}:Misnamed")
+    with pytest.raises(imgstore.BackendNotFoundError, match=message):
+        open_store(tmp_path / "s", "odd", "w")
+    assert not (tmp_path / "s" / MANIFEST_NAME).exists()
+
+
+def test_registry_refuses_a_clobber_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(imgstore.registry, "_registry", dict(imgstore.registry._registry))
+    monkeypatch.setattr(imgstore.registry, "_loaded", dict(imgstore.registry._loaded))
+    with pytest.raises(imgstore.InvalidOptionError, match="clobber"):
+        imgstore.register_backend("lmdb", "somewhere:Else")
+    assert imgstore.get_backend("lmdb").__name__ == "LmdbStore"
+    imgstore.register_backend("lmdb", "imgstore.backends.lmdb:LmdbStore")  # the same target again is fine
+    imgstore.register_backend("lmdb", "imgstore.backends.hdf5:Hdf5Store", clobber=True)
+    with pytest.raises(imgstore.BackendNotFoundError, match="calls itself"):
+        imgstore.get_backend("lmdb")
+
+
+def test_registry_loads_a_class_once() -> None:
+    assert imgstore.get_backend("png") is imgstore.get_backend("png")
+    with pytest.raises(imgstore.BackendNotFoundError):
+        imgstore.get_backend(["png"])  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- LMDB map growth
