@@ -7,9 +7,6 @@ Batches of ``parallel_min`` images or more are encoded/decoded by ``workers`` pr
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +14,12 @@ from PIL import Image
 
 from imgstore import parallel
 from imgstore.errors import CorruptStoreError, InvalidImageError
+from imgstore.fileio import sync_filesystem
 from imgstore.options import Option
 from imgstore.store import Store
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> PNG colour type
 _LABELS = "labels.i64"
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
 class PngStore(Store):
@@ -87,9 +84,7 @@ class PngStore(Store):
             f.write(labels.astype("<i8").tobytes())
         self._file_labels = None
         if self.sync:
-            # One syncfs for every new file and folder entry: far cheaper than an fsync of each
-            # file and folder, and it covers the folders too (it writes back all metadata).
-            _sync_filesystem(self.path)
+            sync_filesystem(self.path)  # one syncfs for every new file and folder entry
 
     # -------------------------------------------------------------- reading
 
@@ -158,13 +153,3 @@ def _decode_into(path: str, out: np.ndarray) -> None:
         raise CorruptStoreError(f"{path} is committed but missing") from None
     except (OSError, SyntaxError, ValueError) as exc:  # how Pillow reports a damaged file
         raise CorruptStoreError(f"{path} is not a readable PNG: {exc}") from None
-
-
-def _sync_filesystem(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
