@@ -78,7 +78,7 @@ run lacks are skipped.  Needs matplotlib: pip install 'imgstore-ml[plot]'.
 
 
 def _add_compare(subparsers: argparse._SubParsersAction) -> None:
-    from imgstore.compare import COLUMNS, DEFAULT_COLUMNS
+    from imgstore.analysis.report import COLUMNS, DEFAULT_COLUMNS
 
     parser = subparsers.add_parser(
         "compare",
@@ -142,11 +142,11 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from imgstore import compare
+    from imgstore.analysis import load, report, stats, verdict
 
-    baseline = compare.load_runs(args.baseline)
-    candidate = compare.load_runs(args.candidate)
-    rows = compare.compare_runs(baseline, candidate, args.threshold, args.confidence, normalize=args.normalize)
+    baseline = load.load_runs(args.baseline)
+    candidate = load.load_runs(args.candidate)
+    rows = verdict.compare_runs(baseline, candidate, args.threshold, args.confidence, normalize=args.normalize)
     if args.only is not None:
         try:
             wanted = set(args.only.read_text(encoding="utf-8").split())
@@ -155,16 +155,16 @@ def _run_compare(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as exc:
             raise ImgStoreError(f"{args.only}: not a text file (not UTF-8 at byte {exc.start})") from None
         rows = [row for row in rows if row.fullname in wanted]
-    drift = compare.machine_drift(baseline, candidate)
-    notes = compare.notes(rows, drift, threshold=args.threshold, normalized=args.normalize)
+    drift = stats.machine_drift(baseline, candidate)
+    notes = report.notes(rows, drift, threshold=args.threshold, normalized=args.normalize)
 
-    print(compare.format_table(rows, args.columns))
+    print(report.format_table(rows, args.columns))
     print()
-    print(f"{compare.summary(rows)} (threshold {args.threshold:.0%}, confidence {args.confidence:g})")
+    print(f"{report.summary(rows)} (threshold {args.threshold:.0%}, confidence {args.confidence:g})")
     for note in notes:
         print(f"  {note}")
     if args.markdown is not None:
-        text = compare.format_markdown(
+        text = report.format_markdown(
             rows,
             baseline=baseline,
             candidate=candidate,
@@ -178,16 +178,16 @@ def _run_compare(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ImgStoreError(f"{args.markdown}: cannot write: {exc.strerror or exc}") from None
     if args.rerun is not None:
-        names = compare.unsure(rows)
+        names = verdict.unsure(rows)
         try:
             args.rerun.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
         except OSError as exc:
             raise ImgStoreError(f"{args.rerun}: cannot write: {exc.strerror or exc}") from None
-    return EXIT_FAILED if compare.has_regression(rows) else EXIT_OK
+    return EXIT_FAILED if verdict.has_regression(rows) else EXIT_OK
 
 
 def _threshold(text: str) -> float:
-    from imgstore.compare import parse_threshold
+    from imgstore.analysis.verdict import parse_threshold
 
     try:
         return parse_threshold(text)
@@ -196,7 +196,7 @@ def _threshold(text: str) -> float:
 
 
 def _confidence(text: str) -> float:
-    from imgstore.compare import CONFIDENCE_RANGE
+    from imgstore.analysis.verdict import CONFIDENCE_RANGE
 
     low, high = CONFIDENCE_RANGE
     try:
@@ -209,7 +209,7 @@ def _confidence(text: str) -> float:
 
 
 def _columns(text: str) -> tuple[str, ...]:
-    from imgstore.compare import COLUMNS
+    from imgstore.analysis.report import COLUMNS
 
     columns = tuple(c.strip() for c in text.split(",") if c.strip())
     unknown = [c for c in columns if c not in COLUMNS]
@@ -240,9 +240,9 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_plot(args: argparse.Namespace) -> int:
     # Imported here: matplotlib is optional, and `imgstore compare` must work without it.
-    from imgstore import plot, runs
+    from imgstore.analysis import load, plot
 
-    run = runs.load_run(args.run)
+    run = load.load_run(args.run)
     try:
         written = plot.plot_run(run, args.out)
     except OSError as exc:

@@ -3,6 +3,7 @@ written by pytest-benchmark itself."""
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import math
@@ -18,9 +19,11 @@ import numpy as np
 import pytest
 from pytest_benchmark.stats import Stats
 
-from imgstore import compare
+from imgstore.analysis import load, report, stats, verdict
+from imgstore.analysis.load import Benchmark, Run, load_run
+from imgstore.analysis.verdict import Verdict, compare_runs
 from imgstore.cli import main
-from imgstore.compare import Benchmark, Run, Verdict, compare_runs, load_run
+from imgstore.errors import ImgStoreError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,10 +38,10 @@ def bench_json(
     save_data: bool = True,
 ) -> dict[str, Any]:
     """One benchmark as pytest-benchmark writes it (stats computed by its own Stats class)."""
-    stats = Stats()
+    timing = Stats()
     for seconds in rounds:
-        stats.update(seconds)
-    fields = stats.as_dict()
+        timing.update(seconds)
+    fields = timing.as_dict()
     if save_data:
         fields["data"] = list(rounds)
     fields["iterations"] = 1
@@ -92,11 +95,11 @@ def noisy_run(
     return Run("synthetic", result)
 
 
-def verdicts(rows: list[compare.Comparison]) -> dict[str, Verdict]:
+def verdicts(rows: list[verdict.Comparison]) -> dict[str, Verdict]:
     return {row.fullname: row.verdict for row in rows}
 
 
-def flagged(rows: list[compare.Comparison]) -> list[compare.Comparison]:
+def flagged(rows: list[verdict.Comparison]) -> list[verdict.Comparison]:
     """The rows a comparison alarms on (UNSURE asks for a rerun, it is no verdict)."""
     return [row for row in rows if row.verdict not in (Verdict.UNCHANGED, Verdict.UNSURE)]
 
@@ -220,7 +223,7 @@ def interleaved(rng: np.random.Generator, slowdown: dict[int, float] | None = No
     """Base and head sides of two runs each, as .ci/bench-gate takes them."""
     base = [machine_run(rng), machine_run(rng)]
     head = [machine_run(rng, slowdown), machine_run(rng, slowdown)]
-    return compare.merge_runs(base), compare.merge_runs(head)
+    return load.merge_runs(base), load.merge_runs(head)
 
 
 def test_repeated_runs_measure_each_benchmarks_drift() -> None:
@@ -261,7 +264,7 @@ def test_a_slower_reference_row_is_shown_but_never_fails() -> None:
 
     for compared in (
         compare_runs(run(1.0), run(3.0)),
-        compare_runs(compare.merge_runs([run(1.0), run(1.0)]), compare.merge_runs([run(3.0), run(3.0)])),
+        compare_runs(load.merge_runs([run(1.0), run(1.0)]), load.merge_runs([run(3.0), run(3.0)])),
     ):
         assert {row.fullname: row.verdict for row in compared} == {
             "t0": Verdict.REFERENCE_SLOWER,
@@ -269,7 +272,7 @@ def test_a_slower_reference_row_is_shown_but_never_fails() -> None:
             "t2": Verdict.UNCHANGED,
             "t3": Verdict.UNCHANGED,
         }
-        assert not compare.has_regression(compared)
+        assert not verdict.has_regression(compared)
 
 
 def test_variants_of_a_backend_lend_each_other_their_spread() -> None:
@@ -287,13 +290,13 @@ def test_variants_of_a_backend_lend_each_other_their_spread() -> None:
             rows[f"b{index}"] = Benchmark(f"b{index}", f"b{index}", None, times[2], times, info)
         return Run("r", rows)
 
-    base = compare.merge_runs(
+    base = load.merge_runs(
         [
             run({"png": 0.6, "nosync": 0.6, "level9": 0.3, "level0": 0.30}),
             run({"png": 0.3, "nosync": 0.6, "level9": 0.6, "level0": 0.32}),
         ]
     )
-    head = compare.merge_runs(
+    head = load.merge_runs(
         [
             run({"png": 0.3, "nosync": 0.3, "level9": 0.6, "level0": 0.58}),
             run({"png": 0.6, "nosync": 0.6, "level9": 0.3, "level0": 0.57}),
@@ -301,20 +304,20 @@ def test_variants_of_a_backend_lend_each_other_their_spread() -> None:
     )
     verdicts = {row.fullname: row.verdict for row in compare_runs(base, head)}
     assert verdicts["level0"] is Verdict.UNCHANGED  # 1.8x, but its siblings move that much between runs
-    assert not compare.has_regression(compare_runs(base, head))
+    assert not verdict.has_regression(compare_runs(base, head))
 
 
 def test_merge_runs_pools_rounds_and_keeps_each_runs_median(tmp_path: Path) -> None:
     for side, level in (("a", 1.0), ("b", 1.2)):
         write_run(tmp_path / f"{side}.json", [bench_json("b.py::t", [level, level * 1.01, level * 0.99])])
-    merged = compare.load_runs(tmp_path)
+    merged = load.load_runs(tmp_path)
     bench = merged.benchmarks["b.py::t"]
     assert bench.run_rounds == ((1.0, 1.01, 0.99), (1.2, 1.212, 1.188))
     assert sorted(bench.rounds) == sorted([1.0, 1.01, 0.99, 1.2, 1.212, 1.188])
-    assert compare.load_runs(tmp_path / "a.json").benchmarks["b.py::t"].run_rounds == ()
+    assert load.load_runs(tmp_path / "a.json").benchmarks["b.py::t"].run_rounds == ()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(compare.ImgStoreError, match="no \\*.json"):
-        compare.load_runs(tmp_path / "empty")
+    with pytest.raises(ImgStoreError, match="no \\*.json"):
+        load.load_runs(tmp_path / "empty")
 
 
 def test_swapping_the_runs_swaps_regression_and_improvement() -> None:
@@ -352,9 +355,9 @@ def test_too_few_rounds_are_judged_on_medians_unconfirmed() -> None:
     )
     assert (rows[0].low, rows[0].high) == (0.0, math.inf)  # no 99% interval from 3 rounds
     assert rows[0].verdict is Verdict.SLOWER_UNCONFIRMED
-    assert not compare.has_regression(rows)
-    assert any("too few rounds" in note and "at least 5" in note for note in compare.notes(rows, threshold=0.1))
-    assert "too few rounds" in compare.format_table(rows)
+    assert not verdict.has_regression(rows)
+    assert any("too few rounds" in note and "at least 5" in note for note in report.notes(rows, threshold=0.1))
+    assert "too few rounds" in report.format_table(rows)
 
 
 def test_rounds_for_one_benchmark_but_not_for_the_suite_are_unconfirmed() -> None:
@@ -376,7 +379,7 @@ def test_rounds_for_one_benchmark_but_not_for_the_suite_are_unconfirmed() -> Non
             },
         )
 
-    assert compare.rounds_needed(0.99, 10) == 7
+    assert stats.rounds_needed(0.99, 10) == 7
     rows = compare_runs(run(1.0), run(2.0))
     assert rows[0].fullname == "t0" and rows[0].verdict is Verdict.SLOWER_UNCONFIRMED
     assert rows[0].low is not None and 1.9 < rows[0].low < 2.0 < rows[0].high  # type: ignore[operator]
@@ -408,7 +411,7 @@ def test_slowdown_not_significant_for_the_suite_is_named_in_the_notes() -> None:
     assert row.low is not None and row.low > 1 and not row.significant
     assert row.verdict is Verdict.UNCHANGED
     assert any(
-        "not significant for the whole suite" in note and "t0" in note for note in compare.notes(rows, threshold=0.0)
+        "not significant for the whole suite" in note and "t0" in note for note in report.notes(rows, threshold=0.0)
     )
 
 
@@ -417,7 +420,7 @@ def test_slowdown_not_significant_for_the_suite_is_named_in_the_notes() -> None:
 
 def test_interval_of_an_exact_scale_change() -> None:
     base = np.random.default_rng(1).lognormal(0, 0.2, 50)
-    low, high = compare.ratio_interval(base, base * 1.5, 0.99)
+    low, high = stats.ratio_interval(base, base * 1.5, 0.99)
     assert low <= 1.5 <= high
     assert 1.3 < low and high < 1.75
 
@@ -429,20 +432,20 @@ def test_mann_whitney_distribution_matches_enumeration(n: int, m: int) -> None:
     for first in arrangements:  # positions of the first sample in the sorted order
         u = sum(sum(1 for j in range(n + m) if j not in first and j < pos) for pos in first)
         counts[u] += 1
-    assert np.allclose(compare._mann_whitney_pmf(n, m), counts / len(arrangements))
+    assert np.allclose(stats._mann_whitney_pmf(n, m), counts / len(arrangements))
 
 
 def test_mann_whitney_cut_matches_published_table() -> None:
     # Critical U, two-sided 1%: n=m=10 -> 16, n=m=20 -> 105 (standard tables); 5%: n=m=10 -> 23.
-    assert compare._mann_whitney_cut(10, 10, 0.01) == 16
-    assert compare._mann_whitney_cut(20, 20, 0.01) == 105
-    assert compare._mann_whitney_cut(10, 10, 0.05) == 23
-    assert compare._mann_whitney_cut(4, 4, 0.01) is None  # 2/70 > 1%: no 99% interval exists
+    assert stats._mann_whitney_cut(10, 10, 0.01) == 16
+    assert stats._mann_whitney_cut(20, 20, 0.01) == 105
+    assert stats._mann_whitney_cut(10, 10, 0.05) == 23
+    assert stats._mann_whitney_cut(4, 4, 0.01) is None  # 2/70 > 1%: no 99% interval exists
 
 
 def test_many_rounds_are_thinned_not_refused() -> None:
     rng = np.random.default_rng(2)
-    low, high = compare.ratio_interval(rng.lognormal(0, 0.2, 20000), rng.lognormal(0, 0.2, 20000) * 1.1, 0.99)
+    low, high = stats.ratio_interval(rng.lognormal(0, 0.2, 20000), rng.lognormal(0, 0.2, 20000) * 1.1, 0.99)
     assert low < 1.1 < high and high / low < 1.1
 
 
@@ -455,7 +458,7 @@ def test_benchmarks_without_rounds_are_compared_on_medians_only(tmp_path: Path) 
     rows = compare_runs(load_run(base), load_run(cand))
     assert rows[0].verdict is Verdict.SLOWER_UNCONFIRMED
     assert rows[0].low is None and rows[0].ratio == pytest.approx(1.5)
-    assert not compare.has_regression(rows)
+    assert not verdict.has_regression(rows)
     assert main(["compare", str(base), str(cand)]) == 0
 
 
@@ -477,7 +480,7 @@ def test_machine_drift_widens_intervals_unless_normalized() -> None:
         for index, name in enumerate(list(run.benchmarks)):
             kind = "tutorial" if index < 6 else "imgstore"
             run.benchmarks[name] = Benchmark(**{**run.benchmarks[name].__dict__, "extra_info": {"kind": kind}})
-    drift = compare.machine_drift(base, cand)
+    drift = stats.machine_drift(base, cand)
     assert drift is not None and drift.reference and drift.count == 6
     assert drift.factor == pytest.approx(1.3, rel=0.05)
     # By default the drift is noise: no false alarm on the 1.3x rows, and test_9 is hidden in it.
@@ -490,17 +493,17 @@ def test_machine_drift_widens_intervals_unless_normalized() -> None:
 
 @pytest.mark.parametrize("text,value", [("10%", 0.10), ("10", 0.10), (" 2.5 % ", 0.025), ("0%", 0.0)])
 def test_parse_threshold(text: str, value: float) -> None:
-    assert compare.parse_threshold(text) == pytest.approx(value)
+    assert verdict.parse_threshold(text) == pytest.approx(value)
 
 
 @pytest.mark.parametrize("text", ["", "abc", "-5%", "nan", "inf%"])
 def test_parse_threshold_rejects(text: str) -> None:
     with pytest.raises(ValueError):
-        compare.parse_threshold(text)
+        verdict.parse_threshold(text)
 
 
 def test_format_seconds() -> None:
-    assert [compare.format_seconds(s) for s in (2.5, 0.0123, 4.5e-6, 3e-9, 1234.0)] == [
+    assert [report.format_seconds(s) for s in (2.5, 0.0123, 4.5e-6, 3e-9, 1234.0)] == [
         "2.5 s",
         "12.3 ms",
         "4.5 µs",
@@ -636,9 +639,9 @@ def test_directories_of_repeated_runs_gate_on_the_fastest_rounds(tmp_path: Path,
 
 
 def test_markdown_summary(real_runs: tuple[Path, Path], tmp_path: Path) -> None:
-    report = tmp_path / "comment.md"
-    assert main(["compare", *map(str, real_runs), "--markdown", str(report)]) == 1
-    text = report.read_text(encoding="utf-8")
+    comment = tmp_path / "comment.md"
+    assert main(["compare", *map(str, real_runs), "--markdown", str(comment)]) == 1
+    text = comment.read_text(encoding="utf-8")
     lines = text.splitlines()
     assert lines[0].startswith("### :x: Benchmarks: 4 regressions, 0 improvements")
     assert "| benchmark | baseline median | candidate median | ratio | interval | verdict |" in lines
@@ -651,7 +654,7 @@ def test_markdown_escapes_pipes_and_folds_unchanged() -> None:
         Run("a", {"m::t[a|b]": Benchmark("m::t[a|b]", "t[a|b]", None, 1.0, (1.0,) * 10)}),
         Run("b", {"m::t[a|b]": Benchmark("m::t[a|b]", "t[a|b]", None, 1.0, (1.0,) * 10)}),
     )
-    text = compare.format_markdown(rows)
+    text = report.format_markdown(rows)
     assert "t[a\\|b]" in text and "<details>" in text
     assert text.startswith("### :white_check_mark: Benchmarks: 0 regressions")
 
@@ -710,24 +713,112 @@ def test_unwritable_markdown_exits_2(tmp_path: Path, capsys: Any) -> None:
     assert "cannot write" in capsys.readouterr().err
 
 
-def test_compare_is_importable_without_the_package_init() -> None:
-    # imgstore/__init__.py is written elsewhere; compare must rely only on imgstore.errors and on
-    # imgstore.runs (the reader of saved runs it shares with plot), which relies only on errors.
-    def imports(module: str) -> list[str]:
-        source = (REPO / "imgstore" / f"{module}.py").read_text(encoding="utf-8")
-        lines = [line for line in source.splitlines() if line.startswith(("from imgstore", "import imgstore"))]
-        return [line.partition(" import ")[0] for line in lines]
+# ------------------------------------------------------------------- layering of the package
 
-    assert imports("compare") == ["from imgstore.errors", "from imgstore.runs"]
-    assert imports("runs") == ["from imgstore.errors"]
-    # And it does import with an empty package in place of imgstore/__init__.py.
+# The layers, each importing only the ones before it: storage core <- backends <- integrations
+# (torch, datasets) <- analysis / CLI <- benchmarks.  The analysis and the CLI: these.
+ANALYSIS_SIDE = ("imgstore/analysis/", "imgstore/cli.py", "imgstore/compare.py")
+
+
+def imgstore_imports(path: Path) -> set[str]:
+    """Every imgstore module ``path`` imports, anywhere in it (lazy imports in functions included)."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    if path.name == "__init__.py":
+        package = ".".join(path.relative_to(REPO).parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the file's package, one level up per extra dot
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            # "from imgstore.analysis import load" imports imgstore.analysis.load when that is a module.
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names if _is_module(f"{base}.{alias.name}"))
+    return {name for name in found if name == "imgstore" or name.startswith("imgstore.")}
+
+
+def _is_module(name: str) -> bool:
+    path = REPO.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_analysis_imports_nothing_of_imgstore_but_errors() -> None:
+    files = sorted((REPO / "imgstore" / "analysis").glob("*.py"))
+    assert {f.stem for f in files} >= {"__init__", "schema", "load", "stats", "verdict", "report", "plot"}
+    for path in [*files, REPO / "imgstore" / "compare.py"]:
+        for name in imgstore_imports(path):
+            allowed = name in ("imgstore.errors", "imgstore.analysis") or name.startswith("imgstore.analysis.")
+            assert allowed, f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_analysis_modules_import_each_other_without_cycles() -> None:
+    graph = {
+        f"imgstore.analysis.{path.stem}": {
+            name for name in imgstore_imports(path) if name.startswith("imgstore.analysis.")
+        }
+        for path in (REPO / "imgstore" / "analysis").glob("*.py")
+        if path.name != "__init__.py"
+    }
+    done: list[str] = []
+    while len(done) < len(graph):  # peel off the modules whose imports are all done: a cycle stops this
+        ready = sorted(module for module, needs in graph.items() if module not in done and needs <= set(done))
+        assert ready, f"import cycle among {sorted(set(graph) - set(done))}"
+        done += ready
+    assert (
+        done.index("imgstore.analysis.schema")
+        < done.index("imgstore.analysis.load")
+        < done.index("imgstore.analysis.verdict")
+    )
+
+
+def test_the_storage_library_never_imports_the_analysis() -> None:
+    library = [
+        path
+        for path in sorted((REPO / "imgstore").rglob("*.py"))
+        if not str(path.relative_to(REPO)).startswith(ANALYSIS_SIDE)
+    ]
+    assert len(library) > 10 and REPO / "imgstore" / "store.py" in library
+    for path in library:
+        for name in imgstore_imports(path):
+            assert not name.startswith(("imgstore.analysis", "imgstore.cli", "imgstore.compare")), (
+                f"{path.relative_to(REPO)} imports {name}"
+            )
+    # And at run time: importing the library (every module of it that imports here) loads none of it.
+    modules = [".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__") for path in library]
+    code = textwrap.dedent(
+        """
+        import importlib, sys
+        import imgstore
+        assert not [name for name in sys.modules if name.startswith("imgstore.analysis")], "import imgstore"
+        for name in sys.argv[1:]:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # an optional dependency (torch) not installed here
+                pass
+        side = ("imgstore.analysis", "imgstore.cli", "imgstore.compare")
+        print(" ".join(sorted(name for name in sys.modules if name.startswith(side))))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *modules], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
+
+
+def test_the_analysis_is_importable_without_the_package_init() -> None:
+    # imgstore/__init__.py (the storage library) is written elsewhere; the analysis, the CLI and the
+    # compare shim must load with an empty package in its place, pulling in imgstore.errors only.
     code = textwrap.dedent(
         """
         import sys, types
         package = types.ModuleType("imgstore")
         package.__path__ = [sys.argv[1]]
         sys.modules["imgstore"] = package
-        import imgstore.compare
+        import imgstore.compare, imgstore.cli, imgstore.analysis.plot
         print(" ".join(sorted(name for name in sys.modules if name.startswith("imgstore"))))
         """
     )
@@ -735,7 +826,22 @@ def test_compare_is_importable_without_the_package_init() -> None:
         [sys.executable, "-c", code, str(REPO / "imgstore")], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["imgstore", "imgstore.compare", "imgstore.errors", "imgstore.runs"]
+    analysis = [f"imgstore.analysis.{name}" for name in ("load", "plot", "report", "schema", "stats", "verdict")]
+    assert result.stdout.split() == [
+        "imgstore", "imgstore.analysis", *analysis, "imgstore.cli", "imgstore.compare", "imgstore.errors"
+    ]  # fmt: skip
+
+
+def test_the_compare_shim_is_the_analysis_package() -> None:
+    # Code written against imgstore.compare (benchmarks/validate_gate.py) gets the very same objects.
+    import imgstore.compare as shim
+    from imgstore.analysis import schema
+
+    for name in shim.__all__:
+        assert hasattr(shim, name), name
+    assert shim.compare_runs is verdict.compare_runs and shim.load_run is load.load_run
+    assert shim.Run is load.Run and shim.Verdict is Verdict and shim.format_table is report.format_table
+    assert shim.machine_drift is stats.machine_drift and shim.REFERENCE_KINDS is schema.REFERENCE_KINDS
 
 
 # ------------------------------------------------------------------- extreme but valid timings
@@ -767,14 +873,14 @@ def test_extreme_valid_timings_give_finite_ratios(fast: float, slow: float, roun
         cand = extreme_side(tmp_path / f"cand{runs}", slow, fast, rounds=rounds, runs=runs)
         for a, b in ((base, cand), (cand, base)):
             for normalize in (False, True):
-                rows = compare_runs(compare.load_runs(a), compare.load_runs(b), normalize=normalize)
+                rows = compare_runs(load.load_runs(a), load.load_runs(b), normalize=normalize)
                 for row in rows:
                     assert row.ratio is not None and 0 < row.ratio < math.inf
                     if row.low is not None and row.high is not None:
                         assert not math.isnan(row.low) and not math.isnan(row.high)
                         assert (row.low, row.high) == (0.0, math.inf) or 0 < row.low <= row.high < math.inf
-                compare.notes(rows, compare.machine_drift(compare.load_runs(a), compare.load_runs(b)), threshold=0.1)
-                compare.format_table(rows)
+                report.notes(rows, stats.machine_drift(load.load_runs(a), load.load_runs(b)), threshold=0.1)
+                report.format_table(rows)
             for confidence in ("0.000001", "0.5", "0.999999"):
                 assert main(["compare", str(a), str(b), "--confidence", confidence]) in (0, 1)
 
@@ -788,4 +894,4 @@ def test_confidence_too_close_to_0_or_1_is_a_usage_error(confidence: str, tmp_pa
     err = capsys.readouterr().err
     assert "--confidence" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="confidence"):
-        compare_runs(compare.load_runs(base), compare.load_runs(cand), confidence=float(confidence))
+        compare_runs(load.load_runs(base), load.load_runs(cand), confidence=float(confidence))

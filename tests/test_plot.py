@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")
 
+from imgstore.analysis.load import load_run  # noqa: E402
+from imgstore.analysis.plot import extract_points, plot_run  # noqa: E402
 from imgstore.cli import main  # noqa: E402  (after the skips: plotting is an optional extra)
-from imgstore.compare import load_run  # noqa: E402
-from imgstore.plot import extract_points, plot_run  # noqa: E402
 
 # A miniature of the real suite: three imgstore backends, two tutorial ones and the raw limit,
 # four operations (no store_single/read_single: their figures must simply be skipped).

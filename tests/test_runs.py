@@ -1,24 +1,31 @@
-"""Tests of imgstore.runs: a malformed saved run is refused by ``imgstore compare`` and ``imgstore
-plot`` alike, with exit status 2 and one line naming the file and what is wrong, never a
-traceback (and never exit 1, which means "regression")."""
+"""Tests of imgstore.analysis.load and imgstore.analysis.schema: a malformed saved run is refused by
+``imgstore compare`` and ``imgstore plot`` alike, with exit status 2 and one line naming the file
+and what is wrong, never a traceback (and never exit 1, which means "regression"); the result
+record the suite writes is read back the same, by this reader and by the previous one."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from imgstore import runs
+from imgstore.analysis import load
+from imgstore.analysis.load import MAX_SECONDS, MIN_SECONDS, load_run
+from imgstore.analysis.schema import SCHEMA_VERSION, MalformedRunError, ResultRecord
 from imgstore.cli import main
 from imgstore.errors import ImgStoreError
-from imgstore.runs import MAX_SECONDS, MIN_SECONDS, load_run
 
 NAN, INF = float("nan"), float("inf")
 HUGE = 10**400  # an integer JSON holds and float() cannot
+# The commit whose imgstore compare read runs before the result record had a version.
+PREVIOUS_READER = "8ec5f7b"
 
 
 def bench(fullname: str = "m.py::test_t", median: float = 1e-3, rounds: int = 10, **extra: Any) -> dict[str, Any]:
@@ -204,6 +211,18 @@ MALFORMED: dict[str, bytes] = {
     "disk_bytes 1e300": changed((*X0, "disk_bytes"), 1e300),
     "file_bytes a huge integer": changed((*X0, "file_bytes"), HUGE),
     "file_bytes NaN": changed((*X0, "file_bytes"), NAN),
+    # The rest of the result record (imgstore.analysis.schema).
+    "images_per_second a string": changed((*X0, "images_per_second"), "fast"),
+    "images_per_second negative": changed((*X0, "images_per_second"), -1.0),
+    "ratio_to_limit NaN": changed((*X0, "ratio_to_limit"), NAN),
+    "ratio_to_limit Infinity": changed((*X0, "ratio_to_limit"), INF),
+    "ratio_to_tutorial true": changed((*X0, "ratio_to_tutorial"), True),
+    "ratio_to_tutorial a huge integer": changed((*X0, "ratio_to_tutorial"), HUGE),
+    "speedup_over_single a list": changed((*X0, "speedup_over_single"), [2.0]),
+    "schema_version a string": changed((*X0, "schema_version"), "2"),
+    "schema_version 0": changed((*X0, "schema_version"), 0),
+    "schema_version a float": changed((*X0, "schema_version"), 2.0),
+    "schema_version true": changed((*X0, "schema_version"), True),
 }
 
 
@@ -267,7 +286,7 @@ def test_a_huge_file_is_refused_before_it_is_parsed(tmp_path: Path, monkeypatch:
     path = tmp_path / "run.json"
     path.write_text(json.dumps(good_doc()), encoding="utf-8")
     assert load_run(path).benchmarks  # fine at the real limit
-    monkeypatch.setattr(runs, "MAX_FILE_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(load, "MAX_FILE_BYTES", path.stat().st_size - 1)
     with pytest.raises(ImgStoreError, match="too large"):
         load_run(path)
 
@@ -323,3 +342,99 @@ def test_the_good_document_is_good(tmp_path: Path) -> None:
     assert bench_a.name == "test_a" and bench_a.group == "store_many n=10" and len(bench_a.rounds) == 10
     assert math.isclose(bench_a.median, 1e-3, rel_tol=0.05)
     assert bench_a.extra_info == copy.deepcopy(good_doc()["benchmarks"][0]["extra_info"])
+
+
+# ------------------------------------------------------------------------------ the result record
+
+
+def suite_record(**changes: Any) -> ResultRecord:
+    """A record as benchmarks/test_storage.py writes it (every field given by name)."""
+    fields: dict[str, Any] = dict(
+        kind="imgstore",
+        backend="lmdb",
+        variant="",
+        operation="read_random_many",
+        images=1000,
+        dataset="synthetic",
+        disk_bytes=4_128_768,
+        file_bytes=3_170_304,
+        images_per_second=708_382.1,
+        ratio_to_limit=1.18,
+        ratio_to_tutorial=0.00321,
+        speedup_over_single=1.99,
+    )
+    return ResultRecord(**{**fields, **changes})
+
+
+def test_the_record_round_trips_through_extra_info() -> None:
+    record = suite_record()
+    info = record.to_extra_info()
+    assert info["schema_version"] == SCHEMA_VERSION == record.schema_version
+    assert set(info) == {"schema_version", *(f.name for f in dataclasses.fields(ResultRecord))}
+    assert json.loads(json.dumps(info)) == info  # plain JSON, as pytest-benchmark writes it
+    assert ResultRecord.from_extra_info(info) == record
+    assert ResultRecord.from_extra_info(suite_record(ratio_to_limit=None).to_extra_info()).ratio_to_limit is None
+
+
+def test_the_writer_must_give_every_field() -> None:
+    with pytest.raises(TypeError, match="speedup_over_single"):
+        ResultRecord(  # type: ignore[call-arg]
+            kind="limit", backend="raw", variant="", operation="read_many", images=10, dataset="synthetic",
+            disk_bytes=0, file_bytes=0, images_per_second=1.0, ratio_to_limit=1.0, ratio_to_tutorial=None,
+        )  # fmt: skip
+    with pytest.raises(MalformedRunError, match="extra_info.images"):
+        suite_record(images=0)
+
+
+def test_runs_saved_before_the_version_are_version_1() -> None:
+    info = suite_record().to_extra_info()
+    del info["schema_version"]
+    assert ResultRecord.from_extra_info(info).schema_version == 1
+    assert ResultRecord.from_extra_info(good_doc()["benchmarks"][0]["extra_info"]).schema_version == 1
+    # What a hand-made or foreign run holds: the fields it lacks are None, keys it adds are ignored.
+    partial = ResultRecord.from_extra_info({"operation": "read_many", "images": 10, "note": "by hand"})
+    assert (partial.operation, partial.images, partial.kind, partial.variant) == ("read_many", 10, None, None)
+
+
+def test_a_newer_version_is_read_as_far_as_its_fields_go(tmp_path: Path) -> None:
+    # Versions only add fields: a record of a later version, with a field this reader does not
+    # know, is read (its known fields), not refused.
+    doc = good_doc()
+    doc["benchmarks"][0]["extra_info"].update(schema_version=SCHEMA_VERSION + 1, threads=4)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    bench = load_run(path).benchmarks["m.py::test_a"]
+    assert bench.record.schema_version == SCHEMA_VERSION + 1 and bench.record.backend == "lmdb"
+    assert bench.extra_info["threads"] == 4  # kept as the file holds it
+
+
+def test_the_previous_reader_accepts_what_the_suite_writes(tmp_path: Path) -> None:
+    # "The benchmark JSON of a default run is readable by the previous imgstore compare": the
+    # reader of commit 8ec5f7b (before the record had a version) loads a run of new records.
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{PREVIOUS_READER}:imgstore/runs.py"],
+            cwd=repo, capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip(f"the previous reader (git commit {PREVIOUS_READER}) is not in this checkout")
+    (tmp_path / "previous_runs.py").write_text(source, encoding="utf-8")
+    doc = good_doc()
+    doc["benchmarks"][0]["extra_info"] = suite_record().to_extra_info()
+    doc["benchmarks"][1]["extra_info"] = suite_record(kind="limit", backend="raw", ratio_to_tutorial=None,
+                                                      speedup_over_single=None).to_extra_info()  # fmt: skip
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import previous_runs; "
+        "run = previous_runs.load_run(sys.argv[2]); print(sorted(run.benchmarks))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(path)], cwd=repo, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['m.py::test_a', 'm.py::test_b']"
+    assert [b.record for b in load_run(path).benchmarks.values()] == [
+        ResultRecord.from_extra_info(b["extra_info"]) for b in doc["benchmarks"]
+    ]

@@ -7,46 +7,55 @@ field the tools use is checked here, once, before any arithmetic or drawing sees
   between :data:`MIN_SECONDS` and :data:`MAX_SECONDS`; ``stddev`` and ``iqr`` are between 0 and
   :data:`MAX_SECONDS`; ``stats.rounds`` is a count of at least one.  Within these bounds every ratio
   of two timings, its logarithm and the intervals built on it stay finite;
-* ``name``, ``group``, ``datetime`` and ``extra_info.{kind, backend, operation, dataset, variant}``
-  are strings (or null); ``extra_info.images`` is a count of at least one and
-  ``extra_info.{disk_bytes, file_bytes}`` counts of bytes, all below :data:`MAX_COUNT` (or null);
-  ``params``, ``extra_info``, ``machine_info``, ``commit_info`` are objects (or null);
+* ``name``, ``group``, ``datetime`` are strings (or null); ``params``, ``extra_info``,
+  ``machine_info``, ``commit_info`` are objects (or null);
+* ``extra_info`` is a result record as :mod:`imgstore.analysis.schema` defines it (every field of
+  the right type and range, or absent or null; unknown keys are kept and ignored);
 * not JSON, not UTF-8, nested too deeply, an integer of thousands of digits, a file over
   :data:`MAX_FILE_BYTES`: refused as well.
 
 Booleans are never numbers here (``true`` seconds is a broken file).  Anything else raises
-:class:`ImgStoreError` with one line: the file, where in it, and what is wrong.  This module depends
-on nothing of imgstore but :mod:`imgstore.errors`.
+:class:`~imgstore.analysis.schema.MalformedRunError` (an :class:`ImgStoreError`) with one line: the
+file, where in it, and what is wrong.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgstore.analysis.schema import MAX_COUNT, MalformedRunError, ResultRecord, describe, is_count, short
 from imgstore.errors import ImgStoreError
 
-__all__ = ["Benchmark", "Run", "load_run", "load_runs", "merge_runs", "MAX_FILE_BYTES", "MIN_SECONDS", "MAX_SECONDS"]
+__all__ = [
+    "Benchmark",
+    "Run",
+    "load_run",
+    "load_runs",
+    "merge_runs",
+    "MAX_COUNT",
+    "MAX_FILE_BYTES",
+    "MIN_SECONDS",
+    "MAX_SECONDS",
+]
 
 # A saved run with every round of a full suite is a few MB; this is far beyond any real one.
 MAX_FILE_BYTES = 256 * 2**20
 # One picosecond to ~30 years: any real timing, and no ratio, log or exp of them overflows.
 MIN_SECONDS, MAX_SECONDS = 1e-12, 1e9
-# Images, bytes and rounds: exact as floats (below 2**53), so plotting them cannot overflow.
-MAX_COUNT = 10**15
-# extra_info fields the tools read, by the type they must have (null is always allowed).
-_TEXT_INFO = ("kind", "backend", "operation", "dataset", "variant")
-_COUNT_INFO = {"images": 1, "disk_bytes": 0, "file_bytes": 0}  # name -> smallest value
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One benchmark of a run: identified across runs by ``fullname``; times in seconds."""
+    """One benchmark of a run: identified across runs by ``fullname``; times in seconds.
+
+    ``extra_info`` is the object as the file holds it (unknown keys included); :attr:`record` is
+    the same, parsed into the suite's :class:`ResultRecord`.
+    """
 
     fullname: str
     name: str
@@ -57,6 +66,11 @@ class Benchmark:
     # The rounds of each run, when several runs of the same code were merged (see merge_runs).
     run_rounds: tuple[tuple[float, ...], ...] = ()
 
+    @property
+    def record(self) -> ResultRecord:
+        """The result record in ``extra_info`` (parsed on each access: a few microseconds)."""
+        return ResultRecord.from_extra_info(self.extra_info)
+
 
 @dataclass(frozen=True)
 class Run:
@@ -64,10 +78,6 @@ class Run:
     benchmarks: dict[str, Benchmark]
     datetime: str | None = None
     commit: str | None = None
-
-
-class _Malformed(Exception):
-    """A problem found in the document, without the file name (added by :func:`load_run`)."""
 
 
 def load_run(path: str | Path) -> Run:
@@ -80,29 +90,29 @@ def load_run(path: str | Path) -> Run:
     except ValueError:  # a NUL in the path (only through the API: argv cannot hold one)
         raise ImgStoreError(f"{path!r}: cannot read: not a valid path") from None
     if len(raw) > MAX_FILE_BYTES:
-        raise ImgStoreError(f"{path}: too large for a benchmark run (over {MAX_FILE_BYTES // 2**20} MiB)")
+        raise MalformedRunError(f"{path}: too large for a benchmark run (over {MAX_FILE_BYTES // 2**20} MiB)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ImgStoreError(f"{path}: not a text file (not UTF-8 at byte {exc.start})") from None
+        raise MalformedRunError(f"{path}: not a text file (not UTF-8 at byte {exc.start})") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ImgStoreError(f"{path}: not valid JSON: {exc}") from None
+        raise MalformedRunError(f"{path}: not valid JSON: {exc}") from None
     except RecursionError:
-        raise ImgStoreError(f"{path}: not a benchmark run: JSON nested too deeply") from None
+        raise MalformedRunError(f"{path}: not a benchmark run: JSON nested too deeply") from None
     except ValueError:  # an integer of more digits than int() accepts from text (4300)
-        raise ImgStoreError(f"{path}: not a benchmark run: holds an integer too large to read") from None
+        raise MalformedRunError(f"{path}: not a benchmark run: holds an integer too large to read") from None
     try:
         return _parse_run(doc, str(path))
-    except _Malformed as exc:
-        raise ImgStoreError(f"{path}: {exc}") from None
+    except MalformedRunError as exc:
+        raise MalformedRunError(f"{path}: {exc}") from None
 
 
 def _parse_run(doc: object, path: str) -> Run:
     if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
-        what = f"the top level is {_describe(doc)}" if not isinstance(doc, dict) else "no 'benchmarks' list"
-        raise _Malformed(f"not a pytest-benchmark JSON file ({what})")
+        what = f"the top level is {describe(doc)}" if not isinstance(doc, dict) else "no 'benchmarks' list"
+        raise MalformedRunError(f"not a pytest-benchmark JSON file ({what})")
     for key in ("machine_info", "commit_info"):
         _optional(doc, key, dict, "an object")
     datetime = _optional(doc, "datetime", str, "a string")
@@ -113,46 +123,45 @@ def _parse_run(doc: object, path: str) -> Run:
     for index, raw in enumerate(doc["benchmarks"]):
         bench = _parse_benchmark(raw, f"benchmarks[{index}]")
         if bench.fullname in benchmarks:
-            raise _Malformed(f"benchmark {_short(bench.fullname)} appears twice")
+            raise MalformedRunError(f"benchmark {short(bench.fullname)} appears twice")
         benchmarks[bench.fullname] = bench
     return Run(path=path, benchmarks=benchmarks, datetime=datetime, commit=commit)
 
 
 def _parse_benchmark(raw: object, where: str) -> Benchmark:
     if not isinstance(raw, dict):
-        raise _Malformed(f"{where} is {_describe(raw)}, not an object")
+        raise MalformedRunError(f"{where} is {describe(raw)}, not an object")
     fullname = raw.get("fullname")
     if not isinstance(fullname, str) or not fullname:
-        raise _Malformed(f"{where} has no 'fullname'")
-    where = f"{where} ({_short(fullname)})"
+        raise MalformedRunError(f"{where} has no 'fullname'")
+    where = f"{where} ({short(fullname)})"
     name = _optional(raw, "name", str, "a string", where=where)
     group = _optional(raw, "group", str, "a string", where=where)
     _optional(raw, "params", dict, "an object", where=where)
     extra_info = _optional(raw, "extra_info", dict, "an object", where=where) or {}
-    for key in _TEXT_INFO:
-        _optional(extra_info, key, str, "a string", f"extra_info.{key}", where)
-    for key, smallest in _COUNT_INFO.items():
-        value = extra_info.get(key)
-        if value is not None and not _is_count(value, smallest):
-            bounds = f"from {smallest} to {MAX_COUNT:.0e}"
-            raise _Malformed(f"{where}: extra_info.{key} is {_describe(value)}, not a whole number {bounds}")
+    try:
+        ResultRecord.from_extra_info(extra_info)
+    except MalformedRunError as exc:
+        raise MalformedRunError(f"{where}: {exc}") from None
 
     stats = raw.get("stats")
     if not isinstance(stats, dict):
-        raise _Malformed(f"{where} has no 'stats'")
+        raise MalformedRunError(f"{where} has no 'stats'")
     if "median" not in stats:
-        raise _Malformed(f"{where} has no 'stats.median'")
+        raise MalformedRunError(f"{where} has no 'stats.median'")
     for key in ("median", "min", "max", "mean"):
         if key in stats:
             _check_seconds(stats[key], f"{where}: stats.{key}", MIN_SECONDS)
     for key in ("stddev", "iqr"):
         if key in stats:
             _check_seconds(stats[key], f"{where}: stats.{key}", 0.0)
-    if "rounds" in stats and not _is_count(stats["rounds"], 1):
-        raise _Malformed(f"{where}: stats.rounds is {_describe(stats['rounds'])}, not a count of rounds (1 or more)")
+    if "rounds" in stats and not is_count(stats["rounds"], 1):
+        raise MalformedRunError(
+            f"{where}: stats.rounds is {describe(stats['rounds'])}, not a count of rounds (1 or more)"
+        )
     data = stats.get("data", [])
     if not isinstance(data, list):
-        raise _Malformed(f"{where}: 'stats.data' is {_describe(data)}, not a list of positive times")
+        raise MalformedRunError(f"{where}: 'stats.data' is {describe(data)}, not a list of positive times")
     for index, seconds in enumerate(data):
         _check_seconds(seconds, f"{where}: stats.data[{index}]", MIN_SECONDS)
     return Benchmark(
@@ -172,48 +181,17 @@ def _optional(
     value = mapping.get(key)
     if value is not None and not isinstance(value, kind):
         prefix = f"{where}: " if where else ""
-        raise _Malformed(f"{prefix}{label or key} is {_describe(value)}, not {article}")
+        raise MalformedRunError(f"{prefix}{label or key} is {describe(value)}, not {article}")
     return value
 
 
 def _check_seconds(value: object, what: str, smallest: float) -> None:
     """A time in seconds: a number (not a bool) within [smallest, MAX_SECONDS] (positive if smallest > 0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Malformed(f"{what} is {_describe(value)}, not a time in seconds")
+        raise MalformedRunError(f"{what} is {describe(value)}, not a time in seconds")
     # Compared as they are: float(10**400) would overflow, and nan fails every comparison.
     if not smallest <= value <= MAX_SECONDS:
-        raise _Malformed(f"{what} is {_describe(value)}, not a time from {smallest:g} to {MAX_SECONDS:g} seconds")
-
-
-def _is_count(value: object, smallest: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and smallest <= value <= MAX_COUNT
-
-
-def _describe(value: object) -> str:
-    """A short description of a JSON value for an error message: never huge, never two lines."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):  # str() of a huge int is slow, long, or refused (over 4300 digits)
-        return str(value) if abs(value) < 10**30 else "an integer of more than 30 digits"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        return repr(value) if math.isfinite(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, str):
-        return f"the string {_short(value)}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _short(text: str, limit: int = 60) -> str:
-    """repr() of a string from the file, cut to ``limit`` characters: one short line whatever it holds."""
-    shown = repr(text[:limit])
-    return shown if len(text) <= limit else f"{shown[:-1]}...{shown[-1]}"
+        raise MalformedRunError(f"{what} is {describe(value)}, not a time from {smallest:g} to {MAX_SECONDS:g} seconds")
 
 
 def load_runs(path: str | Path) -> Run:
@@ -231,8 +209,8 @@ def merge_runs(runs: Sequence[Run]) -> Run:
     """Several runs of the same code as one: rounds pooled, each run's median kept.
 
     Runs of one side taken at different times (base, head, base, head, ...) are what lets
-    :func:`imgstore.compare.compare_runs` see how much a benchmark moves between runs of the same
-    code.  A benchmark enters the merged run only if every run has it.
+    :func:`imgstore.analysis.verdict.compare_runs` see how much a benchmark moves between runs of
+    the same code.  A benchmark enters the merged run only if every run has it.
     """
     if not runs:
         raise ImgStoreError("no runs to merge")

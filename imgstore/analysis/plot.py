@@ -11,11 +11,11 @@ Written files (a figure whose data the run lacks is skipped, not an error):
   the operation comes from the file, so its file name keeps only ``[A-Za-z0-9_.-]`` and is made
   distinct (``-2``, ``-3``, ...) from the three above and from the other operations' files.
 
-Only benchmarks whose ``extra_info`` follows the suite's contract (kind, backend, operation,
-images) are drawn; the run is read and checked by :func:`imgstore.runs.load_run`.  matplotlib
-is an optional extra and is imported only when a figure is drawn; figures are drawn on the Agg
-canvas directly, without pyplot, so nothing global (the backend of an application that imports
-imgstore) is changed.
+Only benchmarks whose result record (:mod:`imgstore.analysis.schema`) has an operation and a
+count of images are drawn; the run is read and checked by :func:`imgstore.analysis.load.load_run`.
+matplotlib is an optional extra and is imported only when a figure is drawn; figures are drawn on
+the Agg canvas directly, without pyplot, so nothing global (the backend of an application that
+imports imgstore) is changed.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgstore.analysis.load import Run, load_run
 from imgstore.errors import MissingDependencyError
-from imgstore.runs import Run, load_run
 
 if TYPE_CHECKING:  # only for annotations: matplotlib is optional
     from matplotlib.axes import Axes
@@ -73,25 +73,23 @@ SeriesKey = tuple[str, str, str, str]  # (kind, backend, dataset, variant)
 
 
 def extract_points(run: Run) -> list[Point]:
-    """The run's benchmarks that carry the suite's extra_info; others are ignored."""
+    """The run's benchmarks whose result record has an operation and a count of images; others are ignored."""
     points = []
     for bench in run.benchmarks.values():
-        info = bench.extra_info
-        operation, images = info.get("operation"), info.get("images")
-        if not isinstance(operation, str) or not isinstance(images, int) or images <= 0:
+        record = bench.record
+        if record.operation is None or record.images is None:
             continue
-        disk = info.get("disk_bytes")
         points.append(
             Point(
-                kind=str(info.get("kind", "imgstore")),
-                backend=str(info.get("backend", "?")),
-                dataset=str(info.get("dataset", "")),
-                operation=operation,
-                images=images,
+                kind=record.kind if record.kind is not None else "imgstore",
+                backend=record.backend if record.backend is not None else "?",
+                dataset=record.dataset if record.dataset is not None else "",
+                operation=record.operation,
+                images=record.images,
                 seconds=bench.median,
-                disk_bytes=disk if isinstance(disk, int) and disk >= 0 else None,
-                variant=str(info.get("variant") or ""),
-                file_bytes=files if isinstance(files := info.get("file_bytes"), int) and files >= 0 else None,
+                disk_bytes=record.disk_bytes,
+                variant=record.variant or "",
+                file_bytes=record.file_bytes,
             )
         )
     return points
