@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import imgstore
+from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation
 from benchmarks.options import ALL_CUTOFFS, add_options
-from benchmarks.subjects import KINDS, OPERATIONS, Subject, disk_usage, file_bytes, make_subjects
+from benchmarks.subjects import KINDS, disk_usage, file_bytes, make_subjects
 
 SLOWDOWN_VARIABLE = "IMGSTORE_BENCH_INJECT_SLOWDOWN"
 RESULTS = pytest.StashKey[list]()  # the Metadata of every benchmark run, for the summary
@@ -45,14 +46,13 @@ def selected_cutoffs(config: pytest.Config) -> list[int]:
 
 
 def selected_operations(config: pytest.Config) -> list[str]:
+    """Names of the operations asked for, in the table's order (benchmarks/operations.py)."""
     value = config.getoption("ops")
-    ops = _comma_list(value) if value else list(OPERATIONS)
-    unknown = set(ops) - set(OPERATIONS)
+    ops = _comma_list(value) if value else list(NAMES)
+    unknown = set(ops) - set(NAMES)
     if unknown:
-        raise pytest.UsageError(
-            f"--ops: unknown operation(s) {', '.join(sorted(unknown))}; known: {', '.join(OPERATIONS)}"
-        )
-    return [op for op in OPERATIONS if op in ops]
+        raise pytest.UsageError(f"--ops: unknown operation(s) {', '.join(sorted(unknown))}; known: {', '.join(NAMES)}")
+    return [op for op in NAMES if op in ops]
 
 
 def selected_subjects(config: pytest.Config) -> list[Subject]:
@@ -67,12 +67,37 @@ def selected_subjects(config: pytest.Config) -> list[Subject]:
     return make_subjects(backends)
 
 
+def selected_dataset(config: pytest.Config) -> tuple[str, str | None]:
+    """(name, root) from --dataset and --dataset-root (or its deprecated alias --cifar10-dir)."""
+    from imgstore.datasets import get_dataset
+
+    name = config.getoption("dataset")
+    root = config.getoption("dataset_root")
+    alias = config.getoption("cifar10_dir")
+    if alias is not None:
+        if root is not None and root != alias:
+            raise pytest.UsageError("--cifar10-dir is an alias of --dataset-root: give one of them")
+        root = alias
+    spec = get_dataset(name)
+    if spec.needs_root and root is None:
+        raise pytest.UsageError(f"--dataset {name} needs --dataset-root: {spec.install_hint}")
+    return name, root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("cifar10_dir", None) is not None:
+        config.issue_config_time_warning(
+            DeprecationWarning("--cifar10-dir is deprecated: use --dataset-root (it takes the same directory)"),
+            stacklevel=2,
+        )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Cases ordered cutoff, then operation, then subject: the rows of one group run back to back."""
     if "subject_name" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    dataset = config.getoption("dataset")
+    dataset, _root = selected_dataset(config)
     subjects = selected_subjects(config)
     cases = [
         (subject.name, op, n)
@@ -97,10 +122,7 @@ def subjects(pytestconfig: pytest.Config) -> dict[str, Subject]:
 @pytest.fixture(scope="session")
 def dataset(pytestconfig: pytest.Config) -> tuple[str, np.ndarray, np.ndarray]:
     """(name, images, labels), as many as the biggest cutoff; each benchmark takes the first N."""
-    name = pytestconfig.getoption("dataset")
-    root = pytestconfig.getoption("cifar10_dir")
-    if name == "cifar10" and root is None:
-        raise pytest.UsageError("--dataset cifar10 needs --cifar10-dir (the directory with the CIFAR-10 files)")
+    name, root = selected_dataset(pytestconfig)
     from imgstore.datasets import load_dataset  # here, not at import: plain `pytest` loads this conftest too
 
     images, labels = load_dataset(name, max(selected_cutoffs(pytestconfig)), root=root, seed=0)
@@ -166,7 +188,7 @@ def parse_slowdown(value: str) -> tuple[str, str, float] | None:
         raise pytest.UsageError(
             f"{SLOWDOWN_VARIABLE} must be '<subject>:<operation>:<fraction>', got {value!r}"
         ) from None
-    if operation not in OPERATIONS or result[2] < 0:
+    if operation not in NAMES or result[2] < 0:
         raise pytest.UsageError(f"{SLOWDOWN_VARIABLE}: unknown operation or negative fraction in {value!r}")
     return result
 
@@ -216,15 +238,15 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list[Any], o
 
 
 def _group_order(name: str | None) -> tuple:
-    """Groups "<operation> n=<cutoff>" in the order of OPERATIONS, then by cutoff as a number."""
+    """Groups "<operation> n=<cutoff>" in the order of the operations' table, then by cutoff as a number."""
     operation, _, n = (name or "").partition(" n=")
-    if operation in OPERATIONS and n.isdigit():
-        return (OPERATIONS.index(operation), int(n), "")
-    return (len(OPERATIONS), 0, name or "")
+    if operation in NAMES and n.isdigit():
+        return (NAMES.index(operation), int(n), "")
+    return (len(NAMES), 0, name or "")
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_benchmark_group_stats(config: pytest.Config, benchmarks: list, group_by: str) -> list:
+def pytest_benchmark_group_stats(config: pytest.Config, benchmarks: list, group_by: str) -> Generator[None, list, list]:
     groups = yield
     if group_by == "group":
         groups = sorted(groups, key=lambda pair: _group_order(pair[0]))
@@ -243,7 +265,9 @@ def _ratio(value: float | None) -> str:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> Iterator[None]:
+def pytest_terminal_summary(
+    terminalreporter: Any, exitstatus: int, config: pytest.Config
+) -> Generator[None, object, object]:
     """After pytest-benchmark's tables (even when its regression check fails): the figures its table cannot show."""
     try:
         return (yield)
@@ -257,9 +281,10 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
         return
     fill_ratios(rows)
     tr.section("imgstore benchmarks: medians of this run; xlimit / xtutorial = median / that reference row's median")
+    speedups = "; ".join(f"{op.speedup_over} median / {op.name} median" for op in OPERATIONS if op.speedup_over)
     tr.write_line(
-        "disk MB: blocks allocated (as du counts); file MB: bytes in the files; "
-        "xsingle: read_random median / read_random_many median (the same images, one get each)"
+        "disk MB: blocks allocated (as du counts); file MB: bytes in the files"
+        + (f"; xsingle: {speedups} (the same images, one get each)" if speedups else "")
     )
     slowdown = os.environ.get(SLOWDOWN_VARIABLE)
     if slowdown:
@@ -272,8 +297,9 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
             groups[group],
             key=lambda b: (KINDS.index(b.extra_info["kind"]), b.extra_info["backend"], b.params["subject_name"]),
         )
-        many = ordered[0].extra_info["operation"] == "read_random_many"
-        tr.write_line(f"{group} ({ordered[0].extra_info['dataset']})", bold=True)
+        operation = get_operation(ordered[0].extra_info["operation"])
+        many = operation.speedup_over is not None  # the xsingle column
+        tr.write_line(f"{group} ({ordered[0].extra_info['dataset']}): {operation.title}", bold=True)
         tr.write_line(
             f"  {'subject':<24}{'median':>11}{'images/s':>13}{'xlimit':>9}{'xtutorial':>11}"
             f"{'disk MB':>10}{'file MB':>10}" + (f"{'xsingle':>9}" if many else "")

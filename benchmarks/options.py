@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.subjects import OPERATIONS
+from benchmarks.operations import NAMES
+from imgstore.datasets import available_datasets, get_dataset
 
 ALL_CUTOFFS = (10, 100, 1_000, 10_000, 100_000)
 DEFAULT_CUTOFFS = "10,100,1000,10000"  # see benchmarks/README.md, "Measured"; `--cutoffs=all` adds 100 000
-DATASETS = ("synthetic", "cifar10", "fashion-mnist")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -31,6 +31,17 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption(
         "--backends", default=None, help="comma list of imgstore backends to benchmark; default every registered one"
     )
-    group.addoption("--ops", default=None, help=f"comma list of operations; default all: {','.join(OPERATIONS)}")
-    group.addoption("--dataset", default="synthetic", choices=DATASETS, help="images to store; default synthetic")
-    group.addoption("--cifar10-dir", default=None, help="directory of the real CIFAR-10 files (for --dataset cifar10)")
+    group.addoption("--ops", default=None, help=f"comma list of operations; default all: {','.join(NAMES)}")
+    group.addoption(
+        "--dataset",
+        default="synthetic",
+        choices=available_datasets(),  # the registry of imgstore.datasets
+        help="images to store (imgstore.datasets.load_dataset); default synthetic",
+    )
+    group.addoption(
+        "--dataset-root",
+        default=None,
+        help="directory of the dataset's files; needed by "
+        + ", ".join(name for name in available_datasets() if get_dataset(name).needs_root),
+    )
+    group.addoption("--cifar10-dir", default=None, help="deprecated alias of --dataset-root")

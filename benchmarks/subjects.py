@@ -1,39 +1,17 @@
-"""What the benchmarks measure: "subjects" that store and read images, all behind one small protocol.
+"""The subjects: ways of storing images that the benchmarks measure, one row each in every group.
 
-A subject is a way of storing images: an imgstore backend (one subject per registered backend, so a
-new backend is benchmarked with no new code), the tutorial's approach (``benchmarks/tutorial.py``)
-or the raw-file limit (below). Every subject implements the same seven operations, defined here once
-and applied identically to each:
-
-``store_single``
-    N images into a fresh, empty target, one call per image (for imgstore: one committed ``put``
-    each), then whatever makes the target durable and closed. Opening the empty target is setup.
-``store_many``
-    N images into a fresh, empty target in one call (``put_many``), then close. Opening is setup.
-``read_single``
-    N images, one call (``get``) per image, in index order, with the handle already open.
-``read_many``
-    N images in one call (``get_many(range(N))``), handle already open. The result arrays are
-    allocated inside the timed call on purpose: returning new arrays is part of the operation.
-``read_random``
-    Every image of the store once, one call (``get``) per image, in a shuffled order (seed 0),
-    handle already open: what a shuffled training epoch does.
-``read_random_many``
-    The same images in the same shuffled order, 256 indices per call (``get_many``): what a
-    DataLoader with a shuffling batch sampler asks for.  Its rows also give the speed-up over
-    ``read_random`` of the same subject (``x_single`` in the summary).
-``iterate``
-    One full pass in index order in batches of 256 (``iter_batches(256)``), handle already open.
-
-Write operations take ``(target, images, labels)`` where ``target`` is what ``open_writer`` returned
-in the untimed setup; read operations take ``(reader, n)`` (``read_random(_many)``: ``(reader, order)``)
-and return what they read last, so the benchmark can check it (untimed) against the dataset.
+A subject is an imgstore backend (one subject per registered backend, so a new backend is
+benchmarked with no new code), the tutorial's approach (``benchmarks/tutorial.py``) or the raw-file
+limit (below). The operations, and the protocol a subject implements for them, are defined once in
+``benchmarks/operations.py``; a subject class declares the ones it supports (``supports``) and has
+one method per operation, named after it.
 
 Besides the defaults, each imgstore backend is also measured on its writes with ``sync=False``
 (``imgstore-<backend>-nosync``: what durability costs), on its reads with ``verify_reads=False``
 (``imgstore-<backend>-noverify``: what checking every record read against its checksum costs),
 and with each of its ``presets`` (named option sets the backend declares, e.g. PNG compression
-levels) on store_many and read_many.
+levels); each such row is measured on the operations whose record lists its kind of variant
+(``Operation.variants``).
 """
 
 from __future__ import annotations
@@ -45,62 +23,10 @@ from typing import Any
 import numpy as np
 
 import imgstore
+from benchmarks.operations import BATCH_SIZE, VARIANT_KINDS, Subject
+from benchmarks.tutorial import TUTORIAL_SUBJECTS
 
-OPERATIONS = ("store_single", "store_many", "read_single", "read_many", "read_random", "read_random_many", "iterate")
-WRITE_OPERATIONS = ("store_single", "store_many")
-VERIFIED_OPERATIONS = ("read_many", "read_random", "read_random_many")  # where the noverify rows show the check's cost
-SHUFFLED_OPERATIONS = ("read_random", "read_random_many")  # take the shuffled order, not a count
-BATCH_SIZE = 256
 KINDS = ("limit", "imgstore", "tutorial")  # also the order of rows in the summary
-
-
-class Subject:
-    """One way of storing images. Subclasses set the three names and implement the operations."""
-
-    name: str  # row label and test id, e.g. "imgstore-lmdb"; unique
-    kind: str  # "imgstore" | "tutorial" | "limit"
-    backend: str  # e.g. "lmdb", "raw"; a tutorial row is the reference for the imgstore backend of the same name
-    operations: tuple[str, ...] = OPERATIONS  # the ones it is benchmarked on
-    variant: str = ""  # a non-default setting of the same backend (imgstore rows only)
-
-    def open_writer(self, path: Path, shape: tuple[int, ...]) -> Any:
-        """Make a fresh, empty target at ``path`` (untimed setup of the write operations)."""
-        raise NotImplementedError
-
-    def open_reader(self, path: Path, shape: tuple[int, ...]) -> Any:
-        """Open the store at ``path`` for the read operations (untimed)."""
-        return path
-
-    def close_reader(self, reader: Any) -> None:
-        pass
-
-    def build(self, path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-        """Make the store the read benchmarks read (untimed, once per session)."""
-        self.store_many(self.open_writer(path, images.shape[1:]), images, labels)
-
-    def store_single(self, target: Any, images: np.ndarray, labels: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def store_many(self, target: Any, images: np.ndarray, labels: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def read_single(self, reader: Any, n: int) -> tuple[Any, Any]:
-        raise NotImplementedError
-
-    def read_many(self, reader: Any, n: int) -> tuple[Any, Any]:
-        raise NotImplementedError
-
-    def read_random(self, reader: Any, order: list[int]) -> tuple[Any, Any]:
-        raise NotImplementedError
-
-    def read_random_many(self, reader: Any, order: list[int]) -> tuple[Any, Any]:
-        raise NotImplementedError
-
-    def iterate(self, reader: Any, n: int) -> tuple[Any, Any]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return self.name
 
 
 class ImgstoreSubject(Subject):
@@ -109,18 +35,19 @@ class ImgstoreSubject(Subject):
     measured on fewer operations and named after what it changes."""
 
     kind = "imgstore"
+    supports = ("store_single", "store_many", "read_single", "read_many", "read_random", "read_random_many", "iterate")
 
-    def __init__(self, backend: str, variant: str = "", options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, backend: str, variant: str = "", options: dict[str, Any] | None = None, variant_kind: str = ""
+    ) -> None:
+        """``variant_kind``: "nosync", "noverify" or "preset" for a variant row (default: the variant's name)."""
         self.backend = backend
         self.name = f"imgstore-{backend}-{variant}" if variant else f"imgstore-{backend}"
         self.variant = variant
+        self.variant_kind = variant_kind or variant
+        if variant and self.variant_kind not in VARIANT_KINDS:
+            raise ValueError(f"{self.name}: variant_kind must be one of {VARIANT_KINDS}, got {self.variant_kind!r}")
         self.options = options or {}
-        if variant == "nosync":
-            self.operations = WRITE_OPERATIONS  # reads do not depend on it
-        elif variant == "noverify":
-            self.operations = VERIFIED_OPERATIONS  # writes do not depend on it
-        elif variant:
-            self.operations = ("store_many", "read_many")  # where an option's trade-off shows
 
     def open_writer(self, path: Path, shape: tuple[int, ...]) -> imgstore.Store:
         return imgstore.open_store(path, self.backend, "w", **self.options)
@@ -196,13 +123,14 @@ class LimitSubject(Subject):
     """
 
     kind = "limit"
+    supports = ("store_single", "store_many", "read_single", "read_many", "read_random", "read_random_many", "iterate")
 
     def __init__(self, fsync: bool = True) -> None:
         self.fsync = fsync
         self.name = "limit" if fsync else "limit-nofsync"
         self.backend = "raw" if fsync else "raw-nofsync"
-        if not fsync:
-            self.operations = WRITE_OPERATIONS  # reading does not depend on fsync: the limit row covers it
+        # Measured where the imgstore nosync rows are (the writes): reading does not depend on fsync.
+        self.variant_kind = "" if fsync else "nosync"
 
     def open_writer(self, path: Path, shape: tuple[int, ...]) -> _RawWriter:
         return _RawWriter(path)
@@ -222,8 +150,8 @@ class LimitSubject(Subject):
     def store_single(self, target: _RawWriter, images: np.ndarray, labels: np.ndarray) -> None:
         labels = np.ascontiguousarray(labels, dtype="<i8")
         for i in range(len(images)):  # one os.write per image (and one per label), like one put each
-            os.write(target.images, images[i])
-            os.write(target.labels, labels[i : i + 1])
+            os.write(target.images, images[i])  # type: ignore[arg-type]  # numpy arrays are buffers
+            os.write(target.labels, labels[i : i + 1])  # type: ignore[arg-type]
         self._finish(target)
 
     def store_many(self, target: _RawWriter, images: np.ndarray, labels: np.ndarray) -> None:
@@ -271,7 +199,7 @@ def _pread_each(reader: _RawReader, indices: range | list[int]) -> tuple[np.ndar
 
 
 def _write_all(fd: int, array: np.ndarray) -> None:
-    view = memoryview(array).cast("B")
+    view = memoryview(array).cast("B")  # type: ignore[arg-type]
     while view:
         view = view[os.write(fd, view) :]
 
@@ -296,8 +224,6 @@ def make_subjects(backends: list[str]) -> list[Subject]:
     If the tutorial has none of the backends asked for, all its rows are kept, so that every group
     still shows where the tutorial's approach stands.
     """
-    from benchmarks.tutorial import TUTORIAL_SUBJECTS
-
     tutorial = [s for s in TUTORIAL_SUBJECTS if s.backend in backends] or list(TUTORIAL_SUBJECTS)
     stores: list[Subject] = []
     for backend in backends:
@@ -307,5 +233,5 @@ def make_subjects(backends: list[str]) -> list[Subject]:
             ImgstoreSubject(backend, "noverify", {"verify_reads": False}),
         ]
         presets = imgstore.get_backend(backend).presets
-        stores += [ImgstoreSubject(backend, name, dict(options)) for name, options in presets.items()]
+        stores += [ImgstoreSubject(backend, name, dict(options), "preset") for name, options in presets.items()]
     return [LimitSubject(), LimitSubject(fsync=False), *stores, *tutorial]

@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import csv
 import pickle  # only for the tutorial's own LMDB values: our trusted benchmark data, never outside input
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import h5py
+import h5py  # type: ignore[import-untyped]
 import lmdb
 import numpy as np
 from PIL import Image
 
-from benchmarks.subjects import BATCH_SIZE, Subject
+from benchmarks.operations import BATCH_SIZE, Subject
 
 
 class CIFAR_Image:  # noqa: N801 - the tutorial's name
@@ -136,7 +138,7 @@ def read_single_lmdb(lmdb_dir: Path, image_id: int) -> tuple[np.ndarray, int]:
     env = lmdb.open(str(lmdb_dir), readonly=True)
     with env.begin() as txn:
         data = txn.get(f"{image_id:08}".encode("ascii"))
-        cifar_image = pickle.loads(data)  # trusted: written by this benchmark
+        cifar_image = pickle.loads(data)  # type: ignore[arg-type]  # trusted: written by this benchmark
         image = cifar_image.get_image()
         label = cifar_image.label
     env.close()
@@ -149,7 +151,7 @@ def _read_range_lmdb(lmdb_dir: Path, start: int, stop: int) -> tuple[list[np.nda
     with env.begin() as txn:
         for image_id in range(start, stop):
             data = txn.get(f"{image_id:08}".encode("ascii"))
-            cifar_image = pickle.loads(data)  # trusted: written by this benchmark
+            cifar_image = pickle.loads(data)  # type: ignore[arg-type]  # trusted: written by this benchmark
             images.append(cifar_image.get_image())
             labels.append(cifar_image.label)
     env.close()
@@ -217,8 +219,9 @@ class TutorialSubject(Subject):
     """The tutorial's functions for one backend; a target or reader is just the directory."""
 
     kind = "tutorial"
+    supports = ("store_single", "store_many", "read_single", "read_many", "read_random", "read_random_many", "iterate")
 
-    def __init__(self, backend: str, functions: dict[str, object]) -> None:
+    def __init__(self, backend: str, functions: dict[str, Callable[..., Any]]) -> None:
         self.backend = backend
         self.name = f"tutorial-{backend}"
         self.f = functions

@@ -1,4 +1,4 @@
-"""The benchmark suite itself, run for real at 10 images: what its tables and JSON promise."""
+"""The benchmark suite itself, run for real at 10 images: what its tables and JSON promise; its operations' table."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import imgstore
 
 pytest.importorskip("pytest_benchmark")
+
+from benchmarks.operations import BATCH_SIZE, OPERATIONS, VARIANT_KINDS, Operation, Subject, get_operation  # noqa: E402
+from benchmarks.subjects import make_subjects  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +40,7 @@ def test_every_group_has_the_references_and_every_backend(run: dict[str, Any]) -
     for bench in run["doc"]["benchmarks"]:
         info = bench["extra_info"]
         groups.setdefault(bench["group"], set()).add(f"{info['kind']}-{info['backend']}")
-    assert len(groups) == 7  # one per operation at the one cutoff
+    assert len(groups) == len(OPERATIONS)  # one per operation at the one cutoff
     for group, rows in groups.items():
         assert "limit-raw" in rows, group
         for backend in imgstore.available_backends():
@@ -51,7 +55,7 @@ def test_extra_info_and_ratios_are_filled(run: dict[str, Any]) -> None:
         assert len(bench["stats"]["data"]) == bench["stats"]["rounds"] >= 5
         if info["kind"] == "imgstore":
             assert info["ratio_to_limit"] > 0 and info["ratio_to_tutorial"] > 0
-        many = info["operation"] == "read_random_many"
+        many = get_operation(info["operation"]).speedup_over is not None
         assert (info["speedup_over_single"] is not None) == many, bench["name"]
 
 
@@ -59,20 +63,37 @@ def test_variants_are_measured_where_they_matter(run: dict[str, Any]) -> None:
     operations: dict[str, set[str]] = {}
     for bench in run["doc"]["benchmarks"]:
         operations.setdefault(bench["params"]["subject_name"], set()).add(bench["extra_info"]["operation"])
+    on = {kind: {op.name for op in OPERATIONS if kind in op.variants} for kind in VARIANT_KINDS}
+    assert on["nosync"] and on["noverify"] and on["preset"]
+    assert all(get_operation(name).kind == "write" for name in on["nosync"])
+    assert all(get_operation(name).kind == "read" for name in on["noverify"])
     for backend in imgstore.available_backends():
-        assert operations[f"imgstore-{backend}-nosync"] == {"store_single", "store_many"}
-        assert operations[f"imgstore-{backend}-noverify"] == {"read_many", "read_random", "read_random_many"}
+        assert operations[f"imgstore-{backend}"] == {op.name for op in OPERATIONS}
+        assert operations[f"imgstore-{backend}-nosync"] == on["nosync"]
+        assert operations[f"imgstore-{backend}-noverify"] == on["noverify"]
         for preset in imgstore.get_backend(backend).presets:
-            assert operations[f"imgstore-{backend}-{preset}"] == {"store_many", "read_many"}
+            assert operations[f"imgstore-{backend}-{preset}"] == on["preset"]
+    assert operations["limit-nofsync"] == on["nosync"]
     assert {"imgstore-png-level0", "imgstore-png-level9"} <= set(operations)
+
+
+def test_benchmark_names_are_the_saved_runs_names(run: dict[str, Any]) -> None:
+    # Saved runs compare by name: "test_storage[<subject>-<operation>-<N>-<dataset>]", group "<operation> n=<N>".
+    names = {bench["name"]: bench for bench in run["doc"]["benchmarks"]}
+    for op in OPERATIONS:
+        bench = names[f"test_storage[imgstore-lmdb-{op.name}-10-synthetic]"]
+        assert bench["group"] == f"{op.name} n=10"
+        assert bench["extra_info"]["operation"] == op.name
+        assert set(bench["extra_info"]) == {
+            "kind", "backend", "variant", "operation", "images", "dataset", "disk_bytes", "file_bytes",
+            "images_per_second", "ratio_to_limit", "ratio_to_tutorial", "speedup_over_single",
+        }  # fmt: skip
 
 
 def test_summary_prints_every_group(run: dict[str, Any]) -> None:
     out = run["stdout"]
-    from benchmarks.subjects import OPERATIONS
-
-    for operation in OPERATIONS:
-        assert f"{operation} n=10 (synthetic)" in out
+    for op in OPERATIONS:
+        assert f"{op.name} n=10 (synthetic): {op.title}" in out
     assert "xsingle" in out
 
 
@@ -102,3 +123,94 @@ def test_saved_runs_compare_and_fail_as_pytest_benchmark_documents(tmp_path: Pat
     autosaved = run("--benchmark-autosave")
     assert autosaved.returncode == 0
     assert len(list(storage.glob("*/0002_*.json"))) == 1
+
+
+# ---------------------------------------------------------------------- the operations' table, without running pytest
+
+
+def test_the_table_is_well_formed() -> None:
+    assert len({op.name for op in OPERATIONS}) == len(OPERATIONS)
+    for op in OPERATIONS:
+        assert op.name.isidentifier() and op.title and op.definition
+        assert (op.last_at is None) == (op.kind == "write")
+        assert op.timed_rounds(10) >= 2 and op.timed_rounds(100_000) >= 2
+        if op.kind == "read":
+            assert op.timed_rounds(10, warmup_seconds=1e-4) >= op.timed_rounds(10)
+    with pytest.raises(ValueError, match="says where"):
+        Operation("read_sideways", "read", "Reading sideways", "no last_at")
+
+
+def test_a_subject_declares_only_operations_it_implements() -> None:
+    with pytest.raises(TypeError, match="no method read_many"):
+
+        class _Missing(Subject):
+            supports = ("read_many",)
+
+    with pytest.raises(TypeError, match="not in benchmarks.operations"):
+
+        class _Unknown(Subject):
+            supports = ("read_sideways",)
+
+            def read_sideways(self) -> None:
+                pass
+
+
+@pytest.mark.parametrize("n", [1, BATCH_SIZE + 44])  # one batch, and a short last batch
+def test_every_subject_reads_what_its_records_check(tmp_path: Path, n: int) -> None:
+    """Each subject's read bodies return what Operation.check_last expects, past one batch too (the suite runs 10)."""
+    from imgstore.datasets import load_dataset
+
+    images, labels = load_dataset("synthetic", n)
+    subjects = {s.name: s for s in make_subjects(imgstore.available_backends())}
+    reads = [op for op in OPERATIONS if op.kind == "read"]
+    for subject in subjects.values():
+        ops = [op for op in reads if op.name in subject.operations]
+        if not ops:
+            continue
+        path = tmp_path / subject.name
+        subject.build(path, images, labels)
+        reader = subject.open_reader(path, images.shape[1:])
+        try:
+            for op in ops:
+                argument = op.argument(n)
+                last = subject.body(op.name)(reader, argument)
+                op.check_last(last, argument, images, labels)
+                wrong = (np.asarray(last[0]) ^ 1, last[1])  # a body that read other pixels fails the check
+                with pytest.raises(AssertionError, match=op.name):
+                    op.check_last(wrong, argument, images, labels)
+        finally:
+            subject.close_reader(reader)
+
+
+def _cifar10_binary(root: Path, per_batch: int) -> None:
+    """CIFAR-10 in its binary version: each record is the label byte, then 3072 planar pixels."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        records = rng.integers(0, 256, (per_batch, 1 + 3072), dtype=np.uint8)
+        records[:, 0] %= 10
+        (folder / f"{name}.bin").write_bytes(records.tobytes())
+
+
+@pytest.mark.parametrize("option", ["--dataset-root", "--cifar10-dir"])
+def test_dataset_root_and_its_deprecated_alias(tmp_path: Path, option: str) -> None:
+    _cifar10_binary(tmp_path / "data", per_batch=3)
+    out = tmp_path / "run.json"
+    command = [sys.executable, "-m", "pytest", "--benchmark-only", "--cutoffs=10", "--ops=read_many",
+               "--backends=lmdb", "-q", "-p", "no:cacheprovider", "--dataset=cifar10",
+               f"{option}={tmp_path / 'data'}",  # "=": a separate existing path would be taken for the rootdir
+               f"--benchmark-json={out}"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert benchmarks and {b["extra_info"]["dataset"] for b in benchmarks} == {"cifar10"}
+    assert ("--cifar10-dir is deprecated" in result.stdout + result.stderr) == (option == "--cifar10-dir")
+
+
+def test_a_dataset_that_needs_a_root_says_so() -> None:
+    command = [sys.executable, "-m", "pytest", "--benchmark-only", "--collect-only", "-q", "-p", "no:cacheprovider",
+               "--cutoffs=10", "--dataset=cifar10"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--dataset cifar10 needs --dataset-root" in result.stdout + result.stderr

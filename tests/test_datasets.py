@@ -1,4 +1,4 @@
-"""The CIFAR-10 and Fashion-MNIST loaders on files written in the real formats, and load_dataset."""
+"""The CIFAR-10 and Fashion-MNIST loaders on files written in the real formats, load_dataset and the registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import os
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imgstore.datasets import DATASETS, load_cifar10, load_dataset, load_fashion_mnist, synthetic_cifar10
+import imgstore.datasets as dataset_module
+from imgstore.datasets import (
+    DATASETS,
+    DatasetSpec,
+    available_datasets,
+    get_dataset,
+    load_cifar10,
+    load_dataset,
+    load_fashion_mnist,
+    register_dataset,
+    synthetic_cifar10,
+)
+from imgstore.datasets import registry as dataset_registry
 from imgstore.datasets.cifar10 import _read_python_batch
 from imgstore.datasets.fashion_mnist import DEBIAN_ROOT, read_idx
 from imgstore.errors import DatasetError, DatasetNotFoundError
@@ -311,7 +323,8 @@ def test_real_fashion_mnist_from_debian() -> None:
 
 
 def test_load_dataset_synthetic() -> None:
-    assert DATASETS == ("synthetic", "cifar10", "fashion-mnist")
+    assert available_datasets()[:3] == ["synthetic", "cifar10", "fashion-mnist"]
+    assert DATASETS == tuple(available_datasets())  # the old constant, now read from the registry
     images, labels = load_dataset("synthetic", 12, seed=2)
     expected_images, expected_labels = synthetic_cifar10(12, seed=2)
     np.testing.assert_array_equal(images, expected_images)
@@ -363,3 +376,55 @@ def test_load_dataset_errors(tmp_path: Path) -> None:
             load_dataset("synthetic", bad)  # type: ignore[arg-type]
     with pytest.raises(DatasetError, match="split"):
         load_dataset("synthetic", 10, split="val")
+
+
+# ---------------------------------------------------------------------- the registry
+
+
+def test_builtin_specs_say_what_they_need() -> None:
+    for name in available_datasets():
+        spec = get_dataset(name)
+        assert isinstance(spec, DatasetSpec) and spec.name == name and spec.description
+        assert spec.install_hint or not spec.needs_root
+    assert get_dataset("cifar10").needs_root and not get_dataset("synthetic").needs_root
+    assert not get_dataset("fashion-mnist").needs_root  # Debian's files by default
+    with pytest.raises(DatasetNotFoundError, match="download_cifar10"):
+        load_dataset("cifar10")  # the spec's install_hint
+
+
+@pytest.fixture
+def restore_registry() -> Iterator[None]:
+    saved = dict(dataset_registry._registry)
+    yield
+    dataset_registry._registry.clear()
+    dataset_registry._registry.update(saved)
+
+
+def test_register_dataset_is_one_call(restore_registry: None, tmp_path: Path) -> None:
+    calls: list[tuple[int | None, Path | None, int, str]] = []
+
+    def loader(n: int | None, *, root: Path | None, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        calls.append((n, root, seed, split))
+        return np.full((3, 8, 8), seed, np.uint8), np.arange(3, dtype=np.int64)  # a whole split, whatever n is
+
+    spec = register_dataset("tiny", loader, needs_root=True, install_hint="make tiny", description="three images")
+    assert spec == get_dataset("tiny") and available_datasets()[-1] == "tiny"
+    assert "tiny" in dataset_module.DATASETS  # read when asked
+    images, labels = load_dataset("tiny", 5, str(tmp_path), seed=7, split="test")  # root positional, as a str
+    assert calls == [(5, tmp_path, 7, "test")]
+    assert images.shape == (5, 8, 8) and labels.tolist() == [0, 1, 2, 0, 1]  # repeated past the end, like the others
+    with pytest.raises(DatasetNotFoundError, match="make tiny"):
+        load_dataset("tiny", 2)
+    with pytest.raises(DatasetError, match="registered already"):
+        register_dataset("tiny", loader)
+    register_dataset("tiny", synthetic_loader_for_test, clobber=True)
+    assert load_dataset("tiny", 2)[0].shape == (2, 32, 32, 3)
+    for bad_name, bad_loader in (("", loader), ("x", None)):
+        with pytest.raises(DatasetError, match="register_dataset needs"):
+            register_dataset(bad_name, bad_loader)  # type: ignore[arg-type]
+
+
+def synthetic_loader_for_test(
+    n: int | None, *, root: Path | None, seed: int, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    return synthetic_cifar10(n or 1, seed, split=split)
