@@ -51,7 +51,7 @@ _CONTRAST = 52.0  # mean per-image standard deviation, grey levels
 # Per class: tints in the opponent chroma channels (red-green, yellow-blue) of the sky, the ground
 # and the object, and the object's size (fraction of the image). Mild, as in real photographs.
 # fmt: off
-_CLASS_LOOK = np.float32([
+_CLASS_LOOK = np.array([
     # sky         ground       object      size
     [-0.1, -0.6,  0.0, -0.1,   0.0, 0.0,   0.35],  # airplane
     [0.0, -0.1,   0.0, 0.0,    0.5, 0.0,   0.45],  # automobile
@@ -63,7 +63,7 @@ _CLASS_LOOK = np.float32([
     [-0.1, -0.3,  -0.3, 0.3,   0.4, 0.4,   0.45],  # horse
     [-0.1, -0.6,  -0.1, -0.5,  0.0, 0.0,   0.40],  # ship
     [0.0, -0.2,   0.0, 0.0,    0.3, 0.1,   0.50],  # truck
-])
+], dtype=np.float32)
 # fmt: on
 _SKY, _GROUND, _OBJECT, _OBJECT_SIZE = _CLASS_LOOK[:, 0:2], _CLASS_LOOK[:, 2:4], _CLASS_LOOK[:, 4:6], _CLASS_LOOK[:, 6]
 
@@ -158,7 +158,7 @@ def _block(seed: int, block: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
 
     # Dead leaves: anti-aliased ellipses, later ones in front, near the centre like a photographed object.
     texture = _fields(rng, m, 1, _TEX_AMP)[:, 0]
-    colour = rng.standard_normal((m, k_leaves, 3), dtype=np.float32) * np.float32([1, _CHROMA, _CHROMA])
+    colour = rng.standard_normal((m, k_leaves, 3), dtype=np.float32) * np.array([1, _CHROMA, _CHROMA], dtype=np.float32)
     colour[:, :, 1:] += _OBJECT[labels][:, None, :] * np.float32(_CHROMA * 2)
     # Some images are busy, some plain: a per-image texture richness widens the spread of PNG sizes.
     richness = rng.uniform(0.2, 1.8, (m, 1)) * _TEXTURE
