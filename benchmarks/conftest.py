@@ -6,6 +6,7 @@ here from the options, so a backend registered in imgstore is benchmarked with n
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Generator, Iterator
@@ -19,6 +20,8 @@ import imgstore
 from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation
 from benchmarks.options import ALL_CUTOFFS, add_options
 from benchmarks.subjects import KINDS, disk_usage, file_bytes, make_subjects
+from imgstore.analysis.report import format_seconds
+from imgstore.analysis.schema import ResultRecord
 
 SLOWDOWN_VARIABLE = "IMGSTORE_BENCH_INJECT_SLOWDOWN"
 RESULTS = pytest.StashKey[list]()  # the Metadata of every benchmark run, for the summary
@@ -201,33 +204,34 @@ def fill_ratios(benchmarks: list[Any]) -> None:
 
     The reference of a row is the row of the same dataset, operation and cutoff whose kind is
     "limit" and backend "raw" (the durable limit), and the "tutorial" row of the row's backend.
-    A read_random_many row also gets speedup_over_single: the same subject's read_random median
-    (the same images one get each) over its own.
+    A row of an operation with ``speedup_over`` (read_random_many) also gets speedup_over_single:
+    the same subject's median of that operation (read_random: the same images, one get each) over
+    its own.  Each row's extra_info is its :class:`ResultRecord`, read and written back whole.
     """
-    rows = [b for b in benchmarks if b and "operation" in b.extra_info]
+    rows = [(b, ResultRecord.from_extra_info(b.extra_info)) for b in benchmarks if b and "operation" in b.extra_info]
     limit: dict[tuple, float] = {}
     tutorial: dict[tuple, float] = {}
-    one_by_one: dict[tuple, float] = {}  # read_random medians, by subject
-    for bench in rows:
-        info = bench.extra_info
-        key = (info["dataset"], info["operation"], info["images"])
-        if info["operation"] == "read_random":
-            one_by_one[(info["dataset"], info["images"], bench.params["subject_name"])] = bench.stats.median
-        if info["kind"] == "limit" and info["backend"] == "raw":
+    by_subject: dict[tuple, float] = {}  # every median, by (dataset, operation, images, subject)
+    for bench, record in rows:
+        key = (record.dataset, record.operation, record.images)
+        by_subject[(*key, bench.params["subject_name"])] = bench.stats.median
+        if record.kind == "limit" and record.backend == "raw":
             limit[key] = bench.stats.median
-        if info["kind"] == "tutorial":
-            tutorial[(*key, info["backend"])] = bench.stats.median
-    for bench in rows:
-        info = bench.extra_info
-        key = (info["dataset"], info["operation"], info["images"])
+        if record.kind == "tutorial":
+            tutorial[(*key, record.backend)] = bench.stats.median
+    for bench, record in rows:
+        key = (record.dataset, record.operation, record.images)
         median = bench.stats.median
-        reference = limit.get(key)
-        info["ratio_to_limit"] = median / reference if reference else None
-        reference = tutorial.get((*key, info["backend"]))
-        info["ratio_to_tutorial"] = median / reference if reference else None
-        single = one_by_one.get((info["dataset"], info["images"], bench.params["subject_name"]))
-        many = info["operation"] == "read_random_many"
-        info["speedup_over_single"] = single / median if single and many else None
+        to_limit, to_tutorial = limit.get(key), tutorial.get((*key, record.backend))
+        over = get_operation(record.operation).speedup_over
+        single = by_subject.get((record.dataset, over, record.images, bench.params["subject_name"])) if over else None
+        filled = dataclasses.replace(
+            record,
+            ratio_to_limit=median / to_limit if to_limit else None,
+            ratio_to_tutorial=median / to_tutorial if to_tutorial else None,
+            speedup_over_single=single / median if single else None,
+        )
+        bench.extra_info.update(filled.to_extra_info())
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list[Any], output_json: dict) -> None:
@@ -251,13 +255,6 @@ def pytest_benchmark_group_stats(config: pytest.Config, benchmarks: list, group_
     if group_by == "group":
         groups = sorted(groups, key=lambda pair: _group_order(pair[0]))
     return groups
-
-
-def _seconds(value: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e3), ("µs", 1e6)):
-        if value * scale >= 1:
-            return f"{value * scale:.3g} {unit}"
-    return f"{value * 1e9:.3g} ns"
 
 
 def _ratio(value: float | None) -> str:
@@ -307,7 +304,7 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
         for bench in ordered:
             info = bench.extra_info
             tr.write_line(
-                f"  {bench.params['subject_name']:<24}{_seconds(bench.stats.median):>11}"
+                f"  {bench.params['subject_name']:<24}{format_seconds(bench.stats.median):>11}"
                 f"{info['images_per_second']:>13,.0f}"
                 f"{_ratio(info['ratio_to_limit']):>9}{_ratio(info['ratio_to_tutorial']):>11}"
                 f"{info['disk_bytes'] / 1e6:>10.2f}{info['file_bytes'] / 1e6:>10.2f}"
