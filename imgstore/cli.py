@@ -6,6 +6,10 @@ command, write the pair and list the first one in ``COMMANDS``.
 
 Exit status: 0 success, 1 the command's check failed (a regression), 2 bad input or usage.
 Errors imgstore raises on purpose (:class:`ImgStoreError`) become one line on stderr, no traceback.
+
+The console script sits in the analysis layer, beside :mod:`imgstore.analysis`: it imports the
+analysis modules inside each handler (so ``imgstore compare`` needs no matplotlib), and the
+storage library never imports it.
 """
 
 from __future__ import annotations

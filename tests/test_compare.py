@@ -512,6 +512,14 @@ def test_format_seconds() -> None:
     ]
 
 
+def test_the_suite_formats_seconds_with_the_same_function() -> None:
+    # One formatter of times: the benchmark suite's summary uses the analysis package's.
+    from benchmarks import conftest
+
+    assert conftest.format_seconds is report.format_seconds
+    assert not hasattr(conftest, "_seconds")
+
+
 # --------------------------------------------------------------- real runs from pytest-benchmark
 
 BENCH_FILE = textwrap.dedent(

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ NAN, INF = float("nan"), float("inf")
 HUGE = 10**400  # an integer JSON holds and float() cannot
 # The commit whose imgstore compare read runs before the result record had a version.
 PREVIOUS_READER = "8ec5f7b"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def bench(fullname: str = "m.py::test_t", median: float = 1e-3, rounds: int = 10, **extra: Any) -> dict[str, Any]:
@@ -408,33 +410,68 @@ def test_a_newer_version_is_read_as_far_as_its_fields_go(tmp_path: Path) -> None
     assert bench.extra_info["threads"] == 4  # kept as the file holds it
 
 
-def test_the_previous_reader_accepts_what_the_suite_writes(tmp_path: Path) -> None:
-    # "The benchmark JSON of a default run is readable by the previous imgstore compare": the
-    # reader of commit 8ec5f7b (before the record had a version) loads a run of new records.
-    repo = Path(__file__).resolve().parents[1]
+def previous_imgstore(tmp_path: Path) -> Path:
+    """The imgstore package of commit PREVIOUS_READER, extracted under ``tmp_path`` (skip without git)."""
+    root = tmp_path / "previous"
+    root.mkdir()
     try:
-        source = subprocess.run(
-            ["git", "show", f"{PREVIOUS_READER}:imgstore/runs.py"],
-            cwd=repo, capture_output=True, text=True, timeout=60, check=True,
-        ).stdout  # fmt: skip
+        archive = subprocess.run(
+            ["git", "archive", PREVIOUS_READER, "imgstore"], cwd=REPO, capture_output=True, timeout=60, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, capture_output=True, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError):
-        pytest.skip(f"the previous reader (git commit {PREVIOUS_READER}) is not in this checkout")
-    (tmp_path / "previous_runs.py").write_text(source, encoding="utf-8")
+        pytest.skip(f"the previous imgstore (git commit {PREVIOUS_READER}) is not in this checkout")
+    return root
+
+
+def previous_compare(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``imgstore compare ARGS`` as the previous imgstore runs it (its package, not this one)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import imgstore.cli as cli; "
+        "assert cli.__file__.startswith(sys.argv[1]), cli.__file__; sys.exit(cli.main(sys.argv[2:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-c", code, str(root), "compare", *args],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_the_previous_compare_reads_every_field_of_the_record(tmp_path: Path) -> None:
+    # "The benchmark JSON of a default run is readable by the previous imgstore compare": the
+    # compare of commit 8ec5f7b (before the record had a version) reads records with every field set.
     doc = good_doc()
     doc["benchmarks"][0]["extra_info"] = suite_record().to_extra_info()
     doc["benchmarks"][1]["extra_info"] = suite_record(kind="limit", backend="raw", ratio_to_tutorial=None,
                                                       speedup_over_single=None).to_extra_info()  # fmt: skip
     path = tmp_path / "run.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import previous_runs; "
-        "run = previous_runs.load_run(sys.argv[2]); print(sorted(run.benchmarks))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path), str(path)], cwd=repo, capture_output=True, text=True, timeout=60
-    )
+    result = previous_compare(previous_imgstore(tmp_path), str(path), str(path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['m.py::test_a', 'm.py::test_b']"
+    assert "0 regressions" in result.stdout and "m.py::test_a" not in result.stderr
     assert [b.record for b in load_run(path).benchmarks.values()] == [
         ResultRecord.from_extra_info(b["extra_info"]) for b in doc["benchmarks"]
     ]
+
+
+def test_the_previous_compare_reads_what_the_suite_writes(tmp_path: Path) -> None:
+    # The same on a run of the real suite (every backend, one operation with speedup_over_single).
+    pytest.importorskip("pytest_benchmark")
+    root = previous_imgstore(tmp_path)
+    path = tmp_path / "suite.json"
+    env = {k: v for k, v in os.environ.items() if k != "IMGSTORE_BENCH_INJECT_SLOWDOWN"}
+    suite = subprocess.run(
+        [sys.executable, "-m", "pytest", "--benchmark-only", "--cutoffs=10", "--ops=read_random,read_random_many",
+         "-q", "-p", "no:cacheprovider", f"--benchmark-json={path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-3000:]
+    records = [bench.record for bench in load_run(path).benchmarks.values()]
+    assert records and all(record.schema_version == SCHEMA_VERSION for record in records)
+    for record in records:  # every field the suite always fills is there
+        assert None not in (record.kind, record.backend, record.variant, record.operation, record.images)
+        assert None not in (record.dataset, record.disk_bytes, record.file_bytes, record.images_per_second)
+        assert (record.speedup_over_single is not None) == (record.operation == "read_random_many")
+    result = previous_compare(root, str(path), str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"0 regressions, 0 improvements, {len(records)} unchanged" in result.stdout
