@@ -46,7 +46,7 @@ IndexLike = int | Sequence[int] | np.ndarray | range | slice
 _INT64_MAX = np.iinfo(np.int64).max
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
-_VERIFY_PIECE_BYTES = 1 << 20  # scans are read and checked in pieces that stay in the CPU cache
+_VERIFY_PIECE_BYTES = 1 << 18  # scans are read and checked in pieces that stay in the CPU cache
 
 
 class WriterLock:
