@@ -142,9 +142,9 @@ class Checksums:
             at = lo + k * g
             pixels, group_labels = images[at : at + g], labels[at : at + g]
             if _xxh3(pixels, _xxh3(group_labels)) != expected:
-                group = first + k
-                self.check_records(np.arange(group * g, group * g + g), pixels, group_labels, where)  # which one?
-                raise CorruptStoreError(f"{where}: the checksum of images {group * g} .. {group * g + g - 1} is damaged")
+                low = (first + k) * g
+                self.check_records(np.arange(low, low + g), pixels, group_labels, where)  # which one?
+                raise CorruptStoreError(f"{where}: the checksum of images {low} .. {low + g - 1} is damaged")
 
 
 def _write_at(path: Path, index: int, width: int, data: bytes, *, sync: bool) -> None:
