@@ -24,8 +24,8 @@ from imgstore.errors import (
     StoreIOError,
     StoreNotFoundError,
 )
-from imgstore.registry import available_backends, get_backend, register_backend
 from imgstore.opening import open_store
+from imgstore.registry import available_backends, get_backend, register_backend
 from imgstore.store import Store
 
 __version__ = "0.1.0"

@@ -141,7 +141,7 @@ class Checksums:
         for k, expected in enumerate(self.groups[first:last].tolist()):
             at = lo + k * g
             pixels, group_labels = images[at : at + g], labels[at : at + g]
-            if _xxh3(pixels, _xxh3(group_labels)) != expected:
+            if _xxh3(pixels.data, _xxh3(group_labels.data)) != expected:
                 low = (first + k) * g
                 self.check_records(np.arange(low, low + g), pixels, group_labels, where)  # which one?
                 raise CorruptStoreError(f"{where}: the checksum of images {low} .. {low + g - 1} is damaged")

@@ -81,7 +81,7 @@ run lacks are skipped.  Needs matplotlib: pip install 'imgstore-ml[plot]'.
 # --------------------------------------------------------------------------------------- compare
 
 
-def _add_compare(subparsers: argparse._SubParsersAction) -> None:
+def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from imgstore.analysis.report import COLUMNS, DEFAULT_COLUMNS
 
     parser = subparsers.add_parser(
@@ -227,7 +227,7 @@ def _columns(text: str) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------ plot
 
 
-def _add_plot(subparsers: argparse._SubParsersAction) -> None:
+def _add_plot(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "plot",
         help="draw PNG figures of one benchmark run",
@@ -262,7 +262,8 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ main
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_compare, _add_plot)
+Subcommands = argparse._SubParsersAction  # argparse's own name for what add_subparsers returns
+COMMANDS: tuple[Callable[[Subcommands[argparse.ArgumentParser]], None], ...] = (_add_compare, _add_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2): report it, don't exit under a caller
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        return args.handler(args)
+        code: int = args.handler(args)
+        return code
     except ImgStoreError as exc:
         print(f"imgstore {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,7 +7,13 @@ import ctypes.util
 import errno
 import os
 import resource
+import sys
 from pathlib import Path
+
+if not sys.platform.startswith("linux"):  # pragma: no cover - the package metadata says Linux only
+    raise ImportError(
+        f"imgstore needs Linux: its commit protocol uses fcntl locks, syncfs and fallocate (this is {sys.platform})"
+    )
 
 _FALLOC_FL_KEEP_SIZE = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

@@ -36,7 +36,8 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
 def shared_like(array: np.ndarray) -> np.ndarray:
     """A zeroed array of ``array``'s shape in memory that forked children write into and the parent sees."""
     buffer = mmap.mmap(-1, max(1, array.nbytes))
-    return np.ndarray(array.shape, dtype=array.dtype, buffer=buffer)
+    shared: np.ndarray = np.ndarray(array.shape, dtype=array.dtype, buffer=buffer)
+    return shared
 
 
 def _child(task: Callable[[int, int], None], lo: int, hi: int, conn: Connection) -> None:
@@ -72,7 +73,8 @@ def run_split(task: Callable[[int, int], None], n: int, workers: int) -> None:
         try:
             result = receive.recv()
         except EOFError:
-            result = RuntimeError(f"a worker process died (exit code {child.join() or child.exitcode})")
+            child.join()
+            result = RuntimeError(f"a worker process died (exit code {child.exitcode})")
         child.join()
         if error is None and result is not None:
             error = result

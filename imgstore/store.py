@@ -184,6 +184,14 @@ class Store(abc.ABC):
         return self._manifest.shape
 
     @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one image, for backends reading records (which exist only once the shape is known)."""
+        shape = self._manifest.shape
+        if shape is None:
+            raise StoreIndexError(f"{self.path} holds no image yet")
+        return shape
+
+    @property
     def dtype(self) -> np.dtype:
         return np.dtype(self._manifest.dtype)
 

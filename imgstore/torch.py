@@ -28,7 +28,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
 Output = Literal["tensor", "numpy"]
 
 
-class StoreDataset(Dataset):
+class StoreDataset(Dataset[tuple[Any, Any]]):
     """``dataset[i] -> (image, label)`` for every record of the store at ``path``.
 
     ``output="tensor"`` gives ``torch.uint8`` tensors shaped like the stored images (H, W[, C]);

@@ -78,7 +78,8 @@ def _thin(values: np.ndarray) -> np.ndarray:
     ordered = np.sort(values)
     if len(ordered) <= _MAX_ROUNDS:
         return ordered
-    return ordered[np.linspace(0, len(ordered) - 1, _MAX_ROUNDS).round().astype(int)]
+    thinned: np.ndarray = ordered[np.linspace(0, len(ordered) - 1, _MAX_ROUNDS).round().astype(int)]
+    return thinned
 
 
 @functools.lru_cache(maxsize=256)  # a suite asks for the same (n, m, alpha) again and again

@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import h5py
 import numpy as np
@@ -75,10 +75,11 @@ class Hdf5Store(Store):
 
     def _open(self, create: bool) -> None:
         path = self.file(_FILE)
-        self._file: h5py.File | None = None
-        self._fd: int | None = None
-        self._images: h5py.Dataset | None = None
-        self._labels: h5py.Dataset | None = None
+        # h5py objects (untyped: Any); None while closed or before the datasets exist.
+        self._file: Any = None
+        self._fd = -1  # the raw descriptor reads go through; -1 while closed
+        self._images: Any = None
+        self._labels: Any = None
         self._index: _ReadIndex | None = None
         self._file_shape: tuple[int, ...] | None = None  # image shape of the file's datasets (None: none yet)
         if create:
@@ -169,8 +170,8 @@ class Hdf5Store(Store):
                 or source_labels.shape[0] < count
             ):
                 raise CorruptStoreError(f"{path} holds fewer images than its manifest commits")
-            layout = _Layout(self.shape, source_images.chunks[0], source_labels.chunks[0])
-            image_nbytes = int(np.prod(self.shape, dtype=np.int64))
+            layout = _Layout(self.image_shape, source_images.chunks[0], source_labels.chunks[0])
+            image_nbytes = int(np.prod(self.image_shape, dtype=np.int64))
 
             def copy_records(images: h5py.Dataset, labels: h5py.Dataset, tmp: Path) -> None:
                 reserve(tmp, count * (image_nbytes + 8) + (count * image_nbytes >> 4) + (1 << 20))
@@ -246,12 +247,13 @@ class Hdf5Store(Store):
 
     def _release(self) -> None:
         file, fd = self._file, self._fd
-        self._file = self._fd = self._images = self._labels = self._index = None
+        self._file = self._images = self._labels = self._index = None
+        self._fd = -1
         try:
             if file is not None:
                 file.close()
         finally:
-            if fd is not None:
+            if fd >= 0:
                 os.close(fd)
 
     def _close(self) -> None:
@@ -276,8 +278,9 @@ class Hdf5Store(Store):
         # The HDF5 files of the parent were let go when this process was forked (see
         # _drop_inherited_files); this process does not hold the writer lock, so it opens for reading.
         fd = self._fd
-        self._file = self._fd = self._images = self._labels = self._index = None
-        if fd is not None:
+        self._file = self._images = self._labels = self._index = None
+        self._fd = -1
+        if fd >= 0:
             os.close(fd)  # this process's copy of the parent's descriptor
         self._open(create=False)
 
@@ -328,14 +331,14 @@ class Hdf5Store(Store):
         return self._index
 
     def _pread_into(self, buffer: np.ndarray, offset: int) -> None:
-        if os.preadv(self._fd, [buffer], offset) != buffer.nbytes:
+        if os.preadv(self._fd, [buffer], offset) != buffer.nbytes:  # type: ignore[list-item]
             raise CorruptStoreError(f"{self.file(_FILE)} ends before the data its chunk index points to")
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         ix = self._read_index()
         if ix.offsets is None:
             return self._images[index], int(ix.labels[index])
-        image = np.empty(self.shape, dtype=np.uint8)
+        image = np.empty(self.image_shape, dtype=np.uint8)
         chunk, row = divmod(index, ix.rows)
         self._pread_into(image, int(ix.offsets[chunk]) + row * ix.image_nbytes)
         return image, int(ix.labels[index])
@@ -447,7 +450,8 @@ def _skeleton(layout: _Layout | None) -> bytes:
             )
             f.create_dataset("labels", shape=(0,), maxshape=(None,), chunks=(layout.label_rows,), dtype=np.int64)
         f.flush()
-        return f.id.get_file_image()
+        image: bytes = f.id.get_file_image()
+        return image
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -27,7 +27,7 @@ from imgstore.store import Store, io_error
 try:  # py-lmdb >= 3 identifies an open environment by its files (see _registry_keys)
     from lmdb._envid import env_keys as _lmdb_env_keys
 except ImportError:  # pragma: no cover - older py-lmdb
-    _lmdb_env_keys = None
+    _lmdb_env_keys = None  # type: ignore[assignment]
 
 _MAX_READERS = 512  # concurrent reading threads across all processes
 _OVERFLOW_HEADER = 16  # bytes LMDB puts before a large value on its overflow pages
@@ -124,7 +124,7 @@ _registry_searched = False
 def _registry_keys(path: str) -> tuple[object, ...]:
     """What py-lmdb puts in its set of open environments for the environment at ``path``."""
     if _lmdb_env_keys is not None:  # py-lmdb >= 3: the (st_dev, st_ino) of data.mdb and lock.mdb
-        return tuple(_lmdb_env_keys(path, True))
+        return tuple(_lmdb_env_keys(path, True))  # type: ignore[no-untyped-call]
     if int(lmdb.__version__.split(".")[0]) >= 2:  # pragma: no cover - py-lmdb 2: the resolved path
         return (os.path.realpath(path),)
     return ()  # pragma: no cover - py-lmdb 1 has no such set
@@ -269,8 +269,8 @@ class LmdbStore(Store):
         size, per_block = self._layout(images[0].nbytes)
         first_block, stop = start // per_block, start + len(images)
         self._ensure_room(len(images) * (size + 8) + self.options["block_bytes"])
-        pixels = memoryview(images).cast("B")
-        label_bytes = memoryview(np.ascontiguousarray(labels, dtype="<i8")).cast("B")
+        pixels = images.data.cast("B")
+        label_bytes = np.ascontiguousarray(labels, dtype="<i8").data.cast("B")
         while True:
             try:
                 with self._env.begin(write=True, buffers=True) as txn:
@@ -330,7 +330,7 @@ class LmdbStore(Store):
     # A block's value is its images' pixels, then their labels; reads copy slices of it straight
     # from LMDB's memory map into the caller's arrays, one block at a time for scans.
 
-    def _records(self, value: memoryview | None, block: int, size: int, per_block: int) -> int:
+    def _records(self, value: bytes | memoryview | None, block: int, size: int, per_block: int) -> int:
         """How many records ``value`` holds, after checking its length."""
         count = len(value) // (size + 8) if value is not None else 0
         if value is None or len(value) != count * (size + 8) or not 1 <= count <= per_block:
@@ -343,7 +343,7 @@ class LmdbStore(Store):
         # inlined (a method call per image costs a third of the time).
         size, per_block = self._layout(images[0].nbytes)
         record = size + 8
-        pixels, label_bytes = memoryview(images).cast("B"), memoryview(labels).cast("B")
+        pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
         blocks, rows = np.divmod(indices, per_block)
         with self._begin() as txn:
             get = txn.get
@@ -355,14 +355,15 @@ class LmdbStore(Store):
                 if row >= count or length != count * record or count > per_block:
                     self._records(value, block, size, per_block)  # raises if the block is damaged
                     raise CorruptStoreError(f"{self.path}: image {block * per_block + row} is committed but missing")
-                pixels[at * size : at * size + size] = value[row * size : row * size + size]
+                # value is not None here (count > row >= 0); typing cannot see it, and a check costs.
+                pixels[at * size : at * size + size] = value[row * size : row * size + size]  # type: ignore[index]
                 label = count * size + 8 * row
-                label_bytes[8 * at : 8 * at + 8] = value[label : label + 8]
+                label_bytes[8 * at : 8 * at + 8] = value[label : label + 8]  # type: ignore[index]
                 at += 1
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         size, per_block = self._layout(images[0].nbytes)
-        pixels, label_bytes = memoryview(images).cast("B"), memoryview(labels).cast("B")
+        pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
         block, done = start // per_block, start  # done: records up to here are copied
         with self._begin() as txn:
             cursor = txn.cursor()
@@ -386,7 +387,7 @@ class LmdbStore(Store):
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         # The hot path of a shuffled epoch: the checks of _records inlined.
-        image = np.empty(self.shape, dtype=np.uint8)
+        image = np.empty(self.image_shape, dtype=np.uint8)
         size = image.nbytes
         per_block = self._per_block or self._layout(size)[1]
         self._per_block = per_block
@@ -394,12 +395,13 @@ class LmdbStore(Store):
         with self._begin() as txn:
             value = txn.get(block.to_bytes(8, "big"))
             count = len(value) // (size + 8) if value is not None else 0
-            if row >= count or len(value) != count * (size + 8):
+            if row >= count or len(value) != count * (size + 8):  # type: ignore[arg-type]
                 self._records(value, block, size, per_block)
                 raise CorruptStoreError(f"{self.path}: image {index} is committed but missing")
-            memoryview(image).cast("B")[:] = value[row * size : (row + 1) * size]
+            # value is not None here (count > row >= 0); typing cannot see it, and a check costs.
+            image.data.cast("B")[:] = value[row * size : (row + 1) * size]  # type: ignore[index]
             at = count * size + 8 * row
-            return image, int.from_bytes(value[at : at + 8], "little")
+            return image, int.from_bytes(value[at : at + 8], "little")  # type: ignore[index]
 
 
 def _key(block: int) -> bytes:

@@ -113,7 +113,7 @@ class PngStore(Store):
         images[first:] = shared[first:]
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
-        image = np.empty(self.shape, dtype=np.uint8)
+        image = np.empty(self.image_shape, dtype=np.uint8)
         _decode_into(_image_path(self._root, self.options["files_per_dir"], index), image)
         return image, int(self._labels()[index])  # labels are read once per handle, not per image
 

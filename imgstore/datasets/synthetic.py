@@ -79,7 +79,8 @@ def _amplitude(alpha: float) -> np.ndarray:
     amp = f**-alpha
     weight = np.full_like(amp, 2.0)  # columns 1..15 stand for their conjugate mirror too
     weight[:, 0] = weight[:, -1] = 1.0
-    return (amp * _SIZE * _SIZE / np.sqrt((weight * amp * amp).sum())).astype(np.float32)
+    spectrum: np.ndarray = (amp * _SIZE * _SIZE / np.sqrt((weight * amp * amp).sum())).astype(np.float32)
+    return spectrum
 
 
 # Chroma is smoother than luminance in photographs: a steeper spectrum for the two chroma fields.
