@@ -19,9 +19,10 @@ import pytest
 import imgstore
 from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation
 from benchmarks.options import ALL_CUTOFFS, add_options
-from benchmarks.subjects import KINDS, disk_usage, file_bytes, make_subjects
+from benchmarks.subjects import KINDS, make_subjects
 from imgstore.analysis.report import format_seconds
 from imgstore.analysis.schema import ResultRecord
+from imgstore.fileio import disk_usage, file_bytes
 
 SLOWDOWN_VARIABLE = "IMGSTORE_BENCH_INJECT_SLOWDOWN"
 RESULTS = pytest.StashKey[list]()  # the Metadata of every benchmark run, for the summary

@@ -204,20 +204,6 @@ def _write_all(fd: int, array: np.ndarray) -> None:
         view = view[os.write(fd, view) :]
 
 
-def file_bytes(path: Path) -> int:
-    """Bytes in the files under ``path`` (their sizes, not the blocks they take)."""
-    return sum(os.lstat(os.path.join(root, name)).st_size for root, _dirs, files in os.walk(path) for name in files)
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes allocated on disk under ``path`` (as ``du`` counts them), the same measure for every subject."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
-
-
 def make_subjects(backends: list[str]) -> list[Subject]:
     """The limit rows, one row per imgstore backend asked for, and the tutorial's rows for those backends.
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks.operations import READ_BUDGET_SECONDS, Subject, get_operation
-from benchmarks.subjects import disk_usage, file_bytes
+from imgstore.fileio import disk_usage, file_bytes
 
 if TYPE_CHECKING:
     from benchmarks.conftest import ReadStores

@@ -20,6 +20,18 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
+def disk_usage(path: Path) -> int:
+    """Bytes allocated on disk under ``path`` (blocks, as ``du`` counts them; links not followed)."""
+    return sum(
+        os.lstat(os.path.join(root, name)).st_blocks * 512 for root, _dirs, files in os.walk(path) for name in files
+    )
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes in the files under ``path`` (their sizes, not the blocks they take)."""
+    return sum(os.lstat(os.path.join(root, name)).st_size for root, _dirs, files in os.walk(path) for name in files)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in ``path`` durable (POSIX needs the directory synced too)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -37,6 +37,7 @@ from imgstore.errors import (
     StoreIndexError,
     StoreIOError,
 )
+from imgstore.fileio import disk_usage
 from imgstore.manifest import MAX_IMAGE_BYTES, Manifest, generation_name, read_manifest, write_manifest
 from imgstore.options import Option
 
@@ -222,11 +223,7 @@ class Store(abc.ABC):
 
     def disk_usage(self) -> int:
         """Bytes the store occupies on disk (allocated blocks, as ``du`` counts them)."""
-        total = 0
-        for root, _dirs, files in os.walk(self.path):
-            for name in files:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-        return total
+        return disk_usage(self.path)
 
     # ------------------------------------------------------------------ checksums
 
