@@ -25,3 +25,55 @@ def test_readme_usage_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(README), "exec"), {})
     assert {p.name for p in tmp_path.iterdir()} >= {"cifar-png", "cifar-lmdb", "cifar-hdf5"}
+
+
+def test_the_minimal_backend_in_the_readme_passes_every_suite(tmp_path: Path) -> None:
+    """The README's complete backend, built from its text: conformance, robustness and the benchmarks."""
+    import subprocess
+    import sys
+
+    code = re.search(r"<!-- minimal-backend -->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert code is not None
+    assert len(code.group(1).splitlines()) < 100
+    (tmp_path / "npy_store.py").write_text(code.group(1))
+    dist = tmp_path / "npy_store-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: npy-store\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[imgstore.backends]\nnpy = npy_store:NpyStore\n")
+    (tmp_path / "test_npy.py").write_text(
+        "from imgstore.testing import StoreConformance, StoreRobustness\n\n\n"
+        "class TestNpy(StoreConformance, StoreRobustness):\n"
+        '    backend = "npy"\n'
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "test_npy.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+    assert " passed" in tests.stdout and " failed" not in tests.stdout
+    bench = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--benchmark-only",
+            "--cutoffs=10",
+            "--backends=npy",
+            "--ops=read_many",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=README.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-2000:]
+    assert "imgstore-npy" in bench.stdout and "imgstore-npy-noverify" in bench.stdout
