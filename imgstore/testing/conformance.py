@@ -1,13 +1,4 @@
-"""The conformance suite every backend passes (pytest and Hypothesis needed).
-
-A backend's tests are one class::
-
-    class TestMyBackend(StoreConformance):
-        backend = "mine"
-
-Third-party backends can inherit it the same way, as zarr's stores do with ``zarr.testing``.
-Also holds ``check_*`` helpers shared by the tests and the benchmarks.
-"""
+"""``StoreConformance``: the behaviour every backend must show (pytest and Hypothesis needed)."""
 
 from __future__ import annotations
 
@@ -26,62 +17,25 @@ import imgstore
 from imgstore import Store, open_store
 from imgstore.errors import ImgStoreError, InvalidImageError
 from imgstore.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from imgstore.testing.checks import (
+    BackendTest,
+    ImportOnUnpickle,
+    check_owned_array,
+    check_store_content,
+    random_images,
+)
 
 
-def random_images(n: int, shape: tuple[int, ...] = (32, 32, 3), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images that exercise every byte value, and labels 0..9: round trips must be exact."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
-
-
-def check_owned_array(array: np.ndarray) -> None:
-    """Returned arrays belong to the caller: owned, writable, C-contiguous."""
-    assert isinstance(array, np.ndarray)
-    assert array.flags.owndata or array.base is None or _owns_through_base(array), "array is a view into the store"
-    assert array.flags.writeable
-    assert array.flags.c_contiguous
-
-
-def _owns_through_base(array: np.ndarray) -> bool:
-    # A reshape of a fresh array is still the caller's own memory (no library buffer behind it).
-    base = array.base
-    while isinstance(base, np.ndarray) and not base.flags.owndata:
-        base = base.base
-    return isinstance(base, np.ndarray) and base.flags.owndata
-
-
-def check_store_content(store: Store, images: np.ndarray, labels: np.ndarray) -> None:
-    """The store holds exactly these records in this order, by every read path."""
-    assert len(store) == len(images)
-    got_images, got_labels = store.get_many(range(len(store)))
-    if len(images) == 0 and store.shape is None:  # no image has fixed the shape yet
-        assert got_images.size == 0
-    else:
-        np.testing.assert_array_equal(got_images, images)
-    np.testing.assert_array_equal(got_labels, labels)
-    assert got_labels.dtype == np.int64
-    if len(images):
-        for i in {0, len(images) // 2, len(images) - 1}:
-            image, label = store.get(i)
-            np.testing.assert_array_equal(image, images[i])
-            assert label == labels[i] and type(label) is int
-
-
-def _read_in_child(store: Store, indices: list[int], queue: multiprocessing.Queue) -> None:
+def _read_in_child(_: None, store: Store, indices: list[int], queue: multiprocessing.Queue[Any]) -> None:
     images, labels = store.get_many(indices)
     queue.put((images.tobytes(), labels.tolist()))
 
 
-class StoreConformance:
+class StoreConformance(BackendTest):
     """Behaviour every backend must show. Subclasses set ``backend`` (and optionally ``options``)."""
 
-    backend: ClassVar[str]
-    options: ClassVar[dict[str, Any]] = {}
     #: image shapes this backend holds; others must raise InvalidImageError before writing
     shapes: ClassVar[tuple[tuple[int, ...], ...]] = ((32, 32, 3), (28, 28), (28, 28, 1), (5, 7, 4), (3, 2, 2))
-
-    def create(self, path: Path, **kwargs: Any) -> Store:
-        return open_store(path, self.backend, "w", **{**self.options, **kwargs})
 
     def supports(self, shape: tuple[int, ...]) -> bool:
         try:
@@ -309,7 +263,7 @@ class StoreConformance:
 
     def test_invalid_input_raises_and_writes_nothing(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
         path, images, labels = filled
-        bad_calls = [
+        bad_calls: list[tuple[Any, Any, type[ImgStoreError]]] = [
             (images[:2].astype(np.float32), labels[:2], InvalidImageError),
             (images[:2].astype(bool), labels[:2], InvalidImageError),
             (images[:2].astype(np.int16), labels[:2], InvalidImageError),
@@ -331,7 +285,7 @@ class StoreConformance:
             with pytest.raises(imgstore.InvalidLabelError):
                 store.put(images[0], -3)
             with pytest.raises(imgstore.InvalidLabelError):
-                store.put(images[0], 2.5)
+                store.put(images[0], 2.5)  # type: ignore[arg-type]
             with pytest.raises(InvalidImageError):
                 store.put(images[0].astype(np.float64), 1)
             assert len(store) == len(images)
@@ -358,12 +312,15 @@ class StoreConformance:
         self, filled: tuple[Path, np.ndarray, np.ndarray], start_method: str
     ) -> None:
         path, images, labels = filled
-        context = multiprocessing.get_context(start_method)
+        context = (
+            multiprocessing.get_context("fork") if start_method == "fork" else multiprocessing.get_context("spawn")
+        )
         picks = [7, 250, 3, 3, 99]
         with open_store(path) as store:
             store.get_many(range(len(store)))  # the parent's handles are live when the child starts
             queue = context.Queue()
-            child = context.Process(target=_read_in_child, args=(store, picks, queue))
+            import_first = ImportOnUnpickle(self.backend_module)  # before the store reopens in a spawned child
+            child = context.Process(target=_read_in_child, args=(import_first, store, picks, queue))
             child.start()
             raw, got_labels = queue.get(timeout=60)
             child.join(timeout=60)

@@ -1,0 +1,240 @@
+"""``FaultTolerance``: an injected failure at every write-level step, a real full file system, a file size limit.
+
+After every failure the store must reopen valid (``verify()`` passes) holding exactly the old or the
+new state, and the error must be one of imgstore's own (``StoreFullError`` for a full disk). The
+full-disk tests mount a small tmpfs, so they need root; without it they skip.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import imgstore
+from imgstore.manifest import read_manifest
+from imgstore.testing.checks import BackendTest, check_store_content, child_env, random_images
+
+OLD, NEW = 20, 30
+
+
+class FaultInjector:
+    """Fails the N-th write-level call imgstore makes through Python (the SQLite way of testing I/O errors)."""
+
+    WRITE_MODES = ("w", "a", "+", "x")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.calls = 0
+        self.fail_at = 0
+        for name in ("fsync", "replace", "pwrite", "ftruncate", "posix_fallocate", "write"):
+            self._wrap(os, name)
+        original_open = builtins.open
+
+        def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if any(flag in mode for flag in self.WRITE_MODES):
+                self._tick(f"open({file!r}, {mode!r})")
+            return original_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", open_)
+
+    def _wrap(self, module: Any, name: str) -> None:
+        original: Callable[..., Any] = getattr(module, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self._tick(name)
+            return original(*args, **kwargs)
+
+        self.monkeypatch.setattr(module, name, wrapper)
+
+    def _tick(self, what: str) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(errno.ENOSPC, f"injected failure of {what}")
+
+    def arm(self, fail_at: int) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def disarm(self) -> None:
+        self.fail_at = 0
+
+
+def check_old_or_new(path: Path, images: np.ndarray, labels: np.ndarray) -> int:
+    with imgstore.open_store(path) as store:
+        store.verify()
+        count = len(store)
+        assert count in (OLD, OLD + NEW), f"neither the old nor the new state: {count} images"
+        check_store_content(store, images[:count], labels[:count])
+        return count
+
+
+def _write_under_file_size_limit(path: str, limit: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # exceeding the limit then fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    images, labels = random_images(400)
+    with imgstore.open_store(path, mode="a") as store:
+        try:
+            for _ in range(100):
+                store.put_many(images, labels)
+        except imgstore.StoreFullError:
+            os._exit(0)
+    os._exit(3)  # the limit was never hit
+
+
+def _expected(count: int, first: np.ndarray, first_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    more, more_labels = random_images(400)
+    reps = (count - 50) // 400
+    return (
+        np.concatenate([first] + [more] * reps),
+        np.concatenate([first_labels] + [more_labels] * reps),
+    )
+
+
+def _fill_disk(mount_point: Path, leave: int) -> Path:
+    filler = mount_point / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+class FaultTolerance(BackendTest):
+    """Write failures: injected (every step in turn), a full tmpfs, RLIMIT_FSIZE."""
+
+    def test_every_injected_write_failure_leaves_old_or_new_state(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        images, labels = random_images(OLD + NEW + 5)
+        base = tmp_path / "base"
+        with self.create(base) as store:
+            store.put_many(images[:OLD], labels[:OLD])
+        injector = FaultInjector(monkeypatch)
+        failures = 0
+        for fail_at in range(1, 500):
+            path = tmp_path / f"try{fail_at}"
+            shutil.copytree(base, path)
+            store = imgstore.open_store(path, mode="a")
+            injector.arm(fail_at)
+            try:
+                store.put_many(images[OLD : OLD + NEW], labels[OLD : OLD + NEW])
+                succeeded = True
+            except imgstore.ImgStoreError as exc:
+                assert isinstance(exc, imgstore.StoreFullError), repr(exc)
+                succeeded = False
+                failures += 1
+            finally:
+                injector.disarm()
+            if not succeeded:  # the same handle can go on: the failed write left nothing visible
+                assert len(store) == OLD
+            store.close()
+            count = check_old_or_new(path, images, labels)
+            if succeeded:
+                assert count == OLD + NEW
+                break
+            with imgstore.open_store(path, mode="a") as store:  # and the store takes new writes
+                store.put_many(images[count : count + 5], labels[count : count + 5])
+            with imgstore.open_store(path) as store:
+                store.verify()
+                check_store_content(store, images[: count + 5], labels[: count + 5])
+            shutil.rmtree(path)
+        else:
+            pytest.fail("put_many never succeeded")
+        print(f"{self.backend}: put_many failed at {failures} injected points, each leaving a valid store")
+        assert failures >= 3, f"only {failures} write-level steps were exercised"
+
+    @pytest.fixture
+    def small_filesystem(self, tmp_path: Path) -> Iterator[Path]:
+        """A real 4 MiB tmpfs, so the backend's own C-level writes meet a full disk."""
+        mount_point = tmp_path / "small"
+        mount_point.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root; the RLIMIT_FSIZE test covers C-level writes")
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True
+        )
+        if result.returncode:
+            pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()}")
+        try:
+            yield mount_point
+        finally:
+            subprocess.run(["umount", str(mount_point)], check=False)
+
+    def test_full_disk_is_a_clean_store_full_error(self, small_filesystem: Path) -> None:
+        images, labels = random_images(200)
+        path = small_filesystem / self.backend
+        committed = 0
+        with self.create(path) as store:
+            with pytest.raises(imgstore.StoreFullError):
+                for _ in range(1000):
+                    store.put_many(images[:100], labels[:100])
+                    committed += 100
+            assert len(store) == committed
+            with pytest.raises(imgstore.StoreFullError):
+                for _ in range(1000):  # single puts until it is really full
+                    store.put(images[0], labels[0])
+                    committed += 1
+        assert committed > 0
+        with imgstore.open_store(path) as store:
+            store.verify()
+            assert len(store) == committed
+
+    def test_file_size_limit_in_a_subprocess(self, tmp_path: Path) -> None:
+        images, labels = random_images(50)
+        path = tmp_path / self.backend
+        with self.create(path) as store:
+            store.put_many(images, labels)
+        largest = max(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        writer = multiprocessing.get_context("fork").Process(
+            target=_write_under_file_size_limit, args=(str(path), largest + (64 << 10))
+        )
+        writer.start()
+        writer.join(120)
+        assert writer.exitcode == 0, f"the writer did not end with a StoreFullError (exit code {writer.exitcode})"
+        with imgstore.open_store(path) as store:
+            store.verify()
+            assert len(store) >= 50 and (len(store) - 50) % 400 == 0
+            check_store_content(store, *_expected(len(store), images, labels))
+
+    @pytest.mark.parametrize("leave", [0, 4096, 12288])
+    def test_creating_a_store_on_a_full_disk(self, small_filesystem: Path, leave: int) -> None:
+        filler = _fill_disk(small_filesystem, leave)
+        path = small_filesystem / "store"
+        script = f"""
+            import importlib, imgstore, numpy as np
+            if {self.backend_module!r}:
+                importlib.import_module({self.backend_module!r})
+            try:
+                options = {self.options!r}
+                with imgstore.open_store({str(path)!r}, {self.backend!r}, "w", shape=(8, 8, 3), **options) as store:
+                    store.put_many(np.zeros((400, 8, 8, 3), np.uint8), [1] * 400)
+            except imgstore.StoreFullError:
+                raise SystemExit(7)
+            """
+        code = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=child_env(), timeout=120).returncode
+        assert code in (0, 7), f"the process ended with {code} (a signal is negative), not StoreFullError"
+        filler.unlink()
+        images, labels = random_images(50, (8, 8, 3))
+        with self.create(path) as store:  # works again once there is space
+            store.put_many(images, labels)
+        with imgstore.open_store(path) as store:
+            check_store_content(store, images, labels)
+            store.verify()
+        manifest = read_manifest(path)
+        assert all(manifest.owns(entry.name) for entry in path.iterdir())
