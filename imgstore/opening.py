@@ -15,8 +15,6 @@ Creating (mode ``"w"``, or ``"a"`` where there is no store) never deletes what i
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import operator
 import os
 import secrets
@@ -26,16 +24,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from imgstore.arguments import io_error
 from imgstore.checksums import group_size
 from imgstore.errors import (
     CorruptStoreError,
     ImgStoreError,
     InvalidImageError,
     InvalidOptionError,
-    StoreBusyError,
     StoreExistsError,
     StoreNotFoundError,
 )
+from imgstore.locking import WriterLock, lock_for_writing
 from imgstore.manifest import (
     MANIFEST_NAME,
     MAX_IMAGE_BYTES,
@@ -47,7 +46,7 @@ from imgstore.manifest import (
     write_manifest,
 )
 from imgstore.options import check_options, resolve_options
-from imgstore.store import Mode, Store, WriterLock, io_error
+from imgstore.store import Mode, Store
 
 _STORE_FILES = ("checksums.xxh3", "groups.xxh3")  # the store's own, beside the backend's
 _LEGACY_STORE_FILES = ("checksums.crc32",)  # format version 1
@@ -91,7 +90,7 @@ def open_store(
         check_options(cls.name, cls.option_specs, options)  # bad options raise before anything is touched
     _make_directory(store_path)
     _existing_manifest(store_path, mode)  # refuse what is not a store before even the lock file is made
-    lock = _lock_for_writing(store_path)
+    lock = lock_for_writing(store_path)
     try:
         old = _existing_manifest(store_path, mode)
         if mode == "a" and old is not None and not old.creating:
@@ -246,22 +245,6 @@ def _make_directory(path: Path) -> None:
         raise StoreExistsError(f"{path} exists and is not a directory") from None
     except OSError as exc:
         raise io_error(exc, f"creating the directory {path}") from exc
-
-
-def _lock_for_writing(path: Path) -> WriterLock:
-    """One writer per store: the commit protocol appends at the count the writer read when it opened."""
-    try:
-        fd = os.open(path / WRITER_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreExistsError(f"{path / WRITER_LOCK_NAME} is a symbolic link; not an imgstore lock") from None
-        raise io_error(exc, f"opening {path} for writing") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreBusyError(f"{path} is open for writing by another handle or process") from None
-    return WriterLock(fd)
 
 
 def _existing_manifest(path: Path, mode: Mode) -> Manifest | None:

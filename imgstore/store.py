@@ -11,11 +11,8 @@ replacing stores is :mod:`imgstore.opening`.
 from __future__ import annotations
 
 import abc
-import errno
 import operator
 import os
-import threading
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,71 +20,35 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from imgstore.arguments import (
+    IndexLike,
+    as_contiguous_range,
+    as_image_array,
+    as_label,
+    checked_indices,
+    checked_labels,
+    io_error,
+)
 from imgstore.checksums import Checksums, group_size
 from imgstore.errors import (
     CorruptStoreError,
     ImgStoreError,
     InvalidImageError,
-    InvalidLabelError,
     InvalidOptionError,
     ReadOnlyError,
     StoreBusyError,
     StoreClosedError,
-    StoreFullError,
     StoreIndexError,
     StoreIOError,
 )
 from imgstore.fileio import disk_usage
+from imgstore.locking import WriterLock
 from imgstore.manifest import MAX_IMAGE_BYTES, Manifest, generation_name, read_manifest, write_manifest
 from imgstore.options import Option
 
 Mode = Literal["r", "w", "a"]
-IndexLike = int | Sequence[int] | np.ndarray | range | slice
 
-_INT64_MAX = np.iinfo(np.int64).max
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 _VERIFY_PIECE_BYTES = 1 << 18  # scans are read and checked in pieces that stay in the CPU cache
-
-
-class WriterLock:
-    """The store's writer lock (``flock`` on ``writer.lock``), owned by the process that took it.
-
-    A forked child inherits the descriptor, and with it the lock: every child closes its copies at
-    once, so the lock is released when the owner lets go, and the child's handle cannot write.
-    """
-
-    _held: ClassVar[weakref.WeakSet[WriterLock]] = weakref.WeakSet()
-    _guard = threading.Lock()
-
-    def __init__(self, fd: int) -> None:
-        self.fd: int | None = fd
-        self.pid = os.getpid()
-        with self._guard:
-            self._held.add(self)
-
-    @property
-    def owned(self) -> bool:
-        return self.fd is not None and self.pid == os.getpid()
-
-    def release(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        # A writer handle dropped without close() must not keep others out until the process exits.
-        if self.owned:
-            self.release()
-
-    @classmethod
-    def _drop_inherited(cls) -> None:
-        for lock in list(cls._held):
-            if lock.pid != os.getpid():
-                lock.release()
-
-
-os.register_at_fork(after_in_child=WriterLock._drop_inherited)
 
 
 class Store(abc.ABC):
@@ -264,14 +225,14 @@ class Store(abc.ABC):
 
     def put(self, image: np.ndarray, label: int) -> int:
         """Append one image; returns its index."""
-        image = _as_image_array(image)
-        return self.put_many(image[np.newaxis], [_as_label(label)])[0]
+        image = as_image_array(image)
+        return self.put_many(image[np.newaxis], [as_label(label)])[0]
 
     def put_many(self, images: np.ndarray | Sequence[np.ndarray], labels: Sequence[int] | np.ndarray) -> range:
         """Append images ``[N, *shape]`` with their labels in one all-or-nothing commit; returns their indices."""
         self._check_writable()
         images = self._checked_images(images)
-        labels = _checked_labels(labels, len(images))
+        labels = checked_labels(labels, len(images))
         start = len(self)
         if len(images) == 0:
             return range(start, start)
@@ -309,7 +270,7 @@ class Store(abc.ABC):
             )
 
     def _checked_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        array = _as_image_array(images)
+        array = as_image_array(images)
         if array.dtype != np.uint8:
             raise InvalidImageError(
                 f"images must be uint8 arrays, got dtype {array.dtype}; convert explicitly "
@@ -359,13 +320,13 @@ class Store(abc.ABC):
         """
         self._check_usable()
         count = len(self)
-        contiguous = _as_contiguous_range(indices, count)
+        contiguous = as_contiguous_range(indices, count)
         if contiguous is not None:
             start, stop = contiguous
             images, labels = self._batch(stop - start, out)
             self._read_range(start, stop, images, labels)
             return images, labels
-        idx = _checked_indices(indices, count)
+        idx = checked_indices(indices, count)
         images, labels = self._batch(len(idx), out)
         if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
             self._read_range(int(idx[0]), int(idx[-1]) + 1, images, labels)
@@ -550,102 +511,3 @@ class Store(abc.ABC):
 
         mode = "r" if self.mode == "r" else "a"
         return (reopen, (str(self.path), self.name, mode, self.sync, self.verify_reads, dict(self._overrides)))
-
-
-def io_error(exc: OSError, doing: str) -> StoreIOError | ReadOnlyError:
-    """imgstore's error for an OS error met while ``doing`` something to a store."""
-    if exc.errno in _DISK_FULL_ERRNOS:
-        return StoreFullError(f"{doing}: no space left (or a file size limit): {exc}")
-    if exc.errno in _READ_ONLY_ERRNOS:
-        return ReadOnlyError(f"{doing}: {exc}; open the store with mode='r' to read it")
-    return StoreIOError(f"{doing} failed: {exc}")
-
-
-# ---------------------------------------------------------------------- argument checks
-
-
-def _as_image_array(images: Any) -> np.ndarray:
-    try:
-        return np.asarray(images)
-    except (ValueError, TypeError) as exc:  # e.g. a ragged list of images
-        raise InvalidImageError(f"images must form one array [N, H, W(, C)] of one shape: {exc}") from None
-
-
-def _as_label(label: Any) -> int:
-    if isinstance(label, (bool, np.bool_)):
-        raise InvalidLabelError("a label must be an integer, not a bool")
-    try:
-        return operator.index(label)
-    except TypeError:
-        raise InvalidLabelError(f"a label must be an integer, got {type(label).__name__} {label!r}") from None
-
-
-def _checked_labels(labels: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
-    if not isinstance(labels, np.ndarray):
-        try:
-            labels = list(labels)
-        except TypeError:
-            raise InvalidLabelError(f"labels must be a 1-D sequence of integers, got {type(labels).__name__}") from None
-        if any(isinstance(x, (bool, np.bool_)) for x in labels):  # numpy would take True for 1
-            raise InvalidLabelError("labels must be integers, not bools")
-    try:
-        array = np.asarray(labels)
-    except (ValueError, OverflowError, TypeError) as exc:
-        raise InvalidLabelError(f"labels must be a 1-D sequence of integers: {exc}") from None
-    if array.dtype == object:  # e.g. Python ints beyond int64 or mixed types
-        array = np.asarray([_as_label(x) for x in array.ravel()], dtype=object)
-        if any(not 0 <= x <= _INT64_MAX for x in array):
-            raise InvalidLabelError("labels must be integers in 0 .. 2**63 - 1")
-        array = array.astype(np.int64)
-    if array.ndim != 1:
-        raise InvalidLabelError(f"labels must be 1-D, got shape {array.shape}")
-    if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
-        raise InvalidLabelError(f"labels must be integers, got dtype {array.dtype}")
-    if len(array) != count:
-        raise InvalidLabelError(f"got {count} images but {len(array)} labels")
-    if array.size and (array.min() < 0 or (array.dtype == np.uint64 and array.max() > _INT64_MAX)):
-        raise InvalidLabelError("labels must be integers in 0 .. 2**63 - 1 (negative labels are not stored)")
-    return np.ascontiguousarray(array, dtype=np.int64)
-
-
-def _as_contiguous_range(indices: IndexLike, count: int) -> tuple[int, int] | None:
-    """``(start, stop)`` when ``indices`` is a step-1 range or slice (the cheap path for scans)."""
-    if isinstance(indices, slice):
-        indices = range(*indices.indices(count))
-    if not isinstance(indices, range) or (indices.step != 1 and len(indices) > 1):
-        return None
-    if len(indices) == 0:
-        return (0, 0)
-    start, stop = indices[0], indices[-1] + 1
-    if start < 0 or stop > count:
-        raise StoreIndexError(f"indices {indices} are out of range for a store of {count} images")
-    return start, stop
-
-
-def _checked_indices(indices: IndexLike, count: int) -> np.ndarray:
-    if isinstance(indices, slice):
-        indices = range(*indices.indices(count))
-    if isinstance(indices, (bool, np.bool_)):
-        raise InvalidOptionError("indices must be integers, not a bool")
-    try:
-        array = np.asarray(indices)
-    except (ValueError, OverflowError) as exc:
-        raise InvalidOptionError(f"indices must be a 1-D sequence of integers: {exc}") from None
-    if array.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if array.dtype == object and array.ndim == 1:  # Python ints beyond 64 bits
-        if all(isinstance(i, int) and not isinstance(i, bool) for i in array):
-            bad = next(i for i in array if not -count <= i < count)
-            raise StoreIndexError(f"index {bad} is out of range for a store of {count} images")
-    if array.dtype.kind not in "iu":
-        raise InvalidOptionError(f"indices must be integers, got dtype {array.dtype}")
-    if array.ndim != 1:
-        raise InvalidOptionError(f"indices must be 1-D, got shape {array.shape}")
-    # Compare before converting: uint64 indices at or above 2**63 would wrap to negative in int64.
-    too_big = array >= count
-    too_small = array < -count if array.dtype.kind == "i" else np.zeros(array.shape, bool)
-    if too_big.any() or too_small.any():
-        bad = array[too_big | too_small][0]
-        raise StoreIndexError(f"index {bad} is out of range for a store of {count} images")
-    array = array.astype(np.int64)
-    return np.where(array < 0, array + count, array)

@@ -49,10 +49,11 @@ import h5py
 import numpy as np
 from h5py import h5f, h5i, h5p
 
+from imgstore.arguments import io_error
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
 from imgstore.options import Option
-from imgstore.store import Store, io_error
+from imgstore.store import Store
 
 _FILE = "images.h5"
 _BUILDING = ".rebuild"  # suffix of a file being made; the manifest owns "<own file>.<anything>"

@@ -19,10 +19,11 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from imgstore.arguments import io_error
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import back_with_blocks, release_reserve, reserve
 from imgstore.options import Option
-from imgstore.store import Store, io_error
+from imgstore.store import Store
 
 try:  # py-lmdb >= 3 identifies an open environment by its files (see _registry_keys)
     from lmdb._envid import env_keys as _lmdb_env_keys

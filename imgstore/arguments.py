@@ -1,0 +1,122 @@
+"""Checks of what callers hand a store (images, labels, indices), and imgstore's error for an OS error."""
+
+from __future__ import annotations
+
+import errno
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from imgstore.errors import (
+    InvalidImageError,
+    InvalidLabelError,
+    InvalidOptionError,
+    ReadOnlyError,
+    StoreFullError,
+    StoreIndexError,
+    StoreIOError,
+)
+
+IndexLike = int | Sequence[int] | np.ndarray | range | slice
+
+_INT64_MAX = np.iinfo(np.int64).max
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def io_error(exc: OSError, doing: str) -> StoreIOError | ReadOnlyError:
+    """imgstore's error for an OS error met while ``doing`` something to a store."""
+    if exc.errno in _DISK_FULL_ERRNOS:
+        return StoreFullError(f"{doing}: no space left (or a file size limit): {exc}")
+    if exc.errno in _READ_ONLY_ERRNOS:
+        return ReadOnlyError(f"{doing}: {exc}; open the store with mode='r' to read it")
+    return StoreIOError(f"{doing} failed: {exc}")
+
+
+def as_image_array(images: Any) -> np.ndarray:
+    try:
+        return np.asarray(images)
+    except (ValueError, TypeError) as exc:  # e.g. a ragged list of images
+        raise InvalidImageError(f"images must form one array [N, H, W(, C)] of one shape: {exc}") from None
+
+
+def as_label(label: Any) -> int:
+    if isinstance(label, (bool, np.bool_)):
+        raise InvalidLabelError("a label must be an integer, not a bool")
+    try:
+        return operator.index(label)
+    except TypeError:
+        raise InvalidLabelError(f"a label must be an integer, got {type(label).__name__} {label!r}") from None
+
+
+def checked_labels(labels: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
+    if not isinstance(labels, np.ndarray):
+        try:
+            labels = list(labels)
+        except TypeError:
+            raise InvalidLabelError(f"labels must be a 1-D sequence of integers, got {type(labels).__name__}") from None
+        if any(isinstance(x, (bool, np.bool_)) for x in labels):  # numpy would take True for 1
+            raise InvalidLabelError("labels must be integers, not bools")
+    try:
+        array = np.asarray(labels)
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise InvalidLabelError(f"labels must be a 1-D sequence of integers: {exc}") from None
+    if array.dtype == object:  # e.g. Python ints beyond int64 or mixed types
+        array = np.asarray([as_label(x) for x in array.ravel()], dtype=object)
+        if any(not 0 <= x <= _INT64_MAX for x in array):
+            raise InvalidLabelError("labels must be integers in 0 .. 2**63 - 1")
+        array = array.astype(np.int64)
+    if array.ndim != 1:
+        raise InvalidLabelError(f"labels must be 1-D, got shape {array.shape}")
+    if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+        raise InvalidLabelError(f"labels must be integers, got dtype {array.dtype}")
+    if len(array) != count:
+        raise InvalidLabelError(f"got {count} images but {len(array)} labels")
+    if array.size and (array.min() < 0 or (array.dtype == np.uint64 and array.max() > _INT64_MAX)):
+        raise InvalidLabelError("labels must be integers in 0 .. 2**63 - 1 (negative labels are not stored)")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def as_contiguous_range(indices: IndexLike, count: int) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``indices`` is a step-1 range or slice (the cheap path for scans)."""
+    if isinstance(indices, slice):
+        indices = range(*indices.indices(count))
+    if not isinstance(indices, range) or (indices.step != 1 and len(indices) > 1):
+        return None
+    if len(indices) == 0:
+        return (0, 0)
+    start, stop = indices[0], indices[-1] + 1
+    if start < 0 or stop > count:
+        raise StoreIndexError(f"indices {indices} are out of range for a store of {count} images")
+    return start, stop
+
+
+def checked_indices(indices: IndexLike, count: int) -> np.ndarray:
+    if isinstance(indices, slice):
+        indices = range(*indices.indices(count))
+    if isinstance(indices, (bool, np.bool_)):
+        raise InvalidOptionError("indices must be integers, not a bool")
+    try:
+        array = np.asarray(indices)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidOptionError(f"indices must be a 1-D sequence of integers: {exc}") from None
+    if array.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if array.dtype == object and array.ndim == 1:  # Python ints beyond 64 bits
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in array):
+            bad = next(i for i in array if not -count <= i < count)
+            raise StoreIndexError(f"index {bad} is out of range for a store of {count} images")
+    if array.dtype.kind not in "iu":
+        raise InvalidOptionError(f"indices must be integers, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise InvalidOptionError(f"indices must be 1-D, got shape {array.shape}")
+    # Compare before converting: uint64 indices at or above 2**63 would wrap to negative in int64.
+    too_big = array >= count
+    too_small = array < -count if array.dtype.kind == "i" else np.zeros(array.shape, bool)
+    if too_big.any() or too_small.any():
+        bad = array[too_big | too_small][0]
+        raise StoreIndexError(f"index {bad} is out of range for a store of {count} images")
+    array = array.astype(np.int64)
+    return np.where(array < 0, array + count, array)
