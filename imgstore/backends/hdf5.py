@@ -34,22 +34,29 @@ drops them at once, and its handles open the file anew, for reading.
 from __future__ import annotations
 
 import copy
-import errno
-import functools
-import itertools
 import os
-import re
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any
 
 import h5py
 import numpy as np
-from h5py import h5f, h5i, h5p
+from h5py import h5f
 
 from imgstore.arguments import io_error
+from imgstore.backends.hdf5_files import (
+    LABEL_CHUNK,
+    Layout,
+    ReadIndex,
+    discard,
+    open_for_reading,
+    open_h5,
+    opened,
+    raise_with_errno,
+    skeleton,
+    with_errno,
+    write_all,
+)
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
 from imgstore.options import Option
@@ -57,15 +64,7 @@ from imgstore.store import Store
 
 _FILE = "images.h5"
 _BUILDING = ".rebuild"  # suffix of a file being made; the manifest owns "<own file>.<anything>"
-_LABEL_CHUNK = 1 << 14
 _COPY_BYTES = 16 << 20  # records copied per step when a file is rebuilt
-_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
-
-
-class _Layout(NamedTuple):
-    shape: tuple[int, ...]  # of one image
-    image_rows: int  # images per chunk
-    label_rows: int  # labels per chunk
 
 
 class Hdf5Store(Store):
@@ -81,20 +80,20 @@ class Hdf5Store(Store):
         self._fd = -1  # the raw descriptor reads go through; -1 while closed
         self._images: Any = None
         self._labels: Any = None
-        self._index: _ReadIndex | None = None
+        self._index: ReadIndex | None = None
         self._file_shape: tuple[int, ...] | None = None  # image shape of the file's datasets (None: none yet)
         if create:
             layout = self._layout(self.shape) if self.shape is not None else None
             self._install(self._build(layout, None, durable=self.sync), durable=self.sync)
-            self._attach(*_open_h5(path, h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE))
+            self._attach(*open_h5(path, h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE))
         elif self.writable:
             self._attach(*self._open_for_writing(path))
         else:
-            self._attach(*_open_for_reading(path))
+            self._attach(*open_for_reading(path))
 
-    def _layout(self, shape: tuple[int, ...]) -> _Layout:
+    def _layout(self, shape: tuple[int, ...]) -> Layout:
         nbytes = int(np.prod(shape, dtype=np.int64))
-        return _Layout(tuple(shape), max(1, self.options["chunk_bytes"] // nbytes), _LABEL_CHUNK)
+        return Layout(tuple(shape), max(1, self.options["chunk_bytes"] // nbytes), LABEL_CHUNK)
 
     def _attach(self, file: h5py.File, fd: int) -> None:
         """Use an open file: check its datasets against the manifest."""
@@ -120,17 +119,17 @@ class Hdf5Store(Store):
             self._images, self._labels, self._file_shape = images, labels, shape
         else:
             self._images = self._labels = self._file_shape = None
-        _opened.add(file.id)
+        opened.add(file.id)
 
     def _ensure_open(self) -> None:
         if self._file is None:  # let go after an error, or by _install
             path = self.file(_FILE)
-            self._attach(*(self._open_for_writing(path) if self.writable else _open_for_reading(path)))
+            self._attach(*(self._open_for_writing(path) if self.writable else open_for_reading(path)))
 
     def _open_for_writing(self, path: Path) -> tuple[h5py.File, int]:
-        _discard(path.with_name(path.name + _BUILDING))  # a file a killed writer was making
+        discard(path.with_name(path.name + _BUILDING))  # a file a killed writer was making
         try:
-            return _open_h5(path, h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE)
+            return open_h5(path, h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE)
         except OSError as exc:
             reason = str(exc)
         if "already open for read-only" in reason or "access flag not the same" in reason:
@@ -149,15 +148,15 @@ class Hdf5Store(Store):
         except OSError as exc:
             if isinstance(exc, ImgStoreError):
                 raise
-            raise io_error(_with_errno(exc), f"recovering {path} after its writer died") from exc
-        return _open_h5(path, h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE)
+            raise io_error(with_errno(exc), f"recovering {path} after its writer died") from exc
+        return open_h5(path, h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE)
 
     def _rebuild(self, path: Path) -> Path:
         """A new file holding the committed records of the file at ``path``; returns its temporary name."""
         count = len(self)
         if count == 0:  # nothing committed: a fresh file (with datasets if the store has a shape)
             return self._build(self._layout(self.shape) if self.shape is not None else None, None, durable=True)
-        old, fd = _open_for_reading(path)
+        old, fd = open_for_reading(path)
         os.close(fd)
         with old:
             source_images, source_labels = old.get("images"), old.get("labels")
@@ -171,7 +170,7 @@ class Hdf5Store(Store):
                 or source_labels.shape[0] < count
             ):
                 raise CorruptStoreError(f"{path} holds fewer images than its manifest commits")
-            layout = _Layout(self.image_shape, source_images.chunks[0], source_labels.chunks[0])
+            layout = Layout(self.image_shape, source_images.chunks[0], source_labels.chunks[0])
             image_nbytes = int(np.prod(self.image_shape, dtype=np.int64))
 
             def copy_records(images: h5py.Dataset, labels: h5py.Dataset, tmp: Path) -> None:
@@ -192,7 +191,7 @@ class Hdf5Store(Store):
 
     def _build(
         self,
-        layout: _Layout | None,
+        layout: Layout | None,
         fill: Callable[[h5py.Dataset, h5py.Dataset, Path], None] | None,
         *,
         durable: bool,
@@ -206,11 +205,11 @@ class Hdf5Store(Store):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
             try:
-                _write_all(fd, _skeleton(layout))  # by Python: a full disk is a clean ENOSPC
+                write_all(fd, skeleton(layout))  # by Python: a full disk is a clean ENOSPC
             finally:
                 os.close(fd)
             if fill is not None:
-                file, fd = _open_h5(tmp, h5f.ACC_RDWR)
+                file, fd = open_h5(tmp, h5f.ACC_RDWR)
                 os.close(fd)
                 with file:
                     fill(file["images"], file["labels"], tmp)  # writes into blocks it reserved first
@@ -222,10 +221,10 @@ class Hdf5Store(Store):
                 finally:
                     os.close(fd)
         except OSError as exc:
-            _discard(tmp)
-            _raise_with_errno(exc)
+            discard(tmp)
+            raise_with_errno(exc)
         except BaseException:
-            _discard(tmp)
+            discard(tmp)
             raise
         return tmp
 
@@ -238,7 +237,7 @@ class Hdf5Store(Store):
         try:
             os.replace(tmp, self.file(_FILE))
         except BaseException:
-            _discard(tmp)
+            discard(tmp)
             raise
         try:
             if durable:
@@ -273,11 +272,11 @@ class Hdf5Store(Store):
             self._index = None
             return
         self._release()
-        self._attach(*_open_for_reading(self.file(_FILE)))
+        self._attach(*open_for_reading(self.file(_FILE)))
 
     def _reopen_after_fork(self) -> None:
         # The HDF5 files of the parent were let go when this process was forked (see
-        # _drop_inherited_files); this process does not hold the writer lock, so it opens for reading.
+        # drop_inherited_files); this process does not hold the writer lock, so it opens for reading.
         fd = self._fd
         self._file = self._images = self._labels = self._index = None
         self._fd = -1
@@ -308,7 +307,7 @@ class Hdf5Store(Store):
                 os.fsync(self._fd)  # H5Fflush hands the data to the OS; fsync makes it durable
             self._index = None
         except OSError as exc:
-            _raise_with_errno(exc)
+            raise_with_errno(exc)
 
     def _write_new_file(self, images: np.ndarray, labels: np.ndarray) -> None:
         def put(image_set: h5py.Dataset, label_set: h5py.Dataset, tmp: Path) -> None:
@@ -319,16 +318,16 @@ class Hdf5Store(Store):
             label_set.write_direct(labels)
 
         self._install(self._build(self._layout(tuple(images.shape[1:])), put, durable=self.sync), durable=self.sync)
-        self._attach(*_open_h5(self.file(_FILE), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE))
+        self._attach(*open_h5(self.file(_FILE), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE))
 
     # -------------------------------------------------------------- reading
 
-    def _read_index(self) -> _ReadIndex:
+    def _read_index(self) -> ReadIndex:
         """Chunk offsets and labels of the committed records, built once per handle and per write."""
         if self._index is None:
             self._ensure_open()
             self._check_extent(len(self))
-            self._index = _ReadIndex.build(self._images, self._labels, len(self))
+            self._index = ReadIndex.build(self._images, self._labels, len(self))
         return self._index
 
     def _pread_into(self, buffer: np.ndarray, offset: int) -> None:
@@ -374,196 +373,3 @@ class Hdf5Store(Store):
 
 
 # ---------------------------------------------------------------------- opening files
-
-
-def _fapl() -> h5p.PropFAID:
-    fapl = h5p.create(h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5f.LIBVER_LATEST, h5f.LIBVER_LATEST)
-    fapl.set_file_locking(False, False)  # as h5py.File(..., locking=False): the store's lock admits one writer
-    return fapl
-
-
-def _open_h5(path: Path, flags: int) -> tuple[h5py.File, int]:
-    """The file opened with HDF5's ``flags``, and a descriptor of the same file for ``preadv``."""
-    fid = h5f.open(os.fsencode(path), flags, _fapl())
-    try:
-        fd = os.dup(fid.get_vfd_handle())  # the very file HDF5 opened, even if ``path`` is replaced meanwhile
-    except BaseException:
-        fid.close()
-        raise
-    return h5py.File(fid), fd
-
-
-def _open_for_reading(path: Path) -> tuple[h5py.File, int]:
-    """Plain read when no writer has the file; SWMR read when one has (or one died with it open).
-
-    SWMR reading is what lets a reader follow a live writer, but it retries every metadata read
-    whose checksum fails (torn reads are expected under a live writer), so a damaged file can take
-    minutes to fail; a plain read fails at once.
-    """
-    try:
-        return _open_h5(path, h5f.ACC_RDONLY)
-    except OSError as exc:
-        if "already open for write" not in str(exc):
-            raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
-    try:
-        return _open_h5(path, h5f.ACC_RDONLY | h5f.ACC_SWMR_READ)
-    except OSError as exc:
-        if "not already open for SWMR writing" not in str(exc):
-            raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
-    # A plain "open for write" mark, which both kinds of HDF5 readers refuse: a writer that had the
-    # file open without SWMR died (imgstore before this design). h5py's Python file-object driver
-    # does not check marks, and no writer can be changing the file (it would be in SWMR mode).
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - h5py keeps it, and closes it with the file
-    except OSError as exc:
-        raise CorruptStoreError(f"{path} cannot be opened: {exc}") from exc
-    try:
-        fd = os.dup(raw.fileno())
-        try:
-            return h5py.File(raw, "r"), fd
-        except BaseException:
-            os.close(fd)
-            raise
-    except OSError as exc:
-        raw.close()
-        raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
-    except BaseException:
-        raw.close()
-        raise
-
-
-_skeleton_names = itertools.count()
-
-
-@functools.lru_cache(maxsize=16)
-def _skeleton(layout: _Layout | None) -> bytes:
-    """The bytes of an HDF5 file with empty, resizable datasets of ``layout`` (none for None), made in memory."""
-    name = f"imgstore-skeleton-{os.getpid()}-{next(_skeleton_names)}.h5"
-    with h5py.File(name, "w", driver="core", backing_store=False, libver="latest") as f:
-        if layout is not None:
-            f.create_dataset(
-                "images",
-                shape=(0, *layout.shape),
-                maxshape=(None, *layout.shape),
-                chunks=(layout.image_rows, *layout.shape),
-                dtype=np.uint8,
-            )
-            f.create_dataset("labels", shape=(0,), maxshape=(None,), chunks=(layout.label_rows,), dtype=np.int64)
-        f.flush()
-        image: bytes = f.id.get_file_image()
-        return image
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _discard(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def _raise_with_errno(exc: OSError) -> NoReturn:
-    fixed = _with_errno(exc)
-    if fixed is exc:
-        raise exc
-    raise fixed from exc
-
-
-def _with_errno(exc: OSError) -> OSError:
-    """h5py's OSError for a failed write may lack the errno its message names: restore it (ENOSPC: StoreFullError)."""
-    if exc.errno is not None or isinstance(exc, ImgStoreError):
-        return exc
-    message = str(exc)
-    found = _ERRNO_IN_MESSAGE.search(message)
-    if found:
-        return OSError(int(found.group(1)), message)
-    if "No space left on device" in message:
-        return OSError(errno.ENOSPC, message)
-    if "File too large" in message:
-        return OSError(errno.EFBIG, message)
-    return exc
-
-
-# ---------------------------------------------------------------------- fork
-
-_opened: weakref.WeakSet[h5f.FileID] = weakref.WeakSet()  # files imgstore has open in this process
-
-
-def _drop_inherited_files() -> None:
-    """In a forked child: let go of the HDF5 files imgstore had open in the parent, writing nothing.
-
-    HDF5 shares one open file among all opens of it in a process, so a child opening the store's
-    file would get the parent's (with a writer's write access and the parent's state at the fork),
-    and closing that, or merely letting its last reference go, writes the superblock (and may
-    truncate the file) in the parent's file. The descriptors of those files are pointed at
-    ``/dev/null`` first, so whatever HDF5 tries to write fails, then every object of them is closed.
-    """
-    files = [fid for fid in list(_opened) if fid.valid]
-    _opened.clear()
-    if not files:
-        return
-    for fid in files:
-        try:
-            fd = fid.get_vfd_handle()
-        except Exception:  # noqa: BLE001 - a driver without a descriptor (Python file object): reads only
-            continue
-        null = os.open(os.devnull, os.O_RDONLY)
-        try:
-            os.dup2(null, fd)
-        finally:
-            os.close(null)
-    kinds = (h5f.OBJ_DATASET | h5f.OBJ_GROUP | h5f.OBJ_DATATYPE | h5f.OBJ_ATTR, h5f.OBJ_FILE)
-    for fid in files:
-        for kind in kinds:
-            try:
-                objects = h5f.get_obj_ids(fid, kind) if fid.valid else []
-            except Exception:  # noqa: BLE001
-                continue
-            for obj in objects:
-                for _ in range(1 << 16):  # each reference, until HDF5 lets go of the object
-                    if not obj.valid:
-                        break
-                    try:
-                        h5i.dec_ref(obj)
-                    except Exception:  # noqa: BLE001 - the writes it tried failed, as intended
-                        break
-    h5py._objects.nonlocal_close()  # h5py objects of the closed identifiers must not close reused ones
-
-
-os.register_at_fork(after_in_child=_drop_inherited_files)
-
-
-# ---------------------------------------------------------------------- the read index
-
-
-@dataclass(frozen=True)
-class _ReadIndex:
-    rows: int  # images per chunk
-    image_nbytes: int
-    offsets: np.ndarray | None  # file offset of each image chunk; None when chunks are filtered
-    labels: np.ndarray
-
-    @classmethod
-    def build(cls, images: h5py.Dataset, labels: h5py.Dataset, count: int) -> _ReadIndex:
-        rows = images.chunks[0]
-        image_nbytes = int(np.prod(images.shape[1:]))
-        if images.id.get_create_plist().get_nfilters():
-            return cls(rows, image_nbytes, None, labels[:count])
-        needed = -(-count // rows)
-        offsets = np.full(needed, -1, dtype=np.int64)
-
-        def note(info: h5py.h5d.StoreInfo) -> None:
-            chunk = info.chunk_offset[0] // rows
-            if chunk < needed and info.size == rows * image_nbytes:
-                offsets[chunk] = info.byte_offset
-
-        images.id.chunk_iter(note)
-        if needed and offsets.min() < 0:
-            raise CorruptStoreError(f"{images.file.filename}: image chunks are missing or of the wrong size")
-        return cls(rows, image_nbytes, offsets, labels[:count])
