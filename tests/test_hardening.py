@@ -12,8 +12,6 @@ the loaders' memory bombs in ``test_datasets.py``.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 
 import imgstore
 from imgstore.manifest import MANIFEST_NAME, read_manifest
-from imgstore.testing import check_store_content, random_images
+from imgstore.testing import check_store_content, random_images, read_only_view
 
 BACKENDS = imgstore.available_backends()
 
@@ -310,20 +308,10 @@ def test_a_dangling_symlink_as_the_path(tmp_path: Path) -> None:
 
 @pytest.fixture
 def read_only_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    source, mounted = tmp_path / "src", tmp_path / "ro"
+    source = tmp_path / "src"
     source.mkdir()
-    mounted.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root")
-    try:
-        subprocess.run(["mount", "--bind", str(source), str(mounted)], check=True, capture_output=True)
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot make a read-only mount here: {exc}")
-    try:
+    with read_only_view(source, tmp_path / "ro") as mounted:
         yield source, mounted
-    finally:
-        subprocess.run(["umount", str(mounted)], check=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

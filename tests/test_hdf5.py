@@ -28,7 +28,7 @@ import pytest
 
 import imgstore
 from imgstore.manifest import Manifest, read_manifest
-from imgstore.testing import check_store_content
+from imgstore.testing import check_store_content, small_tmpfs
 
 SHAPE = (16, 16, 3)
 COMMITTED = 1000  # records of the store that the "open for appending" kill loop reopens
@@ -390,18 +390,9 @@ def test_forked_child_never_writes_to_the_parents_file(tmp_path: Path, mode: str
 
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MiB tmpfs (as in test_faults.py)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    """A real 4 MiB tmpfs."""
+    with small_tmpfs(tmp_path / "small", "4m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def fill(filesystem: Path, leave_bytes: int) -> Path:

@@ -7,7 +7,6 @@ signal in the message rather than the end of the test run.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 import imgstore
+from imgstore.testing import small_tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -241,17 +241,8 @@ def test_dataloader_started_while_a_thread_reads(tmp_path: Path) -> None:
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB tmpfs: LMDB's own writes, and its writes through mappings, meet a full disk."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 _FILL = """

@@ -49,6 +49,8 @@ from imgstore.testing.checks import (  # noqa: E402
     child_env,
     import_backend_module,
     random_images,
+    read_only_view,
+    small_tmpfs,
 )
 from imgstore.testing.conformance import StoreConformance  # noqa: E402
 
@@ -81,6 +83,8 @@ __all__ = [
     "child_env",
     "import_backend_module",
     "random_images",
+    "read_only_view",
+    "small_tmpfs",
 ]
 
 

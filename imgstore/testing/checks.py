@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,6 +15,43 @@ import numpy as np
 import pytest
 
 from imgstore import Store, open_store
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size: str = "4m") -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``mount_point`` (made here), unmounted after: a disk that fills up.
+
+    Skips the test where it cannot be mounted (mounting needs root).
+    """
+    mount_point.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if result.returncode:
+        pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, mounted: Path) -> Iterator[Path]:
+    """``source`` seen read-only at ``mounted`` (a read-only bind mount), unmounted after; skips without root."""
+    mounted.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    try:
+        subprocess.run(["mount", "--bind", str(source), str(mounted)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make a read-only mount here: {exc}")
+    try:
+        yield mounted
+    finally:
+        subprocess.run(["umount", str(mounted)], check=False)
 
 
 def random_images(n: int, shape: tuple[int, ...] = (32, 32, 3), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

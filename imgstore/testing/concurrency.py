@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -16,7 +15,13 @@ import numpy as np
 import pytest
 
 import imgstore
-from imgstore.testing.checks import BackendTest, check_store_content, import_backend_module, random_images
+from imgstore.testing.checks import (
+    BackendTest,
+    check_store_content,
+    import_backend_module,
+    random_images,
+    read_only_view,
+)
 
 TOTAL = 3000
 
@@ -111,21 +116,13 @@ class ConcurrentAccess(BackendTest):
     @pytest.fixture
     def read_only_dir(self, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         """(a writable directory, the same directory mounted read-only) — as root, a read-only bind mount."""
-        source, mounted = tmp_path / "src", tmp_path / "ro"
+        source = tmp_path / "src"
         source.mkdir()
-        mounted.mkdir()
         if os.geteuid() != 0:
             yield source, source  # the test makes the store read-only with chmod instead
             return
-        try:
-            subprocess.run(["mount", "--bind", str(source), str(mounted)], check=True, capture_output=True)
-            subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            pytest.skip(f"cannot make a read-only mount here: {exc}")
-        try:
+        with read_only_view(source, tmp_path / "ro") as mounted:
             yield source, mounted
-        finally:
-            subprocess.run(["umount", str(mounted)], check=False)
 
     def test_store_on_read_only_media_opens_for_reading(self, read_only_dir: tuple[Path, Path]) -> None:
         source, mounted = read_only_dir

@@ -26,7 +26,7 @@ import pytest
 
 import imgstore
 from imgstore.manifest import read_manifest
-from imgstore.testing.checks import BackendTest, check_store_content, child_env, random_images
+from imgstore.testing.checks import BackendTest, check_store_content, child_env, random_images, small_tmpfs
 
 OLD, NEW = 20, 30
 
@@ -162,19 +162,8 @@ class FaultTolerance(BackendTest):
     @pytest.fixture
     def small_filesystem(self, tmp_path: Path) -> Iterator[Path]:
         """A real 4 MiB tmpfs, so the backend's own C-level writes meet a full disk."""
-        mount_point = tmp_path / "small"
-        mount_point.mkdir()
-        if os.geteuid() != 0:
-            pytest.skip("mounting a small tmpfs needs root; the RLIMIT_FSIZE test covers C-level writes")
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True
-        )
-        if result.returncode:
-            pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()}")
-        try:
+        with small_tmpfs(tmp_path / "small", "4m") as mount_point:
             yield mount_point
-        finally:
-            subprocess.run(["umount", str(mount_point)], check=False)
 
     def test_full_disk_is_a_clean_store_full_error(self, small_filesystem: Path) -> None:
         images, labels = random_images(200)
