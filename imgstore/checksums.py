@@ -111,10 +111,12 @@ class Checksums:
 
     def check_one(self, index: int, image: np.ndarray, label: int, where: object) -> None:
         """:meth:`check_records` for one record, at a fraction of its cost (the path of every ``get``)."""
+        # The array itself is the buffer (its .data would make a memoryview each time), and .item()
+        # compares as a Python int: each saves ~0.1 µs of a ~3 µs get.
         if self.width == 8:
-            ok = _xxh3(image.data, label) == self.records[index]
+            ok = _xxh3(image, label) == self.records.item(index)  # type: ignore[arg-type]
         else:
-            ok = zlib.crc32(label.to_bytes(8, "little"), zlib.crc32(image.data)) == self.records[index]
+            ok = zlib.crc32(label.to_bytes(8, "little"), zlib.crc32(image)) == self.records.item(index)  # type: ignore[arg-type]
         if not ok:
             self.check_records(np.array([index]), image[np.newaxis], np.array([label], dtype=np.int64), where)
 
