@@ -1,7 +1,10 @@
 """Stores written by earlier versions keep working: pinned stores under ``tests/data`` are read back bit-exact.
 
-``format1/`` holds one small store per backend written by imgstore's format version 1 (commit
-c5d7c9c: CRC-32 record checksums, files without generation names), and ``expected.npz`` the records.
+``format<N>/`` holds one small store per backend written in store format version N, and
+``expected.npz`` its records: ``format1/`` by commit c5d7c9c (CRC-32 record checksums, files
+without generation names), ``format2/`` by the commit that introduced it (XXH3 record and group
+checksums, generation-named files; 48x48x3 images, so a group checksum is exercised). Every later
+version must read them bit-exact, verify them, and append to them.
 """
 
 from __future__ import annotations
@@ -21,10 +24,25 @@ DATA = Path(__file__).parent / "data"
 BACKENDS = ("png", "lmdb", "hdf5")
 
 
+VERSIONS = (1, 2)
+
+
+@pytest.fixture(params=VERSIONS)
+def version(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
 @pytest.fixture
-def expected() -> tuple[np.ndarray, np.ndarray]:
-    with np.load(DATA / "format1" / "expected.npz") as saved:
+def expected(version: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(DATA / f"format{version}" / "expected.npz") as saved:
         return saved["images"], saved["labels"]
+
+
+@pytest.fixture(params=BACKENDS)
+def pinned_store(request: pytest.FixtureRequest, tmp_path: Path, version: int) -> Path:
+    path = tmp_path / request.param
+    shutil.copytree(DATA / f"format{version}" / request.param, path)
+    return path
 
 
 @pytest.fixture(params=BACKENDS)
@@ -34,9 +52,17 @@ def format1_store(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     return path
 
 
-def test_format1_stores_read_back_bit_exact(format1_store: Path, expected: tuple[np.ndarray, np.ndarray]) -> None:
-    with imgstore.open_store(format1_store) as store:
-        assert json.loads((format1_store / MANIFEST_NAME).read_text())["format_version"] == 1
+def test_the_current_format_is_pinned() -> None:
+    from imgstore.manifest import FORMAT_VERSION
+
+    assert FORMAT_VERSION in VERSIONS, "a new format version needs its pinned stores under tests/data"
+
+
+def test_pinned_stores_read_back_bit_exact(
+    pinned_store: Path, version: int, expected: tuple[np.ndarray, np.ndarray]
+) -> None:
+    with imgstore.open_store(pinned_store) as store:
+        assert json.loads((pinned_store / MANIFEST_NAME).read_text())["format_version"] == version
         check_store_content(store, *expected)
         store.verify()
         order = np.random.default_rng(3).permutation(len(store))
@@ -58,15 +84,15 @@ def test_format1_reads_are_verified(format1_store: Path) -> None:
         store.get(7)  # unchecked: the pixels themselves are intact
 
 
-def test_format1_stores_take_appends_and_stay_format1(
-    format1_store: Path, expected: tuple[np.ndarray, np.ndarray]
+def test_pinned_stores_take_appends_and_keep_their_format(
+    pinned_store: Path, version: int, expected: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    more, more_labels = random_images(30, (8, 8, 3), seed=8)
-    with imgstore.open_store(format1_store, mode="a") as store:
+    more, more_labels = random_images(30, expected[0].shape[1:], seed=8)
+    with imgstore.open_store(pinned_store, mode="a") as store:
         store.put_many(more, more_labels)
         store.put(more[0], 5)
-    assert json.loads((format1_store / MANIFEST_NAME).read_text())["format_version"] == 1
-    with imgstore.open_store(format1_store) as store:
+    assert json.loads((pinned_store / MANIFEST_NAME).read_text())["format_version"] == version
+    with imgstore.open_store(pinned_store) as store:
         check_store_content(
             store,
             np.concatenate([expected[0], more, more[:1]]),
