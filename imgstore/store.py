@@ -48,7 +48,6 @@ from imgstore.options import Option
 
 Mode = Literal["r", "w", "a"]
 
-_VERIFY_PIECE_BYTES = 1 << 18  # scans are read and checked in pieces that stay in the CPU cache
 
 
 class Store(abc.ABC):
@@ -67,6 +66,10 @@ class Store(abc.ABC):
     option_specs: ClassVar[Mapping[str, Option]] = {}
     #: Named sets of those options whose trade-off a user should see (the benchmarks measure each).
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: A verified scan reads this many bytes, then checks them while they are still in the CPU cache;
+    #: None reads the whole range at once (where reading is dear per image, e.g. decoding, pieces
+    #: gain nothing and would break up the backend's own parallel batches).
+    scan_piece_bytes: ClassVar[int | None] = 1 << 18
     #: The entries the backend keeps in the store directory (named per generation: see :meth:`file`).
     files: ClassVar[tuple[str, ...]] = ()
 
@@ -345,9 +348,9 @@ class Store(abc.ABC):
         if stop <= start:
             return
         step = stop - start
-        if self.verify_reads:
+        if self.verify_reads and self.scan_piece_bytes is not None:
             group = self._checksums.group
-            step = max(group, _VERIFY_PIECE_BYTES // max(1, images[0].nbytes) // group * group)
+            step = max(group, self.scan_piece_bytes // max(1, images[0].nbytes) // group * group)
         try:
             lo = start
             while lo < stop:  # pieces aligned to whole groups
