@@ -82,7 +82,7 @@ def checked_labels(labels: Sequence[int] | np.ndarray, count: int) -> np.ndarray
 def as_contiguous_range(indices: IndexLike, count: int) -> tuple[int, int] | None:
     """``(start, stop)`` when ``indices`` is a step-1 range or slice (the cheap path for scans)."""
     if isinstance(indices, slice):
-        indices = range(*indices.indices(count))
+        indices = _slice_range(indices, count)
     if not isinstance(indices, range) or (indices.step != 1 and len(indices) > 1):
         return None
     if len(indices) == 0:
@@ -95,7 +95,7 @@ def as_contiguous_range(indices: IndexLike, count: int) -> tuple[int, int] | Non
 
 def checked_indices(indices: IndexLike, count: int) -> np.ndarray:
     if isinstance(indices, slice):
-        indices = range(*indices.indices(count))
+        indices = _slice_range(indices, count)
     if isinstance(indices, (bool, np.bool_)):
         raise InvalidOptionError("indices must be integers, not a bool")
     try:
@@ -104,10 +104,15 @@ def checked_indices(indices: IndexLike, count: int) -> np.ndarray:
         raise InvalidOptionError(f"indices must be a 1-D sequence of integers: {exc}") from None
     if array.size == 0:
         return np.empty(0, dtype=np.int64)
-    if array.dtype == object and array.ndim == 1:  # Python ints beyond 64 bits
-        if all(isinstance(i, int) and not isinstance(i, bool) for i in array):
-            bad = next(i for i in array if not -count <= i < count)
-            raise StoreIndexError(f"index {bad} is out of range for a store of {count} images")
+    if array.dtype == object and array.ndim == 1:  # e.g. Python ints beyond 64 bits
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in array):
+            raise InvalidOptionError("indices must be integers")
+        bad = [i for i in array if not -count <= i < count]
+        if bad:
+            raise StoreIndexError(f"index {bad[0]} is out of range for a store of {count} images")
+        array = array.astype(np.int64)
+    elif isinstance(indices, (list, tuple)) and any(isinstance(i, (bool, np.bool_)) for i in indices):
+        raise InvalidOptionError("indices must be integers, not bools")
     if array.dtype.kind not in "iu":
         raise InvalidOptionError(f"indices must be integers, got dtype {array.dtype}")
     if array.ndim != 1:
@@ -120,3 +125,10 @@ def checked_indices(indices: IndexLike, count: int) -> np.ndarray:
         raise StoreIndexError(f"index {bad} is out of range for a store of {count} images")
     array = array.astype(np.int64)
     return np.where(array < 0, array + count, array)
+
+
+def _slice_range(indices: slice, count: int) -> range:
+    try:
+        return range(*indices.indices(count))
+    except (ValueError, TypeError) as exc:  # a step of 0, non-integer bounds
+        raise InvalidOptionError(f"bad slice {indices}: {exc}") from None

@@ -118,7 +118,7 @@ class Checksums:
         if self.width == 8:
             ok = _xxh3(image, label) == self.records.item(index)  # type: ignore[arg-type]
         else:
-            ok = zlib.crc32(label.to_bytes(8, "little"), zlib.crc32(image)) == self.records.item(index)  # type: ignore[arg-type]
+            ok = zlib.crc32(label.to_bytes(8, "little", signed=True), zlib.crc32(image)) == self.records.item(index)  # type: ignore[arg-type]
         if not ok:
             self.check_records(np.array([index]), image[np.newaxis], np.array([label], dtype=np.int64), where)
 

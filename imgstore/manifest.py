@@ -34,11 +34,13 @@ MANIFEST_NAME = "imgstore.json"
 WRITER_LOCK_NAME = "writer.lock"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+# What a backend may add to one of its own names for a file it is still making (HDF5: ".rebuild").
+TEMPORARY_SUFFIXES = (".rebuild", ".tmp")
 _V2_FIELDS = ("generation", "files", "checksum", "group", "creating")
 _MAX_MANIFEST_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 1 << 31  # 2 GiB: a tampered shape may not make a read allocate terabytes
 _MAX_COUNT = 1 << 48
-_MAX_DIMS = 8
+MAX_DIMS = 8
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
@@ -74,7 +76,7 @@ class Manifest:
         return (
             name in (MANIFEST_NAME, WRITER_LOCK_NAME)
             or (name.startswith(f".{MANIFEST_NAME}.") and name.endswith(".tmp"))
-            or any(name == own or name.startswith(f"{own}.") for own in self.files)
+            or any(name == own or name in (f"{own}{suffix}" for suffix in TEMPORARY_SUFFIXES) for own in self.files)
         )
 
     @property
@@ -191,7 +193,7 @@ def _check_values(path: Path, manifest: Manifest) -> None:
         problems.append(f"count {manifest.count}")
     if manifest.dtype != "uint8":
         problems.append(f"dtype {manifest.dtype!r}")
-    if shape is not None and (not 1 <= len(shape) <= _MAX_DIMS or min(shape) < 1 or max(shape) > MAX_IMAGE_BYTES):
+    if shape is not None and (not 1 <= len(shape) <= MAX_DIMS or min(shape) < 1 or max(shape) > MAX_IMAGE_BYTES):
         problems.append(f"shape {shape}")
     elif shape is not None and manifest.image_nbytes > MAX_IMAGE_BYTES:
         problems.append(f"shape {shape} ({manifest.image_nbytes} bytes an image; at most {MAX_IMAGE_BYTES})")
@@ -215,7 +217,9 @@ def write_manifest(store_path: Path, manifest: Manifest, *, sync: bool) -> None:
     path = manifest_path(store_path)
     tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        # O_NOFOLLOW: a link planted under the temporary name must not make a commit write elsewhere.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(manifest.to_json())
             if sync:
                 f.flush()

@@ -37,6 +37,7 @@ from imgstore.errors import (
 from imgstore.locking import WriterLock, lock_for_writing
 from imgstore.manifest import (
     MANIFEST_NAME,
+    MAX_DIMS,
     MAX_IMAGE_BYTES,
     WRITER_LOCK_NAME,
     Manifest,
@@ -80,7 +81,7 @@ def open_store(
     for name, flag in (("sync", sync), ("verify_reads", verify_reads)):
         if not isinstance(flag, bool):
             raise InvalidOptionError(f"{name} must be True or False, got {flag!r}")
-    store_path = Path(path)
+    store_path = _as_path(path)
     if mode == "r":
         return _open_existing(store_path, read_manifest(store_path), backend, mode, sync, verify_reads, options)
 
@@ -119,8 +120,8 @@ def _checked_shape(cls: type[Store], shape: Sequence[int] | None) -> tuple[int, 
         image_shape = tuple(operator.index(s) for s in shape)
     except TypeError:
         raise InvalidImageError(f"shape must be a sequence of integers, got {shape!r}") from None
-    if not image_shape or min(image_shape) < 1 or any(isinstance(s, bool) for s in shape):
-        raise InvalidImageError(f"shape must be positive dimensions, got {shape}")
+    if not 1 <= len(image_shape) <= MAX_DIMS or min(image_shape) < 1 or any(isinstance(s, bool) for s in shape):
+        raise InvalidImageError(f"shape must be 1 to {MAX_DIMS} positive dimensions, got {shape}")
     nbytes = 1
     for s in image_shape:
         nbytes *= s
@@ -234,7 +235,26 @@ def _nbytes(shape: tuple[int, ...]) -> int:
     return nbytes
 
 
+def _as_path(path: Any) -> Path:
+    try:
+        store_path = Path(os.fsdecode(path) if isinstance(path, bytes) else path)
+    except TypeError:
+        raise InvalidOptionError(f"a store path is a str or os.PathLike, got {type(path).__name__}") from None
+    if "\0" in str(store_path):
+        raise InvalidOptionError(f"a store path cannot hold a NUL character: {str(store_path)!r}")
+    return store_path
+
+
 def _make_directory(path: Path) -> None:
+    try:
+        _make_directory_at(path)
+    except OSError as exc:
+        if isinstance(exc, ImgStoreError):
+            raise
+        raise io_error(exc, f"opening {path}") from exc
+
+
+def _make_directory_at(path: Path) -> None:
     if path.is_symlink() and not path.exists():
         raise StoreExistsError(f"{path} is a symbolic link to nothing; not creating a store through it")
     if path.exists() and not path.is_dir():

@@ -9,9 +9,12 @@ mapping made before the fork; the parent works on the first slice itself.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
@@ -40,7 +43,23 @@ def shared_like(array: np.ndarray) -> np.ndarray:
     return shared
 
 
-def _child(task: Callable[[int, int], None], lo: int, hi: int, conn: Connection) -> None:
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when its parent ends, however it ends (SIGKILL too).
+
+    A worker that outlived a killed writer would go on writing files of a write that never
+    committed, under the next writer of the store (which takes the lock the moment the parent dies).
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _child(task: Callable[[int, int], None], lo: int, hi: int, conn: Connection, parent: int) -> None:
+    _die_with(parent)
     try:
         task(lo, hi)
         conn.send(None)
@@ -60,7 +79,7 @@ def run_split(task: Callable[[int, int], None], n: int, workers: int) -> None:
     children = []
     for lo, hi in ranges[1:]:
         receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=_child, args=(task, lo, hi, send), daemon=True)
+        child = context.Process(target=_child, args=(task, lo, hi, send, os.getpid()), daemon=True)
         child.start()
         send.close()
         children.append((child, receive))

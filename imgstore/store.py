@@ -43,7 +43,7 @@ from imgstore.errors import (
 )
 from imgstore.fileio import disk_usage
 from imgstore.locking import WriterLock
-from imgstore.manifest import MAX_IMAGE_BYTES, Manifest, generation_name, read_manifest, write_manifest
+from imgstore.manifest import MAX_DIMS, MAX_IMAGE_BYTES, Manifest, generation_name, read_manifest, write_manifest
 from imgstore.options import Option
 
 Mode = Literal["r", "w", "a"]
@@ -285,7 +285,11 @@ class Store(abc.ABC):
                 raise InvalidImageError(
                     f"put_many takes a batch [N, H, W] or [N, H, W, C]; got an array of shape {array.shape}"
                 )
-            if min(array.shape[1:]) < 1 or int(np.prod(array.shape[1:], dtype=np.int64)) > MAX_IMAGE_BYTES:
+            if (
+                array.ndim - 1 > MAX_DIMS
+                or min(array.shape[1:]) < 1
+                or int(np.prod(array.shape[1:], dtype=np.int64)) > MAX_IMAGE_BYTES
+            ):
                 raise InvalidImageError(f"images must have positive dimensions and at most 2 GiB; got {array.shape}")
             self.check_shape(tuple(array.shape[1:]))
         elif array.shape[1:] != shape or array.ndim != len(shape) + 1:
@@ -343,12 +347,15 @@ class Store(abc.ABC):
             self._checksums.check_records(idx, images, labels, self.path)
         return images, labels
 
-    def _read_range(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
+    def _read_range(
+        self, start: int, stop: int, images: np.ndarray, labels: np.ndarray, *, verify: bool | None = None
+    ) -> None:
         """Records ``start .. stop - 1``; verified in pieces that are checked while still in the CPU cache."""
         if stop <= start:
             return
+        verify = self.verify_reads if verify is None else verify
         step = stop - start
-        if self.verify_reads and self.scan_piece_bytes is not None:
+        if verify and self.scan_piece_bytes is not None:
             group = self._checksums.group
             step = max(group, self.scan_piece_bytes // max(1, images[0].nbytes) // group * group)
         try:
@@ -357,7 +364,7 @@ class Store(abc.ABC):
                 hi = min(stop, (lo // step + 1) * step)
                 piece = images[lo - start : hi - start], labels[lo - start : hi - start]
                 self._read_range_into(lo, hi, *piece)
-                if self.verify_reads:
+                if verify:
                     self._checksums.check_range(lo, *piece, self.path)
                 lo = hi
         except self.damage_errors as exc:
@@ -387,46 +394,44 @@ class Store(abc.ABC):
         if manifest.count < len(self) or not same or manifest.creating:
             raise CorruptStoreError(f"{self.path} was replaced or shrank under this handle; open it again")
         if manifest.count != len(self) or manifest.shape != self.shape:
-            old = len(self)
-            self._manifest = replace(manifest, files=self._manifest.files)
-            if self._checksums.group != manifest.group:
-                self._checksums = self._make_checksums(self._manifest)
-            self._load_checksums()
+            # All or nothing: a refresh that fails leaves the handle as it was.
+            old_manifest, old_checksums = self._manifest, self._checksums
+            new_manifest = replace(manifest, files=old_manifest.files, options=old_manifest.options)
+            checksums = self._make_checksums(new_manifest)
+            checksums.load(new_manifest.count)
+            self._manifest, self._checksums = new_manifest, checksums
             try:
-                self._refresh(old)
-            except self.damage_errors as exc:
-                raise self._damaged(exc) from exc
+                self._refresh(old_manifest.count)
+            except BaseException as exc:
+                self._manifest, self._checksums = old_manifest, old_checksums
+                if isinstance(exc, self.damage_errors):
+                    raise self._damaged(exc) from exc
+                raise
         return len(self)
 
     def verify(self, batch_size: int = 4096) -> None:
         """Read every committed record and check it against its checksum; raise :class:`CorruptStoreError` on damage."""
         self._check_usable()
-        if operator.index(batch_size) < 1 or isinstance(batch_size, bool):
-            raise InvalidOptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batch_size = _batch_size(batch_size)
         count = len(self)
-        verify_reads, self.verify_reads = self.verify_reads, False
-        try:
-            for start in range(0, count, batch_size):
-                stop = min(start + batch_size, count)
-                try:
-                    images, labels = self.get_many(range(start, stop))
-                except CorruptStoreError:
-                    for index in range(start, stop):  # find which one, for the message
-                        try:
-                            self.get(index)
-                        except CorruptStoreError as exc:
-                            raise CorruptStoreError(f"{self.path}: damaged image at index {index}: {exc}") from exc
-                    raise
-                self._checksums.check_records(np.arange(start, stop), images, labels, self.path)
-                self._checksums.check_range(start, images, labels, self.path)
-        finally:
-            self.verify_reads = verify_reads
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            images, labels = self._batch(stop - start, None)
+            try:
+                self._read_range(start, stop, images, labels, verify=False)  # every record is checked below
+            except CorruptStoreError:
+                for index in range(start, stop):  # find which one, for the message
+                    try:
+                        self.get(index)
+                    except CorruptStoreError as exc:
+                        raise CorruptStoreError(f"{self.path}: damaged image at index {index}: {exc}") from exc
+                raise
+            self._checksums.check_records(np.arange(start, stop), images, labels, self.path)
+            self._checksums.check_range(start, images, labels, self.path)
 
     def iter_batches(self, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every record in order, as ``(images, labels)`` batches of ``batch_size`` (the last may be shorter)."""
-        if isinstance(batch_size, bool) or operator.index(batch_size) < 1:
-            raise InvalidOptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        return self._iter_batches(operator.index(batch_size))
+        return self._iter_batches(_batch_size(batch_size))
 
     def _iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         count = len(self)  # a snapshot: appends during iteration are not read
@@ -454,7 +459,11 @@ class Store(abc.ABC):
         shape = (n, *(self.shape or ()))
         if out is None:
             return np.empty(shape, dtype=np.uint8), np.empty(n, dtype=np.int64)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise InvalidOptionError("out must be a pair (images, labels) of arrays")
         images, labels = out
+        if isinstance(images, np.ndarray) and isinstance(labels, np.ndarray) and np.may_share_memory(images, labels):
+            raise InvalidOptionError("out's images and labels arrays overlap in memory")
         for array, want, dtype in ((images, shape, np.uint8), (labels, (n,), np.int64)):
             if (
                 not isinstance(array, np.ndarray)
@@ -514,3 +523,15 @@ class Store(abc.ABC):
 
         mode = "r" if self.mode == "r" else "a"
         return (reopen, (str(self.path), self.name, mode, self.sync, self.verify_reads, dict(self._overrides)))
+
+
+def _batch_size(value: Any) -> int:
+    if not isinstance(value, bool):
+        try:
+            size = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if size >= 1:
+                return size
+    raise InvalidOptionError(f"batch_size must be an integer >= 1, got {value!r}")

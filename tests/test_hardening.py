@@ -12,7 +12,12 @@ the loaders' memory bombs in ``test_datasets.py``.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -325,3 +330,172 @@ def test_writing_on_read_only_media_is_a_read_only_error(read_only_mount: tuple[
             imgstore.open_store(mounted / "new", backend, mode)
     with imgstore.open_store(mounted / "s") as store:
         check_store_content(store, images, labels)
+
+
+# ---------------------------------------------------------------------- found by the adversarial pass after the fixes
+
+
+def _sleep_in_workers(conn: Connection) -> None:
+    from imgstore import parallel
+
+    def task(lo: int, hi: int) -> None:
+        if lo:  # the forked worker (the parent runs the first part itself)
+            conn.send(os.getpid())
+        time.sleep(60)
+
+    parallel.run_split(task, 2, 2)
+
+
+def test_parallel_workers_die_with_a_killed_writer() -> None:
+    """A PNG encoder worker that outlived a SIGKILLed writer would overwrite the next writer's files."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    writer = context.Process(target=_sleep_in_workers, args=(send,))
+    writer.start()
+    worker_pid = receive.recv()
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+            with open(f"/proc/{worker_pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    break  # a zombie: dead, waiting to be reaped
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(worker_pid, signal.SIGKILL)
+        pytest.fail("the worker outlived its killed parent")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_in_one_thread_keeps_reads_checked_in_another(tmp_path: Path, backend: str) -> None:
+    import threading
+
+    path = tmp_path / "s"
+    _fill(path, backend, n=200)
+    checksums = path / next(name for name in read_manifest(path).files if name.startswith("checksums"))
+    data = bytearray(checksums.read_bytes())
+    data[8 * 150] ^= 1  # record 150's checksum: its record reads as damaged
+    checksums.write_bytes(bytes(data))
+    with imgstore.open_store(path) as store:
+        stop = threading.Event()
+
+        def verify_again() -> None:
+            while not stop.is_set():
+                with pytest.raises(imgstore.CorruptStoreError):
+                    store.verify(batch_size=50)
+
+        thread = threading.Thread(target=verify_again)
+        thread.start()
+        try:
+            passed = 0
+            for _ in range(300):
+                try:
+                    store.get(150)
+                    passed += 1
+                except imgstore.CorruptStoreError:
+                    pass
+        finally:
+            stop.set()
+            thread.join()
+        assert passed == 0 and store.verify_reads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_dimensions_than_a_manifest_holds_are_refused(tmp_path: Path, backend: str) -> None:
+    with imgstore.open_store(tmp_path / "s", backend, "w") as store:
+        with pytest.raises(imgstore.InvalidImageError):
+            store.put_many(np.zeros((2, *(1,) * 9), np.uint8), [1, 2])
+    with pytest.raises(imgstore.InvalidImageError):
+        imgstore.open_store(tmp_path / "t", backend, "w", shape=(1,) * 9)
+    with imgstore.open_store(tmp_path / "s") as store:
+        assert len(store) == 0
+
+
+def _append_five(path: str) -> None:
+    with imgstore.open_store(path, mode="a") as writer:
+        writer.put_many(*random_images(5, (8, 8, 3), seed=3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failed_refresh_leaves_the_handle_as_it_was(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    images, labels = _fill(path, backend, n=10)
+    with imgstore.open_store(path) as reader:
+        appender = multiprocessing.get_context("spawn").Process(target=_append_five, args=(str(path),))
+        appender.start()  # another process (HDF5 opens a file one way per process)
+        appender.join(60)
+        assert appender.exitcode == 0
+        checksums = path / next(name for name in read_manifest(path).files if name.startswith("checksums"))
+        os.truncate(checksums, 8 * 12)
+        with pytest.raises(imgstore.CorruptStoreError):
+            reader.refresh()
+        assert len(reader) == 10
+        check_store_content(reader, images, labels)
+        with pytest.raises(imgstore.StoreIndexError):
+            reader.get(12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_mode_keeps_a_users_backups_named_like_store_files(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s"
+    _fill(path, backend)
+    backups = [path / f"{name}.bak" for name in read_manifest(path).files]
+    for backup in backups:
+        backup.write_text("a user's copy")
+    _fill(path, backend, n=3, seed=1)
+    assert all(backup.read_text() == "a user's copy" for backup in backups)
+
+
+def test_overlapping_out_arrays_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _fill(path, "lmdb", n=40)
+    buffer = np.zeros(40 * 8 * 8 * 3, np.uint8)
+    images = buffer.reshape(40, 8, 8, 3)
+    labels = buffer[-320:].view(np.int64)
+    with imgstore.open_store(path) as store:
+        with pytest.raises(imgstore.InvalidOptionError, match="overlap"):
+            store.get_many(range(40), out=(images, labels))
+        with pytest.raises(imgstore.InvalidOptionError):
+            store.get_many(range(40), out=images)  # type: ignore[arg-type]
+
+
+def test_a_link_planted_as_the_manifest_temporary_is_not_followed(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _fill(path, "lmdb")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the store's")
+    (path / f".{MANIFEST_NAME}.{os.getpid()}.tmp").symlink_to(outside)
+    with imgstore.open_store(path, mode="a") as store:
+        with pytest.raises(imgstore.StoreIOError):
+            store.put(np.zeros((8, 8, 3), np.uint8), 1)
+        assert len(store) == 30
+    assert outside.read_text() == "not the store's"
+    with imgstore.open_store(path) as store:
+        assert len(store) == 30 and not (path / MANIFEST_NAME).is_symlink()
+
+
+@pytest.mark.parametrize("path", [None, 3, "bad\0name"])
+def test_paths_that_are_no_paths(path: object) -> None:
+    with pytest.raises(imgstore.InvalidOptionError):
+        imgstore.open_store(path)  # type: ignore[arg-type]
+    with pytest.raises(imgstore.InvalidOptionError):
+        imgstore.open_store(path, "lmdb", "w")  # type: ignore[arg-type]
+
+
+def test_odd_indices_are_imgstore_errors(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    images, _ = _fill(path, "hdf5", n=20)
+    with imgstore.open_store(path) as store:
+        np.testing.assert_array_equal(store.get_many(np.array([0, 1], dtype=object))[0], images[[0, 1]])
+        for bad in (slice(0, 7, 0), [0, True], np.array(["a"], dtype=object)):
+            with pytest.raises(imgstore.InvalidOptionError):
+                store.get_many(bad)  # type: ignore[arg-type]
+        for size in (2.5, "3", None):
+            with pytest.raises(imgstore.InvalidOptionError):
+                store.verify(batch_size=size)  # type: ignore[arg-type]
+            with pytest.raises(imgstore.InvalidOptionError):
+                store.iter_batches(size)  # type: ignore[arg-type]

@@ -63,7 +63,7 @@ from imgstore.options import Option
 from imgstore.store import Store
 
 _FILE = "images.h5"
-_BUILDING = ".rebuild"  # suffix of a file being made; the manifest owns "<own file>.<anything>"
+_BUILDING = ".rebuild"  # suffix of a file being made; the manifest owns "<own file>.rebuild" (TEMPORARY_SUFFIXES)
 _COPY_BYTES = 16 << 20  # records copied per step when a file is rebuilt
 
 
