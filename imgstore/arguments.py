@@ -132,3 +132,15 @@ def _slice_range(indices: slice, count: int) -> range:
         return range(*indices.indices(count))
     except (ValueError, TypeError) as exc:  # a step of 0, non-integer bounds
         raise InvalidOptionError(f"bad slice {indices}: {exc}") from None
+
+
+def checked_batch_size(value: Any) -> int:
+    if not isinstance(value, bool):
+        try:
+            size = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if size >= 1:
+                return size
+    raise InvalidOptionError(f"batch_size must be an integer >= 1, got {value!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,31 @@ class Checksums:
     def of_group(images: np.ndarray, labels: np.ndarray) -> int:
         labels = np.ascontiguousarray(labels, dtype="<i8")
         return _xxh3(np.ascontiguousarray(images).data.cast("B"), _xxh3(labels.data.cast("B")))
+
+    def full_groups(
+        self,
+        start: int,
+        images: np.ndarray,
+        labels: np.ndarray,
+        read_back: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+    ) -> dict[int, int]:
+        """``{group: checksum}`` of the groups a write of ``images`` at ``start`` fills.
+
+        The committed records of the first group come from ``read_back(lo, hi)`` (checked reads).
+        """
+        if not self.has_groups:
+            return {}
+        g, stop = self.group, start + len(images)
+        first = start // g
+        if stop // g == first:
+            return {}
+        if start > first * g:
+            old_images, old_labels = read_back(first * g, start)
+            images, labels = np.concatenate([old_images, images]), np.concatenate([old_labels, labels])
+        return {
+            first + k: self.of_group(images[k * g : (k + 1) * g], labels[k * g : (k + 1) * g])
+            for k in range(stop // g - first)
+        }
 
     # ------------------------------------------------------------------ files
 

@@ -25,6 +25,7 @@ from imgstore.arguments import (
     as_contiguous_range,
     as_image_array,
     as_label,
+    checked_batch_size,
     checked_indices,
     checked_labels,
     io_error,
@@ -47,7 +48,6 @@ from imgstore.manifest import MAX_DIMS, MAX_IMAGE_BYTES, Manifest, generation_na
 from imgstore.options import Option
 
 Mode = Literal["r", "w", "a"]
-
 
 
 class Store(abc.ABC):
@@ -201,28 +201,14 @@ class Store(abc.ABC):
         self._checksums.load(len(self))
 
     def _full_groups(self, start: int, images: np.ndarray, labels: np.ndarray) -> dict[int, int]:
-        """Checksums of the groups this write fills, reading back the committed part of the first one."""
-        checksums = self._checksums
-        if not checksums.has_groups:
-            return {}
-        g, stop = checksums.group, start + len(images)
-        first = start // g
-        if stop // g == first:
-            return {}
-        head = start - first * g
-        if head:  # committed records of the first group: read back (and checked) to hash the whole group
-            old_images, old_labels = self._batch(head, None)
-            self._read_range_into(first * g, start, old_images, old_labels)
-            checksums.check_range(first * g, old_images, old_labels, self.path)
-            images = np.concatenate([old_images, images])
-            labels = np.concatenate([old_labels, labels])
-        return {
-            group: checksums.of_group(
-                images[(group - first) * g : (group - first + 1) * g],
-                labels[(group - first) * g : (group - first + 1) * g],
-            )
-            for group in range(first, stop // g)
-        }
+        """Checksums of the groups this write fills (the committed part of the first one is read back)."""
+
+        def read_back(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+            old = self._batch(hi - lo, None)
+            self._read_range(lo, hi, *old, verify=True)
+            return old
+
+        return self._checksums.full_groups(start, images, labels, read_back)
 
     # ------------------------------------------------------------------ writing
 
@@ -412,7 +398,7 @@ class Store(abc.ABC):
     def verify(self, batch_size: int = 4096) -> None:
         """Read every committed record and check it against its checksum; raise :class:`CorruptStoreError` on damage."""
         self._check_usable()
-        batch_size = _batch_size(batch_size)
+        batch_size = checked_batch_size(batch_size)
         count = len(self)
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
@@ -431,7 +417,7 @@ class Store(abc.ABC):
 
     def iter_batches(self, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every record in order, as ``(images, labels)`` batches of ``batch_size`` (the last may be shorter)."""
-        return self._iter_batches(_batch_size(batch_size))
+        return self._iter_batches(checked_batch_size(batch_size))
 
     def _iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         count = len(self)  # a snapshot: appends during iteration are not read
@@ -523,15 +509,3 @@ class Store(abc.ABC):
 
         mode = "r" if self.mode == "r" else "a"
         return (reopen, (str(self.path), self.name, mode, self.sync, self.verify_reads, dict(self._overrides)))
-
-
-def _batch_size(value: Any) -> int:
-    if not isinstance(value, bool):
-        try:
-            size = operator.index(value)
-        except TypeError:
-            pass
-        else:
-            if size >= 1:
-                return size
-    raise InvalidOptionError(f"batch_size must be an integer >= 1, got {value!r}")
