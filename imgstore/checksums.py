@@ -3,12 +3,15 @@
 LMDB and HDF5 keep no checksum of their values, and a PNG's CRCs do not cover its label, so the
 store keeps its own. Version 2 stores use XXH3-64 (the ``xxhash`` package), at two levels:
 
-- per record: ``xxh3_64(pixels, seed=label)``, uint64 little-endian in ``checksums-<gen>.xxh3``;
+- per record: ``xxh3_64(pixels, seed=label ^ S)``, uint64 little-endian in ``checksums-<gen>.xxh3``;
   a ``get`` or a shuffled ``get_many`` checks each record it returns against it;
 - per group of ``group`` consecutive records (about 256 KiB of pixels):
-  ``xxh3_64(pixels, seed=xxh3_64(labels as int64 LE))`` in ``groups-<gen>.xxh3``; a scan checks one
+  ``xxh3_64(pixels, seed=xxh3_64(labels as int64 LE) ^ S)`` in ``groups-<gen>.xxh3``; a scan checks one
   hash per group of the batch it just copied (still in the CPU cache) instead of one call per
   record, which is what keeps a verified ``read_many`` close to an unverified one.
+
+``S`` is ``xxh3_64`` of the image shape (int64 LE): the same bytes read with another shape (a
+manifest forged with a recomputed CRC) do not pass for good records.
 
 Version 1 stores keep ``crc32(pixels, then the label as 8 LE bytes)`` per record in
 ``checksums.crc32`` (uint32 LE) and no groups; they are still read, verified and appended to.
@@ -40,8 +43,16 @@ def group_size(image_nbytes: int) -> int:
 class Checksums:
     """The per-record (and per-group) checksums of one store generation: compute, write, load, check."""
 
-    def __init__(self, record_file: Path, group_file: Path | None, algorithm: str, group: int) -> None:
+    def __init__(
+        self,
+        record_file: Path,
+        group_file: Path | None,
+        algorithm: str,
+        group: int,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
         self.record_file, self.group_file = record_file, group_file
+        self.seed = _xxh3(np.array(shape or (), dtype="<i8").tobytes())  # XXH3 only: S above
         self.algorithm, self.group = algorithm, max(group, 1)
         self.width = 8 if algorithm == "xxh3_64" else 4
         self.dtype = np.dtype("<u8" if self.width == 8 else "<u4")
@@ -61,7 +72,8 @@ class Checksums:
         out = np.empty(n, self.dtype)
         if self.width == 8:  # each record's row is its own buffer: no slicing arithmetic per record
             rows = images.reshape(n, -1)
-            out[:] = [_xxh3(row, label) for row, label in zip(rows, labels.tolist(), strict=True)]  # type: ignore[arg-type]
+            seed = self.seed
+            out[:] = [_xxh3(row, label ^ seed) for row, label in zip(rows, labels.tolist(), strict=True)]  # type: ignore[arg-type]
         else:
             size = images[0].nbytes if n else 0
             pixels = images.data.cast("B")
@@ -72,10 +84,9 @@ class Checksums:
             ]
         return out
 
-    @staticmethod
-    def of_group(images: np.ndarray, labels: np.ndarray) -> int:
+    def of_group(self, images: np.ndarray, labels: np.ndarray) -> int:
         labels = np.ascontiguousarray(labels, dtype="<i8")
-        return _xxh3(np.ascontiguousarray(images).data.cast("B"), _xxh3(labels.data.cast("B")))
+        return _xxh3(np.ascontiguousarray(images).data.cast("B"), _xxh3(labels.data.cast("B")) ^ self.seed)
 
     def full_groups(
         self,
@@ -142,7 +153,7 @@ class Checksums:
         # The array itself is the buffer (its .data would make a memoryview each time), and .item()
         # compares as a Python int: each saves ~0.1 µs of a ~3 µs get.
         if self.width == 8:
-            ok = _xxh3(image, label) == self.records.item(index)  # type: ignore[arg-type]
+            ok = _xxh3(image, label ^ self.seed) == self.records.item(index)  # type: ignore[arg-type]
         else:
             ok = zlib.crc32(label.to_bytes(8, "little", signed=True), zlib.crc32(image)) == self.records.item(index)  # type: ignore[arg-type]
         if not ok:
@@ -168,10 +179,11 @@ class Checksums:
             labels = labels.astype("<i8")
         # The loop of every verified scan: one hash of each group's pixels, seeded with the hash of
         # its labels, on the slices just copied (xxhash takes a contiguous array as it is).
+        seed = self.seed
         for k, expected in enumerate(self.groups[first:last].tolist()):
             at = lo + k * g
             pixels, group_labels = images[at : at + g], labels[at : at + g]
-            if _xxh3(pixels.data, _xxh3(group_labels.data)) != expected:
+            if _xxh3(pixels.data, _xxh3(group_labels.data) ^ seed) != expected:
                 low = (first + k) * g
                 self.check_records(np.arange(low, low + g), pixels, group_labels, where)  # which one?
                 raise CorruptStoreError(f"{where}: the checksum of images {low} .. {low + g - 1} is damaged")

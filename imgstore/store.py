@@ -195,7 +195,7 @@ class Store(abc.ABC):
         if manifest.checksum == "crc32":
             return Checksums(self.path / generation_name("checksums.crc32", manifest.generation), None, "crc32", 1)
         groups = self.path / generation_name("groups.xxh3", manifest.generation)
-        return Checksums(self.file("checksums.xxh3"), groups, manifest.checksum, manifest.group)
+        return Checksums(self.file("checksums.xxh3"), groups, manifest.checksum, manifest.group, manifest.shape)
 
     def _load_checksums(self) -> None:
         self._checksums.load(len(self))

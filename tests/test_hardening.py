@@ -499,3 +499,4 @@ def test_odd_indices_are_imgstore_errors(tmp_path: Path) -> None:
                 store.verify(batch_size=size)  # type: ignore[arg-type]
             with pytest.raises(imgstore.InvalidOptionError):
                 store.iter_batches(size)  # type: ignore[arg-type]
+

@@ -221,6 +221,11 @@ class DamageDetection(BackendTest):
             {"shape": [8, 8, 3, 1, 1, 1, 1, 1, 1]},
             {"shape": [8, 8, 0]},
             {"shape": "8x8"},
+            # The same 192 bytes an image in another geometry: the checksums cover the shape.
+            {"shape": [8, 24]},
+            {"shape": [24, 8, 1]},
+            {"shape": [192]},
+            {"shape": [8, 8, 3, 1]},
             {"count": 31},
             {"files": ["../outside"]},
             {"group": -3},
