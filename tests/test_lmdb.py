@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import imgstore
-from imgstore.testing import small_tmpfs
+from imgstore.testing import random_images, small_tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -394,3 +394,50 @@ def test_lock_file_has_its_blocks(tmp_path: Path) -> None:
         lock = store.file("lmdb") / "lock.mdb"
         stat = lock.stat()
         assert stat.st_blocks * 512 >= stat.st_size
+
+
+# ---------------------------------------------------------------------- threads while another process grows the store
+
+
+def _append_many(path: str) -> None:
+    images, labels = random_images(50, (128, 128, 3))
+    with imgstore.open_store(path, mode="a", sync=False) as store:
+        for _ in range(40):  # ~100 MB: past a map size that would have to grow
+            store.put_many(images, labels)
+
+
+def test_reading_threads_while_another_process_grows_the_store(tmp_path: Path) -> None:
+    """Growing the map cancels every transaction of the environment: it must practically never be needed."""
+    import multiprocessing
+    import threading
+
+    import numpy as np
+
+    images, labels = random_images(50, (128, 128, 3))
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "lmdb", "w", sync=False) as store:
+        store.put_many(images, labels)
+    errors: list[str] = []
+    stop = threading.Event()
+    with imgstore.open_store(path) as reader:
+
+        def read() -> None:
+            while not stop.is_set():
+                try:
+                    image, label = reader.get(7)
+                    batch, batch_labels = reader.get_many(range(50))
+                    assert np.array_equal(image, images[7]) and np.array_equal(batch, images)
+                except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                    errors.append(repr(exc)[:200])
+
+        threads = [threading.Thread(target=read) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        writer = multiprocessing.get_context("spawn").Process(target=_append_many, args=(str(path),))
+        writer.start()
+        writer.join(120)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert writer.exitcode == 0
+    assert not errors, f"{len(errors)} failed reads, e.g. {errors[:3]}"

@@ -220,9 +220,11 @@ def test_registry_loads_a_class_once() -> None:
 # ---------------------------------------------------------------------- LMDB map growth
 
 
-def test_lmdb_map_grows_by_itself(tmp_path: Path) -> None:
+def test_lmdb_map_grows_by_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Far past the initial map size, through bulk and single writes: never a MapFullError."""
     from imgstore.backends import lmdb as lmdb_backend
+
+    monkeypatch.setattr(lmdb_backend, "_INITIAL_MAP_SIZE", 64 << 20)  # the default (1 TiB) practically never grows
 
     images, labels = random_images(200, (128, 128, 3))  # 9.8 MB a batch
     total = 0

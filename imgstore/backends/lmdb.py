@@ -32,7 +32,11 @@ except ImportError:  # pragma: no cover - older py-lmdb
 
 _MAX_READERS = 512  # concurrent reading threads across all processes
 _OVERFLOW_HEADER = 16  # bytes LMDB puts before a large value on its overflow pages
-_INITIAL_MAP_SIZE = 64 << 20  # address space only; it doubles as the data grows
+# Address space only (a file mapping: no memory is committed, and the file does not grow with it).
+# So large that the map practically never has to grow: growing it (set_mapsize, in the writer, or
+# in a reader adopting what another process grew) cancels every transaction of the environment,
+# other threads' reads in progress included. Past it, the map still doubles as the data grows.
+_INITIAL_MAP_SIZE = 1 << 40
 # LMDB's lock file is a header, then 64 bytes per reader slot (32 896 bytes for 512 readers on
 # x86-64); it is mapped and written through the mapping. This covers it, header room to spare.
 _LOCK_FILE_BYTES = 36 << 10
