@@ -53,7 +53,7 @@ class Checksums:
     ) -> None:
         self.record_file, self.group_file = record_file, group_file
         self.seed = _xxh3(np.array(shape or (), dtype="<i8").tobytes())  # XXH3 only: S above
-        self.algorithm, self.group = algorithm, max(group, 1)
+        self.group = max(group, 1)
         self.width = 8 if algorithm == "xxh3_64" else 4
         self.dtype = np.dtype("<u8" if self.width == 8 else "<u4")
         self.records = np.empty(0, self.dtype)

@@ -15,6 +15,7 @@ Creating (mode ``"w"``, or ``"a"`` where there is no store) never deletes what i
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import secrets
@@ -122,9 +123,7 @@ def _checked_shape(cls: type[Store], shape: Sequence[int] | None) -> tuple[int, 
         raise InvalidImageError(f"shape must be a sequence of integers, got {shape!r}") from None
     if not 1 <= len(image_shape) <= MAX_DIMS or min(image_shape) < 1 or any(isinstance(s, bool) for s in shape):
         raise InvalidImageError(f"shape must be 1 to {MAX_DIMS} positive dimensions, got {shape}")
-    nbytes = 1
-    for s in image_shape:
-        nbytes *= s
+    nbytes = math.prod(image_shape)
     if nbytes > MAX_IMAGE_BYTES:
         raise InvalidImageError(f"shape {image_shape} is {nbytes} bytes an image; at most {MAX_IMAGE_BYTES}")
     cls.check_shape(image_shape)
@@ -197,7 +196,7 @@ def _create(
         | check_options(cls.name, cls.option_specs, options),
         generation=generation,
         files=tuple(generation_name(name, generation) for name in (*cls.files, *_STORE_FILES)),
-        group=group_size(_nbytes(shape)) if shape is not None else 0,
+        group=group_size(math.prod(shape)) if shape is not None else 0,
     )
     doing = f"creating a {cls.name} store at {path}"
     try:
@@ -226,13 +225,6 @@ def _create(
         _delete_owned(path, new, quietly=True)
         raise io_error(exc, doing) from exc
     return store
-
-
-def _nbytes(shape: tuple[int, ...]) -> int:
-    nbytes = 1
-    for s in shape:
-        nbytes *= s
-    return nbytes
 
 
 def _as_path(path: Any) -> Path:
