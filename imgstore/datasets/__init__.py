@@ -9,6 +9,7 @@ from __future__ import annotations
 from imgstore.datasets.cifar10 import load_cifar10
 from imgstore.datasets.download import CIFAR10_MD5, CIFAR10_URL, download_cifar10
 from imgstore.datasets.fashion_mnist import load_fashion_mnist
+from imgstore.datasets.imagenet_like import EncodedImages, imagenet_like, write_imagenet_like_folder
 from imgstore.datasets.registry import (
     DatasetSpec,
     available_datasets,
@@ -23,14 +24,17 @@ __all__ = [
     "CIFAR10_URL",
     "DATASETS",
     "DatasetSpec",
+    "EncodedImages",
     "available_datasets",
     "download_cifar10",
     "get_dataset",
+    "imagenet_like",
     "load_cifar10",
     "load_dataset",
     "load_fashion_mnist",
     "register_dataset",
     "synthetic_cifar10",
+    "write_imagenet_like_folder",
 ]
 
 

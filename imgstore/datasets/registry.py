@@ -11,6 +11,10 @@ whatever ``n`` is (a real dataset) or exactly ``n`` images (a generated one; ``n
 size); :func:`load_dataset` takes the first ``n`` or repeats the split in order to reach ``n``.
 ``root`` is a :class:`~pathlib.Path`, or None when the caller gave none (never for a dataset that
 ``needs_root``); ``seed`` is for generated datasets, the others ignore it.
+
+An *encoded* dataset (``"imagenet-like"``: JPEG files of varied sizes) returns a list of encoded
+files (``bytes``, one whole file each) in place of the images array; :func:`load_dataset` takes and
+repeats that list the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from imgstore.datasets.cifar10 import load_cifar10
 from imgstore.datasets.fashion_mnist import DEBIAN_ROOT, load_fashion_mnist
+from imgstore.datasets.imagenet_like import INSTALL_HINT, load_imagenet_like
 from imgstore.datasets.synthetic import synthetic_cifar10
 from imgstore.errors import DatasetError, DatasetNotFoundError
 
@@ -30,7 +35,9 @@ __all__ = ["DatasetSpec", "Loader", "available_datasets", "get_dataset", "load_d
 
 
 class Loader(Protocol):
-    def __call__(self, n: int | None, *, root: Path | None, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]: ...
+    def __call__(
+        self, n: int | None, *, root: Path | None, seed: int, split: str
+    ) -> tuple[np.ndarray | list[bytes], np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ def get_dataset(name: str) -> DatasetSpec:
 
 def load_dataset(
     name: str, n: int | None = None, root: str | Path | None = None, *, seed: int = 0, split: str = "train"
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray | list[bytes], np.ndarray]:
     """The first ``n`` images and labels of dataset ``name`` (:func:`available_datasets`; all of it when ``n`` is None).
 
     Past the end of a real dataset its images repeat in order, as the tutorial made its 100 000
@@ -100,6 +107,8 @@ def load_dataset(
         return images[:n].copy(), labels[:n].copy()  # copies, so the full dataset can be freed
     if len(images) == 0:
         raise DatasetError(f"{name} has no images to repeat")
+    if isinstance(images, list):  # an encoded dataset's files
+        return [images[i % len(images)] for i in range(n)], np.resize(labels, n)
     # np.resize repeats the whole array cyclically: image i of the result is image i % len.
     return np.resize(images, (n, *images.shape[1:])), np.resize(labels, n)
 
@@ -140,4 +149,12 @@ register_dataset(
     _fashion_mnist,
     install_hint=f"apt-get install dataset-fashion-mnist (files in {DEBIAN_ROOT}), or root= a folder of the IDX files",
     description="Fashion-MNIST from its IDX files (28x28 grayscale), 60 000 train / 10 000 test images",
+)
+
+register_dataset(
+    "imagenet-like",
+    load_imagenet_like,
+    install_hint=INSTALL_HINT,
+    description="ImageNet-1k-like JPEG files (sizes, bytes) made offline from packaged photos; encoded: "
+    "a list of files; root= an optional cache folder",
 )
