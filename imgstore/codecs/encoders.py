@@ -54,7 +54,7 @@ class JpegCodec(Codec):
     """Lossy JPEG of 1 (grayscale) or 3 (RGB) channels, with Pillow's default 4:2:0 chroma subsampling."""
 
     name: ClassVar[str] = "jpeg"
-    accepts: ClassVar[frozenset[str] | None] = frozenset({"JPEG", "MPO"})  # MPO: a camera's JPEG with extra frames
+    accepts: ClassVar[frozenset[str] | None] = frozenset({"JPEG"})  # a camera's MPO file probes as JPEG too
     param_specs: ClassVar[dict[str, Param]] = {"quality": Param(90, 1, 100)}
 
     def encode(self, image: np.ndarray) -> bytes:

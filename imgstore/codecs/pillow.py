@@ -5,7 +5,8 @@ pixels than ``PIL.Image.MAX_IMAGE_PIXELS``) is an error as soon as the header sa
 :class:`DecompressionBombWarning` below twice the limit, and an unidentified file does not warn
 about the plugins that declined it. Warnings filters are process-wide state (not thread-safe to
 change), so the decoder avoids the warnings instead of catching them. It tries the same plugins
-in the same order as ``Image.open``, so the image object, and so its pixels, are the same.
+in the same order as ``Image.open``, so the image object, and so its pixels, are the same (a
+multi-picture JPEG, Pillow's "MPO", is opened as the "JPEG" it also is: its first picture).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import io
 import struct
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, JpegImagePlugin
 
 from imgstore.errors import InvalidImageError
 
@@ -22,7 +23,6 @@ from imgstore.errors import InvalidImageError
 _AS_STORED = {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB"}
 _TO_L = {"1", "I", "F"}  # and every "I;16..." mode
 CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
-_JPEG = ("JPEG", "MPO")
 
 
 def stored_mode(image: Image.Image) -> str:
@@ -53,15 +53,18 @@ def open_image(data: bytes | memoryview) -> ImageFile.ImageFile:
                 continue
             tried.add(format)
             factory, accept = Image.OPEN[format]
-            if accept is not None:
-                accepted = accept(prefix)
+            if format == "JPEG":
+                # Not Pillow's jpeg_factory, which makes a camera's multi-picture JPEG an MPO image
+                # and warns about a damaged MPO header: frame 0 is the same JPEG image either way.
+                factory = JpegImagePlugin.JpegImageFile
+            try:
+                accepted = True if accept is None else accept(prefix)
                 if isinstance(accepted, str):  # a plugin that would take it but cannot ("WEBP support not installed")
                     declined.append(accepted)
                     continue
                 if not accepted:
                     continue
-            fp.seek(0)
-            try:
+                fp.seek(0)
                 image = factory(fp, "")
             except (SyntaxError, IndexError, TypeError, struct.error):
                 continue  # not this format after all: Image.open goes on to the next plugin too
@@ -90,7 +93,7 @@ def check_size(format: str, size: tuple[int, int]) -> None:
 def draft_scale(width: int, height: int, size: tuple[int, int]) -> int:
     """The JPEG DCT scale (1, 2, 4 or 8) that ``Image.draft`` picks: the largest that stays >= ``size`` (h, w)."""
     scale = min(width // size[1], height // size[0])
-    return next(s for s in (8, 4, 2, 1) if scale >= s)
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
 
 
 def finish(image: Image.Image, mode: str, size: tuple[int, int] | None) -> Image.Image:
@@ -121,7 +124,7 @@ def to_array(image: Image.Image) -> np.ndarray:
 def decode(data: bytes | memoryview, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
     image = open_image(data)
     format = image.format or "image"
-    if size is not None and image.format in _JPEG:
+    if size is not None and image.format == "JPEG":
         # A reduced-size decode (libjpeg's DCT scaling) straight to the smallest scale still >= size
         # (draft_scale, which the fast decoders use too); draft sets the size the decode must give.
         image.draft(image.mode, (size[1], size[0]))
