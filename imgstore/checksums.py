@@ -10,6 +10,9 @@ store keeps its own. Version 2 stores use XXH3-64 (the ``xxhash`` package), at t
   hash per group of the batch it just copied (still in the CPU cache) instead of one call per
   record, which is what keeps a verified ``read_many`` close to an unverified one.
 
+Encoded records (variable-length bytes) have per-record checksums only:
+``xxh3_64(bytes, seed=label ^ B)``, ``B`` = ``xxh3_64(b"imgstore blob")``.
+
 ``S`` is ``xxh3_64`` of the image shape (int64 LE): the same bytes read with another shape (a
 manifest forged with a recomputed CRC) do not pass for good records.
 
@@ -21,18 +24,19 @@ committed count are ignored and overwritten.
 
 from __future__ import annotations
 
-import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
+from imgstore.columns import read_column, write_at
 from imgstore.errors import CorruptStoreError
 
 GROUP_BYTES = 1 << 18
 _xxh3 = xxhash.xxh3_64_intdigest
+_BLOB_SEED = _xxh3(b"imgstore blob")
 
 
 def group_size(image_nbytes: int) -> int:
@@ -84,6 +88,26 @@ class Checksums:
             ]
         return out
 
+    def of_blobs(self, blobs: Sequence[bytes | memoryview], labels: np.ndarray) -> np.ndarray:
+        """One checksum per encoded record (its bytes, seeded with its label)."""
+        return np.array(
+            [_xxh3(blob, label ^ _BLOB_SEED) for blob, label in zip(blobs, labels.tolist(), strict=True)],
+            dtype="<u8",
+        )
+
+    def check_blobs(
+        self, indices: np.ndarray, blobs: Sequence[bytes | memoryview], labels: np.ndarray, where: object
+    ) -> None:
+        """Raise :class:`CorruptStoreError` unless every ``blobs[k], labels[k]`` is what record ``indices[k]`` was."""
+        if len(blobs) == 0:
+            return
+        bad = np.flatnonzero(self.of_blobs(blobs, labels) != self.records[indices])
+        if len(bad):
+            raise CorruptStoreError(
+                f"{where}: the image at index {int(indices[bad[0]])} is damaged (its bytes or label differ from "
+                "what was written)"
+            )
+
     def of_group(self, images: np.ndarray, labels: np.ndarray) -> int:
         labels = np.ascontiguousarray(labels, dtype="<i8")
         return _xxh3(np.ascontiguousarray(images).data.cast("B"), _xxh3(labels.data.cast("B")) ^ self.seed)
@@ -117,18 +141,18 @@ class Checksums:
 
     def write(self, start: int, records: np.ndarray, groups: dict[int, int], *, sync: bool) -> None:
         """Write checksums of records ``start ..`` and of the groups that became full (``{group: checksum}``)."""
-        _write_at(self.record_file, start, self.width, records.astype(self.dtype).tobytes(), sync=sync)
+        write_at(self.record_file, start, self.width, records.astype(self.dtype).tobytes(), sync=sync)
         if self.has_groups and self.group_file is not None:
             first = start // self.group
             values = np.array([groups[g] for g in sorted(groups)], dtype="<u8")
             assert not groups or sorted(groups) == list(range(first, first + len(groups)))
-            _write_at(self.group_file, first, 8, values.tobytes(), sync=sync)
+            write_at(self.group_file, first, 8, values.tobytes(), sync=sync)
 
     def load(self, count: int) -> None:
         """Read the checksums of the first ``count`` records; a short file is damage."""
-        self.records = _read(self.record_file, self.dtype, count)
+        self.records = read_column(self.record_file, self.dtype, count)
         if self.has_groups and self.group_file is not None:
-            self.groups = _read(self.group_file, np.dtype("<u8"), count // self.group)
+            self.groups = read_column(self.group_file, np.dtype("<u8"), count // self.group)
 
     def extend(self, start: int, records: np.ndarray, groups: dict[int, int]) -> None:
         """What a writer just committed, without reading the files back."""
@@ -187,29 +211,3 @@ class Checksums:
                 low = (first + k) * g
                 self.check_records(np.arange(low, low + g), pixels, group_labels, where)  # which one?
                 raise CorruptStoreError(f"{where}: the checksum of images {low} .. {low + g - 1} is damaged")
-
-
-def _write_at(path: Path, index: int, width: int, data: bytes, *, sync: bool) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.ftruncate(fd, index * width)  # a crashed write's entries past the committed count go
-        os.pwrite(fd, data, index * width)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
-    try:
-        with open(path, "rb") as f:
-            # Never ask for more than the file holds: a tampered count may not allocate terabytes.
-            size = min(count * dtype.itemsize, os.fstat(f.fileno()).st_size)
-            values = np.frombuffer(f.read(size - size % dtype.itemsize), dtype=dtype)
-    except FileNotFoundError:
-        values = np.empty(0, dtype)
-    except OSError as exc:
-        raise CorruptStoreError(f"{path} cannot be read: {exc}") from None
-    if len(values) < count:
-        raise CorruptStoreError(f"{path} holds {len(values)} checksums; {count} records are committed")
-    return values

@@ -11,8 +11,10 @@ with mode ``"w"`` gets new file names, so a reader of the old store never reads 
 A manifest with ``creating`` set is a store whose creation has not finished (no record is lost by
 finishing or redoing it).
 
-Format versions: 1 (no generation, files or record checksums other than CRC-32) is still read and
-appended to; new stores are version 2.
+Format versions: 1 (no generation, files or record checksums other than CRC-32) and 2 (no codec:
+fixed-shape raw pixels only) are still read and appended to; new stores are version 3, which adds
+the codec (``raw``, ``png``, ``jpeg``, ``webp``, ``keep``) with its parameters, the decoded image
+mode, whether images vary in shape, and the class names.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from imgstore.fileio import fsync_dir
 
 MANIFEST_NAME = "imgstore.json"
 WRITER_LOCK_NAME = "writer.lock"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 # What a backend may add to one of its own names for a file it is still making (HDF5: ".rebuild").
 TEMPORARY_SUFFIXES = (".rebuild", ".tmp")
 _V2_FIELDS = ("generation", "files", "checksum", "group", "creating")
+_V3_FIELDS = ("codec", "codec_params", "image_mode", "varied", "classes")
+IMAGE_MODES = (None, "RGB", "L")
+_MAX_CLASSES = 1 << 16
 _MAX_MANIFEST_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 1 << 31  # 2 GiB: a tampered shape may not make a read allocate terabytes
 _MAX_COUNT = 1 << 48
@@ -57,6 +62,16 @@ class Manifest:
     checksum: str = "xxh3_64"  # per-record checksum algorithm ("crc32" in version 1 stores)
     group: int = 0  # records per group checksum; 0 until the shape is known, 1 for none
     creating: bool = False
+    codec: str = "raw"  # how records are stored (imgstore.codecs); "raw": pixels
+    codec_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"quality": 90}
+    image_mode: str | None = None  # what reads decode to: None as stored, "RGB", "L" (PIL's convert)
+    varied: bool = False  # images of any shape (shape stays None)
+    classes: tuple[str, ...] | None = None  # class names, label i is classes[i]
+
+    @property
+    def encoded(self) -> bool:
+        """Records are variable-length bytes (an encoded image, or raw pixels with their shape) rather than fixed pixels."""
+        return self.codec != "raw" or self.varied
 
     def with_count(self, count: int) -> Manifest:
         return replace(self, count=count)
@@ -65,6 +80,10 @@ class Manifest:
         data = asdict(self)
         data["shape"] = list(self.shape) if self.shape is not None else None
         data["files"] = list(self.files)
+        data["classes"] = list(self.classes) if self.classes is not None else None
+        if self.format_version <= 2:
+            for name in _V3_FIELDS:
+                del data[name]
         if self.format_version == 1:
             for name in _V2_FIELDS:
                 del data[name]
@@ -157,6 +176,20 @@ def _parse(data: dict[str, Any], version: int) -> Manifest:
             "group": _int(data["group"]),
             "creating": _bool(data["creating"]),
         }
+    if version >= 3:
+        classes, params = data["classes"], data["codec_params"]
+        if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+            raise TypeError("classes must be null or a list of names")
+        if not isinstance(params, dict):
+            raise TypeError("codec_params must be an object")
+        mode = data["image_mode"]
+        extra |= {
+            "codec": _str(data["codec"]),
+            "codec_params": params,
+            "image_mode": mode if mode is None else _str(mode),
+            "varied": _bool(data["varied"]),
+            "classes": tuple(classes) if classes is not None else None,
+        }
     return Manifest(
         backend=data["backend"],
         shape=tuple(_int(s) for s in shape) if shape is not None else None,
@@ -197,8 +230,18 @@ def _check_values(path: Path, manifest: Manifest) -> None:
         problems.append(f"shape {shape}")
     elif shape is not None and manifest.image_nbytes > MAX_IMAGE_BYTES:
         problems.append(f"shape {shape} ({manifest.image_nbytes} bytes an image; at most {MAX_IMAGE_BYTES})")
-    if manifest.count and shape is None:
+    if manifest.count and shape is None and not manifest.varied:
         problems.append("records but no shape")
+    if manifest.varied and shape is not None:
+        problems.append("a shape in a store of varied shapes")
+    if not re.fullmatch(r"[a-z0-9_]{1,32}", manifest.codec):
+        problems.append(f"codec {manifest.codec!r}"[:100])
+    if manifest.image_mode not in IMAGE_MODES:
+        problems.append(f"image_mode {manifest.image_mode!r}"[:100])
+    if manifest.classes is not None and (
+        len(manifest.classes) > _MAX_CLASSES or any(not 0 < len(c) <= 1000 for c in manifest.classes)
+    ):
+        problems.append("class names (at most 65 536, each 1 to 1 000 characters)")
     if manifest.checksum not in ("crc32", "xxh3_64"):
         problems.append(f"checksum {manifest.checksum!r}")
     if not 0 <= manifest.group <= 1 << 20 or (shape is not None and manifest.group < 1):

@@ -21,9 +21,9 @@ import os
 import secrets
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from imgstore.arguments import io_error
 from imgstore.checksums import group_size
@@ -39,6 +39,7 @@ from imgstore.locking import WriterLock, lock_for_writing
 from imgstore.manifest import (
     MANIFEST_NAME,
     MAX_DIMS,
+    IMAGE_MODES,
     MAX_IMAGE_BYTES,
     WRITER_LOCK_NAME,
     Manifest,
@@ -59,7 +60,13 @@ def open_store(
     backend: str | None = None,
     mode: Mode = "r",
     *,
-    shape: Sequence[int] | None = None,
+    shape: Sequence[int] | Literal["auto"] | None = "auto",
+    codec: str = "raw",
+    quality: int | None = None,
+    codec_params: Mapping[str, Any] | None = None,
+    image_mode: str | None = None,
+    classes: Sequence[str] | None = None,
+    decoder: str = "auto",
     sync: bool = True,
     verify_reads: bool = True,
     **options: Any,
@@ -69,8 +76,16 @@ def open_store(
     ``mode``: ``"r"`` read only (writes raise :class:`ReadOnlyError`); ``"a"`` append, creating the
     store if there is none; ``"w"`` create, replacing an existing store (deleting only the files its
     manifest names; never a directory that is not a store). ``backend`` is needed to create; on
-    opening it is read from the manifest (giving a different one raises). ``shape`` fixes the image
-    shape up front (else the first write does). ``sync=False`` skips fsync: faster writes, but the
+    opening it is read from the manifest (giving a different one raises).
+
+    Creating, these are kept in the store: ``codec`` (``raw`` pixels; ``png``, ``jpeg``, ``webp``
+    encoded with ``quality`` or ``codec_params``; ``keep``: encoded files stored as given);
+    ``shape``: a tuple fixes every image's shape; None lets images vary in shape; ``"auto"``
+    (default) is "fixed by the first write" for raw stores and None for encoded ones;
+    ``image_mode``: what encoded images decode to, ``"RGB"`` or ``"L"`` (PIL's ``convert``, as
+    torchvision's loader does) or None (as stored); ``classes``: class names (label i is
+    ``classes[i]``). ``decoder`` (``"auto"``, ``"pillow"``, ``"simplejpeg"``, ``"turbojpeg"``)
+    decodes this handle's reads. ``sync=False`` skips fsync: faster writes, but the
     last commits may be lost on power failure. ``verify_reads=False`` skips checking each record
     read against its checksum (see the README for what the check costs). ``options`` are the
     backend's own (see its ``option_specs``): layout options are fixed when the store is created.
@@ -83,12 +98,14 @@ def open_store(
         if not isinstance(flag, bool):
             raise InvalidOptionError(f"{name} must be True or False, got {flag!r}")
     store_path = _as_path(path)
+    layout = _checked_layout(codec, quality, codec_params, image_mode, classes, shape)
+    reading = _Reading(sync, verify_reads, decoder)
     if mode == "r":
-        return _open_existing(store_path, read_manifest(store_path), backend, mode, sync, verify_reads, options)
+        return _open_existing(store_path, read_manifest(store_path), backend, mode, reading, options, layout)
 
     cls = get_backend(backend) if backend is not None else None
-    image_shape = _checked_shape(cls, shape) if cls is not None else None
     if cls is not None:
+        layout = replace(layout, shape=_checked_shape(cls, layout))
         check_options(cls.name, cls.option_specs, options)  # bad options raise before anything is touched
     _make_directory(store_path)
     _existing_manifest(store_path, mode)  # refuse what is not a store before even the lock file is made
@@ -96,25 +113,112 @@ def open_store(
     try:
         old = _existing_manifest(store_path, mode)
         if mode == "a" and old is not None and not old.creating:
-            store = _open_existing(store_path, old, backend, mode, sync, verify_reads, options, lock)
+            store = _open_existing(store_path, old, backend, mode, reading, options, layout, lock)
         else:
             if cls is None:
                 if old is None:
                     raise StoreNotFoundError(f"no store at {store_path}; pass backend=... to create one")
                 raise InvalidOptionError(f"{store_path} was being created and is empty; pass backend=... to create it")
-            store = _create(store_path, cls, old, image_shape, sync, verify_reads, options, lock)
+            store = _create(store_path, cls, old, layout, reading, options, lock)
     except BaseException:
         lock.release()
         raise
     return store
 
 
-def reopen(path: str, backend: str, mode: Mode, sync: bool, verify_reads: bool, overrides: dict[str, Any]) -> Store:
+def reopen(
+    path: str,
+    backend: str,
+    mode: Mode,
+    sync: bool,
+    verify_reads: bool,
+    overrides: dict[str, Any],
+    decoder: str = "auto",
+) -> Store:
     """Unpickle a store: open it again the way it was open."""
-    return open_store(path, backend, mode, sync=sync, verify_reads=verify_reads, **overrides)
+    return open_store(path, backend, mode, sync=sync, verify_reads=verify_reads, decoder=decoder, **overrides)
 
 
-def _checked_shape(cls: type[Store], shape: Sequence[int] | None) -> tuple[int, ...] | None:
+class _Reading(NamedTuple):
+    """Settings of one handle."""
+
+    sync: bool
+    verify_reads: bool
+    decoder: str
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a new store keeps in its manifest besides the backend's options."""
+
+    codec: str
+    codec_params: dict[str, Any]  # resolved: every parameter, defaults included
+    given_params: dict[str, Any]  # what the caller gave
+    image_mode: str | None
+    classes: tuple[str, ...] | None
+    shape: tuple[int, ...] | None  # after _checked_shape; before, the caller's value
+    varied: bool
+
+    @property
+    def encoded(self) -> bool:
+        return self.codec != "raw" or self.varied
+
+    def check_against(self, path: Path, manifest: Manifest) -> None:
+        """Values given for an existing store must be its own (a default means "whatever it has")."""
+        given = {
+            "codec": (self.codec, manifest.codec, self.codec != "raw"),
+            "codec parameters": (
+                self.given_params,
+                {k: manifest.codec_params.get(k) for k in self.given_params},
+                bool(self.given_params),
+            ),
+            "image_mode": (self.image_mode, manifest.image_mode, self.image_mode is not None),
+            "classes": (self.classes, manifest.classes, self.classes is not None),
+        }
+        for name, (want, have, set_) in given.items():
+            if set_ and want != have:
+                raise InvalidOptionError(f"{path} was created with {name} {have!r}; {want!r} was given")
+
+
+def _checked_layout(
+    codec: str,
+    quality: int | None,
+    codec_params: Mapping[str, Any] | None,
+    image_mode: str | None,
+    classes: Sequence[str] | None,
+    shape: Any,
+) -> _Layout:
+    params = dict(codec_params or {})
+    if quality is not None:
+        params["quality"] = quality
+    if not isinstance(codec, str):
+        raise InvalidOptionError(f"codec must be a codec's name, got {codec!r}")
+    if codec == "raw" and not params:
+        resolved: dict[str, Any] = {}
+    else:
+        from imgstore.codecs import get_codec
+
+        resolved = get_codec(codec, **params).params
+    if image_mode not in IMAGE_MODES:
+        raise InvalidOptionError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
+    if image_mode is not None and codec == "raw":
+        raise InvalidOptionError("image_mode applies to encoded stores (codec 'keep', 'png', 'jpeg', 'webp')")
+    names = None
+    if classes is not None:
+        if isinstance(classes, str) or not all(isinstance(c, str) and 0 < len(c) <= 1000 for c in classes):
+            raise InvalidOptionError("classes must be a sequence of names (strings of 1 to 1 000 characters)")
+        names = tuple(classes)
+        if len(set(names)) != len(names):
+            raise InvalidOptionError("classes must be distinct names")
+    if isinstance(shape, str) and shape != "auto":
+        raise InvalidOptionError(f"shape must be a tuple of sizes, None or 'auto', got {shape!r}")
+    varied = shape is None or (shape == "auto" and codec != "raw")
+    fixed = None if isinstance(shape, str) or shape is None else shape
+    return _Layout(codec, resolved, params, image_mode, names, fixed, varied)
+
+
+def _checked_shape(cls: type[Store], layout: _Layout) -> tuple[int, ...] | None:
+    shape = layout.shape
     if shape is None:
         return None
     try:
@@ -126,7 +230,10 @@ def _checked_shape(cls: type[Store], shape: Sequence[int] | None) -> tuple[int, 
     nbytes = math.prod(image_shape)
     if nbytes > MAX_IMAGE_BYTES:
         raise InvalidImageError(f"shape {image_shape} is {nbytes} bytes an image; at most {MAX_IMAGE_BYTES}")
-    cls.check_shape(image_shape)
+    if layout.encoded and len(image_shape) not in (2, 3):
+        raise InvalidImageError(f"an encoded store holds [H, W] or [H, W, C] images, not shape {image_shape}")
+    if not layout.encoded:
+        cls.check_shape(image_shape)
     return image_shape
 
 
@@ -135,9 +242,9 @@ def _open_existing(
     manifest: Manifest,
     backend: str | None,
     mode: Mode,
-    sync: bool,
-    verify_reads: bool,
+    reading: _Reading,
     options: Mapping[str, Any],
+    layout: _Layout,
     lock: WriterLock | None = None,
 ) -> Store:
     from imgstore.registry import get_backend
@@ -149,14 +256,21 @@ def _open_existing(
     if backend is not None and backend != manifest.backend:
         raise InvalidOptionError(f"{path} is a {manifest.backend!r} store, not {backend!r}")
     cls = get_backend(manifest.backend)
+    layout.check_against(path, manifest)
     kept, overrides = resolve_options(cls.name, cls.option_specs, manifest.options, options)
     manifest = replace(_with_legacy_files(manifest, cls), options=kept)
-    if manifest.shape is not None:
+    if manifest.shape is not None and not manifest.encoded:
         try:
             cls.check_shape(manifest.shape)
         except InvalidImageError as exc:
             raise CorruptStoreError(f"{path}: its manifest holds a shape its backend cannot hold: {exc}") from None
-    store = cls(path, manifest, mode, sync=sync, verify_reads=verify_reads, overrides=overrides)
+    try:
+        store = cls(path, manifest, mode, sync=reading.sync, verify_reads=reading.verify_reads, overrides=overrides,
+                    decoder=reading.decoder)
+    except InvalidOptionError as exc:
+        if "codec" in str(exc) and manifest.encoded:  # a codec this imgstore does not know
+            raise CorruptStoreError(f"{path}: {exc}") from None
+        raise
     store._lock = lock
     try:
         store._load_checksums()
@@ -180,12 +294,17 @@ def _create(
     path: Path,
     cls: type[Store],
     old: Manifest | None,
-    shape: tuple[int, ...] | None,
-    sync: bool,
-    verify_reads: bool,
+    layout: _Layout,
+    reading: _Reading,
     options: Mapping[str, Any],
     lock: WriterLock,
 ) -> Store:
+    shape, sync = layout.shape, reading.sync
+    store_files = _STORE_FILES
+    if layout.encoded:
+        from imgstore.encoded import ENCODED_FILES
+
+        store_files = (*_STORE_FILES, *ENCODED_FILES)
     generation = secrets.token_hex(4)
     while old is not None and generation == old.generation:
         generation = secrets.token_hex(4)
@@ -195,8 +314,13 @@ def _create(
         options={name: spec.default for name, spec in cls.option_specs.items()}
         | check_options(cls.name, cls.option_specs, options),
         generation=generation,
-        files=tuple(generation_name(name, generation) for name in (*cls.files, *_STORE_FILES)),
-        group=group_size(math.prod(shape)) if shape is not None else 0,
+        files=tuple(generation_name(name, generation) for name in (*cls.files, *store_files)),
+        group=1 if layout.encoded else group_size(math.prod(shape)) if shape is not None else 0,
+        codec=layout.codec,
+        codec_params=layout.codec_params,
+        image_mode=layout.image_mode,
+        varied=layout.varied,
+        classes=layout.classes,
     )
     doing = f"creating a {cls.name} store at {path}"
     try:
@@ -205,7 +329,7 @@ def _create(
         write_manifest(path, replace(new, files=named, creating=True), sync=sync)
         if old is not None:
             _delete_owned(path, old)
-        store = cls(path, new, "w", sync=sync, verify_reads=verify_reads)
+        store = cls(path, new, "w", sync=sync, verify_reads=reading.verify_reads, decoder=reading.decoder)
         store._lock = lock
         store._open(create=True)
     except OSError as exc:
@@ -217,7 +341,7 @@ def _create(
         _delete_owned(path, new, quietly=True)
         raise
     try:
-        for name in _STORE_FILES:
+        for name in store_files:
             store.file(name).touch()
         write_manifest(path, new, sync=sync)
     except OSError as exc:

@@ -4,7 +4,8 @@
 protocol, record checksums (checked on every read), index handling, batching, iteration, pickling
 and reopening after ``fork()``. A backend subclasses it in one file and implements a few primitives
 (``_open``, ``_write``, ``_read_into``, ``_close``; optionally faster ``_read_range_into`` and
-``_read_one``), then is registered by name in :mod:`imgstore.registry`. Opening, creating and
+``_read_one``; ``_write_blobs`` and ``_read_blobs`` for encoded stores, see :mod:`imgstore.encoded`),
+then is registered by name in :mod:`imgstore.registry`. Opening, creating and
 replacing stores is :mod:`imgstore.opening`.
 """
 
@@ -16,7 +17,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from imgstore.errors import (
     CorruptStoreError,
     ImgStoreError,
     InvalidImageError,
+    InvalidLabelError,
     InvalidOptionError,
     ReadOnlyError,
     StoreBusyError,
@@ -46,6 +48,9 @@ from imgstore.fileio import disk_usage
 from imgstore.locking import WriterLock
 from imgstore.manifest import MAX_DIMS, MAX_IMAGE_BYTES, Manifest, generation_name, read_manifest, write_manifest
 from imgstore.options import Option
+
+if TYPE_CHECKING:
+    from imgstore.encoded import EncodedRecords
 
 Mode = Literal["r", "w", "a"]
 
@@ -82,6 +87,7 @@ class Store(abc.ABC):
         sync: bool,
         verify_reads: bool = True,
         overrides: Mapping[str, Any] | None = None,
+        decoder: str = "auto",
     ) -> None:
         self.path = path
         self.mode: Mode = mode
@@ -93,6 +99,11 @@ class Store(abc.ABC):
         self._pid = os.getpid()
         self._lock: WriterLock | None = None  # modes "w" and "a"
         self._checksums = self._make_checksums(manifest)
+        self._encoded: EncodedRecords | None = None
+        if manifest.encoded:
+            from imgstore.encoded import EncodedRecords
+
+            self._encoded = EncodedRecords(self, decoder)
 
     # ------------------------------------------------------------------ backend primitives
 
@@ -119,6 +130,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _close(self) -> None:
         """Release the backend's handles."""
+
+    def _write_blobs(self, start: int, blobs: Sequence[bytes], labels: np.ndarray) -> None:
+        """Encoded stores: write variable-length records ``start ..`` (bytes as given), like :meth:`_write`."""
+        raise InvalidOptionError(f"the {self.name} backend cannot hold encoded or varied-shape images")
+
+    def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        """Encoded stores: the bytes (owned ``bytes``) and labels (int64) of records ``indices`` (any order, repeats)."""
+        raise InvalidOptionError(f"the {self.name} backend cannot hold encoded or varied-shape images")
+
+    def _read_blob_range(self, start: int, stop: int) -> tuple[list[bytes], np.ndarray]:
+        """Encoded stores: records ``start .. stop - 1``; override where a scan beats a gather."""
+        return self._read_blobs(np.arange(start, stop, dtype=np.int64))
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         """Fill the arrays with records ``start .. stop - 1``; override where a scan beats a gather."""
@@ -155,6 +178,50 @@ class Store(abc.ABC):
         if shape is None:
             raise StoreIndexError(f"{self.path} holds no image yet")
         return shape
+
+    @property
+    def codec(self) -> str:
+        """How records are stored: ``raw`` pixels, or ``png``, ``jpeg``, ``webp`` bytes, or ``keep`` (files as given)."""
+        return self._manifest.codec
+
+    @property
+    def codec_params(self) -> dict[str, Any]:
+        return dict(self._manifest.codec_params)
+
+    @property
+    def varied(self) -> bool:
+        """Whether images may differ in shape (then ``get_many`` gives a list, or a batch with ``size=``)."""
+        return self._manifest.shape is None and self._manifest.encoded
+
+    @property
+    def image_mode(self) -> str | None:
+        """What encoded images decode to: ``"RGB"``, ``"L"`` (PIL's ``convert``), or None: as stored."""
+        return self._manifest.image_mode
+
+    @property
+    def decoder(self) -> str | None:
+        """The decoder this handle uses for encoded images (None for raw stores)."""
+        return self._encoded.decoder if self._encoded is not None else None
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names: label ``i`` is ``classes[i]``; None when the store was given none."""
+        return list(self._manifest.classes) if self._manifest.classes is not None else None
+
+    def image_shapes(self) -> np.ndarray:
+        """``[N, 3]`` uint32: each image's height, width and channels (1 for a 2-D image)."""
+        self._check_usable()
+        if self._encoded is not None:
+            return self._encoded.shapes()
+        shape = self.shape or (0, 0)
+        hwc = (*shape[:2], shape[2] if len(shape) > 2 else 1) if len(shape) >= 2 else (shape[0], 1, 1)
+        return np.tile(np.array(hwc, dtype=np.uint32), (len(self), 1))
+
+    def source_path(self, index: int) -> str | None:
+        """The path of the file record ``index`` came from (``put_encoded_many(..., paths=)``), or None."""
+        self._check_usable()
+        index = self._checked_index(index)
+        return self._encoded.source_path(index) if self._encoded is not None else None
 
     @property
     def dtype(self) -> np.dtype:
@@ -220,8 +287,13 @@ class Store(abc.ABC):
     def put_many(self, images: np.ndarray | Sequence[np.ndarray], labels: Sequence[int] | np.ndarray) -> range:
         """Append images ``[N, *shape]`` with their labels in one all-or-nothing commit; returns their indices."""
         self._check_writable()
+        if self._encoded is not None:
+            if isinstance(images, np.ndarray) and images.ndim < 3:
+                raise InvalidImageError(f"put_many takes a batch of images; got an array of shape {images.shape}")
+            labels = self._checked_labels(labels, len(images))
+            return self._encoded.put_arrays(images, labels)
         images = self._checked_images(images)
-        labels = checked_labels(labels, len(images))
+        labels = self._checked_labels(labels, len(images))
         start = len(self)
         if len(images) == 0:
             return range(start, start)
@@ -246,6 +318,36 @@ class Store(abc.ABC):
         self._manifest = manifest
         self._checksums.extend(start, records, groups)
         return range(start, start + len(images))
+
+    def put_encoded_many(
+        self,
+        blobs: Sequence[bytes],
+        labels: Sequence[int] | np.ndarray,
+        *,
+        paths: Sequence[str | os.PathLike[str]] | None = None,
+    ) -> range:
+        """Append encoded image files' bytes as given (after checking each header decodes to a sane size).
+
+        ``paths``, optional, are kept as each record's source (:meth:`source_path`). One commit.
+        """
+        self._check_writable()
+        if self._encoded is None:
+            raise InvalidOptionError(
+                f"{self.path} holds raw pixels of one shape: create it with codec='keep' (or 'jpeg', 'png', 'webp') "
+                "to store encoded files"
+            )
+        try:
+            count = len(blobs)
+        except TypeError:
+            raise InvalidImageError("put_encoded_many takes a sequence of encoded images (bytes)") from None
+        return self._encoded.put_encoded(blobs, self._checked_labels(labels, count), paths)
+
+    def _checked_labels(self, labels: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
+        checked = checked_labels(labels, count)
+        classes = self._manifest.classes
+        if classes is not None and checked.size and int(checked.max()) >= len(classes):
+            raise InvalidLabelError(f"label {int(checked.max())} has no class: this store has {len(classes)} classes")
+        return checked
 
     def _check_writable(self) -> None:
         self._check_usable()
@@ -292,6 +394,8 @@ class Store(abc.ABC):
         """The image and label at ``index`` (negative counts from the end)."""
         self._check_usable()
         index = self._checked_index(index)
+        if self._encoded is not None:
+            return self._encoded.get(index)
         try:
             image, label = self._read_one(index)
         except self.damage_errors as exc:
@@ -304,16 +408,28 @@ class Store(abc.ABC):
         return self.get(index)
 
     def get_many(
-        self, indices: IndexLike, *, out: tuple[np.ndarray, np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        indices: IndexLike,
+        *,
+        out: tuple[np.ndarray, np.ndarray] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> tuple[Any, np.ndarray]:
         """Images ``[N, *shape]`` and labels ``[N]`` (int64) for any indices, in the order given.
 
         ``out=(images, labels)`` fills arrays the caller reuses (e.g. one pair per training step)
-        instead of allocating new ones; they are returned.
+        instead of allocating new ones; they are returned. In a store of varied shapes the images
+        are a list of arrays; with ``size=(h, w)`` an encoded store decodes each image straight to
+        that size (JPEG: a reduced-size decode, then a bilinear resize) into one batch array.
         """
         self._check_usable()
         count = len(self)
         contiguous = as_contiguous_range(indices, count)
+        if self._encoded is not None:
+            size = _checked_size(size)
+            where = contiguous if contiguous is not None else checked_indices(indices, count)
+            return self._encoded.get_many(where, out, size)
+        if size is not None:
+            raise InvalidOptionError("size= resizes encoded images; this store holds raw pixels of one shape")
         if contiguous is not None:
             start, stop = contiguous
             images, labels = self._batch(stop - start, out)
@@ -356,6 +472,20 @@ class Store(abc.ABC):
         except self.damage_errors as exc:
             raise self._damaged(exc) from exc
 
+    def get_encoded(self, index: int) -> tuple[bytes, int]:
+        """The stored bytes of image ``index`` (e.g. the source JPEG of a ``keep`` store) and its label."""
+        blobs, labels = self.get_encoded_many([index])
+        return blobs[0], int(labels[0])
+
+    def get_encoded_many(self, indices: IndexLike) -> tuple[list[bytes], np.ndarray]:
+        """The stored bytes of images ``indices`` and their labels, checked, not decoded."""
+        self._check_usable()
+        if self._encoded is None:
+            raise InvalidOptionError(f"{self.path} holds raw pixels of one shape, not encoded images; use get_many")
+        count = len(self)
+        contiguous = as_contiguous_range(indices, count)
+        return self._encoded.read(contiguous if contiguous is not None else checked_indices(indices, count))
+
     def _damaged(self, exc: BaseException) -> ImgStoreError:
         if isinstance(exc, PermissionError):  # not damage: keep the built-in's meaning
             return StoreIOError(f"{self.path}: {exc}")
@@ -386,6 +516,8 @@ class Store(abc.ABC):
             checksums = self._make_checksums(new_manifest)
             checksums.load(new_manifest.count)
             self._manifest, self._checksums = new_manifest, checksums
+            if self._encoded is not None:
+                self._encoded.forget()
             try:
                 self._refresh(old_manifest.count)
             except BaseException as exc:
@@ -400,6 +532,11 @@ class Store(abc.ABC):
         self._check_usable()
         batch_size = checked_batch_size(batch_size)
         count = len(self)
+        if self._encoded is not None:
+            for start in range(0, count, batch_size):  # each record's bytes against its checksum
+                blobs, labels = self._encoded.read((start, min(start + batch_size, count)))
+                self._checksums.check_blobs(np.arange(start, start + len(blobs)), blobs, labels, self.path)
+            return
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
             images, labels = self._batch(stop - start, None)
@@ -415,9 +552,20 @@ class Store(abc.ABC):
             self._checksums.check_records(np.arange(start, stop), images, labels, self.path)
             self._checksums.check_range(start, images, labels, self.path)
 
-    def iter_batches(self, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every record in order, as ``(images, labels)`` batches of ``batch_size`` (the last may be shorter)."""
-        return self._iter_batches(checked_batch_size(batch_size))
+    def iter_batches(
+        self, batch_size: int = 1024, *, size: tuple[int, int] | None = None
+    ) -> Iterator[tuple[Any, np.ndarray]]:
+        """Every record in order, as ``(images, labels)`` batches of ``batch_size`` (the last may be shorter).
+
+        Images are as :meth:`get_many` gives them (a list in a store of varied shapes, unless ``size``).
+        """
+        batch_size = checked_batch_size(batch_size)
+        if self._encoded is not None:
+            self._check_usable()
+            return self._encoded.iter_batches(batch_size, _checked_size(size))
+        if size is not None:
+            raise InvalidOptionError("size= resizes encoded images; this store holds raw pixels of one shape")
+        return self._iter_batches(batch_size)
 
     def _iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         count = len(self)  # a snapshot: appends during iteration are not read
@@ -441,8 +589,10 @@ class Store(abc.ABC):
             for image, label in zip(images, labels.tolist(), strict=False):
                 yield image.copy(), label
 
-    def _batch(self, n: int, out: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        shape = (n, *(self.shape or ()))
+    def _batch(
+        self, n: int, out: tuple[np.ndarray, np.ndarray] | None, image_shape: tuple[int, ...] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        shape = (n, *(image_shape or self.shape or ()))
         if out is None:
             return np.empty(shape, dtype=np.uint8), np.empty(n, dtype=np.int64)
         if not isinstance(out, tuple) or len(out) != 2:
@@ -508,4 +658,18 @@ class Store(abc.ABC):
         from imgstore.opening import reopen
 
         mode = "r" if self.mode == "r" else "a"
-        return (reopen, (str(self.path), self.name, mode, self.sync, self.verify_reads, dict(self._overrides)))
+        decoder = self._encoded.decoder if self._encoded is not None else "auto"
+        overrides = dict(self._overrides)
+        return (reopen, (str(self.path), self.name, mode, self.sync, self.verify_reads, overrides, decoder))
+
+
+def _checked_size(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        height, width = (operator.index(v) for v in size)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"size must be (height, width) integers, got {size!r}") from None
+    if not (1 <= height <= 1 << 16 and 1 <= width <= 1 << 16) or any(isinstance(v, bool) for v in size):
+        raise InvalidOptionError(f"size must be (height, width) with each 1 .. 65536, got {size!r}")
+    return height, width

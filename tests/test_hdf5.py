@@ -171,7 +171,7 @@ def kill_while_opening_for_append(tmp_path: Path, kills: int, seed: int) -> None
             ) from exc
 
 
-def kill_during_first_writes(tmp_path: Path, kills: int, seed: int, shape: tuple[int, ...] | None) -> None:
+def kill_during_first_writes(tmp_path: Path, kills: int, seed: int, shape: tuple[int, ...] | str) -> None:
     """SIGKILL during the first ``put_many`` calls on a new, empty store (created with or without ``shape=``)."""
     rng = random.Random(seed)
     path = tmp_path / "store"
@@ -199,7 +199,7 @@ def test_killed_while_opening_for_append(tmp_path: Path) -> None:
 
 
 def test_killed_during_the_first_writes_of_a_new_store(tmp_path: Path) -> None:
-    kill_during_first_writes(tmp_path, kills=20, seed=2, shape=None)
+    kill_during_first_writes(tmp_path, kills=20, seed=2, shape="auto")
 
 
 def test_killed_during_the_first_writes_of_a_store_created_with_a_shape(tmp_path: Path) -> None:
@@ -212,8 +212,8 @@ def test_killed_while_opening_for_append_200_times(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [None, SHAPE])
-def test_killed_during_the_first_writes_200_times(tmp_path: Path, shape: tuple[int, ...] | None) -> None:
+@pytest.mark.parametrize("shape", ["auto", SHAPE])
+def test_killed_during_the_first_writes_200_times(tmp_path: Path, shape: tuple[int, ...] | str) -> None:
     kill_during_first_writes(tmp_path, kills=200, seed=12, shape=shape)
 
 
@@ -225,9 +225,9 @@ def _open_without_swmr_and_die(file: str) -> None:
     os._exit(0 if handle else 1)  # killed with the file open
 
 
-@pytest.mark.parametrize(("count", "shape"), [(300, None), (0, None), (0, SHAPE)])
+@pytest.mark.parametrize(("count", "shape"), [(300, "auto"), (0, "auto"), (0, SHAPE)])
 def test_store_with_a_plain_writer_mark_opens_and_is_repaired(
-    tmp_path: Path, count: int, shape: tuple[int, ...] | None
+    tmp_path: Path, count: int, shape: tuple[int, ...] | str
 ) -> None:
     """A writer killed while it had the file open without SWMR (as earlier versions did when opening
     and before the first write) leaves a mark that neither an HDF5 reader nor writer accepts."""
@@ -276,9 +276,9 @@ def test_writer_beside_a_reader_of_the_same_process(tmp_path: Path) -> None:
         check_store_content(store, images, labels)
 
 
-@pytest.mark.parametrize("shape", [None, SHAPE])
+@pytest.mark.parametrize("shape", ["auto", SHAPE])
 def test_reader_of_the_same_process_opened_after_the_writer_made_its_file(
-    tmp_path: Path, shape: tuple[int, ...] | None
+    tmp_path: Path, shape: tuple[int, ...] | str
 ) -> None:
     """The writer's new files (at creation, at the first write) are its own from the start: a reader
     opened after them shares them and does not keep the writer out."""
@@ -412,7 +412,7 @@ def only_owned_entries(path: Path) -> None:
     assert not stray, f"entries the manifest does not name: {stray}"
 
 
-@pytest.mark.parametrize("shape", [None, SHAPE])
+@pytest.mark.parametrize("shape", ["auto", SHAPE])
 def test_creating_on_a_full_disk_is_a_clean_store_full_error(small_filesystem: Path, shape: Any) -> None:
     images, labels = records(1200)
     path = small_filesystem / "store"

@@ -1,5 +1,7 @@
 """LMDB backend: blocks of consecutive images, each one LMDB value of raw pixels then labels; no pickle.
 
+Encoded stores (JPEG, PNG, WebP bytes...) keep one value per image instead: its label, then its bytes.
+
 Keys are the block number as 8 big-endian bytes, so key order is index order and appends use
 LMDB's fast append mode. A write rewrites the partly filled last block, if any, in the same
 transaction. The map grows by itself: a write that would not fit grows the map first (and a
@@ -14,6 +16,7 @@ import gc
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import lmdb
@@ -306,6 +309,58 @@ class LmdbStore(Store):
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def _write_blobs(self, start: int, blobs: Sequence[bytes], labels: np.ndarray) -> None:
+        # Encoded stores: one value per record (key: its index), its label's 8 bytes then its bytes.
+        # Encoded images are large (a photo: ~100 KB, LMDB overflow pages of its own), so blocks
+        # would save nothing and cost a copy of the block per read.
+        total = sum(len(blob) for blob in blobs)
+        self._ensure_room(total + len(blobs) * (8 + 2 * _OVERFLOW_HEADER + 64))
+        label_bytes = np.ascontiguousarray(labels, dtype="<i8").tobytes()
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    cursor = txn.cursor()
+                    if cursor.set_range(_key(start)):  # leftovers of a crashed write
+                        while cursor.delete():
+                            pass
+                    for k, blob in enumerate(blobs):
+                        cursor.put(_key(start + k), label_bytes[8 * k : 8 * k + 8] + blob, append=True)
+                if self.sync and not self._shared.sync:
+                    self._env.sync(True)
+                release_reserve(self.file("lmdb") / "data.mdb")
+                return
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        labels = np.empty(len(indices), dtype=np.int64)
+        blobs: list[bytes] = []
+        with self._begin() as txn:
+            get = txn.get
+            for k, index in enumerate(indices.tolist()):
+                value = get(index.to_bytes(8, "big"))
+                if value is None or len(value) < 9:
+                    raise CorruptStoreError(f"{self.path}: image {index} is committed but missing or empty")
+                labels[k] = int.from_bytes(value[:8], "little", signed=True)
+                blobs.append(bytes(value[8:]))
+        return blobs, labels
+
+    def _read_blob_range(self, start: int, stop: int) -> tuple[list[bytes], np.ndarray]:
+        labels = np.empty(stop - start, dtype=np.int64)
+        blobs: list[bytes] = []
+        with self._begin() as txn:
+            cursor = txn.cursor()
+            if cursor.set_key(_key(start)):
+                for key, value in cursor.iternext():
+                    index = start + len(blobs)
+                    if index == stop or bytes(key) != _key(index) or len(value) < 9:
+                        break
+                    labels[len(blobs)] = int.from_bytes(value[:8], "little", signed=True)
+                    blobs.append(bytes(value[8:]))
+        if len(blobs) != stop - start:
+            raise CorruptStoreError(f"{self.path}: image {start + len(blobs)} is committed but missing")
+        return blobs, labels
 
     def _ensure_room(self, nbytes: int) -> None:
         """Grow the map, and reserve disk blocks, ahead of a write: no MapFullError, no full disk mid-commit."""
