@@ -470,6 +470,17 @@ def test_decompression_bombs(side: int, decoder: str) -> None:
         decode(bytes(jpeg), decoder=decoder)
 
 
+def test_gif_bomb_frame() -> None:
+    """A GIF whose first frame reaches far past its 1x1 screen: Pillow would warn while opening it."""
+    gif = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+    gif += b"!\xfe\x03abc\x00" + b"?"  # a comment extension, then a byte Pillow skips
+    for side in (10_000, 30_000):
+        bomb = gif + b"," + struct.pack("<HHHHB", 0, 0, side, side, 0) + b"\x02\x02\x44\x01\x00;"
+        for call in (probe, decode):
+            with pytest.raises(InvalidImageError, match="decompression bomb"):
+                call(bomb)
+
+
 def _truncated_and_damaged() -> dict[str, bytes]:
     jpeg = SAMPLES["jpeg-420"]
     cases = {
@@ -661,11 +672,11 @@ def test_encode_many(codec: str) -> None:
         encode_many(get_codec(codec), [*images, np.zeros((3, 3), np.float64)], threads=2)
 
 
-def _decode_in_child(blobs: list[bytes], expected: list[np.ndarray], parent_pool: int) -> None:
+def _decode_in_child(blobs: list[bytes], expected: list[np.ndarray]) -> None:
+    dropped = pool._pool is None  # the parent's pool, whose threads do not exist here, was let go at the fork
     got = decode_many(blobs, threads=2)
     same = all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
-    fresh = pool._pool is not None and id(pool._pool) != parent_pool
-    os._exit(0 if same and fresh else 1)
+    os._exit(0 if dropped and same and pool._pool is not None else 1)
 
 
 @pytest.mark.usefixtures("always_parallel")
@@ -673,10 +684,11 @@ def test_pool_is_fork_safe() -> None:
     blobs = _batch(40)
     expected = decode_many(blobs, threads=2)  # the parent's pool exists, with its threads
     assert pool._pool is not None
-    child = multiprocessing.get_context("fork").Process(target=_decode_in_child, args=(blobs, expected, id(pool._pool)))
+    child = multiprocessing.get_context("fork").Process(target=_decode_in_child, args=(blobs, expected))
     child.start()
     child.join(timeout=60)
     if child.is_alive():  # a child that waited on the parent's threads would hang here
         child.kill()
         pytest.fail("decode_many hung in a forked child")
     assert child.exitcode == 0
+    assert decode_many(blobs, threads=2) is not None and pool._pool is not None  # the parent's pool is unharmed

@@ -14,8 +14,15 @@ from imgstore.errors import InvalidImageError
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 # Suffixes for the formats people meet most; any other takes the first one Pillow registers for it.
-_SUFFIXES = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
-_SUFFIXES["TIFF"] = ".tif"
+_SUFFIXES = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+}
 
 
 def pil_image(array: np.ndarray, channels: int) -> Image.Image:

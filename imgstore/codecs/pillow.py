@@ -64,10 +64,14 @@ def open_image(data: bytes | memoryview) -> ImageFile.ImageFile:
                     continue
                 if not accepted:
                     continue
+                if format == "GIF" and (canvas := _gif_canvas(data)) is not None:
+                    check_size("GIF", canvas)  # before Pillow, which would warn while reading the first frame
                 fp.seek(0)
                 image = factory(fp, "")
             except (SyntaxError, IndexError, TypeError, struct.error):
                 continue  # not this format after all: Image.open goes on to the next plugin too
+            except InvalidImageError:
+                raise
             except Image.DecompressionBombError as exc:
                 raise InvalidImageError(f"a {format} decompression bomb: {exc}") from None
             except Exception as exc:
@@ -76,6 +80,29 @@ def open_image(data: bytes | memoryview) -> ImageFile.ImageFile:
             return image
     why = f" ({'; '.join(declined)})" if declined else ""
     raise InvalidImageError(f"not an image file that Pillow can read{why}")
+
+
+def _gif_canvas(data: bytes | memoryview) -> tuple[int, int] | None:
+    """The size Pillow gives a GIF when it opens it: the screen, grown to the first frame's extent.
+
+    Walks the blocks as GifImagePlugin does (skipping unknown bytes); None where it cannot tell.
+    """
+    if len(data) < 13:
+        return None
+    width, height, flags = struct.unpack_from("<HHB", data, 6)
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    while position < len(data) and data[position] != 0x3B:  # ";": the end of the file
+        if data[position] == 0x2C:  # ",": the first image descriptor
+            if position + 9 > len(data):
+                return None
+            left, top, frame_width, frame_height = struct.unpack_from("<4H", data, position + 1)
+            return max(width, left + frame_width), max(height, top + frame_height)
+        if data[position] == 0x21:  # "!": an extension, its label, then sub-blocks up to an empty one
+            position += 2
+            while position < len(data) and data[position]:
+                position += 1 + data[position]
+        position += 1
+    return None
 
 
 def check_size(format: str, size: tuple[int, int]) -> None:
