@@ -144,3 +144,55 @@ def checked_batch_size(value: Any) -> int:
             if size >= 1:
                 return size
     raise InvalidOptionError(f"batch_size must be an integer >= 1, got {value!r}")
+
+
+def batch_arrays(shape: tuple[int, ...], out: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """New ``(images, labels)`` arrays for a batch of ``shape``, or the caller's ``out`` after checking it fits."""
+    n = shape[0]
+    if out is None:
+        return np.empty(shape, dtype=np.uint8), np.empty(n, dtype=np.int64)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise InvalidOptionError("out must be a pair (images, labels) of arrays")
+    images, labels = out
+    if isinstance(images, np.ndarray) and isinstance(labels, np.ndarray) and np.may_share_memory(images, labels):
+        raise InvalidOptionError("out's images and labels arrays overlap in memory")
+    for array, want, dtype in ((images, shape, np.uint8), (labels, (n,), np.int64)):
+        if (
+            not isinstance(array, np.ndarray)
+            or array.shape != want
+            or array.dtype != dtype
+            or not array.flags.c_contiguous
+            or not array.flags.writeable
+        ):
+            raise InvalidOptionError(
+                f"out must be writable C-contiguous arrays of shapes {shape} uint8 and ({n},) int64"
+            )
+    return images, labels
+
+
+def checked_index(index: Any, count: int) -> int:
+    """One index (negative counts from the end) of a store of ``count`` records."""
+    if isinstance(index, (bool, np.bool_)):
+        raise InvalidOptionError("an index must be an integer, not a bool")
+    try:
+        i = operator.index(index)
+    except TypeError:
+        raise InvalidOptionError(f"an index must be an integer, got {type(index).__name__}") from None
+    if i < 0:
+        i += count
+    if not 0 <= i < count:
+        raise StoreIndexError(f"index {index} is out of range for a store of {count} images")
+    return i
+
+
+def checked_size(size: Any) -> tuple[int, int] | None:
+    """``size=(height, width)`` of an encoded read, or None."""
+    if size is None:
+        return None
+    try:
+        height, width = (operator.index(v) for v in size)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"size must be (height, width) integers, got {size!r}") from None
+    if not (1 <= height <= 1 << 16 and 1 <= width <= 1 << 16) or any(isinstance(v, bool) for v in size):
+        raise InvalidOptionError(f"size must be (height, width) with each 1 .. 65536, got {size!r}")
+    return height, width

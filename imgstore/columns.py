@@ -55,7 +55,9 @@ class TextColumn:
 
     def load(self, count: int) -> None:
         self.ends = read_column(self.ends_path, np.dtype("<u8"), count).copy()
-        if len(self.ends) and (np.any(np.diff(self.ends.astype(np.int64)) < 0) or int(self.ends[-1]) > _size(self.data)):
+        if len(self.ends) and (
+            np.any(np.diff(self.ends.astype(np.int64)) < 0) or int(self.ends[-1]) > _size(self.data)
+        ):
             raise CorruptStoreError(f"{self.ends_path} holds impossible offsets")
 
     def write(self, start: int, texts: Sequence[str], *, sync: bool) -> np.ndarray:

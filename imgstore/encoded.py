@@ -198,10 +198,13 @@ class EncodedRecords:
             if out is not None:
                 raise InvalidOptionError("out= needs one batch array: give size=(h, w) for a store of varied shapes")
             return images, labels
+        if isinstance(images, np.ndarray) and out is None:
+            return images, labels  # decoded straight into one batch
+        batch_shape = images.shape[1:] if isinstance(images, np.ndarray) else self.batch_shape(size)
         if out is not None:
-            batch, batch_labels = self.store._batch(len(blobs), out, self.batch_shape(size))
+            batch, batch_labels = self.store._batch(len(blobs), out, batch_shape)
         else:
-            batch, batch_labels = np.empty((len(blobs), *self.batch_shape(size)), np.uint8), labels
+            batch, batch_labels = np.empty((len(blobs), *batch_shape), np.uint8), labels
         if isinstance(images, np.ndarray) and images.shape == batch.shape:
             batch[...] = images
         else:
@@ -259,7 +262,7 @@ class EncodedRecords:
         if self._shapes is None:
             count = len(self.store)
             self._shapes = read_column(self.shapes_file, np.dtype("<u4"), count * 3)[: count * 3].reshape(count, 3)
-        return self._shapes.copy()
+        return np.array(self._shapes, copy=True)
 
     def source_path(self, index: int) -> str | None:
         self._load_paths()

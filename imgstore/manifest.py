@@ -70,7 +70,7 @@ class Manifest:
 
     @property
     def encoded(self) -> bool:
-        """Records are variable-length bytes (an encoded image, or raw pixels with their shape) rather than fixed pixels."""
+        """Records are variable-length bytes (an encoded image, or raw pixels with their shape), not fixed pixels."""
         return self.codec != "raw" or self.varied
 
     def with_count(self, count: int) -> Manifest:

@@ -37,9 +37,9 @@ from imgstore.errors import (
 )
 from imgstore.locking import WriterLock, lock_for_writing
 from imgstore.manifest import (
+    IMAGE_MODES,
     MANIFEST_NAME,
     MAX_DIMS,
-    IMAGE_MODES,
     MAX_IMAGE_BYTES,
     WRITER_LOCK_NAME,
     Manifest,
@@ -265,8 +265,15 @@ def _open_existing(
         except InvalidImageError as exc:
             raise CorruptStoreError(f"{path}: its manifest holds a shape its backend cannot hold: {exc}") from None
     try:
-        store = cls(path, manifest, mode, sync=reading.sync, verify_reads=reading.verify_reads, overrides=overrides,
-                    decoder=reading.decoder)
+        store = cls(
+            path,
+            manifest,
+            mode,
+            sync=reading.sync,
+            verify_reads=reading.verify_reads,
+            overrides=overrides,
+            decoder=reading.decoder,
+        )
     except InvalidOptionError as exc:
         if "codec" in str(exc) and manifest.encoded:  # a codec this imgstore does not know
             raise CorruptStoreError(f"{path}: {exc}") from None
@@ -300,7 +307,7 @@ def _create(
     lock: WriterLock,
 ) -> Store:
     shape, sync = layout.shape, reading.sync
-    store_files = _STORE_FILES
+    store_files: tuple[str, ...] = _STORE_FILES
     if layout.encoded:
         from imgstore.encoded import ENCODED_FILES
 

@@ -12,7 +12,6 @@ replacing stores is :mod:`imgstore.opening`.
 from __future__ import annotations
 
 import abc
-import operator
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -26,9 +25,12 @@ from imgstore.arguments import (
     as_contiguous_range,
     as_image_array,
     as_label,
+    batch_arrays,
     checked_batch_size,
+    checked_index,
     checked_indices,
     checked_labels,
+    checked_size,
     io_error,
 )
 from imgstore.checksums import Checksums, group_size
@@ -136,7 +138,7 @@ class Store(abc.ABC):
         raise InvalidOptionError(f"the {self.name} backend cannot hold encoded or varied-shape images")
 
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-        """Encoded stores: the bytes (owned ``bytes``) and labels (int64) of records ``indices`` (any order, repeats)."""
+        """Encoded stores: the bytes (owned ``bytes``) and labels (int64) of records ``indices`` (any order)."""
         raise InvalidOptionError(f"the {self.name} backend cannot hold encoded or varied-shape images")
 
     def _read_blob_range(self, start: int, stop: int) -> tuple[list[bytes], np.ndarray]:
@@ -181,7 +183,7 @@ class Store(abc.ABC):
 
     @property
     def codec(self) -> str:
-        """How records are stored: ``raw`` pixels, or ``png``, ``jpeg``, ``webp`` bytes, or ``keep`` (files as given)."""
+        """How records are stored: ``raw`` pixels; ``png``, ``jpeg``, ``webp`` bytes; ``keep``: files as given."""
         return self._manifest.codec
 
     @property
@@ -425,7 +427,7 @@ class Store(abc.ABC):
         count = len(self)
         contiguous = as_contiguous_range(indices, count)
         if self._encoded is not None:
-            size = _checked_size(size)
+            size = checked_size(size)
             where = contiguous if contiguous is not None else checked_indices(indices, count)
             return self._encoded.get_many(where, out, size)
         if size is not None:
@@ -562,7 +564,7 @@ class Store(abc.ABC):
         batch_size = checked_batch_size(batch_size)
         if self._encoded is not None:
             self._check_usable()
-            return self._encoded.iter_batches(batch_size, _checked_size(size))
+            return self._encoded.iter_batches(batch_size, checked_size(size))
         if size is not None:
             raise InvalidOptionError("size= resizes encoded images; this store holds raw pixels of one shape")
         return self._iter_batches(batch_size)
@@ -592,40 +594,10 @@ class Store(abc.ABC):
     def _batch(
         self, n: int, out: tuple[np.ndarray, np.ndarray] | None, image_shape: tuple[int, ...] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        shape = (n, *(image_shape or self.shape or ()))
-        if out is None:
-            return np.empty(shape, dtype=np.uint8), np.empty(n, dtype=np.int64)
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise InvalidOptionError("out must be a pair (images, labels) of arrays")
-        images, labels = out
-        if isinstance(images, np.ndarray) and isinstance(labels, np.ndarray) and np.may_share_memory(images, labels):
-            raise InvalidOptionError("out's images and labels arrays overlap in memory")
-        for array, want, dtype in ((images, shape, np.uint8), (labels, (n,), np.int64)):
-            if (
-                not isinstance(array, np.ndarray)
-                or array.shape != want
-                or array.dtype != dtype
-                or not array.flags.c_contiguous
-                or not array.flags.writeable
-            ):
-                raise InvalidOptionError(
-                    f"out must be writable C-contiguous arrays of shapes {shape} uint8 and ({n},) int64"
-                )
-        return images, labels
+        return batch_arrays((n, *(image_shape or self.shape or ())), out)
 
     def _checked_index(self, index: int) -> int:
-        if isinstance(index, (bool, np.bool_)):
-            raise InvalidOptionError("an index must be an integer, not a bool")
-        try:
-            i = operator.index(index)
-        except TypeError:
-            raise InvalidOptionError(f"an index must be an integer, got {type(index).__name__}") from None
-        count = len(self)
-        if i < 0:
-            i += count
-        if not 0 <= i < count:
-            raise StoreIndexError(f"index {index} is out of range for a store of {count} images")
-        return i
+        return checked_index(index, len(self))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -661,15 +633,3 @@ class Store(abc.ABC):
         decoder = self._encoded.decoder if self._encoded is not None else "auto"
         overrides = dict(self._overrides)
         return (reopen, (str(self.path), self.name, mode, self.sync, self.verify_reads, overrides, decoder))
-
-
-def _checked_size(size: Any) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    try:
-        height, width = (operator.index(v) for v in size)
-    except (TypeError, ValueError):
-        raise InvalidOptionError(f"size must be (height, width) integers, got {size!r}") from None
-    if not (1 <= height <= 1 << 16 and 1 <= width <= 1 << 16) or any(isinstance(v, bool) for v in size):
-        raise InvalidOptionError(f"size must be (height, width) with each 1 .. 65536, got {size!r}")
-    return height, width
