@@ -1,25 +1,56 @@
-"""PNG backend: one PNG file per image (Pillow), labels in one int64 file beside them.
+"""PNG backend: one file per image, in fan-out folders; labels in one int64 file beside them.
 
-Files fan out into folders of ``files_per_dir`` so no folder holds 100 000 files. Files past the
-committed count are invisible and simply rewritten, which is what makes a crashed write harmless.
-Batches of ``parallel_min`` images or more are encoded/decoded by ``workers`` processes.
+Layout (``<gen>`` is the store's generation, ``<i>`` the record's index)::
+
+    png-<gen>/<i // files_per_dir:05d>/<i:09d><ext>   one file per record, files_per_dir (1000) to a folder
+    png-<gen>/suffix.txt                              keep stores only: their one <ext> (e.g. ".jpg")
+    labels-<gen>.i64                                  label of record i: int64 little-endian at byte 8 i
+
+Raw stores of one shape: each file is a PNG of the image (``.png``), encoded and decoded here by
+Pillow; batches of ``parallel_min`` images or more by ``workers`` processes. Encoded stores (codec
+``png``, ``jpeg``, ``webp``, ``keep``, or ``raw`` of varied shapes): each file is the record's bytes
+as stored, nothing added, so any viewer opens them: ``.png``, ``.jpg``, ``.webp``; ``.raw`` for raw
+(imgstore's shape header, then the pixels). A ``keep`` store's files share one suffix, chosen by its
+first write: that of the most common format among its first files (``.jpg`` for JPEGs; ``.bin`` for
+a format without one); a file of another format keeps that suffix (its bytes say what it is). One
+suffix per store, not per record, so a reader finds record i's file without looking anything up.
+
+Files past the committed count are invisible and simply rewritten, which is what makes a crashed
+write harmless. A write makes its files durable with one ``syncfs``, before the manifest commits.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imgstore import parallel
+from imgstore.codecs import Codec, ImageInfo, probe
 from imgstore.errors import CorruptStoreError, InvalidImageError
 from imgstore.fileio import sync_filesystem
+from imgstore.manifest import MAX_IMAGE_BYTES
 from imgstore.options import Option
 from imgstore.store import Store
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> PNG colour type
 _LABELS = "labels.i64"
+_SUFFIX_FILE = "suffix.txt"  # in the png folder, of keep stores
+# A suffix read back from the store is input: nothing but a dot and a few letters can reach a path.
+_SUFFIX = re.compile(r"\.[a-z0-9]{1,16}")
+_SUFFIX_SAMPLE = 64  # a keep store's suffix: the most common format among its first files (up to this many)
+_ANY_IMAGE = ImageInfo("", 0, 0, 0, "")  # the png/jpeg/webp/raw codecs' suffix does not depend on the image
+# Reading files on a few threads overlaps their I/O waits (a cold cache, network file systems);
+# small batches read serially, where a thread hand-off costs more than it overlaps.
+_READ_THREADS = 4
+_THREADED_READ_MIN = 16
 
 
 class PngStore(Store):
@@ -51,6 +82,7 @@ class PngStore(Store):
         if create:
             self._labels_path.touch()
         self._file_labels: np.ndarray | None = None  # loaded on first read of many
+        self._suffix: str | None = None  # encoded stores: their files' suffix, once known (never changes)
 
     def _close(self) -> None:
         self._file_labels = None
@@ -59,7 +91,31 @@ class PngStore(Store):
         self._file_labels = None
 
     def image_path(self, index: int) -> Path:
-        return Path(_image_path(self._root, self.options["files_per_dir"], index))
+        """Where record ``index``'s file is."""
+        suffix = self._record_suffix() if self._encoded is not None else ".png"
+        return Path(_image_path(self._root, self.options["files_per_dir"], index, suffix))
+
+    def _record_suffix(self) -> str:
+        """The suffix of this encoded store's files: one per store, so no record needs a lookup."""
+        if self._suffix is None:
+            codec = self._codec()
+            if codec.name != "keep":
+                self._suffix = codec.extension(_ANY_IMAGE)
+            else:
+                path = os.path.join(self._root, _SUFFIX_FILE)
+                try:
+                    with open(path, "rb") as f:
+                        text = f.read(64).decode("ascii", "replace")
+                except FileNotFoundError:
+                    raise CorruptStoreError(f"{path} is missing: it names the files of the committed images") from None
+                if not _SUFFIX.fullmatch(text):
+                    raise CorruptStoreError(f"{path} holds {text[:20]!r}, not a file suffix")
+                self._suffix = text
+        return self._suffix
+
+    def _codec(self) -> Codec:
+        assert self._encoded is not None, "only encoded stores keep records as bytes"
+        return self._encoded.codec
 
     def _read_ahead(self) -> int:
         return self.options["parallel_min"] if self._workers(self.options["parallel_min"]) > 1 else 0
@@ -73,19 +129,41 @@ class PngStore(Store):
 
     def _write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
         per_dir = self.options["files_per_dir"]
-        dirs = {self.file("png") / f"{i // per_dir:05d}" for i in range(start, start + len(images), per_dir)}
-        dirs.add(self.image_path(start + len(images) - 1).parent)
-        for d in dirs:
-            d.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(start, len(images))
         args = (self._root, per_dir, start, self.options["compress_level"])
         parallel.run_split(lambda lo, hi: _encode_range(images, lo, hi, args), len(images), self._workers(len(images)))
+        self._write_labels(start, labels)
+        if self.sync:
+            sync_filesystem(self.path)  # one syncfs for every new file and folder entry
+
+    def _write_blobs(self, start: int, blobs: Sequence[bytes], labels: np.ndarray) -> None:
+        if start == 0 and self._codec().name == "keep":  # the first write (maybe again, after a crash) picks it
+            Path(self._root).mkdir(parents=True, exist_ok=True)
+            suffix = _store_suffix(self._codec(), blobs)
+            with open(os.path.join(self._root, _SUFFIX_FILE), "w", encoding="ascii") as f:
+                f.write(suffix)
+            self._suffix = suffix
+        suffix = self._record_suffix()
+        per_dir = self.options["files_per_dir"]
+        self._make_dirs(start, len(blobs))
+        for k, blob in enumerate(blobs):
+            with open(_image_path(self._root, per_dir, start + k, suffix), "wb") as f:  # a leftover: truncated
+                f.write(blob)
+        self._write_labels(start, labels)
+        if self.sync:
+            sync_filesystem(self.path)  # one syncfs for every new file and folder entry
+
+    def _make_dirs(self, start: int, n: int) -> None:
+        per_dir = self.options["files_per_dir"]
+        for folder in range(start // per_dir, (start + n - 1) // per_dir + 1):
+            os.makedirs(f"{self._root}/{folder:05d}", exist_ok=True)
+
+    def _write_labels(self, start: int, labels: np.ndarray) -> None:
         with open(self._labels_path, "r+b") as f:
             f.truncate(start * 8)  # drop labels a crashed write left past the committed count
             f.seek(start * 8)
             f.write(labels.astype("<i8").tobytes())
         self._file_labels = None
-        if self.sync:
-            sync_filesystem(self.path)  # one syncfs for every new file and folder entry
 
     # -------------------------------------------------------------- reading
 
@@ -118,12 +196,25 @@ class PngStore(Store):
         _decode_into(_image_path(self._root, self.options["files_per_dir"], index), image)
         return image, int(self._labels()[index])  # labels are read once per handle, not per image
 
+    def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        labels = self._labels()[indices].astype(np.int64)
+        root, per_dir, suffix = self._root, self.options["files_per_dir"], self._record_suffix()
+        paths = [_image_path(root, per_dir, index, suffix) for index in indices.tolist()]
+        if len(paths) < _THREADED_READ_MIN:
+            return [_read_file(path) for path in paths], labels
+        pieces = [paths[k::_READ_THREADS] for k in range(_READ_THREADS)]  # strided: even if sizes trend
+        read = list(_read_pool().map(_read_files, pieces))
+        blobs: list[bytes] = [b""] * len(paths)
+        for k, piece in enumerate(read):
+            blobs[k::_READ_THREADS] = piece
+        return blobs, labels
+
 
 # ---------------------------------------------------------------------- per-image work (also run in pool workers)
 
 
-def _image_path(root: str, per_dir: int, index: int) -> str:
-    return f"{root}/{index // per_dir:05d}/{index:09d}.png"
+def _image_path(root: str, per_dir: int, index: int, suffix: str = ".png") -> str:
+    return f"{root}/{index // per_dir:05d}/{index:09d}{suffix}"
 
 
 def _encode_range(images: np.ndarray, lo: int, hi: int, args: tuple[str, int, int, int]) -> None:
@@ -154,3 +245,76 @@ def _decode_into(path: str, out: np.ndarray) -> None:
         raise CorruptStoreError(f"{path} is committed but missing") from None
     except (OSError, SyntaxError, ValueError) as exc:  # how Pillow reports a damaged file
         raise CorruptStoreError(f"{path} is not a readable PNG: {exc}") from None
+
+
+# ---------------------------------------------------------------------- encoded records
+
+
+def _store_suffix(codec: Codec, blobs: Sequence[bytes]) -> str:
+    """A keep store's one suffix: that of the most common format among its first files (".jpg" for JPEGs).
+
+    The most common, not "the one": a folder of photos may hold a stray PNG (ImageNet's does), and
+    one odd file should not name all the others ".bin". A sample: probing every file costs time.
+    """
+    infos: dict[str, tuple[int, ImageInfo]] = {}
+    for blob in blobs[:_SUFFIX_SAMPLE]:
+        try:
+            info = probe(blob)
+        except InvalidImageError:  # the store probed it already: cannot happen; no reason to fail over a name
+            continue
+        infos[info.format] = (infos.get(info.format, (0, info))[0] + 1, info)
+    if not infos:
+        return ".bin"
+    suffix = codec.extension(max(infos.values(), key=lambda seen: seen[0])[1])  # ties: the first seen
+    return suffix.lower() if _SUFFIX.fullmatch(suffix.lower()) else ".bin"
+
+
+def _read_files(paths: list[str]) -> list[bytes]:
+    return [_read_file(path) for path in paths]
+
+
+def _read_file(path: str) -> bytes:
+    """One record's bytes; missing, empty or oversized files are damage (the size is checked before reading)."""
+    try:
+        # O_NONBLOCK: a FIFO in a record's place must not hang the open (it changes nothing for a file)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CorruptStoreError(f"{path} is committed but missing") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise CorruptStoreError(f"{path} is not a file")
+        size = status.st_size
+        if not 0 < size <= MAX_IMAGE_BYTES:
+            raise CorruptStoreError(f"{path} holds {size} bytes; a record holds 1 byte to 2 GiB")
+        chunks, remaining = [], size
+        while remaining:  # one read, but Linux reads at most 2 GiB - 4 KiB at once
+            chunk = os.read(fd, remaining)
+            if not chunk:
+                break  # it shrank since fstat: the checksum (or the decoder) says it is damaged
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="imgstore-png-read")
+        return _pool
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool = None  # a forked child has none of the parent's threads: work sent to them would never run
+    _pool_lock = threading.Lock()  # the parent may have held it while forking
+
+
+os.register_at_fork(after_in_child=_forget_pool)
