@@ -108,12 +108,17 @@ def _sample_files() -> dict[str, bytes]:
         "tiff-RGB": encoded(rgb, "TIFF"),
         "tiff-CMYK": encoded(rgb.convert("CMYK"), "TIFF"),
         "tiff-I;16": encoded(deep, "TIFF"),
+        "tiff-I": encoded(Image.fromarray(photo(45, 61, 1)[:, :, 0].astype(np.int32) * 2 - 100), "TIFF"),
+        "tiff-F": encoded(Image.fromarray(photo(45, 61, 1)[:, :, 0].astype(np.float32) * 1.7 - 50.3), "TIFF"),
+        "tiff-LAB": encoded(Image.merge("LAB", rgb.split()), "TIFF"),
+        "tiff-YCbCr": encoded(rgb.convert("YCbCr"), "TIFF"),
     }
 
 
 SAMPLES = _sample_files()
 # What mode=None gives per sample (the package docstring's policy).
-STORED = {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "1": "L", "I;16": "L", "CMYK": "RGB"}
+STORED = {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "1": "L", "I;16": "L", "I": "L", "F": "L"}
+STORED |= {"CMYK": "RGB", "LAB": "RGB", "YCbCr": "RGB"}
 
 
 def pillow_convert(blob: bytes, mode: str) -> np.ndarray:
@@ -329,9 +334,15 @@ def test_decode_is_pillows_convert(name: str, decoder: str) -> None:
     """mode="RGB" / "L" are Image.open(f).convert(...) bit for bit, with every decoder; mode=None is the policy."""
     blob = SAMPLES[name]
     for mode in ("RGB", "L"):
+        try:
+            expected = pillow_convert(blob, mode)
+        except ValueError:  # Pillow cannot convert LAB to L: neither can decode
+            with pytest.raises(InvalidImageError, match="cannot convert"):
+                decode(blob, mode=mode, decoder=decoder)
+            continue
         got = decode(blob, mode=mode, decoder=decoder)
         assert_fresh(got)
-        assert np.array_equal(got, pillow_convert(blob, mode)), mode
+        assert np.array_equal(got, expected), mode
     stored = expected_stored_mode(blob)
     got = decode(blob, decoder=decoder)
     assert got.shape[2] == {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[stored]

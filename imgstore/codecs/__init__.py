@@ -14,12 +14,14 @@ to the shape they were given (a [H, W] array stays [H, W]).
 Mode policy
 -----------
 ``mode=None``, as stored: L is 1 channel, LA 2, RGB 3, RGBA 4. Other Pillow modes are converted
-with Pillow's own ``convert``: ``1``, ``I``, ``I;16`` and ``F`` to L (``I;16`` and ``I`` values
-over 255 clip to 255); P and PA to RGBA if the image has transparency (PA always), else RGB;
-CMYK, YCbCr, HSV and others to RGB (LAB too, where Pillow can: it cannot, so a LAB image is an
-:class:`InvalidImageError`). ``mode="RGB"`` is exactly ``PIL.Image.open(f).convert("RGB")``, what
-torchvision's ``ImageFolder`` loader gives, bit for bit, and ``mode="L"`` is ``.convert("L")``
-(``"LA"`` and ``"RGBA"`` are Pillow's ``convert`` too). The first frame of an animated image is read.
+with Pillow's own ``convert``: ``1``, ``I``, ``I;16`` and ``F`` to L (values outside 0 .. 255
+clip); P and PA to RGBA if the image has transparency (PA always), else RGB; CMYK, YCbCr, LAB,
+HSV and other colour modes to RGB (a conversion Pillow cannot do raises
+:class:`~imgstore.errors.InvalidImageError`). ``mode="RGB"`` is exactly
+``PIL.Image.open(f).convert("RGB")``, what torchvision's ``ImageFolder`` loader gives, bit for
+bit, and ``mode="L"`` is ``.convert("L")`` (``"LA"`` and ``"RGBA"`` are Pillow's ``convert``
+too). An animated image gives its first frame; a camera's multi-picture JPEG (Pillow's "MPO")
+is read, and probed, as the JPEG it also is.
 
 Decoders
 --------
@@ -50,6 +52,10 @@ A bad blob (empty, truncated, not an image, a zero size, a decompression bomb: m
 ``PIL.Image.MAX_IMAGE_PIXELS``, a decoded size other than the header's) raises
 :class:`~imgstore.errors.InvalidImageError`; a bad argument raises
 :class:`~imgstore.errors.InvalidOptionError`. Nothing is set in Pillow (no ``LOAD_TRUNCATED_IMAGES``).
+Pillow's ``DecompressionBombWarning`` never shows: a bomb is an error before Pillow would warn.
+Warnings are avoided, not caught (the warnings filters are process-wide and not thread-safe to
+change), so the UserWarnings Pillow gives about a damaged TIFF's tags (it skips the tag and reads
+on) or an ICO whose image is not the size its directory gives still pass through.
 """
 
 from __future__ import annotations

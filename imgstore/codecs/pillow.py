@@ -36,7 +36,9 @@ def stored_mode(image: Image.Image) -> str:
         return "RGBA" if "transparency" in image.info else "RGB"
     if mode == "PA":
         return "RGBA"
-    return "RGBA" if "A" in image.getbands() else "RGB"  # CMYK, YCbCr, LAB, HSV, ...
+    if mode != "LAB" and ("A" in image.getbands() or "a" in image.getbands()):  # LAB's A is a colour
+        return "RGBA"
+    return "RGB"  # CMYK, YCbCr, LAB, HSV, ...
 
 
 def open_image(data: bytes | memoryview) -> ImageFile.ImageFile:
