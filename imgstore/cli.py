@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from imgstore.cli_data import DATA_COMMANDS
 from imgstore.errors import ImgStoreError
 
 __all__ = ["main", "build_parser"]
@@ -263,13 +264,14 @@ def _run_plot(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ main
 
 Subcommands = argparse._SubParsersAction  # argparse's own name for what add_subparsers returns
-COMMANDS: tuple[Callable[[Subcommands[argparse.ArgumentParser]], None], ...] = (_add_compare, _add_plot)
+COMMANDS: tuple[Callable[[Subcommands[argparse.ArgumentParser]], None], ...] = (_add_compare, _add_plot, *DATA_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgstore",
-        description="imgstore benchmark tools: judge and draw pytest-benchmark runs.",
+        description="imgstore tools: convert images into stores, describe and verify stores (imgstore.cli_data); "
+        "judge and draw pytest-benchmark runs.",
         epilog=WORKFLOW,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

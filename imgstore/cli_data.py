@@ -1,0 +1,277 @@
+"""The data commands of the ``imgstore`` console script: ``convert``, ``info`` and ``verify``.
+
+Wired into :mod:`imgstore.cli` through :data:`DATA_COMMANDS`, the same ``_add_<name>`` /
+handler pairs as its own commands. Exit status: 0 success; 2 bad input (a bad source, option,
+DEST or source file); 1 any other failure (a damaged store, an I/O error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError, StoreIOError
+
+if TYPE_CHECKING:
+    from imgstore.store import Store
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_FAILURES = (CorruptStoreError, StoreIOError, StoreBusyError)  # not the input's fault: exit 1
+
+CONVERT_HELP = """\
+Convert images into a store, on every core, committing every --batch-images images.
+
+SOURCE is one of:
+  a folder in torchvision's ImageFolder layout (SOURCE/<class>/.../<image>, the same classes, files
+      and order as torchvision.datasets.ImageFolder); default codec keep (the files as they are),
+      image mode RGB (what ImageFolder's loader gives); each record keeps its path
+  a store (a directory holding imgstore.json): any backend and codec to any other
+  a dataset: synthetic:N, imagenet-like:N, cifar10:PATH, fashion-mnist[:PATH]
+      (arrays: default codec raw; imagenet-like's JPEG files: keep, RGB)
+
+A stopped conversion (Ctrl-C, a crash, SIGKILL) continues with --resume: DEST holds a prefix of
+SOURCE, committed in order. Bad files (truncated, not images, empty, decompression bombs) stop the
+conversion with exit status 2 after committing the images before them (--on-error fail), or are
+skipped and listed in the summary (--on-error skip, folders only).
+
+exit status: 0 done, 2 bad input or a bad file, 1 another failure.
+"""
+
+
+# ------------------------------------------------------------------------------------------ convert
+
+
+def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert an image folder, a dataset or a store into a store",
+        description=CONVERT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="SOURCE", help="an ImageFolder, a store, or NAME:ARG for a dataset")
+    parser.add_argument("dest", metavar="DEST", help="the store to write (a directory)")
+    parser.add_argument("--backend", required=True, help="the store's backend: png, lmdb, hdf5, ...")
+    parser.add_argument("--codec", choices=("keep", "raw", "png", "jpeg", "webp"), help="default: the source's")
+    parser.add_argument("--quality", type=int, help="jpeg/webp quality (1-100)")
+    parser.add_argument(
+        "--image-mode",
+        choices=("RGB", "L", "none"),
+        help="what the images decode to: RGB, L (PIL's convert), none (as stored); default: the source's",
+    )
+    parser.add_argument("--workers", type=int, help="reader/encoder threads (default: one per core; 0: none)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="on a bad file (default: fail)")
+    parser.add_argument("--resume", action="store_true", help="continue a stopped conversion into DEST")
+    parser.add_argument("--overwrite", action="store_true", help="replace the store at DEST")
+    parser.add_argument("--batch-images", type=int, default=1000, help="images per commit (default: 1000)")
+    parser.add_argument(
+        "--full-check", action="store_true", help="keep: decode every file as a check (default: headers and ends)"
+    )
+    parser.add_argument("--split", choices=("train", "test"), default="train", help="a dataset's split")
+    parser.set_defaults(handler=_run_convert, command="convert")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from imgstore.convert import BadFileError, convert
+
+    try:
+        result = convert(
+            args.source,
+            args.dest,
+            backend=args.backend,
+            codec=args.codec,
+            quality=args.quality,
+            image_mode="auto" if args.image_mode is None else None if args.image_mode == "none" else args.image_mode,
+            workers=args.workers,
+            on_error=args.on_error,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            batch_images=args.batch_images,
+            full_check=args.full_check,
+            split=args.split,
+        )
+    except BadFileError as exc:
+        print(exc.result.summary())
+        return _error("convert", exc, EXIT_USAGE)
+    except _FAILURES as exc:
+        return _error("convert", exc, EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("imgstore convert: interrupted; DEST keeps what was committed: rerun with --resume", file=sys.stderr)
+        return 130
+    print(result.summary())
+    return EXIT_OK
+
+
+def _error(command: str, exc: BaseException, code: int) -> int:
+    from imgstore.cli import _one_line
+
+    print(f"imgstore {command}: error: {_one_line(str(exc))}", file=sys.stderr)
+    return code
+
+
+# ------------------------------------------------------------------------------------------ info
+
+
+def _add_info(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="describe a store: backend, codec, count, shapes, bytes, images per class",
+        description="Describe a store. Counting images per class reads every record (labels live with images).",
+    )
+    parser.add_argument("store", metavar="STORE", help="a store's directory")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_run_info, command="info")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from imgstore.opening import open_store
+
+    try:
+        with open_store(args.store, mode="r", verify_reads=False) as store:
+            info = store_info(store)
+    except _FAILURES as exc:
+        return _error("info", exc, EXIT_FAILED)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return EXIT_OK
+
+
+def store_info(store: Store) -> dict[str, Any]:
+    """What ``imgstore info`` shows, as JSON-ready values."""
+    import numpy as np
+
+    shapes = store.image_shapes()
+    count = len(store)
+    totals: dict[int, int] = {}
+    step = 4096
+    for start in range(0, count, step):
+        span = range(start, min(start + step, count))
+        labels = store.get_encoded_many(span)[1] if store.varied or store.codec != "raw" else store.get_many(span)[1]
+        for label, n in zip(*np.unique(labels, return_counts=True), strict=True):
+            totals[int(label)] = totals.get(int(label), 0) + int(n)
+    names = store.classes
+    per_class = {str(label): totals[label] for label in sorted(totals)}
+    if names is not None:  # every class, in label order, with the images of none too
+        per_class = {name: totals.get(label, 0) for label, name in enumerate(names)}
+
+    def spread(column: np.ndarray) -> dict[str, float] | None:
+        if not len(column):
+            return None
+        return {"min": int(column.min()), "median": float(np.median(column)), "max": int(column.max())}
+
+    disk = store.disk_usage()
+    values, numbers = np.unique(shapes[:, 2], return_counts=True)
+    return {
+        "path": str(store.path),
+        "backend": store.backend,
+        "codec": store.codec,
+        "codec_params": store.codec_params,
+        "image_mode": store.image_mode,
+        "count": count,
+        "shape": list(store.shape) if store.shape is not None else None,
+        "varied": store.varied,
+        "height": spread(shapes[:, 0]),
+        "width": spread(shapes[:, 1]),
+        "channels": {str(c): int(n) for c, n in zip(values.tolist(), numbers.tolist(), strict=True)},
+        "disk_bytes": disk,
+        "bytes_per_image": disk / count if count else None,
+        "classes": names,
+        "images_per_class": per_class,
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in info["codec_params"].items())
+
+    def spread(name: str) -> str:
+        value = info[name]
+        return f"{value['min']} / {value['median']:g} / {value['max']}" if value else "-"
+
+    per_image = f" ({info['bytes_per_image'] / 1e3:.1f} kB per image)" if info["bytes_per_image"] else ""
+    lines = [
+        f"store       {info['path']}",
+        f"backend     {info['backend']}",
+        f"codec       {info['codec']}{f' ({params})' if params else ''}",
+        f"image mode  {info['image_mode'] or 'as stored'}",
+        f"images      {info['count']}",
+        f"shape       {'varied' if info['varied'] else info['shape']}",
+        f"height      {spread('height')} (min / median / max)",
+        f"width       {spread('width')} (min / median / max)",
+        f"channels    {', '.join(f'{c}: {n} images' for c, n in info['channels'].items()) or '-'}",
+        f"on disk     {info['disk_bytes'] / 1e6:.1f} MB{per_image}",
+        f"classes     {len(info['classes']) if info['classes'] is not None else 'unnamed'}",
+    ]
+    lines += [f"  {name:<20} {n}" for name, n in info["images_per_class"].items()]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ verify
+
+
+def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="check every record of a store against its checksum; exit 1 at the first damaged one",
+        description="Check every record against its checksum (exit 0: 'ok: N images'; 1: the first damaged index).",
+    )
+    parser.add_argument("store", metavar="STORE", help="a store's directory")
+    parser.add_argument("--decode", action="store_true", help="also decode every image")
+    parser.set_defaults(handler=_run_verify, command="verify")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from imgstore.opening import open_store
+
+    try:
+        with open_store(args.store, mode="r") as store:
+            count = len(store)
+            decode = args.decode and (store.varied or store.codec != "raw")  # raw pixels: the checksums are all
+            try:
+                store.verify()
+                for start in range(0, count if decode else 0, 1024):
+                    store.get_many(range(start, min(start + 1024, count)))
+            except CorruptStoreError as exc:
+                return _error("verify", _first_damage(store, exc, decode), EXIT_FAILED)
+    except _FAILURES as exc:
+        return _error("verify", exc, EXIT_FAILED)
+    print(f"ok: {count} images{' (checksums and decoding)' if args.decode else ''}")
+    return EXIT_OK
+
+
+def _first_damage(store: Store, found: CorruptStoreError, decode: bool) -> ImgStoreError:
+    """The damage ``found`` (by a batch check) pinned to its first record, with the record's source path."""
+    encoded = store.varied or store.codec != "raw"
+    step = 1024
+
+    def check(span: range) -> None:
+        if encoded:
+            store.get_encoded_many(span)  # the checksums
+        if decode or not encoded:
+            store.get_many(span)
+
+    for start in range(0, len(store), step):
+        span = range(start, min(start + step, len(store)))
+        try:
+            check(span)
+            continue
+        except CorruptStoreError:
+            pass
+        for index in span:
+            try:
+                check(range(index, index + 1))
+            except CorruptStoreError as exc:
+                try:
+                    source = store.source_path(index)
+                except ImgStoreError:
+                    source = None
+                where = f" (source {source})" if source else ""
+                return CorruptStoreError(f"{store.path}: image {index}{where} is damaged: {exc}")
+    return found
+
+
+DATA_COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_convert,
+    _add_info,
+    _add_verify,
+)

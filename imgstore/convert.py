@@ -1,0 +1,461 @@
+"""Convert a folder of images, a dataset or another store into a store: :func:`convert`, behind ``imgstore convert``.
+
+A pool of workers (threads by default: see :data:`EXECUTORS`) reads the source's items in chunks
+and makes each into a record (:func:`imgstore.sources.prepare_batch`); this process only writes,
+in the source's order, one ``put_*`` call, so one all-or-nothing commit, every ``batch_images``
+images or ``batch_bytes`` bytes.
+
+Resuming (``resume=True``) after a conversion was stopped, however (SIGKILL included): the store
+holds a prefix of the source's items, less the files a run skipped, because records are committed
+in order and each commit is atomic. A folder converted to an encoded store keeps each record's
+source path, so the run continues after the file of the last record (files skipped before it stay
+skipped: they are counted in the summary); a dataset, a store, or a folder converted to raw pixels
+(which keep no paths) continues at the store's count, so ``on_error="skip"`` is refused there. In
+every case the last record must be what this run makes of its item, and the store's backend,
+codec, image mode and classes must be this run's, else the run is refused before writing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from imgstore.codecs import decode, get_codec
+from imgstore.errors import StoreNotFoundError
+from imgstore.manifest import read_manifest
+from imgstore.opening import open_store
+from imgstore.sources import Batch, ConvertError, Plan, Prepared, Source, open_source, prepare_batch
+from imgstore.store import Store
+
+__all__ = ["EXECUTORS", "BadFileError", "ConvertError", "ConvertResult", "Skipped", "convert"]
+
+#: thread: measured faster for every codec on photos (the module's README section "convert" has the numbers):
+#: Pillow and file reads release the GIL, and threads hand records over without a copy.
+EXECUTORS = ("thread", "process")
+OnError = Literal["fail", "skip"]
+_MB = 1e6
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str  # the file (relative to the folder), or "index N" / "item N"
+    reason: str
+
+
+@dataclass
+class ConvertResult:
+    """What one conversion did; :meth:`summary` is what ``imgstore convert`` prints."""
+
+    source: str
+    dest: str
+    backend: str
+    codec: str
+    start: int  # the source position this run began at (0 unless resumed)
+    total: int  # items in the source
+    written: int = 0  # records this run committed
+    count: int = 0  # records in the store at the end
+    bytes_read: int = 0
+    bytes_stored: int = 0  # record bytes this run committed
+    disk_bytes: int = 0  # the store on disk at the end
+    seconds: float = 0.0
+    skipped: list[Skipped] = field(default_factory=list)
+    skipped_before: int = 0  # files skipped by the runs this one resumed
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes_read / _MB / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        resumed = f", resumed at item {self.start}" if self.start else ""
+        lines = [
+            f"converted {self.written} images{resumed}: {self.dest} ({self.backend}, {self.codec}) now holds "
+            f"{self.count} of the {self.total} items of {self.source}",
+            f"  read {self.bytes_read / _MB:.1f} MB, stored {self.bytes_stored / _MB:.1f} MB "
+            f"({self.disk_bytes / _MB:.1f} MB on disk) in {self.seconds:.2f} s: "
+            f"{self.images_per_second:.0f} images/s, {self.mb_per_second:.1f} MB/s",
+        ]
+        if self.skipped_before:
+            lines.append(f"  {self.skipped_before} files were skipped by the run(s) this one resumed")
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} bad files:")
+            lines += [f"    {item.path}: {item.reason}" for item in self.skipped]
+        return "\n".join(lines)
+
+
+class BadFileError(ConvertError):
+    """A bad source file with ``on_error="fail"``: the records before it are committed (``result``)."""
+
+    def __init__(self, message: str, path: str, reason: str, result: ConvertResult) -> None:
+        super().__init__(message)
+        self.path, self.reason, self.result = path, reason, result
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The store this run makes, resolved from the options and the source's defaults."""
+
+    codec: str
+    params: dict[str, Any]
+    image_mode: str | None  # the store's (None for raw pixels)
+    classes: list[str] | None
+    shape: tuple[int, ...] | None | Literal["auto"]
+    plan: Plan
+
+    @property
+    def encoded(self) -> bool:
+        return self.codec != "raw" or self.shape is None
+
+
+def convert(
+    source: str | os.PathLike[str] | Source,
+    dest: str | os.PathLike[str],
+    *,
+    backend: str,
+    codec: str | None = None,
+    quality: int | None = None,
+    image_mode: str | None = "auto",
+    workers: int | None = None,
+    on_error: OnError = "fail",
+    resume: bool = False,
+    overwrite: bool = False,
+    batch_images: int = 1000,
+    batch_bytes: int = 256 << 20,
+    full_check: bool = False,
+    progress: bool | None = None,
+    executor: str = "thread",
+    split: str = "train",
+    sync: bool = True,
+    **backend_options: Any,
+) -> ConvertResult:
+    """Convert ``source`` (see :func:`imgstore.sources.open_source`) into the store ``dest``.
+
+    ``codec``: None is the source's default (a folder or an encoded dataset: ``keep``, arrays: ``raw``,
+    a store: its own); ``image_mode``: ``"auto"`` (the source's: ``"RGB"`` for a folder, as
+    torchvision's loader), ``"RGB"``, ``"L"`` or None (as stored). ``workers``: the pool's size
+    (default: every core; 0 works in this thread). ``on_error``: ``"fail"`` raises
+    :class:`BadFileError` at the first bad file, after committing the records before it; ``"skip"``
+    goes on and lists it in ``ConvertResult.skipped``. ``resume``: continue into a store a stopped
+    conversion left (module docstring); without it a store that holds images is refused, and
+    ``overwrite=True`` replaces it. ``full_check``: with ``keep``, decode every file as a check
+    (else: the header, and a full decode of files that do not end as their format says).
+    ``progress``: a tqdm bar on stderr (None: when stderr is a terminal).
+    """
+    started = time.perf_counter()
+    _check_arguments(on_error, resume, overwrite, batch_images, batch_bytes, executor, workers)
+    src = source if isinstance(source, Source) else open_source(source, split=split)
+    try:
+        settings = _settings(src, codec, quality, image_mode, full_check)
+        if on_error == "skip" and (src.origin != "folder" or not settings.encoded):
+            raise ConvertError(
+                "--on-error skip needs a folder converted to an encoded codec: a dataset, a store or raw pixels "
+                "keep no source paths, and resuming them by count cannot leave gaps"
+            )
+        _check_not_inside(src, Path(dest))
+        store = _open_dest(Path(dest), backend, settings, resume, overwrite, sync, backend_options)
+        with store:
+            start, skipped_before = _resume_point(store, src, settings)
+            result = ConvertResult(src.description, str(dest), store.backend, store.codec, start, src.total)
+            result.skipped_before = skipped_before
+            try:
+                _run(
+                    src,
+                    store,
+                    settings,
+                    result,
+                    _Options(on_error, batch_images, batch_bytes, progress),
+                    _pool(executor, workers),
+                )
+            finally:
+                result.count, result.disk_bytes = len(store), store.disk_usage()
+                result.seconds = time.perf_counter() - started
+        return result
+    finally:
+        src.close()
+
+
+def _check_arguments(
+    on_error: str, resume: bool, overwrite: bool, batch_images: int, batch_bytes: int, executor: str, workers: Any
+) -> None:
+    if on_error not in ("fail", "skip"):
+        raise ConvertError(f"on_error takes 'fail' or 'skip', not {on_error!r}")
+    if resume and overwrite:
+        raise ConvertError("--resume continues DEST and --overwrite replaces it: pass one of them")
+    if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
+        raise ConvertError(f"batch_images must be an integer >= 1, not {batch_images!r}")
+    if isinstance(batch_bytes, bool) or not isinstance(batch_bytes, int) or batch_bytes < 1:
+        raise ConvertError(f"batch_bytes must be an integer >= 1, not {batch_bytes!r}")
+    if executor not in EXECUTORS:
+        raise ConvertError(f"executor takes one of {', '.join(EXECUTORS)}, not {executor!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConvertError(f"workers must be an integer >= 0 (0: in this thread), not {workers!r}")
+
+
+def _settings(src: Source, codec: str | None, quality: int | None, image_mode: Any, full_check: bool) -> _Settings:
+    name = src.default_codec if codec is None else codec
+    params: dict[str, Any] = dict(src.default_params) if name == src.default_codec and quality is None else {}
+    if quality is not None:
+        params["quality"] = quality
+    resolved = get_codec(name, **params).params  # an unknown codec or parameter: InvalidOptionError
+    mode = src.default_image_mode if image_mode == "auto" else image_mode
+    if mode not in (None, "RGB", "L"):
+        raise ConvertError(f"image_mode takes 'RGB', 'L' or None, not {image_mode!r}")
+    if src.kind == "array" and name == "raw" and mode is not None:
+        raise ConvertError("a dataset of arrays stored as raw pixels keeps them as they are: no image mode")
+    shape: tuple[int, ...] | None | Literal["auto"]
+    if name == "raw":
+        shape = src.shape if src.kind == "array" else None  # decoded files vary in shape
+    else:
+        shape = src.shape if src.shape is not None and mode == src.default_image_mode else "auto"
+    store_mode = None if name == "raw" else mode
+    return _Settings(name, resolved, store_mode, src.classes, shape, Plan(name, resolved, mode, full_check))
+
+
+def _check_not_inside(src: Source, dest: Path) -> None:
+    # A store inside the folder it reads would become part of it (a png store's files are images).
+    here = dest.resolve()
+    there = src.root.resolve() if src.root is not None else src.store.path.resolve() if src.store else None
+    if there is not None and (here == there or there in here.parents):
+        raise ConvertError(f"DEST {dest} is inside SOURCE {there}: write the store somewhere else")
+
+
+def _open_dest(
+    path: Path,
+    backend: str,
+    s: _Settings,
+    resume: bool,
+    overwrite: bool,
+    sync: bool,
+    options: dict[str, Any],
+) -> Store:
+    layout: dict[str, Any] = dict(codec=s.codec, codec_params=s.params, classes=s.classes, shape=s.shape, sync=sync)
+    if s.codec != "raw":
+        layout["image_mode"] = s.image_mode
+    if overwrite:
+        return open_store(path, backend, "w", **layout, **options)
+    try:
+        manifest = read_manifest(path)
+    except StoreNotFoundError:
+        manifest = None
+    if manifest is None or manifest.creating:  # nothing committed: make it (open_store refuses a non-store folder)
+        return open_store(path, backend, "a", **layout, **options)
+    store = open_store(path, None, "a", sync=sync, **options)
+    try:
+        differences = _differences(store, backend, s)
+        if differences:
+            how = "rerun with the options it was made with" if resume else "convert into another DEST"
+            raise ConvertError(
+                f"{path} is a store made with other options than this run's: {'; '.join(differences)}; {how}, "
+                "or delete it (or pass --overwrite to replace it)"
+            )
+        if len(store) and not resume:
+            raise ConvertError(
+                f"{path} already holds {len(store)} images: pass --resume to continue the conversion that made "
+                "them, or delete it (or pass --overwrite to replace it)"
+            )
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _differences(store: Store, backend: str, s: _Settings) -> list[str]:
+    fixed = None if s.shape == "auto" else s.shape
+    pairs: list[tuple[str, Any, Any]] = [
+        ("backend", store.backend, backend),
+        ("codec", store.codec, s.codec),
+        ("codec parameters", store.codec_params, s.params),
+        ("image mode", store.image_mode, s.image_mode),
+        ("classes", store.classes, s.classes),
+        ("varied shapes", store.varied, s.encoded and fixed is None),
+    ]
+    if fixed is not None and store.shape is not None:
+        pairs.append(("shape", tuple(store.shape), tuple(fixed)))
+    return [f"{what} {have!r} (this run: {want!r})" for what, have, want in pairs if have != want]
+
+
+def _resume_point(store: Store, src: Source, s: _Settings) -> tuple[int, int]:
+    """(the source position to continue at, how many files earlier runs skipped before it)."""
+    count = len(store)
+    if count == 0:
+        return 0, 0
+    if src.origin == "folder" and s.encoded and s.codec != "raw":
+        assert src.paths is not None
+        where = {path: k for k, path in enumerate(src.paths)}
+        last = -1
+        for index in range(count):
+            path = store.source_path(index)
+            k = where.get(path, -1) if path else -1
+            if k <= last:
+                why = "is not in SOURCE (any more)" if k < 0 else "comes before the record it follows in SOURCE"
+                raise ConvertError(
+                    f"{store.path}: image {index} came from {path!r}, which {why}: DEST was converted from another "
+                    "folder, or the folder changed since; delete DEST (or pass --overwrite) to convert it anew"
+                )
+            last = k
+        start = last + 1
+    else:
+        if count > src.total:
+            raise ConvertError(f"{store.path} holds {count} images, more than SOURCE's {src.total}: not its prefix")
+        start = count
+    _check_last(store, src, s, start - 1)
+    return start, start - count
+
+
+def _check_last(store: Store, src: Source, s: _Settings, position: int) -> None:
+    """The store's last record must be what this run makes of the source's item ``position``."""
+    index = len(store) - 1
+    batch = src.batch(position, position + 1)
+    made = prepare_batch(batch.kind, batch.inputs, s.plan)[0]
+    held: Any
+    if s.encoded and s.codec != "raw":
+        held, label = store.get_encoded(index)
+        same = made.record == held or (
+            made.record is not None and np.array_equal(decode(held), decode(made.record))  # type: ignore[arg-type]
+        )
+    else:
+        held, label = store.get(index)
+        same = made.record is not None and np.array_equal(np.asarray(made.record), held)
+    if not same or label != int(batch.labels[0]):
+        what = batch.paths[0] if batch.paths else f"item {position}"
+        raise ConvertError(
+            f"{store.path}: its last image (index {index}) is not what this run makes of SOURCE's {what}: DEST was "
+            "converted from another source or with other options; delete DEST (or pass --overwrite) to convert anew"
+        )
+
+
+# ---------------------------------------------------------------------- the conversion loop
+
+
+@dataclass(frozen=True)
+class _Options:
+    on_error: OnError
+    batch_images: int
+    batch_bytes: int
+    progress: bool | None
+
+
+def _pool(executor: str, workers: int | None) -> Executor | None:
+    count = os.cpu_count() or 1 if workers is None else workers
+    if count == 0:
+        return None
+    if executor == "thread":
+        return ThreadPoolExecutor(count, thread_name_prefix="imgstore-convert")
+    from imgstore.parallel import _die_with
+
+    # Fork: the workers get the plan's code without re-importing __main__; they die with this process.
+    context = multiprocessing.get_context("fork")
+    return ProcessPoolExecutor(count, mp_context=context, initializer=_die_with, initargs=(os.getpid(),))
+
+
+class _Pending:
+    """The records made and not yet committed, in order."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes | np.ndarray] = []
+        self.labels: list[int] = []
+        self.paths: list[str] = []
+        self.nbytes = 0
+
+    def add(self, record: bytes | np.ndarray, label: int, path: str | None) -> None:
+        self.records.append(record)
+        self.labels.append(label)
+        self.paths.append(path or "")
+        self.nbytes += _size(record)
+
+    def full(self, options: _Options) -> bool:
+        return len(self.records) >= options.batch_images or (self.nbytes >= options.batch_bytes and bool(self.records))
+
+
+def _size(record: bytes | np.ndarray) -> int:
+    return record.nbytes if isinstance(record, np.ndarray) else len(record)
+
+
+def _run(
+    src: Source, store: Store, s: _Settings, result: ConvertResult, options: _Options, pool: Executor | None
+) -> None:
+    from tqdm import tqdm
+
+    chunk = 256 if src.kind == "array" else 16  # items per task: small enough to balance images of any size
+    window = max(options.batch_images, 64)  # items in flight: the next commit's, made while this one writes
+    queue: deque[tuple[int, Batch, Future[list[Prepared]] | list[Prepared]]] = deque()
+    pending = _Pending()
+    position = result.start
+    quiet = None if options.progress is None else not options.progress  # None: tqdm shows it on a terminal only
+    bar = tqdm(
+        total=src.total, initial=result.start, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True,
+        smoothing=0.05,
+    )  # fmt: skip
+    clock = time.perf_counter()
+    try:
+        while True:
+            while position < src.total and (len(queue) * chunk < window or not queue):
+                batch = src.batch(position, min(position + chunk, src.total))
+                work = (
+                    prepare_batch(batch.kind, batch.inputs, s.plan)
+                    if pool is None
+                    else pool.submit(prepare_batch, batch.kind, batch.inputs, s.plan)
+                )
+                queue.append((position, batch, work))
+                position += len(batch.labels)
+            if not queue:
+                break
+            lo, batch, work = queue.popleft()
+            made = work if isinstance(work, list) else work.result()
+            for k, item in enumerate(made):
+                result.bytes_read += item.read
+                where = batch.paths[k] if batch.paths else f"{'index' if src.origin == 'store' else 'item'} {lo + k}"
+                if item.record is None:
+                    reason = item.error or "unknown error"
+                    if options.on_error == "fail":
+                        _commit(store, s, pending, len(pending.records), result)
+                        path = os.path.join(src.root, where) if src.root is not None else where
+                        raise BadFileError(
+                            f"{path}: {reason} (DEST holds the {len(store)} images before it: fix or remove the "
+                            "file and rerun with --resume, or pass --on-error skip)",
+                            where, reason, result,
+                        )  # fmt: skip
+                    result.skipped.append(Skipped(where, reason))
+                    continue
+                pending.add(item.record, int(batch.labels[k]), batch.paths[k] if batch.paths else None)
+                while pending.full(options):
+                    _commit(store, s, pending, options.batch_images, result)
+            bar.update(len(made))
+            elapsed = time.perf_counter() - clock
+            bar.set_postfix_str(f"{result.bytes_read / _MB / max(elapsed, 1e-9):.1f} MB/s", refresh=False)
+        _commit(store, s, pending, len(pending.records), result)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _commit(store: Store, s: _Settings, pending: _Pending, most: int, result: ConvertResult) -> None:
+    """Commit the first records of ``pending`` (at most ``most``, within the byte budget's count) in one call."""
+    n = min(most, len(pending.records))
+    if n == 0:
+        return
+    records, labels, paths = pending.records[:n], pending.labels[:n], pending.paths[:n]
+    if not s.encoded:
+        store.put_many(np.stack(records), labels)
+    elif s.codec == "raw":
+        store.put_many(records, labels)  # type: ignore[arg-type]
+    else:
+        store.put_encoded_many(records, labels, paths=paths if any(paths) else None)  # type: ignore[arg-type]
+    stored = sum(_size(r) for r in records)
+    del pending.records[:n], pending.labels[:n], pending.paths[:n]
+    pending.nbytes -= stored
+    result.written += n
+    result.bytes_stored += stored
