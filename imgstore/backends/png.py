@@ -47,9 +47,10 @@ _SUFFIX_FILE = "suffix.txt"  # in the png folder, of keep stores
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,16}")
 _SUFFIX_SAMPLE = 64  # a keep store's suffix: the most common format among its first files (up to this many)
 _ANY_IMAGE = ImageInfo("", 0, 0, 0, "")  # the png/jpeg/webp/raw codecs' suffix does not depend on the image
-# Reading files on a few threads overlaps their I/O waits (a cold cache, network file systems);
-# small batches read serially, where a thread hand-off costs more than it overlaps.
-_READ_THREADS = 4
+# Reading files on threads overlaps their I/O waits. Measured (256 shuffled ~110 KB JPEGs, 2 cores,
+# median): cold cache 150 ms serial, 58 ms on 4 threads, 43 ms on 8; warm 26 ms either way.
+# Small batches read serially: a thread hand-off costs more than it overlaps.
+_READ_THREADS = 8
 _THREADED_READ_MIN = 16
 
 
