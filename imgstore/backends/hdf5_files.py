@@ -1,4 +1,4 @@
-"""HDF5 files for the hdf5 backend: opening them safely, empty files written by Python, fork safety, the read index.
+"""HDF5 files for the hdf5 backend: opening them safely, empty files written by Python, fork safety, the read indexes.
 
 Kept apart from ``hdf5.py`` (the Store) so that each stays readable; see that module's docstring
 for why files are opened and made this way.
@@ -21,6 +21,7 @@ import numpy as np
 from h5py import h5f, h5i, h5p
 
 from imgstore.errors import CorruptStoreError, ImgStoreError
+from imgstore.manifest import MAX_IMAGE_BYTES
 
 LABEL_CHUNK = 1 << 14
 ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
@@ -29,6 +30,14 @@ ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
 class Layout(NamedTuple):
     shape: tuple[int, ...]  # of one image
     image_rows: int  # images per chunk
+    label_rows: int  # labels per chunk
+
+
+class EncodedLayout(NamedTuple):
+    """An encoded store's datasets: ``blobs`` (every record's bytes, concatenated), ``ends`` and ``labels``."""
+
+    blob_chunk: int  # bytes per chunk of ``blobs``
+    end_rows: int  # end offsets per chunk
     label_rows: int  # labels per chunk
 
 
@@ -92,12 +101,16 @@ def open_for_reading(path: Path) -> tuple[h5py.File, int]:
 _skeleton_names = itertools.count()
 
 
-@functools.lru_cache(maxsize=16)
-def skeleton(layout: Layout | None) -> bytes:
+@functools.lru_cache(maxsize=16, typed=True)
+def skeleton(layout: Layout | EncodedLayout | None) -> bytes:
     """The bytes of an HDF5 file with empty, resizable datasets of ``layout`` (none for None), made in memory."""
     name = f"imgstore-skeleton-{os.getpid()}-{next(_skeleton_names)}.h5"
     with h5py.File(name, "w", driver="core", backing_store=False, libver="latest") as f:
-        if layout is not None:
+        if isinstance(layout, EncodedLayout):
+            f.create_dataset("blobs", shape=(0,), maxshape=(None,), chunks=(layout.blob_chunk,), dtype=np.uint8)
+            f.create_dataset("ends", shape=(0,), maxshape=(None,), chunks=(layout.end_rows,), dtype=np.int64)
+            f.create_dataset("labels", shape=(0,), maxshape=(None,), chunks=(layout.label_rows,), dtype=np.int64)
+        elif layout is not None:
             f.create_dataset(
                 "images",
                 shape=(0, *layout.shape),
@@ -223,3 +236,62 @@ class ReadIndex:
         if needed and offsets.min() < 0:
             raise CorruptStoreError(f"{images.file.filename}: image chunks are missing or of the wrong size")
         return cls(rows, image_nbytes, offsets, labels[:count])
+
+
+def checked_ends(ends: np.ndarray, data_size: int, where: object) -> np.ndarray:
+    """``ends`` (int64) read from a file, after checking it: record ``i`` is ``blobs[ends[i - 1]:ends[i]]``.
+
+    A file is input like any other: every record must have 1 byte to 2 GiB and end within the
+    ``blobs`` dataset, so no read allocates more than a record can be because the file says so.
+    """
+    ends = np.asarray(ends, dtype=np.int64)
+    if len(ends) == 0:
+        return ends
+    # Bounds first: with every end in 1 .. data_size the differences below cannot overflow.
+    if int(ends.min()) < 1 or int(ends.max()) > data_size:
+        raise CorruptStoreError(f"{where}: record offsets lie outside the {data_size} bytes of records")
+    lengths = np.diff(ends, prepend=0)
+    if int(lengths.min()) < 1 or int(lengths.max()) > MAX_IMAGE_BYTES:
+        raise CorruptStoreError(f"{where}: record offsets are not increasing, or a record exceeds 2 GiB")
+    return ends
+
+
+@dataclass(frozen=True)
+class BlobIndex:
+    """Where the committed records of an encoded store lie: their bytes' ends, and the file offsets of the chunks."""
+
+    chunk: int  # bytes per chunk of ``blobs``
+    ends: np.ndarray  # record i is blobs[ends[i - 1]:ends[i]] (ends[-1] taken as 0); checked
+    offsets: np.ndarray | None  # file offset of each chunk; None when chunks are filtered
+    run_ends: np.ndarray | None  # per chunk: the last chunk of the run that lies contiguously in the file from it
+    labels: np.ndarray
+
+    @classmethod
+    def build(cls, blobs: h5py.Dataset, ends: h5py.Dataset, labels: h5py.Dataset, count: int) -> BlobIndex:
+        chunk = int(blobs.chunks[0])
+        checked = checked_ends(ends[:count], int(blobs.shape[0]), blobs.file.filename)
+        label_values = np.asarray(labels[:count], dtype=np.int64)
+        if blobs.id.get_create_plist().get_nfilters():
+            return cls(chunk, checked, None, None, label_values)
+        needed = -(-int(checked[-1]) // chunk) if count else 0
+        offsets = np.full(needed, -1, dtype=np.int64)
+
+        def note(info: h5py.h5d.StoreInfo) -> None:
+            index = info.chunk_offset[0] // chunk
+            if index < needed and info.size == chunk:
+                offsets[index] = info.byte_offset
+
+        blobs.id.chunk_iter(note)
+        if needed and offsets.min() < 0:
+            raise CorruptStoreError(f"{blobs.file.filename}: record chunks are missing or of the wrong size")
+        # HDF5 allocates chunks at the end of the file as they are written, so most runs of chunks are
+        # contiguous in the file and a record across chunks is still one read.
+        breaks = np.flatnonzero(offsets[1:] != offsets[:-1] + chunk)  # chunk c + 1 does not follow chunk c
+        run_ends = np.append(breaks, needed - 1)[np.searchsorted(breaks, np.arange(needed))]
+        return cls(chunk, checked, offsets, run_ends, label_values)
+
+    def spans(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Byte ranges ``[starts, stops)`` in ``blobs`` of records ``indices``."""
+        stops = self.ends[indices]
+        starts = np.where(indices > 0, self.ends[np.maximum(indices - 1, 0)], 0)
+        return starts, stops
