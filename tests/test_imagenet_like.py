@@ -105,7 +105,7 @@ def test_images_are_not_near_duplicates(sample: tuple[EncodedImages, list[Image.
     assert correlation.max() < 0.99, f"images {np.unravel_index(correlation.argmax(), correlation.shape)} look alike"
 
 
-def test_deterministic_and_prefix_stable(photos: None) -> None:
+def test_deterministic_and_prefix_stable(photos: None, monkeypatch: pytest.MonkeyPatch) -> None:
     data = imagenet_like(40, seed=3)
     assert len(data) == 40 and all(isinstance(blob, bytes) for blob in data.blobs)
     assert imagenet_like(40, seed=3).blobs == data.blobs
@@ -115,10 +115,12 @@ def test_deterministic_and_prefix_stable(photos: None) -> None:
     assert sum(a != b for a, b in zip(other, data.blobs, strict=True)) == 40
     test_split = imagenet_like(40, seed=3, split="test").blobs
     assert sum(a != b for a, b in zip(test_split, data.blobs, strict=True)) == 40
-    # Each image is made on its own, so the threads and chunks that made it do not matter.
+    # Each image is made on its own, so the threads, processes and chunks that made it do not matter.
     sources = imagenet_like_module._load_sources(photos_module.find_photos())
     for k in (0, 31, 32, 39):
         assert imagenet_like_module._make(sources, 3, 0, k) == data.blobs[k]
+    monkeypatch.setattr(imagenet_like_module, "_PROCESS_MIN", 1)  # forked workers, as for big requests
+    assert imagenet_like(40, seed=3).blobs == data.blobs
 
 
 def test_same_bytes_in_another_process(photos: None) -> None:
