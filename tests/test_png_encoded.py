@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 import imgstore
+from imgstore.backends.png import PngStore
 from imgstore.datasets.imagenet_like import imagenet_like
 from imgstore.store import Store
 
-PER_DIR = {"files_per_dir": 4}  # a few records per folder: every test crosses folders
+PER_DIR = 4  # files_per_dir: a few records per folder, so every test crosses folders
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def record_files(store: Store) -> list[Path]:
 def test_png_codec_varied_shapes_round_trip(tmp_path: Path) -> None:
     images = varied_images(30)
     labels = np.arange(30) * 7 + 1000
-    with imgstore.open_store(tmp_path / "s", "png", "w", codec="png", **PER_DIR) as store:
+    with imgstore.open_store(tmp_path / "s", "png", "w", codec="png", files_per_dir=PER_DIR) as store:
         assert store.put_many(images, labels) == range(30)
     with imgstore.open_store(tmp_path / "s") as store:
         assert store.varied and store.codec == "png"
@@ -52,7 +53,8 @@ def test_png_codec_varied_shapes_round_trip(tmp_path: Path) -> None:
             "00000/000000003.png",
             "00001/000000004.png",
         ]
-        assert len(files) == 30 and store.image_path(29) == files[29]
+        assert isinstance(store, PngStore) and store.image_path(29) == files[29]
+        assert len(files) == 30
         image, label = store.get(-1)
         assert same_pixels(image, images[29]) and label == labels[29]
         order = np.random.default_rng(1).integers(0, 30, 50)  # shuffled, with repeats: threaded file reads
@@ -73,7 +75,7 @@ def test_png_codec_varied_shapes_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("codec", ["keep", "jpeg"])
 def test_jpeg_files_are_stored_byte_for_byte(tmp_path: Path, jpegs: tuple[list[bytes], np.ndarray], codec: str) -> None:
     blobs, labels = jpegs
-    with imgstore.open_store(tmp_path / "s", "png", "w", codec=codec, **PER_DIR) as store:
+    with imgstore.open_store(tmp_path / "s", "png", "w", codec=codec, files_per_dir=PER_DIR) as store:
         store.put_encoded_many(blobs[:10], labels[:10])
     with imgstore.open_store(tmp_path / "s", mode="a") as store:  # appends across a reopen
         store.put_encoded_many(blobs[10:], labels[10:])
@@ -125,7 +127,7 @@ def test_keep_store_names_its_files_by_the_first_write(tmp_path: Path, jpegs: tu
 
 def test_raw_store_of_varied_shapes(tmp_path: Path) -> None:
     images = varied_images(20, seed=3)
-    with imgstore.open_store(tmp_path / "s", "png", "w", shape=None, **PER_DIR) as store:
+    with imgstore.open_store(tmp_path / "s", "png", "w", shape=None, files_per_dir=PER_DIR) as store:
         store.put_many(images[:8], np.arange(8))
         store.put_many(images[8:], np.arange(8, 20))
     with imgstore.open_store(tmp_path / "s") as store:
@@ -152,7 +154,7 @@ def test_fixed_raw_stores_are_unchanged(tmp_path: Path) -> None:
 
 def test_a_crashed_write_is_replaced(tmp_path: Path, jpegs: tuple[list[bytes], np.ndarray]) -> None:
     blobs, labels = jpegs
-    with imgstore.open_store(tmp_path / "s", "png", "w", codec="keep", **PER_DIR) as store:
+    with imgstore.open_store(tmp_path / "s", "png", "w", codec="keep", files_per_dir=PER_DIR) as store:
         # A first write that crashed before its commit: files, a suffix and labels, none of them committed.
         store._write_blobs(0, [b"not an image"] * 6, np.full(6, 99))
         assert (store.file("png") / "suffix.txt").read_text() == ".bin"
@@ -175,7 +177,7 @@ def test_a_crashed_write_is_replaced(tmp_path: Path, jpegs: tuple[list[bytes], n
 @pytest.fixture
 def jpeg_store(tmp_path: Path, jpegs: tuple[list[bytes], np.ndarray]) -> tuple[Path, list[Path]]:
     blobs, labels = jpegs
-    with imgstore.open_store(tmp_path / "s", "png", "w", codec="jpeg", **PER_DIR) as store:
+    with imgstore.open_store(tmp_path / "s", "png", "w", codec="jpeg", files_per_dir=PER_DIR) as store:
         store.put_encoded_many(blobs, labels)
         return tmp_path / "s", record_files(store)
 
@@ -254,3 +256,15 @@ def test_a_forked_child_reads_with_threads(
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_store_replaced_under_a_reader_says_so(tmp_path: Path, jpegs: tuple[list[bytes], np.ndarray]) -> None:
+    blobs, labels = jpegs
+    with imgstore.open_store(tmp_path / "s", "png", "w", codec="keep") as store:
+        store.put_encoded_many(blobs[:4], labels[:4])
+    with imgstore.open_store(tmp_path / "s") as reader:
+        assert reader.get_encoded(0)[0] == blobs[0]
+        with imgstore.open_store(tmp_path / "s", "png", "w", codec="keep") as store:
+            store.put_encoded_many(blobs[4:8], labels[4:8])
+        with pytest.raises(imgstore.CorruptStoreError, match="replaced"):
+            reader.get_encoded_many([1, 2])

@@ -199,16 +199,16 @@ class PngStore(Store):
 
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         labels = self._labels()[indices].astype(np.int64)
-        root, per_dir, suffix = self._root, self.options["files_per_dir"], self._record_suffix()
-        paths = [_image_path(root, per_dir, index, suffix) for index in indices.tolist()]
-        if len(paths) < _THREADED_READ_MIN:
-            return [_read_file(path) for path in paths], labels
-        pieces = [paths[k::_READ_THREADS] for k in range(_READ_THREADS)]  # strided: even if sizes trend
-        read = list(_read_pool().map(_read_files, pieces))
-        blobs: list[bytes] = [b""] * len(paths)
-        for k, piece in enumerate(read):
-            blobs[k::_READ_THREADS] = piece
-        return blobs, labels
+        try:
+            suffix = self._record_suffix()
+            paths = [_image_path(self._root, self.options["files_per_dir"], i, suffix) for i in indices.tolist()]
+            return _read_files(paths), labels
+        except CorruptStoreError:
+            if self._replaced():  # its files went with the old generation: say so, not "missing"
+                raise CorruptStoreError(
+                    f"{self.path} was replaced (mode 'w') under this handle; open it again"
+                ) from None
+            raise
 
 
 # ---------------------------------------------------------------------- per-image work (also run in pool workers)
@@ -271,6 +271,16 @@ def _store_suffix(codec: Codec, blobs: Sequence[bytes]) -> str:
 
 
 def _read_files(paths: list[str]) -> list[bytes]:
+    if len(paths) < _THREADED_READ_MIN:
+        return [_read_file(path) for path in paths]
+    pieces = [paths[k::_READ_THREADS] for k in range(_READ_THREADS)]  # strided: even if sizes trend
+    blobs: list[bytes] = [b""] * len(paths)
+    for k, piece in enumerate(_read_pool().map(_read_serially, pieces)):
+        blobs[k::_READ_THREADS] = piece
+    return blobs
+
+
+def _read_serially(paths: list[str]) -> list[bytes]:
     return [_read_file(path) for path in paths]
 
 
