@@ -9,13 +9,13 @@ which no procedural model matches at these sizes.
 
 The ImageNet figures this targets, and where they come from:
 
-- 1 281 167 training images (TFDS ``imagenet2012``), in a 147.9 GB tar (``ILSVRC2012_img_train.tar``,
-  listed as 41.9 + 41.9 + 41.9 + 22.1 GB in public mirrors): 115 kB a file, about 114 kB of JPEG
-  after the tar's headers. Target: mean 115 kB.
+- 1 281 167 training images (TFDS ``imagenet2012``) in a 148 GB tar (``ILSVRC2012_img_train.tar``,
+  listed as 41.9 + 41.9 + 41.9 + 22.1 GB in public mirrors): 115 kB a file, of which the tar's
+  headers take under 1 kB. Target: mean 115 kB (the "110 KB" often quoted is the same in KiB).
 - Sizes: most files are 500 pixels on their long side (the web's "medium" size, which the
   collection came from), 4:3 or 3:2, mostly landscape: 500x375, 500x333, 375x500 are the common
   ones, with a tail of smaller images and a few large ones (up to 2592x3888; M. Ehrlich, "Compression
-  in the ImageNet Dataset", 2021). Reported mean resolutions range from 400x350 to about 470x390.
+  in the ImageNet Dataset", 2021). Quoted mean resolutions vary, from about 400x350 to 470x390.
   Target: median 500x375, mean about 475x390.
 - Encoding: almost all colour, and most were saved at quality 96 without chroma subsampling
   (Ehrlich, ibid.), the rest at lower qualities and 4:2:0.
@@ -36,7 +36,7 @@ Each image k is made from its own generator, seeded by ``(seed, split, k)``:
 
 The sources are sharpened once when loaded (an unsharp mask, as cameras and web resizing do), which
 gives the enlarged crops back the fine detail, and the bytes, of ImageNet's photographs: without
-it the mean is about 15% lower. Crops of the same photo differ in position, scale, size, flip,
+it the mean is about a quarter lower. Crops of the same photo differ in position, scale, size, flip,
 colour and encoding, as ImageNet's photographs of one kind of thing do; no two are the same file
 or the same picture (the tests check that no two 32x32 thumbnails correlate above 0.99).
 
@@ -102,7 +102,7 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 # Encoding: quality 96 for most files, else 90-95 or 75-89; 4:4:4 for most, else 4:2:0.
 _P_Q96, _P_Q90 = 0.78, 0.14
 _P_444 = 0.90
-_SHARPEN = ImageFilter.UnsharpMask(radius=1.0, percent=150, threshold=2)  # sets the mean bytes (docstring)
+_SHARPEN = ImageFilter.UnsharpMask(radius=1.0, percent=175, threshold=2)  # sets the mean bytes (docstring)
 
 # What the registry's loader makes when asked for the whole split (n=None): 100 train images a
 # class and ImageNet's 50 validation images a class, for 10 classes; a few seconds to make.
