@@ -83,6 +83,7 @@ from imgstore.backends.hdf5_files import (
 )
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
+from imgstore.manifest import MAX_IMAGE_BYTES
 from imgstore.options import Option
 from imgstore.store import Store
 
@@ -443,15 +444,20 @@ class Hdf5Store(Store):
             return 0
         if self._blob_index is not None:
             return int(self._blob_index.ends[start - 1])
+        # Not the whole index (a read's job): the last record's bounds, so that a damaged offset
+        # cannot make this write land gigabytes past the records.
         try:
             if self._ends.shape[0] < start:
                 raise CorruptStoreError(f"{self.file(_FILE)} holds fewer images than its manifest commits")
-            end = int(self._ends[start - 1])
+            last = self._ends[max(0, start - 2) : start]
             size = int(self._blobs.shape[0])
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise CorruptStoreError(f"{self.file(_FILE)} cannot be read: {exc}") from exc
-        if not 1 <= end <= size:  # a damaged offset must not make the write grow the file to it
-            raise CorruptStoreError(f"{self.file(_FILE)}: record {start - 1} ends at {end}, outside its records")
+        before, end = (0, int(last[0])) if start == 1 else (int(last[0]), int(last[1]))
+        if not 0 <= before < end <= size or end - before > MAX_IMAGE_BYTES:
+            raise CorruptStoreError(
+                f"{self.file(_FILE)}: record {start - 1} lies outside the records ({before} .. {end})"
+            )
         return end
 
     # -------------------------------------------------------------- reading
