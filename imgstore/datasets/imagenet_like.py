@@ -164,8 +164,8 @@ def imagenet_like(
     Deterministic from ``seed``; image k is the same whatever ``n``. ``split="test"`` draws from a
     separate stream. ``cache_dir``: a folder to keep the files in (one file per image, under a name
     that changes with everything the bytes depend on), so a second call reads instead of encoding.
-    Raises :class:`~imgstore.errors.DatasetNotFoundError` when no package with source photos is
-    installed.
+    Raises :class:`~imgstore.errors.DatasetNotFoundError`, naming what to install, when a package of
+    the photo catalogue (scikit-image, matplotlib) is missing.
     """
     _check_int("n", n, 0)
     _check_int("seed", seed, 0)
