@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from imgstore.codecs import decode, get_codec
-from imgstore.errors import StoreNotFoundError
+from imgstore.codecs import decode, get_codec, probe
+from imgstore.errors import InvalidImageError, StoreNotFoundError
 from imgstore.manifest import read_manifest
 from imgstore.opening import open_store
 from imgstore.sources import Batch, ConvertError, Plan, Prepared, Source, open_source, prepare_batch
@@ -158,7 +158,7 @@ def convert(
     src = source if isinstance(source, Source) else open_source(source, split=split)
     try:
         settings = _settings(src, codec, quality, image_mode, full_check)
-        if on_error == "skip" and (src.origin != "folder" or not settings.encoded):
+        if on_error == "skip" and (src.origin != "folder" or settings.codec == "raw"):
             raise ConvertError(
                 "--on-error skip needs a folder converted to an encoded codec: a dataset, a store or raw pixels "
                 "keep no source paths, and resuming them by count cannot leave gaps"
@@ -183,7 +183,8 @@ def convert(
                 result.seconds = time.perf_counter() - started
         return result
     finally:
-        src.close()
+        if src is not source:
+            src.close()
 
 
 def _check_arguments(
@@ -360,23 +361,88 @@ def _pool(executor: str, workers: int | None) -> Executor | None:
     return ProcessPoolExecutor(count, mp_context=context, initializer=_die_with, initargs=(os.getpid(),))
 
 
-class _Pending:
-    """The records made and not yet committed, in order."""
+class _Writer:
+    """The records made and not yet committed, in order, and their commits: one ``put_*`` call each."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store, src: Source, s: _Settings, options: _Options, result: ConvertResult) -> None:
+        self.store, self.src, self.s, self.options, self.result = store, src, s, options, result
         self.records: list[bytes | np.ndarray] = []
         self.labels: list[int] = []
-        self.paths: list[str] = []
+        self.paths: list[str] = []  # kept in the store ("" for none)
+        self.names: list[str] = []  # for messages
         self.nbytes = 0
 
-    def add(self, record: bytes | np.ndarray, label: int, path: str | None) -> None:
+    def add(self, record: bytes | np.ndarray, label: int, path: str | None, name: str) -> None:
         self.records.append(record)
         self.labels.append(label)
         self.paths.append(path or "")
+        self.names.append(name)
         self.nbytes += _size(record)
+        while len(self.records) >= self.options.batch_images or (
+            self.records and self.nbytes >= self.options.batch_bytes
+        ):
+            self.commit(self.options.batch_images)
 
-    def full(self, options: _Options) -> bool:
-        return len(self.records) >= options.batch_images or (self.nbytes >= options.batch_bytes and bool(self.records))
+    def bad(self, name: str, reason: str) -> None:
+        """The next item is bad: skip it, or (on_error="fail") commit the records before it and stop."""
+        if self.options.on_error == "skip":
+            self.result.skipped.append(Skipped(name, reason))
+            return
+        self.commit(len(self.records))
+        raise self._failure(name, reason)
+
+    def _failure(self, name: str, reason: str) -> BadFileError:
+        path = os.path.join(self.src.root, name) if self.src.root is not None else name
+        return BadFileError(
+            f"{path}: {reason} (DEST holds the {len(self.store)} images before it: fix or remove the file and rerun "
+            "with --resume, or pass --on-error skip)",
+            name, reason, self.result,
+        )  # fmt: skip
+
+    def commit(self, most: int) -> None:
+        """Commit the first ``most`` records (or all there are) in one call."""
+        n = min(most, len(self.records))
+        if n == 0:
+            return
+        records, labels, paths = self.records[:n], self.labels[:n], self.paths[:n]
+        try:
+            if not self.s.encoded:
+                self.store.put_many(np.stack(records), labels)
+            elif self.s.codec == "raw":
+                self.store.put_many(records, labels)  # type: ignore[arg-type]
+            else:
+                self.store.put_encoded_many(records, labels, paths=paths if any(paths) else None)  # type: ignore[arg-type]
+        except InvalidImageError:
+            # The store's own header check (a decompression bomb, a header Pillow refuses: the workers
+            # check files' ends, not their headers, which the store probes anyway). Which record?
+            k, reason = _first_refused(records)
+            if k is None:
+                raise
+            name = self.names[k]
+            for column in (self.records, self.labels, self.paths, self.names):
+                del column[k]
+            self.nbytes -= _size(records[k])
+            self.commit(k)  # the good records before it
+            if self.options.on_error == "fail":
+                raise self._failure(name, reason) from None
+            self.result.skipped.append(Skipped(name, reason))
+            return self.commit(n - k - 1)
+        stored = sum(_size(r) for r in records)
+        for column in (self.records, self.labels, self.paths, self.names):
+            del column[:n]
+        self.nbytes -= stored
+        self.result.written += n
+        self.result.bytes_stored += stored
+
+
+def _first_refused(records: list[bytes | np.ndarray]) -> tuple[int | None, str]:
+    for k, record in enumerate(records):
+        if isinstance(record, bytes):
+            try:
+                probe(record)
+            except InvalidImageError as exc:
+                return k, str(exc)
+    return None, ""
 
 
 def _size(record: bytes | np.ndarray) -> int:
@@ -391,7 +457,7 @@ def _run(
     chunk = 256 if src.kind == "array" else 16  # items per task: small enough to balance images of any size
     window = max(options.batch_images, 64)  # items in flight: the next commit's, made while this one writes
     queue: deque[tuple[int, Batch, Future[list[Prepared]] | list[Prepared]]] = deque()
-    pending = _Pending()
+    writer = _Writer(store, src, s, options, result)
     position = result.start
     quiet = None if options.progress is None else not options.progress  # None: tqdm shows it on a terminal only
     bar = tqdm(
@@ -416,46 +482,17 @@ def _run(
             made = work if isinstance(work, list) else work.result()
             for k, item in enumerate(made):
                 result.bytes_read += item.read
-                where = batch.paths[k] if batch.paths else f"{'index' if src.origin == 'store' else 'item'} {lo + k}"
+                path = batch.paths[k] if batch.paths else None
+                name = path or f"{'index' if src.origin == 'store' else 'item'} {lo + k}"
                 if item.record is None:
-                    reason = item.error or "unknown error"
-                    if options.on_error == "fail":
-                        _commit(store, s, pending, len(pending.records), result)
-                        path = os.path.join(src.root, where) if src.root is not None else where
-                        raise BadFileError(
-                            f"{path}: {reason} (DEST holds the {len(store)} images before it: fix or remove the "
-                            "file and rerun with --resume, or pass --on-error skip)",
-                            where, reason, result,
-                        )  # fmt: skip
-                    result.skipped.append(Skipped(where, reason))
-                    continue
-                pending.add(item.record, int(batch.labels[k]), batch.paths[k] if batch.paths else None)
-                while pending.full(options):
-                    _commit(store, s, pending, options.batch_images, result)
+                    writer.bad(name, item.error or "unknown error")
+                else:
+                    writer.add(item.record, int(batch.labels[k]), path, name)
             bar.update(len(made))
             elapsed = time.perf_counter() - clock
             bar.set_postfix_str(f"{result.bytes_read / _MB / max(elapsed, 1e-9):.1f} MB/s", refresh=False)
-        _commit(store, s, pending, len(pending.records), result)
+        writer.commit(len(writer.records))
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _commit(store: Store, s: _Settings, pending: _Pending, most: int, result: ConvertResult) -> None:
-    """Commit the first records of ``pending`` (at most ``most``, within the byte budget's count) in one call."""
-    n = min(most, len(pending.records))
-    if n == 0:
-        return
-    records, labels, paths = pending.records[:n], pending.labels[:n], pending.paths[:n]
-    if not s.encoded:
-        store.put_many(np.stack(records), labels)
-    elif s.codec == "raw":
-        store.put_many(records, labels)  # type: ignore[arg-type]
-    else:
-        store.put_encoded_many(records, labels, paths=paths if any(paths) else None)  # type: ignore[arg-type]
-    stored = sum(_size(r) for r in records)
-    del pending.records[:n], pending.labels[:n], pending.paths[:n]
-    pending.nbytes -= stored
-    result.written += n
-    result.bytes_stored += stored

@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from imgstore.codecs import decode, get_codec, probe
+from imgstore.codecs import decode, get_codec
 from imgstore.errors import DatasetError, ImgStoreError, InvalidImageError
 from imgstore.manifest import MANIFEST_NAME
 
@@ -153,9 +153,9 @@ class Source:
 
 def open_source(text: str | os.PathLike[str], *, split: str = "train") -> Source:
     """The source ``text`` names: ``NAME:ARG`` for a registered dataset, a store's directory, or an ImageFolder."""
-    from imgstore.datasets import available_datasets
-
     if isinstance(text, str) and not os.path.exists(text):
+        from imgstore.datasets import available_datasets  # here: it imports every loader, which a folder needs not
+
         name, _, arg = text.partition(":")
         if name in available_datasets():
             return _dataset_source(name, arg, split)
@@ -163,6 +163,8 @@ def open_source(text: str | os.PathLike[str], *, split: str = "train") -> Source
     if (path / MANIFEST_NAME).exists():
         return _store_source(path)
     if not path.is_dir():
+        from imgstore.datasets import available_datasets
+
         datasets = ", ".join(f"{n}:..." for n in available_datasets())
         raise ConvertError(f"{path}: not a folder, a store or a dataset ({datasets})")
     classes = find_classes(path)
@@ -274,8 +276,9 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
         if not data:
             return Prepared(None, 0, "an empty file")
         if plan.codec == "keep":
-            info = probe(data)
-            if plan.full_check or not _whole(data, info.format):
+            # The header is checked by the store (put_encoded_many probes every file): here only
+            # what the header cannot tell, that the file is whole (else it is decoded to decide).
+            if plan.full_check or not _whole(data):
                 decode(data, mode=plan.mode)
             return Prepared(data, read, None)
         array = decode(data, mode=plan.mode)
@@ -286,17 +289,17 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
         return Prepared(None, read, f"cannot read it: {exc.strerror or exc}")
 
 
-def _whole(data: bytes, format: str) -> bool:
-    """Whether the file ends where its format says it ends: then its checked header is trusted.
+def _whole(data: bytes) -> bool:
+    """Whether a JPEG, PNG or WebP file ends where its format says it ends: then its header is trusted.
 
     A truncated file (the common damage: an interrupted copy or download) lacks its end. Pillow
-    fails on it only when it decodes the pixels, so such a file, and every file of a format
-    without such a mark, is decoded in full to decide.
+    fails on it only when it decodes the pixels, so such a file, and every file of another
+    format, is decoded in full to decide.
     """
-    if format == "JPEG":
+    if data.startswith(b"\xff\xd8\xff"):
         return data.endswith(b"\xff\xd9")  # EOI: appears nowhere else in a JPEG's scans (0xFF is escaped)
-    if format == "PNG":
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return data.endswith(b"\0\0\0\0IEND\xaeB`\x82")  # the IEND chunk
-    if format == "WEBP":
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
         return len(data) >= 8 + int.from_bytes(data[4:8], "little")  # the RIFF size
     return False
