@@ -266,7 +266,8 @@ def _first_damage(store: Store, found: CorruptStoreError, decode: bool) -> ImgSt
                 except ImgStoreError:
                     source = None
                 where = f" (source {source})" if source else ""
-                return CorruptStoreError(f"{store.path}: image {index}{where} is damaged: {exc}")
+                why = str(exc).removeprefix(f"{store.path}: ")  # the path is said once
+                return CorruptStoreError(f"{store.path}: image {index}{where} is damaged: {why}")
     return found
 
 
