@@ -420,6 +420,9 @@ class Hdf5Store(Store):
         try:
             self._ensure_open()
             if self._blobs is None:
+                if start:  # _attach lets a file without datasets through only for an empty store
+                    raise CorruptStoreError(f"{self.file(_FILE)} has no datasets of an encoded store")
+
                 # An empty store whose file has no datasets (made before this backend held encoded
                 # stores): a new file with them and these records, as SWMR mode cannot add datasets.
                 def put(file: h5py.File, tmp: Path) -> None:
@@ -540,11 +543,16 @@ class Hdf5Store(Store):
         positions = ix.offsets[first] + starts - first * ix.chunk
         # One read when the record's chunks lie one after another in the file (nearly always).
         whole = (stops - 1) // ix.chunk <= ix.run_ends[first]
-        for k in order.tolist():
-            if whole[k]:
-                blobs[k] = self._pread(int(positions[k]), int(stops[k] - starts[k]))
-            else:
-                blobs[k] = self._pread_pieces(ix, int(starts[k]), int(stops[k]))
+        # Python ints for the loop: indexing numpy arrays per record costs more than a small record's read.
+        for k, position, start, stop, one_read in zip(
+            order.tolist(),
+            positions[order].tolist(),
+            starts[order].tolist(),
+            stops[order].tolist(),
+            whole[order].tolist(),
+            strict=True,
+        ):
+            blobs[k] = self._pread(position, stop - start) if one_read else self._pread_pieces(ix, start, stop)
         return blobs, labels
 
     def _pread(self, offset: int, nbytes: int) -> bytes:
@@ -569,8 +577,7 @@ class Hdf5Store(Store):
         return buffer.tobytes()
 
 
-# ---------------------------------------------------------------------- opening files
-
+# ---------------------------------------------------------------------- encoded stores' datasets
 
 _ENCODED_LAYOUT = EncodedLayout(_BLOB_CHUNK, LABEL_CHUNK, LABEL_CHUNK)
 
