@@ -14,6 +14,7 @@ on both cores, with the fastest installed decoder, to the store's ``image_mode``
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +44,8 @@ class EncodedRecords:
     """The encoded-record half of one store handle: writing, reading and decoding its records."""
 
     def __init__(self, store: Store, decoder: str) -> None:
-        self.store = store
+        # A proxy: the store holds this object, and a cycle would keep a dropped writer's lock alive.
+        self.store: Store = weakref.proxy(store)
         manifest = store._manifest
         self.codec: Codec = get_codec(manifest.codec, **manifest.codec_params)
         self.decoder = resolve_decoder(decoder)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
+from imgstore import fixed
 from imgstore.arguments import (
     IndexLike,
     as_contiguous_range,
@@ -31,9 +32,8 @@ from imgstore.arguments import (
     checked_indices,
     checked_labels,
     checked_size,
-    io_error,
 )
-from imgstore.checksums import Checksums, group_size
+from imgstore.checksums import Checksums
 from imgstore.errors import (
     CorruptStoreError,
     ImgStoreError,
@@ -48,7 +48,7 @@ from imgstore.errors import (
 )
 from imgstore.fileio import disk_usage
 from imgstore.locking import WriterLock
-from imgstore.manifest import MAX_DIMS, MAX_IMAGE_BYTES, Manifest, generation_name, read_manifest, write_manifest
+from imgstore.manifest import Manifest, generation_name, read_manifest
 from imgstore.options import Option
 
 if TYPE_CHECKING:
@@ -269,16 +269,6 @@ class Store(abc.ABC):
     def _load_checksums(self) -> None:
         self._checksums.load(len(self))
 
-    def _full_groups(self, start: int, images: np.ndarray, labels: np.ndarray) -> dict[int, int]:
-        """Checksums of the groups this write fills (the committed part of the first one is read back)."""
-
-        def read_back(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-            old = self._batch(hi - lo, None)
-            self._read_range(lo, hi, *old, verify=True)
-            return old
-
-        return self._checksums.full_groups(start, images, labels, read_back)
-
     # ------------------------------------------------------------------ writing
 
     def put(self, image: np.ndarray, label: int) -> int:
@@ -294,32 +284,8 @@ class Store(abc.ABC):
                 raise InvalidImageError(f"put_many takes a batch of images; got an array of shape {images.shape}")
             labels = self._checked_labels(labels, len(images))
             return self._encoded.put_arrays(images, labels)
-        images = self._checked_images(images)
-        labels = self._checked_labels(labels, len(images))
-        start = len(self)
-        if len(images) == 0:
-            return range(start, start)
-        old = manifest = self._manifest
-        if old.shape is None:  # the first images fix the shape, and with it the checksum groups
-            group = group_size(images[0].nbytes) if old.checksum == "xxh3_64" else 1
-            manifest = self._manifest = replace(old, shape=images.shape[1:], group=group)
-            self._checksums = self._make_checksums(manifest)
-        try:
-            records = self._checksums.of_records(images, labels)
-            groups = self._full_groups(start, images, labels)
-            self._write(start, images, labels)
-            self._checksums.write(start, records, groups, sync=self.sync)
-            manifest = manifest.with_count(start + len(images))
-            write_manifest(self.path, manifest, sync=self.sync)
-        except BaseException as exc:
-            if old.shape is None:  # nothing was committed: the store is still without a shape
-                self._manifest, self._checksums = old, self._make_checksums(old)
-            if isinstance(exc, ImgStoreError) or not isinstance(exc, OSError):
-                raise
-            raise io_error(exc, f"writing {len(images)} images to {self.path}") from exc
-        self._manifest = manifest
-        self._checksums.extend(start, records, groups)
-        return range(start, start + len(images))
+        images = fixed.checked_images(self, images)
+        return fixed.put(self, images, self._checked_labels(labels, len(images)))
 
     def put_encoded_many(
         self,
@@ -362,34 +328,6 @@ class Store(abc.ABC):
                 "may write (open the store in this process, after the other closes it)"
             )
 
-    def _checked_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        array = as_image_array(images)
-        if array.dtype != np.uint8:
-            raise InvalidImageError(
-                f"images must be uint8 arrays, got dtype {array.dtype}; convert explicitly "
-                "(e.g. (x * 255).round().astype(np.uint8)) so no value is silently wrapped or clipped"
-            )
-        shape = self.shape
-        if shape is None:
-            if array.ndim < 3:
-                raise InvalidImageError(
-                    f"put_many takes a batch [N, H, W] or [N, H, W, C]; got an array of shape {array.shape}"
-                )
-            if (
-                array.ndim - 1 > MAX_DIMS
-                or min(array.shape[1:]) < 1
-                or int(np.prod(array.shape[1:], dtype=np.int64)) > MAX_IMAGE_BYTES
-            ):
-                raise InvalidImageError(f"images must have positive dimensions and at most 2 GiB; got {array.shape}")
-            self.check_shape(tuple(array.shape[1:]))
-        elif array.shape[1:] != shape or array.ndim != len(shape) + 1:
-            raise InvalidImageError(
-                f"this store holds images of shape {shape}; got a batch of shape {array.shape} "
-                f"(expected [N, {', '.join(map(str, shape))}])"
-            )
-        # Fortran-ordered or strided input is fine; backends get one C-contiguous block.
-        return np.ascontiguousarray(array)
-
     # ------------------------------------------------------------------ reading
 
     def get(self, index: int) -> tuple[np.ndarray, int]:
@@ -398,13 +336,7 @@ class Store(abc.ABC):
         index = self._checked_index(index)
         if self._encoded is not None:
             return self._encoded.get(index)
-        try:
-            image, label = self._read_one(index)
-        except self.damage_errors as exc:
-            raise self._damaged(exc) from exc
-        if self.verify_reads:
-            self._checksums.check_one(index, image, label, self.path)
-        return image, label
+        return fixed.get(self, index)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.get(index)
@@ -432,47 +364,7 @@ class Store(abc.ABC):
             return self._encoded.get_many(where, out, size)
         if size is not None:
             raise InvalidOptionError("size= resizes encoded images; this store holds raw pixels of one shape")
-        if contiguous is not None:
-            start, stop = contiguous
-            images, labels = self._batch(stop - start, out)
-            self._read_range(start, stop, images, labels)
-            return images, labels
-        idx = checked_indices(indices, count)
-        images, labels = self._batch(len(idx), out)
-        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
-            self._read_range(int(idx[0]), int(idx[-1]) + 1, images, labels)
-            return images, labels
-        try:
-            if len(idx):
-                self._read_into(idx, images, labels)
-        except self.damage_errors as exc:
-            raise self._damaged(exc) from exc
-        if self.verify_reads and len(idx):
-            self._checksums.check_records(idx, images, labels, self.path)
-        return images, labels
-
-    def _read_range(
-        self, start: int, stop: int, images: np.ndarray, labels: np.ndarray, *, verify: bool | None = None
-    ) -> None:
-        """Records ``start .. stop - 1``; verified in pieces that are checked while still in the CPU cache."""
-        if stop <= start:
-            return
-        verify = self.verify_reads if verify is None else verify
-        step = stop - start
-        if verify and self.scan_piece_bytes is not None:
-            group = self._checksums.group
-            step = max(group, self.scan_piece_bytes // max(1, images[0].nbytes) // group * group)
-        try:
-            lo = start
-            while lo < stop:  # pieces aligned to whole groups
-                hi = min(stop, (lo // step + 1) * step)
-                piece = images[lo - start : hi - start], labels[lo - start : hi - start]
-                self._read_range_into(lo, hi, *piece)
-                if verify:
-                    self._checksums.check_range(lo, *piece, self.path)
-                lo = hi
-        except self.damage_errors as exc:
-            raise self._damaged(exc) from exc
+        return fixed.get_many(self, contiguous if contiguous is not None else checked_indices(indices, count), out)
 
     def get_encoded(self, index: int) -> tuple[bytes, int]:
         """The stored bytes of image ``index`` (e.g. the source JPEG of a ``keep`` store) and its label."""
@@ -539,20 +431,7 @@ class Store(abc.ABC):
                 blobs, labels = self._encoded.read((start, min(start + batch_size, count)))
                 self._checksums.check_blobs(np.arange(start, start + len(blobs)), blobs, labels, self.path)
             return
-        for start in range(0, count, batch_size):
-            stop = min(start + batch_size, count)
-            images, labels = self._batch(stop - start, None)
-            try:
-                self._read_range(start, stop, images, labels, verify=False)  # every record is checked below
-            except CorruptStoreError:
-                for index in range(start, stop):  # find which one, for the message
-                    try:
-                        self.get(index)
-                    except CorruptStoreError as exc:
-                        raise CorruptStoreError(f"{self.path}: damaged image at index {index}: {exc}") from exc
-                raise
-            self._checksums.check_records(np.arange(start, stop), images, labels, self.path)
-            self._checksums.check_range(start, images, labels, self.path)
+        fixed.verify(self, batch_size)
 
     def iter_batches(
         self, batch_size: int = 1024, *, size: tuple[int, int] | None = None
@@ -567,20 +446,7 @@ class Store(abc.ABC):
             return self._encoded.iter_batches(batch_size, checked_size(size))
         if size is not None:
             raise InvalidOptionError("size= resizes encoded images; this store holds raw pixels of one shape")
-        return self._iter_batches(batch_size)
-
-    def _iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        count = len(self)  # a snapshot: appends during iteration are not read
-        # Read whole spans of batches when the backend is faster per image on bigger reads (PNG
-        # decodes big reads on every core); each batch is then a copy, so it stays the caller's own.
-        span = batch_size * -(-max(self._read_ahead(), batch_size) // batch_size)
-        for low in range(0, count, span):
-            images, labels = self.get_many(range(low, min(low + span, count)))
-            if span == batch_size:
-                yield images, labels
-                continue
-            for start in range(0, len(images), batch_size):
-                yield images[start : start + batch_size].copy(), labels[start : start + batch_size].copy()
+        return fixed.iter_batches(self, batch_size)
 
     def _read_ahead(self) -> int:
         """Images per backend read worth batching up in iter_batches (0: just the batch)."""
