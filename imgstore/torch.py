@@ -32,10 +32,13 @@ class StoreDataset(Dataset[tuple[Any, Any]]):
     """``dataset[i] -> (image, label)`` for every record of the store at ``path``.
 
     ``output="tensor"`` gives ``torch.uint8`` tensors shaped like the stored images (H, W[, C]);
-    ``"numpy"`` gives arrays. ``transform`` and ``target_transform`` are applied per sample, after
-    conversion. A batched fetch (``__getitems__``, used by ``DataLoader`` with a batch size) reads
-    the whole batch with one ``get_many``. Every record read is checked against its checksum
-    unless ``verify_reads=False`` (see :func:`imgstore.open_store`).
+    ``"numpy"`` gives arrays. An encoded store decodes each image (HWC, to the store's
+    ``image_mode``) with ``decoder``; ``size=(h, w)`` decodes straight to that size (JPEG's
+    reduced-size decode), so images of varied shapes batch with the default collate.
+    ``transform`` and ``target_transform`` are applied per sample, after conversion. A batched
+    fetch (``__getitems__``, used by ``DataLoader`` with a batch size) reads the whole batch with
+    one ``get_many``. Every record read is checked against its checksum unless
+    ``verify_reads=False`` (see :func:`imgstore.open_store`).
     """
 
     def __init__(
@@ -46,6 +49,8 @@ class StoreDataset(Dataset[tuple[Any, Any]]):
         target_transform: Callable[[int], Any] | None = None,
         output: Output = "tensor",
         verify_reads: bool = True,
+        size: tuple[int, int] | None = None,
+        decoder: str = "auto",
     ) -> None:
         if output not in ("tensor", "numpy"):
             raise InvalidOptionError(f"output must be 'tensor' or 'numpy', got {output!r}")
@@ -54,9 +59,13 @@ class StoreDataset(Dataset[tuple[Any, Any]]):
         self.target_transform = target_transform
         self.output = output
         self.verify_reads = verify_reads
-        # Fail now, in the parent, if the store is missing or damaged.
-        with open_store(self.path, verify_reads=verify_reads) as store:
+        self.size = size
+        self.decoder = decoder
+        # Fail now, in the parent, if the store is missing or damaged, or size/decoder do not apply.
+        with open_store(self.path, verify_reads=verify_reads, decoder=decoder) as store:
             self._length = len(store)
+            if size is not None:
+                store.get_many([], size=size)
         self._store: Store | None = None
         self._pid = 0
 
@@ -66,18 +75,24 @@ class StoreDataset(Dataset[tuple[Any, Any]]):
     @property
     def store(self) -> Store:
         if self._store is None or self._pid != os.getpid():
-            self._store = open_store(self.path, verify_reads=self.verify_reads)  # this process's own reader
+            # this process's own reader
+            self._store = open_store(self.path, verify_reads=self.verify_reads, decoder=self.decoder)
             self._pid = os.getpid()
         return self._store
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         if not -self._length <= index < self._length:
             raise IndexError(f"index {index} is out of range for a dataset of {self._length} images")
+        if self.size is not None:
+            images, labels = self.store.get_many([index], size=self.size)
+            return self._sample(images[0], int(labels[0]))
         image, label = self.store.get(index)
         return self._sample(image, label)
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any]]:
-        images, labels = self.store.get_many(np.asarray(indices, dtype=np.int64))
+        idx = np.asarray(indices, dtype=np.int64)
+        # size= only where given: a raw store of one shape refuses it
+        images, labels = self.store.get_many(idx, size=self.size) if self.size else self.store.get_many(idx)
         return [self._sample(image, label) for image, label in zip(images, labels.tolist(), strict=False)]
 
     def _sample(self, image: np.ndarray, label: int) -> tuple[Any, Any]:
