@@ -3,12 +3,16 @@
 ``format<N>/`` holds one small store per backend written in store format version N, and
 ``expected.npz`` its records: ``format1/`` by commit c5d7c9c (CRC-32 record checksums, files
 without generation names), ``format2/`` by the commit that introduced it (XXH3 record and group
-checksums, generation-named files; 48x48x3 images, so a group checksum is exercised). Every later
-version must read them bit-exact, verify them, and append to them.
+checksums, generation-named files; 48x48x3 images, so a group checksum is exercised), ``format3/``
+likewise (codecs: the same raw records, and under ``encoded/`` per backend a ``keep`` store of JPEG,
+PNG and WebP files with classes and source paths, a ``png`` store of arrays of varied shapes and
+channels, and a raw store of varied shapes). Every later version must read them bit-exact, verify
+them, and append to them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +28,7 @@ DATA = Path(__file__).parent / "data"
 BACKENDS = ("png", "lmdb", "hdf5")
 
 
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 
 
 @pytest.fixture(params=VERSIONS)
@@ -112,3 +116,67 @@ def test_replacing_a_format1_store_deletes_its_files_and_nothing_else(format1_st
     assert (format1_store / "notes.txt").read_text() == "mine"
     with imgstore.open_store(format1_store) as store:
         assert len(store) == 3 and store.backend == backend
+
+
+# ---------------------------------------------------------------------- format 3: encoded stores
+
+ENCODED = DATA / "format3" / "encoded"
+
+
+def _unpack(flat: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
+    return [flat[lo:hi] for lo, hi in zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True)]
+
+
+@pytest.fixture(scope="module")
+def encoded_expected() -> dict[str, np.ndarray]:
+    with np.load(ENCODED / "expected.npz") as saved:
+        return {name: saved[name] for name in saved.files}
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    shutil.copytree(ENCODED / name, path)
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pinned_keep_stores_give_back_their_files_and_decode_them(
+    tmp_path: Path, backend: str, encoded_expected: dict[str, np.ndarray]
+) -> None:
+    from PIL import Image
+
+    blobs = [bytes(b) for b in _unpack(encoded_expected["keep_bytes"], encoded_expected["keep_ends"])]
+    labels = encoded_expected["keep_labels"]
+    path = _copy(tmp_path, f"{backend}-keep")
+    with imgstore.open_store(path) as store:
+        assert (store.codec, store.image_mode, store.classes, store.varied) == ("keep", "RGB", ["a", "b", "c"], True)
+        got, got_labels = store.get_encoded_many(range(len(store)))
+        assert got == blobs and got_labels.tolist() == labels.tolist()
+        images, _ = store.get_many(np.arange(len(store))[::-1])
+        for image, blob in zip(images, blobs[::-1], strict=True):
+            np.testing.assert_array_equal(image, np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
+        assert store.source_path(4) == "c1/img_4.x"
+        store.verify()
+    with imgstore.open_store(path, mode="a") as store:
+        store.put_encoded_many(blobs[:2], [2, 0])
+    with imgstore.open_store(path) as store:
+        assert store.get_encoded_many([len(store) - 2, len(store) - 1])[0] == blobs[:2]
+        assert json.loads((path / MANIFEST_NAME).read_text())["format_version"] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["png", "raw"])
+def test_pinned_varied_stores_read_back_bit_exact(
+    tmp_path: Path, backend: str, kind: str, encoded_expected: dict[str, np.ndarray]
+) -> None:
+    flat = _unpack(encoded_expected[f"{kind}_pixels"], encoded_expected[f"{kind}_ends"])
+    shapes = [tuple(s for s in shape if s) for shape in encoded_expected[f"{kind}_shapes"].tolist()]
+    arrays = [pixels.reshape(shape) for pixels, shape in zip(flat, shapes, strict=True)]
+    path = _copy(tmp_path, f"{backend}-{kind}")
+    with imgstore.open_store(path) as store:
+        assert store.codec == kind and store.varied
+        images, labels = store.get_many(range(len(store)))
+        assert labels.tolist() == encoded_expected[f"{kind}_labels"].tolist()
+        for image, want in zip(images, arrays, strict=True):
+            np.testing.assert_array_equal(image.reshape(want.shape), want)
+        store.verify()
