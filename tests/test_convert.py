@@ -344,9 +344,19 @@ def test_resume_after_sigkill_equals_an_uninterrupted_conversion(tmp_path: Path,
         killed += process.returncode == -9 and 0 < count < reference.count
         print(f"attempt {attempt}: target {target}, killed at {count}, exit {process.returncode}")
     assert killed >= 2  # most kills land mid-run, after a commit
+    time.sleep(0.2)
+    orphans = [p for p in Path("/proc").glob("[0-9]*") if str(dest).encode() in _cmdline(p)]
+    assert not orphans, "worker processes outlived the killed conversion"
     final = convert(root, dest, backend="lmdb", codec=codec, on_error="skip", resume=True)
     assert final.count == reference.count == 90
     assert store_records(dest) == store_records(tmp_path / "reference")
+
+
+def _cmdline(process: Path) -> bytes:
+    try:
+        return (process / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_resume_with_other_options_is_refused(tmp_path: Path, capsys: Any) -> None:
