@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError, StoreIOError
 
 if TYPE_CHECKING:
+    from imgstore.convert import ConvertResult
     from imgstore.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -93,15 +94,34 @@ def _run_convert(args: argparse.Namespace) -> int:
             split=args.split,
         )
     except BadFileError as exc:
-        print(exc.result.summary())
+        print(format_summary(exc.result))
         return _error("convert", exc, EXIT_USAGE)
     except _FAILURES as exc:
         return _error("convert", exc, EXIT_FAILED)
     except KeyboardInterrupt:
         print("imgstore convert: interrupted; DEST keeps what was committed: rerun with --resume", file=sys.stderr)
         return 130
-    print(result.summary())
+    print(format_summary(result))
     return EXIT_OK
+
+
+def format_summary(result: ConvertResult) -> str:
+    """What ``imgstore convert`` prints at the end (also when a bad file stopped it)."""
+    resumed = f", resumed at item {result.start}" if result.start else ""
+    mb = 1e6
+    lines = [
+        f"converted {result.written} images{resumed}: {result.dest} ({result.backend}, {result.codec}) now holds "
+        f"{result.count} of the {result.total} items of {result.source}",
+        f"  read {result.bytes_read / mb:.1f} MB, stored {result.bytes_stored / mb:.1f} MB "
+        f"({result.disk_bytes / mb:.1f} MB on disk) in {result.seconds:.2f} s: "
+        f"{result.images_per_second:.0f} images/s, {result.mb_per_second:.1f} MB/s",
+    ]
+    if result.skipped_before:
+        lines.append(f"  {result.skipped_before} files were skipped by the run(s) this one resumed")
+    if result.skipped:
+        lines.append(f"  skipped {len(result.skipped)} bad files:")
+        lines += [f"    {item.path}: {item.reason}" for item in result.skipped]
+    return "\n".join(lines)
 
 
 def _error(command: str, exc: BaseException, code: int) -> int:

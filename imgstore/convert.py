@@ -29,11 +29,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from imgstore.codecs import decode, get_codec, probe
+from imgstore import sources
+from imgstore.codecs import decode
 from imgstore.errors import InvalidImageError, StoreNotFoundError
 from imgstore.manifest import read_manifest
 from imgstore.opening import open_store
-from imgstore.sources import Batch, ConvertError, Plan, Prepared, Source, open_source, prepare_batch
+from imgstore.sources import ConvertError, Source, Target
 from imgstore.store import Store
 
 __all__ = ["EXECUTORS", "BadFileError", "ConvertError", "ConvertResult", "Skipped", "convert"]
@@ -56,7 +57,7 @@ class Skipped:
 
 @dataclass
 class ConvertResult:
-    """What one conversion did; :meth:`summary` is what ``imgstore convert`` prints."""
+    """What one conversion did (``imgstore convert`` prints it: :func:`imgstore.cli_data.format_summary`)."""
 
     source: str
     dest: str
@@ -81,22 +82,6 @@ class ConvertResult:
     def mb_per_second(self) -> float:
         return self.bytes_read / _MB / self.seconds if self.seconds > 0 else 0.0
 
-    def summary(self) -> str:
-        resumed = f", resumed at item {self.start}" if self.start else ""
-        lines = [
-            f"converted {self.written} images{resumed}: {self.dest} ({self.backend}, {self.codec}) now holds "
-            f"{self.count} of the {self.total} items of {self.source}",
-            f"  read {self.bytes_read / _MB:.1f} MB, stored {self.bytes_stored / _MB:.1f} MB "
-            f"({self.disk_bytes / _MB:.1f} MB on disk) in {self.seconds:.2f} s: "
-            f"{self.images_per_second:.0f} images/s, {self.mb_per_second:.1f} MB/s",
-        ]
-        if self.skipped_before:
-            lines.append(f"  {self.skipped_before} files were skipped by the run(s) this one resumed")
-        if self.skipped:
-            lines.append(f"  skipped {len(self.skipped)} bad files:")
-            lines += [f"    {item.path}: {item.reason}" for item in self.skipped]
-        return "\n".join(lines)
-
 
 class BadFileError(ConvertError):
     """A bad source file with ``on_error="fail"``: the records before it are committed (``result``)."""
@@ -107,19 +92,14 @@ class BadFileError(ConvertError):
 
 
 @dataclass(frozen=True)
-class _Settings:
-    """The store this run makes, resolved from the options and the source's defaults."""
-
-    codec: str
-    params: dict[str, Any]
-    image_mode: str | None  # the store's (None for raw pixels)
-    classes: list[str] | None
-    shape: tuple[int, ...] | None | Literal["auto"]
-    plan: Plan
-
-    @property
-    def encoded(self) -> bool:
-        return self.codec != "raw" or self.shape is None
+class _Options:
+    on_error: OnError
+    batch_images: int
+    batch_bytes: int
+    progress: bool | None
+    resume: bool
+    overwrite: bool
+    sync: bool
 
 
 def convert(
@@ -158,29 +138,23 @@ def convert(
     """
     started = time.perf_counter()
     _check_arguments(on_error, resume, overwrite, batch_images, batch_bytes, executor, workers)
-    src = source if isinstance(source, Source) else open_source(source, split=split)
+    options = _Options(on_error, batch_images, batch_bytes, progress, resume, overwrite, sync)
+    src = source if isinstance(source, Source) else sources.open_source(source, split=split)
     try:
-        settings = _settings(src, codec, quality, image_mode, full_check)
-        if on_error == "skip" and (src.origin != "folder" or settings.codec == "raw"):
+        target = sources.make_target(src, codec, quality, image_mode, full_check)
+        if on_error == "skip" and (src.origin != "folder" or not target.keeps_paths):
             raise ConvertError(
                 "--on-error skip needs a folder converted to an encoded codec: a dataset, a store or raw pixels "
                 "keep no source paths, and resuming them by count cannot leave gaps"
             )
-        _check_not_inside(src, Path(dest))
-        store = _open_dest(Path(dest), backend, settings, resume, overwrite, sync, backend_options)
+        src.check_outside(Path(dest))
+        store = _open_dest(Path(dest), backend, target, options, backend_options)
         with store:
-            start, skipped_before = _resume_point(store, src, settings)
+            start, skipped_before = _resume_point(store, src, target)
             result = ConvertResult(src.description, str(dest), store.backend, store.codec, start, src.total)
             result.skipped_before = skipped_before
             try:
-                _run(
-                    src,
-                    store,
-                    settings,
-                    result,
-                    _Options(on_error, batch_images, batch_bytes, progress),
-                    _pool(executor, workers, settings.codec),
-                )
+                _run(src, store, target, result, options, _pool(executor, workers, target.codec))
             finally:
                 result.count, result.disk_bytes = len(store), store.disk_usage()
                 result.seconds = time.perf_counter() - started
@@ -207,64 +181,30 @@ def _check_arguments(
         raise ConvertError(f"workers must be an integer >= 0 (0: in this thread), not {workers!r}")
 
 
-def _settings(src: Source, codec: str | None, quality: int | None, image_mode: Any, full_check: bool) -> _Settings:
-    name = src.default_codec if codec is None else codec
-    params: dict[str, Any] = dict(src.default_params) if name == src.default_codec and quality is None else {}
-    if quality is not None:
-        params["quality"] = quality
-    resolved = get_codec(name, **params).params  # an unknown codec or parameter: InvalidOptionError
-    mode = src.default_image_mode if image_mode == "auto" else image_mode
-    if mode not in (None, "RGB", "L"):
-        raise ConvertError(f"image_mode takes 'RGB', 'L' or None, not {image_mode!r}")
-    if src.kind == "array" and name == "raw" and mode is not None:
-        raise ConvertError("a dataset of arrays stored as raw pixels keeps them as they are: no image mode")
-    shape: tuple[int, ...] | None | Literal["auto"]
-    if name == "raw":
-        shape = src.shape if src.kind == "array" else None  # decoded files vary in shape
-    else:
-        shape = src.shape if src.shape is not None and mode == src.default_image_mode else "auto"
-    store_mode = None if name == "raw" else mode
-    return _Settings(name, resolved, store_mode, src.classes, shape, Plan(name, resolved, mode, full_check))
-
-
-def _check_not_inside(src: Source, dest: Path) -> None:
-    # A store inside the folder it reads would become part of it (a png store's files are images).
-    here = dest.resolve()
-    there = src.root.resolve() if src.root is not None else src.store.path.resolve() if src.store else None
-    if there is not None and (here == there or there in here.parents):
-        raise ConvertError(f"DEST {dest} is inside SOURCE {there}: write the store somewhere else")
-
-
-def _open_dest(
-    path: Path,
-    backend: str,
-    s: _Settings,
-    resume: bool,
-    overwrite: bool,
-    sync: bool,
-    options: dict[str, Any],
-) -> Store:
-    layout: dict[str, Any] = dict(codec=s.codec, codec_params=s.params, classes=s.classes, shape=s.shape, sync=sync)
-    if s.codec != "raw":
-        layout["image_mode"] = s.image_mode
-    if overwrite:
-        return open_store(path, backend, "w", **layout, **options)
+def _open_dest(path: Path, backend: str, target: Target, options: _Options, backend_options: dict[str, Any]) -> Store:
+    layout: dict[str, Any] = dict(
+        codec=target.codec, codec_params=target.params, classes=target.classes, shape=target.shape, sync=options.sync
+    )
+    if target.codec != "raw":
+        layout["image_mode"] = target.image_mode
+    if options.overwrite:
+        return open_store(path, backend, "w", **layout, **backend_options)
     try:
         manifest = read_manifest(path)
     except StoreNotFoundError:
         manifest = None
     if manifest is None or manifest.creating:  # nothing committed: make it (open_store refuses a non-store folder)
-        return open_store(path, backend, "a", **layout, **options)
-    store = open_store(path, None, "a", sync=sync, **options)
+        return open_store(path, backend, "a", **layout, **backend_options)
+    store = open_store(path, None, "a", sync=options.sync, **backend_options)
     try:
-        differences = _differences(store, backend, s)
+        differences = _differences(store, backend, target)
         if differences:
-            how = "rerun with the options it was made with" if resume else "convert into another DEST"
+            how = "rerun with the options it was made with" if options.resume else "convert into another DEST"
             raise ConvertError(
                 f"{path} is a store made with other options than this run's: {'; '.join(differences)}; {how}, "
                 "or delete it (or pass --overwrite to replace it)"
             )
-        if len(store) and not resume:
+        if len(store) and not options.resume:
             raise ConvertError(
                 f"{path} already holds {len(store)} images: pass --resume to continue the conversion that made "
                 "them, or delete it (or pass --overwrite to replace it)"
@@ -275,56 +215,38 @@ def _open_dest(
     return store
 
 
-def _differences(store: Store, backend: str, s: _Settings) -> list[str]:
-    fixed = None if s.shape == "auto" else s.shape
+def _differences(store: Store, backend: str, target: Target) -> list[str]:
+    fixed = None if target.shape == "auto" else target.shape
     pairs: list[tuple[str, Any, Any]] = [
         ("backend", store.backend, backend),
-        ("codec", store.codec, s.codec),
-        ("codec parameters", store.codec_params, s.params),
-        ("image mode", store.image_mode, s.image_mode),
-        ("classes", store.classes, s.classes),
-        ("varied shapes", store.varied, s.encoded and fixed is None),
+        ("codec", store.codec, target.codec),
+        ("codec parameters", store.codec_params, target.params),
+        ("image mode", store.image_mode, target.image_mode),
+        ("classes", store.classes, target.classes),
+        ("varied shapes", store.varied, target.encoded and fixed is None),
     ]
     if fixed is not None and store.shape is not None:
         pairs.append(("shape", tuple(store.shape), tuple(fixed)))
     return [f"{what} {have!r} (this run: {want!r})" for what, have, want in pairs if have != want]
 
 
-def _resume_point(store: Store, src: Source, s: _Settings) -> tuple[int, int]:
+def _resume_point(store: Store, src: Source, target: Target) -> tuple[int, int]:
     """(the source position to continue at, how many files earlier runs skipped before it)."""
     count = len(store)
     if count == 0:
         return 0, 0
-    if src.origin == "folder" and s.encoded and s.codec != "raw":
-        assert src.paths is not None
-        where = {path: k for k, path in enumerate(src.paths)}
-        last = -1
-        for index in range(count):
-            path = store.source_path(index)
-            k = where.get(path, -1) if path else -1
-            if k <= last:
-                why = "is not in SOURCE (any more)" if k < 0 else "comes before the record it follows in SOURCE"
-                raise ConvertError(
-                    f"{store.path}: image {index} came from {path!r}, which {why}: DEST was converted from another "
-                    "folder, or the folder changed since; delete DEST (or pass --overwrite) to convert it anew"
-                )
-            last = k
-        start = last + 1
-    else:
-        if count > src.total:
-            raise ConvertError(f"{store.path} holds {count} images, more than SOURCE's {src.total}: not its prefix")
-        start = count
-    _check_last(store, src, s, start - 1)
+    start = src.resume_position(store, by_path=target.keeps_paths)
+    _check_last(store, src, target, start - 1)
     return start, start - count
 
 
-def _check_last(store: Store, src: Source, s: _Settings, position: int) -> None:
+def _check_last(store: Store, src: Source, target: Target, position: int) -> None:
     """The store's last record must be what this run makes of the source's item ``position``."""
     index = len(store) - 1
     batch = src.batch(position, position + 1)
-    made = prepare_batch(batch.kind, batch.inputs, s.plan)[0]
+    made = sources.prepare_batch(batch.kind, batch.inputs, target.plan)[0]
     held: Any
-    if s.encoded and s.codec != "raw":
+    if target.keeps_paths:
         held, label = store.get_encoded(index)
         same = made.record == held or (
             made.record is not None and np.array_equal(decode(held), decode(made.record))  # type: ignore[arg-type]
@@ -341,14 +263,6 @@ def _check_last(store: Store, src: Source, s: _Settings, position: int) -> None:
 
 
 # ---------------------------------------------------------------------- the conversion loop
-
-
-@dataclass(frozen=True)
-class _Options:
-    on_error: OnError
-    batch_images: int
-    batch_bytes: int
-    progress: bool | None
 
 
 def _pool(executor: str, workers: int | None, codec: str) -> Executor | None:
@@ -372,8 +286,8 @@ def _pool(executor: str, workers: int | None, codec: str) -> Executor | None:
 class _Writer:
     """The records made and not yet committed, in order, and their commits: one ``put_*`` call each."""
 
-    def __init__(self, store: Store, src: Source, s: _Settings, options: _Options, result: ConvertResult) -> None:
-        self.store, self.src, self.s, self.options, self.result = store, src, s, options, result
+    def __init__(self, store: Store, src: Source, target: Target, options: _Options, result: ConvertResult) -> None:
+        self.store, self.src, self.target, self.options, self.result = store, src, target, options, result
         self.records: list[bytes | np.ndarray] = []
         self.labels: list[int] = []
         self.paths: list[str] = []  # kept in the store ("" for none)
@@ -385,7 +299,7 @@ class _Writer:
         self.labels.append(label)
         self.paths.append(path or "")
         self.names.append(name)
-        self.nbytes += _size(record)
+        self.nbytes += sources.record_size(record)
         while len(self.records) >= self.options.batch_images or (
             self.records and self.nbytes >= self.options.batch_bytes
         ):
@@ -414,28 +328,28 @@ class _Writer:
             return
         records, labels, paths = self.records[:n], self.labels[:n], self.paths[:n]
         try:
-            if not self.s.encoded:
+            if not self.target.encoded:
                 self.store.put_many(np.stack(records), labels)
-            elif self.s.codec == "raw":
+            elif self.target.codec == "raw":
                 self.store.put_many(records, labels)  # type: ignore[arg-type]
             else:
                 self.store.put_encoded_many(records, labels, paths=paths if any(paths) else None)  # type: ignore[arg-type]
         except InvalidImageError:
             # The store's own header check (a decompression bomb, a header Pillow refuses: the workers
             # check files' ends, not their headers, which the store probes anyway). Which record?
-            k, reason = _first_refused(records)
+            k, reason = sources.first_refused(records)
             if k is None:
                 raise
             name = self.names[k]
             for column in (self.records, self.labels, self.paths, self.names):
                 del column[k]
-            self.nbytes -= _size(records[k])
+            self.nbytes -= sources.record_size(records[k])
             self.commit(k)  # the good records before it
             if self.options.on_error == "fail":
                 raise self._failure(name, reason) from None
             self.result.skipped.append(Skipped(name, reason))
             return self.commit(n - k - 1)
-        stored = sum(_size(r) for r in records)
+        stored = sum(sources.record_size(r) for r in records)
         for column in (self.records, self.labels, self.paths, self.names):
             del column[:n]
         self.nbytes -= stored
@@ -443,29 +357,15 @@ class _Writer:
         self.result.bytes_stored += stored
 
 
-def _first_refused(records: list[bytes | np.ndarray]) -> tuple[int | None, str]:
-    for k, record in enumerate(records):
-        if isinstance(record, bytes):
-            try:
-                probe(record)
-            except InvalidImageError as exc:
-                return k, str(exc)
-    return None, ""
-
-
-def _size(record: bytes | np.ndarray) -> int:
-    return record.nbytes if isinstance(record, np.ndarray) else len(record)
-
-
 def _run(
-    src: Source, store: Store, s: _Settings, result: ConvertResult, options: _Options, pool: Executor | None
+    src: Source, store: Store, target: Target, result: ConvertResult, options: _Options, pool: Executor | None
 ) -> None:
     from tqdm import tqdm
 
     chunk = 256 if src.kind == "array" else 16  # items per task: small enough to balance images of any size
     window = max(options.batch_images, 64)  # items in flight: the next commit's, made while this one writes
-    queue: deque[tuple[int, Batch, Future[list[Prepared]] | list[Prepared]]] = deque()
-    writer = _Writer(store, src, s, options, result)
+    queue: deque[tuple[int, sources.Batch, Future[list[sources.Prepared]] | list[sources.Prepared]]] = deque()
+    writer = _Writer(store, src, target, options, result)
     position = result.start
     quiet = None if options.progress is None else not options.progress  # None: tqdm shows it on a terminal only
     bar = tqdm(
@@ -478,9 +378,9 @@ def _run(
             while position < src.total and (len(queue) * chunk < window or not queue):
                 batch = src.batch(position, min(position + chunk, src.total))
                 work = (
-                    prepare_batch(batch.kind, batch.inputs, s.plan)
+                    sources.prepare_batch(batch.kind, batch.inputs, target.plan)
                     if pool is None
-                    else pool.submit(prepare_batch, batch.kind, batch.inputs, s.plan)
+                    else pool.submit(sources.prepare_batch, batch.kind, batch.inputs, target.plan)
                 )
                 queue.append((position, batch, work))
                 position += len(batch.labels)

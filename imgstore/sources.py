@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from imgstore.codecs import decode, get_codec
+from imgstore.codecs import decode, get_codec, probe
 from imgstore.errors import DatasetError, ImgStoreError, InvalidImageError
 from imgstore.manifest import MANIFEST_NAME
 
@@ -35,8 +35,10 @@ __all__ = [
     "Plan",
     "Prepared",
     "Source",
+    "Target",
     "find_classes",
     "image_files",
+    "make_target",
     "open_source",
     "prepare_batch",
 ]
@@ -150,6 +152,40 @@ class Source:
         if self.store is not None:
             self.store.close()
 
+    def check_outside(self, dest: Path) -> None:
+        """Refuse a store inside the folder (or store) it reads: it would become part of it (png files are images)."""
+        here = dest.resolve()
+        there = self.root.resolve() if self.root is not None else self.store.path.resolve() if self.store else None
+        if there is not None and (here == there or there in here.parents):
+            raise ConvertError(f"DEST {dest} is inside SOURCE {there}: write the store somewhere else")
+
+    def resume_position(self, store: Any, *, by_path: bool) -> int:
+        """Where a conversion into ``store`` (holding a prefix of this source, less skipped files) goes on.
+
+        ``by_path``: after the item of the store's last record, found by its source path (a folder
+        converted to a store that keeps paths); else at the store's count.
+        """
+        count = len(store)
+        if not (by_path and self.paths is not None):
+            if count > self.total:
+                raise ConvertError(
+                    f"{store.path} holds {count} images, more than SOURCE's {self.total}: not its prefix"
+                )
+            return count
+        where = {path: k for k, path in enumerate(self.paths)}
+        last = -1
+        for index in range(count):  # every record, in order: DEST must be a subsequence of SOURCE
+            path = store.source_path(index)
+            k = where.get(path, -1) if path else -1
+            if k <= last:
+                why = "is not in SOURCE (any more)" if k < 0 else "comes before the record it follows in SOURCE"
+                raise ConvertError(
+                    f"{store.path}: image {index} came from {path!r}, which {why}: DEST was converted from another "
+                    "folder, or the folder changed since; delete DEST (or pass --overwrite) to convert it anew"
+                )
+            last = k
+        return last + 1
+
 
 def open_source(text: str | os.PathLike[str], *, split: str = "train") -> Source:
     """The source ``text`` names: ``NAME:ARG`` for a registered dataset, a store's directory, or an ImageFolder."""
@@ -235,6 +271,49 @@ def _store_source(path: Path) -> Source:
     )
 
 
+# ---------------------------------------------------------------------- what a conversion makes of a source
+
+
+@dataclass(frozen=True)
+class Target:
+    """The store a conversion makes: resolved from its options and the source's defaults."""
+
+    codec: str
+    params: dict[str, Any]
+    image_mode: str | None  # the store's (None for raw pixels)
+    classes: list[str] | None
+    shape: tuple[int, ...] | None | Literal["auto"]
+    plan: Plan
+
+    @property
+    def encoded(self) -> bool:
+        return self.codec != "raw" or self.shape is None
+
+    @property
+    def keeps_paths(self) -> bool:
+        return self.codec != "raw"  # raw pixels go in by put_many, which keeps no source paths
+
+
+def make_target(src: Source, codec: str | None, quality: int | None, image_mode: Any, full_check: bool) -> Target:
+    name = src.default_codec if codec is None else codec
+    params: dict[str, Any] = dict(src.default_params) if name == src.default_codec and quality is None else {}
+    if quality is not None:
+        params["quality"] = quality
+    resolved = get_codec(name, **params).params  # an unknown codec or parameter: InvalidOptionError
+    mode = src.default_image_mode if image_mode == "auto" else image_mode
+    if mode not in (None, "RGB", "L"):
+        raise ConvertError(f"image_mode takes 'RGB', 'L' or None, not {image_mode!r}")
+    if src.kind == "array" and name == "raw" and mode is not None:
+        raise ConvertError("a dataset of arrays stored as raw pixels keeps them as they are: no image mode")
+    shape: tuple[int, ...] | None | Literal["auto"]
+    if name == "raw":
+        shape = src.shape if src.kind == "array" else None  # decoded files vary in shape
+    else:  # the source's fixed shape where the images decode as they did
+        shape = src.shape if src.shape is not None and mode == src.default_image_mode else "auto"
+    store_mode = None if name == "raw" else mode
+    return Target(name, resolved, store_mode, src.classes, shape, Plan(name, resolved, mode, full_check))
+
+
 # ---------------------------------------------------------------------- preparing records (in the workers)
 
 
@@ -303,3 +382,18 @@ def _whole(data: bytes) -> bool:
     if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
         return len(data) >= 8 + int.from_bytes(data[4:8], "little")  # the RIFF size
     return False
+
+
+def first_refused(records: Sequence[bytes | np.ndarray]) -> tuple[int | None, str]:
+    """The first encoded record whose header the store refuses (``probe``, as ``put_encoded_many``), and why."""
+    for k, record in enumerate(records):
+        if isinstance(record, bytes):
+            try:
+                probe(record)
+            except InvalidImageError as exc:
+                return k, str(exc)
+    return None, ""
+
+
+def record_size(record: bytes | np.ndarray) -> int:
+    return record.nbytes if isinstance(record, np.ndarray) else len(record)
