@@ -13,13 +13,17 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import imgstore
+from benchmarks.data import ENCODED_DATASETS, BenchData, comma_list, cutoffs_for, selected_datasets
+from benchmarks.data import load as load_data
+from benchmarks.encoded import make_encoded_subjects
+from benchmarks.folder import STATUS_QUO_BACKEND
 from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation
-from benchmarks.options import ALL_CUTOFFS, add_options
+from benchmarks.options import IMAGENET_CODECS, add_options
 from benchmarks.subjects import KINDS, make_subjects
+from benchmarks.targets import write_encoded_group, write_targets
 from imgstore.analysis.report import format_seconds
 from imgstore.analysis.schema import ResultRecord
 from imgstore.fileio import disk_usage, file_bytes
@@ -32,60 +36,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
-def _comma_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def selected_cutoffs(config: pytest.Config) -> list[int]:
-    value = config.getoption("cutoffs")
-    if value == "all":
-        return list(ALL_CUTOFFS)
-    try:
-        cutoffs = [int(item) for item in _comma_list(value)]
-    except ValueError:
-        raise pytest.UsageError(f"--cutoffs takes 'all' or a comma list of integers, got {value!r}") from None
-    if not cutoffs or min(cutoffs) < 1:
-        raise pytest.UsageError(f"--cutoffs must be positive image counts, got {value!r}")
-    return cutoffs
-
-
 def selected_operations(config: pytest.Config) -> list[str]:
     """Names of the operations asked for, in the table's order (benchmarks/operations.py)."""
     value = config.getoption("ops")
-    ops = _comma_list(value) if value else list(NAMES)
+    ops = comma_list(value) if value else list(NAMES)
     unknown = set(ops) - set(NAMES)
     if unknown:
         raise pytest.UsageError(f"--ops: unknown operation(s) {', '.join(sorted(unknown))}; known: {', '.join(NAMES)}")
     return [op for op in NAMES if op in ops]
 
 
-def selected_subjects(config: pytest.Config) -> list[Subject]:
+def selected_subjects(config: pytest.Config, dataset: str) -> list[Subject]:
+    """The rows of ``dataset``: the fixed-shape suite's (subjects.py), or an encoded dataset's (encoded.py)."""
     value = config.getoption("backends")
     registered = imgstore.available_backends()
-    backends = _comma_list(value) if value else registered
+    backends = comma_list(value) if value else registered
     unknown = set(backends) - set(registered)
     if unknown:
         raise pytest.UsageError(
             f"--backends: no imgstore backend {', '.join(sorted(unknown))}; registered: {', '.join(registered)}"
         )
-    return make_subjects(backends)
-
-
-def selected_dataset(config: pytest.Config) -> tuple[str, str | None]:
-    """(name, root) from --dataset and --dataset-root (or its deprecated alias --cifar10-dir)."""
-    from imgstore.datasets import get_dataset
-
-    name = config.getoption("dataset")
-    root = config.getoption("dataset_root")
-    alias = config.getoption("cifar10_dir")
-    if alias is not None:
-        if root is not None and root != alias:
-            raise pytest.UsageError("--cifar10-dir is an alias of --dataset-root: give one of them")
-        root = alias
-    spec = get_dataset(name)
-    if spec.needs_root and root is None:
-        raise pytest.UsageError(f"--dataset {name} needs --dataset-root: {spec.install_hint}")
-    return name, root
+    if dataset not in ENCODED_DATASETS:
+        return make_subjects(backends)
+    codecs = comma_list(config.getoption("imagenet_codecs"))
+    unknown = set(codecs) - set(IMAGENET_CODECS)
+    if unknown or not codecs:
+        raise pytest.UsageError(f"--imagenet-codecs: takes a comma list of {', '.join(IMAGENET_CODECS)}")
+    return make_encoded_subjects(backends, [c for c in IMAGENET_CODECS if c in codecs])
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -97,21 +74,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Cases ordered cutoff, then operation, then subject: the rows of one group run back to back."""
+    """Cases per dataset (the fixed-shape one first), cutoff, operation, subject: a group's rows run back to back."""
     if "subject_name" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    dataset, _root = selected_dataset(config)
-    subjects = selected_subjects(config)
-    cases = [
-        (subject.name, op, n)
-        for n in selected_cutoffs(config)
-        for op in selected_operations(config)
-        for subject in subjects
-        if op in subject.operations
-    ]
+    cases = []
+    for dataset in selected_datasets(config):
+        subjects = selected_subjects(config, dataset)
+        cases += [
+            (subject.name, op, n, dataset)
+            for n in cutoffs_for(config, dataset)
+            for op in selected_operations(config)
+            for subject in subjects
+            if op in subject.operations
+        ]
     metafunc.parametrize(
-        "subject_name,operation,cutoff", cases, ids=[f"{name}-{op}-{n}-{dataset}" for name, op, n in cases]
+        "subject_name,operation,cutoff,dataset_name",
+        cases,
+        ids=[f"{name}-{op}-{n}-{dataset}" for name, op, n, dataset in cases],  # the saved runs' names: never change
     )
 
 
@@ -119,18 +99,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def subjects(pytestconfig: pytest.Config) -> dict[str, Subject]:
-    return {subject.name: subject for subject in selected_subjects(pytestconfig)}
+def subjects(pytestconfig: pytest.Config) -> dict[str, dict[str, Subject]]:
+    """Every row of the run: dataset -> subject name -> subject (both datasets have a "limit")."""
+    return {
+        dataset: {subject.name: subject for subject in selected_subjects(pytestconfig, dataset)}
+        for dataset in selected_datasets(pytestconfig)
+    }
+
+
+class BenchDataSet:
+    """The run's datasets, each loaded when its first benchmark runs, then kept for the session."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.loaded: dict[str, BenchData] = {}
+
+    def get(self, name: str) -> BenchData:
+        if name not in self.loaded:
+            self.loaded[name] = load_data(self.config, name)
+        return self.loaded[name]
 
 
 @pytest.fixture(scope="session")
-def dataset(pytestconfig: pytest.Config) -> tuple[str, np.ndarray, np.ndarray]:
-    """(name, images, labels), as many as the biggest cutoff; each benchmark takes the first N."""
-    name, root = selected_dataset(pytestconfig)
-    from imgstore.datasets import load_dataset  # here, not at import: plain `pytest` loads this conftest too
-
-    images, labels = load_dataset(name, max(selected_cutoffs(pytestconfig)), root=root, seed=0)
-    return name, np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels)
+def bench_data(pytestconfig: pytest.Config) -> BenchDataSet:
+    return BenchDataSet(pytestconfig)
 
 
 @pytest.fixture(scope="session")
@@ -148,27 +140,25 @@ def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 class ReadStores:
-    """The store each read benchmark reads: built once per (dataset, subject, cutoff), shared by all read operations."""
+    """The store each read benchmark reads: built once per (dataset, subject.store_key, cutoff), shared by reads."""
 
-    def __init__(self, root: Path, dataset: tuple[str, np.ndarray, np.ndarray]) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.dataset = dataset
-        self.built: dict[tuple[str, int], tuple[Path, int, int]] = {}
+        self.built: dict[tuple[str, str, int], tuple[Path, int, int]] = {}
 
-    def get(self, subject: Subject, n: int) -> tuple[Path, int, int]:
+    def get(self, data: BenchData, subject: Subject, n: int) -> tuple[Path, int, int]:
         """(path, bytes on disk, bytes in files) of the store holding the first ``n`` images."""
-        key = (subject.name, n)
+        key = (data.name, subject.store_key, n)
         if key not in self.built:
-            name, images, labels = self.dataset
-            path = self.root / f"{name}-{subject.name}-{n}"
-            subject.build(path, images[:n], labels[:n])
+            path = self.root / f"{data.name}-{subject.store_key}-{n}"
+            subject.build(path, data.images[:n], data.labels[:n])
             self.built[key] = (path, disk_usage(path), file_bytes(path))
         return self.built[key]
 
 
 @pytest.fixture(scope="session")
-def read_stores(work_dir: Path, dataset: tuple[str, np.ndarray, np.ndarray]) -> ReadStores:
-    return ReadStores(work_dir / "read", dataset)
+def read_stores(work_dir: Path) -> ReadStores:
+    return ReadStores(work_dir / "read")
 
 
 @pytest.fixture(scope="session")
@@ -204,7 +194,9 @@ def fill_ratios(benchmarks: list[Any]) -> None:
     """Set ratio_to_limit / ratio_to_tutorial of every row from the reference rows of this same run.
 
     The reference of a row is the row of the same dataset, operation and cutoff whose kind is
-    "limit" and backend "raw" (the durable limit), and the "tutorial" row of the row's backend.
+    "limit" and backend "raw" (the durable limit; an encoded dataset's LIMIT), and the "tutorial"
+    row of the row's backend, or for an encoded dataset the ImageFolder status quo (the tutorial
+    row of backend "imagefolder": the reference of every row of its group).
     A row of an operation with ``speedup_over`` (read_random_many) also gets speedup_over_single:
     the same subject's median of that operation (read_random: the same images, one get each) over
     its own.  Each row's extra_info is its :class:`ResultRecord`, read and written back whole.
@@ -212,6 +204,7 @@ def fill_ratios(benchmarks: list[Any]) -> None:
     rows = [(b, ResultRecord.from_extra_info(b.extra_info)) for b in benchmarks if b and "operation" in b.extra_info]
     limit: dict[tuple, float] = {}
     tutorial: dict[tuple, float] = {}
+    status_quo: dict[tuple, float] = {}
     by_subject: dict[tuple, float] = {}  # every median, by (dataset, operation, images, subject)
     for bench, record in rows:
         key = (record.dataset, record.operation, record.images)
@@ -220,10 +213,12 @@ def fill_ratios(benchmarks: list[Any]) -> None:
             limit[key] = bench.stats.median
         if record.kind == "tutorial":
             tutorial[(*key, record.backend)] = bench.stats.median
+            if record.backend == STATUS_QUO_BACKEND:
+                status_quo[key] = bench.stats.median
     for bench, record in rows:
         key = (record.dataset, record.operation, record.images)
         median = bench.stats.median
-        to_limit, to_tutorial = limit.get(key), tutorial.get((*key, record.backend))
+        to_limit, to_tutorial = limit.get(key), tutorial.get((*key, record.backend)) or status_quo.get(key)
         over = get_operation(record.operation).speedup_over
         single = by_subject.get((record.dataset, over, record.images, bench.params["subject_name"])) if over else None
         filled = dataclasses.replace(
@@ -243,11 +238,13 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list[Any], o
 
 
 def _group_order(name: str | None) -> tuple:
-    """Groups "<operation> n=<cutoff>" in the order of the operations' table, then by cutoff as a number."""
-    operation, _, n = (name or "").partition(" n=")
+    """Groups "<operation> n=<cutoff>[ <encoded dataset>]": the fixed-shape dataset's first, each dataset's
+    in the order of the operations' table, then by cutoff as a number."""
+    operation, _, rest = (name or "").partition(" n=")
+    n, _, dataset = rest.partition(" ")
     if operation in NAMES and n.isdigit():
-        return (NAMES.index(operation), int(n), "")
-    return (len(NAMES), 0, name or "")
+        return (dataset, NAMES.index(operation), int(n), "")
+    return ("~", len(NAMES), 0, name or "")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -296,6 +293,9 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
             key=lambda b: (KINDS.index(b.extra_info["kind"]), b.extra_info["backend"], b.params["subject_name"]),
         )
         operation = get_operation(ordered[0].extra_info["operation"])
+        if ordered[0].extra_info["dataset"] in ENCODED_DATASETS:
+            write_encoded_group(tr, group, operation, ordered)
+            continue
         many = operation.speedup_over is not None  # the xsingle column
         tr.write_line(f"{group} ({ordered[0].extra_info['dataset']}): {operation.title}", bold=True)
         tr.write_line(
@@ -311,3 +311,4 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
                 f"{info['disk_bytes'] / 1e6:>10.2f}{info['file_bytes'] / 1e6:>10.2f}"
                 + (f"{_ratio(info['speedup_over_single']):>9}" if many else "")
             )
+    write_targets(tr, rows)

@@ -209,6 +209,7 @@ class Subject:
     # "" for a default row; else one of VARIANT_KINDS: the row is measured only on the operations whose record lists it.
     variant_kind: str = ""
     supports: ClassVar[tuple[str, ...]] = ()  # names of the operations this class has a method for
+    warmups = 2  # untimed warmup rounds of a read row, at most (see warm_up in test_storage.py)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -226,6 +227,19 @@ class Subject:
             for op in OPERATIONS
             if op.name in self.supports and (not self.variant_kind or self.variant_kind in op.variants)
         )
+
+    @property
+    def store_key(self) -> str:
+        """Rows with the same key read one store (built once per dataset and cutoff)."""
+        return self.name
+
+    def timed_rounds(self, op: Operation, n: int, warmup_seconds: float | None = None) -> int:
+        """Rounds of this row on ``op`` at ``n`` images; a read row passes its warmup round's time."""
+        return op.timed_rounds(n, warmup_seconds)
+
+    def check_last(self, op: Operation, last: tuple[Any, Any], argument: int | list[int], data: Any) -> None:
+        """What a read body returned last is the dataset's there (``data``: benchmarks.data.BenchData)."""
+        op.check_last(last, argument, data.images, data.labels)
 
     def body(self, operation: str) -> Callable[..., Any]:
         """The method that is timed for ``operation``."""

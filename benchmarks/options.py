@@ -16,6 +16,13 @@ from imgstore.datasets import available_datasets, get_dataset
 
 ALL_CUTOFFS = (10, 100, 1_000, 10_000, 100_000)
 DEFAULT_CUTOFFS = "10,100,1000,10000"  # see benchmarks/README.md, "Measured"; `--cutoffs=all` adds 100 000
+# The fixed-shape (CIFAR-like) dataset, then the encoded one: its rows run at --imagenet-cutoffs.
+DEFAULT_DATASETS = "synthetic,imagenet-like"
+# imagenet-like rows at 1 000 images (~0.1 GB of JPEGs) in the default run: a round decodes ~0.5 GB
+# of pixels, so larger sizes are asked for (--imagenet-cutoffs), never implied.
+DEFAULT_IMAGENET_CUTOFF = 1_000
+# Re-encoded codecs cost a transcode per store and round: keep (the files as they are) by default.
+IMAGENET_CODECS = ("keep", "jpeg", "png")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -34,14 +41,29 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--ops", default=None, help=f"comma list of operations; default all: {','.join(NAMES)}")
     group.addoption(
         "--dataset",
-        default="synthetic",
-        choices=available_datasets(),  # the registry of imgstore.datasets
-        help="images to store (imgstore.datasets.load_dataset); default synthetic",
+        default=DEFAULT_DATASETS,
+        help="comma list of datasets (imgstore.datasets.load_dataset): at most one fixed-shape one ("
+        + ", ".join(name for name in available_datasets() if name != "imagenet-like")
+        + f") and imagenet-like (JPEG files, its own cutoffs); default {DEFAULT_DATASETS}",
     )
     group.addoption(
         "--dataset-root",
         default=None,
         help="directory of the dataset's files; needed by "
-        + ", ".join(name for name in available_datasets() if get_dataset(name).needs_root),
+        + ", ".join(name for name in available_datasets() if get_dataset(name).needs_root)
+        + "; for imagenet-like, the folder that caches its files (default: pytest's cache folder)",
     )
     group.addoption("--cifar10-dir", default=None, help="deprecated alias of --dataset-root")
+    group.addoption(
+        "--imagenet-cutoffs",
+        default="auto",
+        help="image counts of the imagenet-like rows (comma list), or 'none'; default 'auto': "
+        f"{DEFAULT_IMAGENET_CUTOFF} when --cutoffs is left at its default or 'all', else the --cutoffs below "
+        f"{DEFAULT_IMAGENET_CUTOFF} (so --cutoffs 10 runs them at 10, and the gate's --cutoffs=1000 runs none)",
+    )
+    group.addoption(
+        "--imagenet-codecs",
+        default="keep",
+        help=f"codecs of the imagenet-like stores (comma list of {', '.join(IMAGENET_CODECS)}): keep stores the "
+        "JPEG files as they are, jpeg re-encodes them at quality 90, png losslessly; default keep",
+    )

@@ -11,30 +11,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from benchmarks.operations import READ_BUDGET_SECONDS, Subject, get_operation
 from imgstore.fileio import disk_usage, file_bytes
 
 if TYPE_CHECKING:
-    from benchmarks.conftest import ReadStores
+    from benchmarks.conftest import BenchDataSet, ReadStores
 
 
-def warm_up(body: Callable[..., Any], args: tuple[Any, ...]) -> float:
+def warm_up(body: Callable[..., Any], args: tuple[Any, ...], times: int = 2) -> float:
     """Run ``body`` untimed (by pytest-benchmark) and return how long a round takes, warm.
 
-    A round that fits the read budget runs twice and the faster counts: a first touch of hundreds of
-    MB of fresh memory can take 10x a warm round (seen: 1.0 s against 0.1 s) and would wrongly
-    leave a cheap row with two rounds.
+    A round that fits the read budget runs twice (``times``) and the faster counts: a first touch of
+    hundreds of MB of fresh memory can take 10x a warm round (seen: 1.0 s against 0.1 s) and would
+    wrongly leave a cheap row with two rounds.
     """
-    times = []
-    for _ in range(2):
+    seconds = []
+    for _ in range(times):
         start = time.perf_counter()
         body(*args)
-        times.append(time.perf_counter() - start)
-        if times[0] > READ_BUDGET_SECONDS:
+        seconds.append(time.perf_counter() - start)
+        if seconds[0] > READ_BUDGET_SECONDS:
             break
-    return min(times)
+    return min(seconds)
 
 
 def with_injected_slowdown(body: Callable[..., Any], fraction: float) -> Callable[..., Any]:
@@ -56,18 +54,19 @@ def test_storage(
     subject_name: str,
     operation: str,
     cutoff: int,
-    subjects: dict[str, Subject],
-    dataset: tuple[str, np.ndarray, np.ndarray],
+    dataset_name: str,
+    subjects: dict[str, dict[str, Subject]],
+    bench_data: BenchDataSet,
     read_stores: ReadStores,
     work_dir: Path,
     bench_results: list,
     injected_slowdown: tuple[str, str, float] | None,
 ) -> None:
-    subject = subjects[subject_name]
-    dataset_name, all_images, all_labels = dataset
-    images, labels = all_images[:cutoff], all_labels[:cutoff]
+    subject = subjects[dataset_name][subject_name]
+    data = bench_data.get(dataset_name)
+    images, labels = data.images[:cutoff], data.labels[:cutoff]
     op = get_operation(operation)
-    benchmark.group = f"{op.name} n={cutoff}"
+    benchmark.group = data.group(op.name, cutoff)
     body = subject.body(op.name)
     if injected_slowdown and injected_slowdown[:2] == (subject.name, operation):
         body = with_injected_slowdown(body, injected_slowdown[2])
@@ -75,28 +74,28 @@ def test_storage(
     if op.kind == "write":
         # Each round writes a fresh target, kept until the session ends (see work_dir).
         targets: list[Path] = []
-        target_dir = work_dir / "write" / f"{dataset_name}-{subject.name}-{operation}-{cutoff}"
+        target_dir = work_dir / "write" / f"{data.name}-{subject.name}-{operation}-{cutoff}"
 
         def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
             targets.append(target_dir / f"round-{len(targets)}")
-            return (subject.open_writer(targets[-1], images.shape[1:]), images, labels), {}
+            return (subject.open_writer(targets[-1], data.shape), images, labels), {}
 
         # Write rows keep their rounds: their first round is already the dear one.
-        benchmark.pedantic(body, setup=setup, rounds=op.timed_rounds(cutoff), iterations=1)
+        benchmark.pedantic(body, setup=setup, rounds=subject.timed_rounds(op, cutoff), iterations=1)
         disk_bytes, stored_bytes = disk_usage(targets[-1]), file_bytes(targets[-1])
     else:
-        path, disk_bytes, stored_bytes = read_stores.get(subject, cutoff)
+        path, disk_bytes, stored_bytes = read_stores.get(data, subject, cutoff)
         argument = op.argument(cutoff)  # n, or the shuffled order
-        reader = subject.open_reader(path, images.shape[1:])
+        reader = subject.open_reader(path, data.shape)
         args = (reader, argument)
         try:
             # The untimed warmup round touches the store (and the result memory) right before timing:
             # page cache and memory left idle are partly reclaimed by the host on this machine class.
-            rounds = op.timed_rounds(cutoff, warm_up(body, args))
+            rounds = subject.timed_rounds(op, cutoff, warm_up(body, args, subject.warmups))
             last = benchmark.pedantic(body, args=args, rounds=rounds, iterations=1)
         finally:
             subject.close_reader(reader)
-        op.check_last(last, argument, images, labels)
+        subject.check_last(op, last, argument, data)
 
     if benchmark.stats is None:  # --benchmark-disable: the case ran once, as a smoke test
         return
@@ -109,7 +108,7 @@ def test_storage(
         variant=subject.variant,
         operation=operation,
         images=cutoff,
-        dataset=dataset_name,
+        dataset=data.name,
         disk_bytes=int(disk_bytes),
         file_bytes=int(stored_bytes),
         images_per_second=cutoff / benchmark.stats.stats.median,

@@ -39,7 +39,8 @@ def test_every_group_has_the_references_and_every_backend(run: dict[str, Any]) -
     groups: dict[str, set[str]] = {}
     for bench in run["doc"]["benchmarks"]:
         info = bench["extra_info"]
-        groups.setdefault(bench["group"], set()).add(f"{info['kind']}-{info['backend']}")
+        if info["dataset"] == "synthetic":
+            groups.setdefault(bench["group"], set()).add(f"{info['kind']}-{info['backend']}")
     assert len(groups) == len(OPERATIONS)  # one per operation at the one cutoff
     for group, rows in groups.items():
         assert "limit-raw" in rows, group
@@ -62,6 +63,8 @@ def test_extra_info_and_ratios_are_filled(run: dict[str, Any]) -> None:
 def test_variants_are_measured_where_they_matter(run: dict[str, Any]) -> None:
     operations: dict[str, set[str]] = {}
     for bench in run["doc"]["benchmarks"]:
+        if bench["extra_info"]["dataset"] != "synthetic":
+            continue
         operations.setdefault(bench["params"]["subject_name"], set()).add(bench["extra_info"]["operation"])
     on = {kind: {op.name for op in OPERATIONS if kind in op.variants} for kind in VARIANT_KINDS}
     assert on["nosync"] and on["noverify"] and on["preset"]

@@ -1,0 +1,112 @@
+"""The summary of an encoded dataset's groups, and the targets section (measured ratios, PASS or MISS).
+
+Targets are reported, never asserted: a timed test that fails on a slow machine tells nothing a
+ratio printed beside its threshold does not. Both compare medians of the same run, on the same
+files in the same shuffled order (``read_random_many``: an epoch in batches of 256):
+
+1. a shuffled batch from an LMDB or HDF5 store holding the files as they are (codec ``keep``),
+   decoded with the fastest decoder, takes at most 1.15x the LIMIT's time (the same files decoded
+   from memory with the same decoder on every core);
+2. that row reads at least 2x the images/s of the ImageFolder status quo (Pillow, one file at a
+   time, in one process).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from benchmarks.operations import BATCH_SIZE, Operation
+from imgstore.analysis.report import format_seconds
+
+TARGET_LIMIT_RATIO = 1.15  # imgstore's time over the LIMIT's, at most
+TARGET_FOLDER_SPEEDUP = 2.0  # imgstore's images/s over the status quo's, at least
+TARGET_BACKENDS = ("lmdb", "hdf5")
+TARGET_OPERATION = "read_random_many"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def write_encoded_group(tr: Any, group: str, operation: Operation, ordered: list[Any]) -> None:
+    """One group of an encoded dataset: rates in images and in stored bytes, and the bytes an image takes."""
+    many = operation.speedup_over is not None
+    tr.write_line(f"{group}: {operation.title}", bold=True)
+    tr.write_line(
+        f"  {'subject':<32}{'median':>10}{'images/s':>10}{'MB/s':>9}{'KB/image':>10}{'xlimit':>8}{'xfolder':>9}"
+        f"{'disk MB':>9}" + (f"{'xsingle':>9}" if many else "")
+    )
+    for bench in ordered:
+        info = bench.extra_info
+        median = bench.stats.median
+        tr.write_line(
+            f"  {bench.params['subject_name']:<32}{format_seconds(median):>10}{info['images_per_second']:>10,.0f}"
+            f"{info['file_bytes'] / 1e6 / median:>9,.1f}{info['file_bytes'] / 1e3 / info['images']:>10.1f}"
+            f"{_ratio(info['ratio_to_limit']):>8}{_ratio(info['ratio_to_tutorial']):>9}"
+            f"{info['disk_bytes'] / 1e6:>9.1f}" + (f"{_ratio(info['speedup_over_single']):>9}" if many else "")
+        )
+
+
+def evaluate(rows: list[Any]) -> list[dict[str, Any]]:
+    """Every target measurable in ``rows``: one dict per (dataset, N, backend, target)."""
+    from benchmarks.data import ENCODED_DATASETS
+    from imgstore.codecs import resolve_decoder
+
+    fastest = resolve_decoder("auto")
+    by_name: dict[tuple[str, int, str], float] = {}
+    for bench in rows:
+        info = bench.extra_info
+        if info["dataset"] in ENCODED_DATASETS and info["operation"] == TARGET_OPERATION:
+            by_name[(info["dataset"], info["images"], bench.params["subject_name"])] = bench.stats.median
+    results = []
+    for (dataset, n, name), median in sorted(by_name.items()):
+        backend = next((b for b in TARGET_BACKENDS if name == f"imgstore-{b}-keep-{fastest}"), None)
+        if backend is None:
+            continue
+        batches = math.ceil(n / BATCH_SIZE)
+        limit, folder = by_name.get((dataset, n, "limit")), by_name.get((dataset, n, "imagefolder"))
+        common = {"dataset": dataset, "images": n, "subject": name, "backend": backend, "median": median}
+        if limit:
+            ratio = median / limit
+            results.append(
+                common | {"target": 1, "ratio": ratio, "passed": ratio <= TARGET_LIMIT_RATIO, "reference": limit,
+                          "batch": median / batches, "reference_batch": limit / batches}
+            )  # fmt: skip
+        if folder:
+            speedup = folder / median
+            passed = speedup >= TARGET_FOLDER_SPEEDUP
+            results.append(common | {"target": 2, "ratio": speedup, "passed": passed, "reference": folder})
+    return results
+
+
+def write_targets(tr: Any, rows: list[Any]) -> None:
+    results = evaluate(rows)
+    if not results:
+        return
+    from imgstore.codecs import resolve_decoder
+
+    tr.write_line(
+        f"targets ({TARGET_OPERATION}: the same shuffled epoch in batches of {BATCH_SIZE}, codec keep, "
+        f"decoder {resolve_decoder('auto')}, the fastest installed)",
+        bold=True,
+    )
+    for r in results:
+        verdict = "PASS" if r["passed"] else "MISS"
+        where = f"{r['dataset']} n={r['images']} {r['subject']}"
+        if r["target"] == 1:
+            tr.write_line(
+                f"  1. batch within {TARGET_LIMIT_RATIO}x the LIMIT's time: {where}: "
+                f"{format_seconds(r['batch'])} a batch, LIMIT {format_seconds(r['reference_batch'])}: "
+                f"{r['ratio']:.2f}x  {verdict}",
+                green=r["passed"],
+                red=not r["passed"],
+            )
+        else:
+            n = r["images"]
+            tr.write_line(
+                f"  2. at least {TARGET_FOLDER_SPEEDUP:g}x the ImageFolder status quo's images/s: {where}: "
+                f"{n / r['median']:,.0f} images/s, imagefolder {n / r['reference']:,.0f}: {r['ratio']:.2f}x  {verdict}",
+                green=r["passed"],
+                red=not r["passed"],
+            )
