@@ -9,6 +9,15 @@ A backend's tests are one class::
         options = {}  # optional: what every store of the tests is created with
         backend_module = None  # or the module that calls register_backend("mine", ...)
 
+    class TestMyBackendJpegFiles(StoreConformance, StoreRobustness):  # the same suites on another layout
+        backend = "mine"
+        codec, varied, image_mode = "keep", True, "RGB"  # JPEG/PNG/WebP files of many shapes, as given
+
+A class's *layout* (``codec``, ``codec_params``, ``image_mode``, ``varied``, ``fixed_shape``; see
+:class:`BackendTest` and :mod:`imgstore.testing.layouts`) decides what every store of its tests
+is; the default is raw pixels of one shape. Tests that only make sense for one kind of store skip
+on the others, saying why; a backend without ``_write_blobs`` skips every layout but the default.
+
 Third-party backends inherit them the same way, as zarr's stores do with ``zarr.testing``.
 
 - :class:`StoreConformance` (``conformance``): the API's behaviour, round trips (Hypothesis), modes.
@@ -37,22 +46,26 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-_MODULES = ("checks", "conformance", "concurrency", "crash", "faults", "fuzz", "robustness")
+_MODULES = ("checks", "conformance", "concurrency", "crash", "faults", "fuzz", "layouts", "robustness")
 # The suites' asserts explain themselves as they did in tests/ (before any of these modules is imported).
 pytest.register_assert_rewrite(*(f"{__name__}.{module}" for module in _MODULES))
 
 from imgstore.testing.checks import (  # noqa: E402
     BackendTest,
     ImportOnUnpickle,
+    check_images_equal,
     check_owned_array,
+    check_records,
     check_store_content,
     child_env,
     import_backend_module,
+    missing_encoded_primitives,
     random_images,
     read_only_view,
     small_tmpfs,
 )
 from imgstore.testing.conformance import StoreConformance  # noqa: E402
+from imgstore.testing.layouts import Layout, Records  # noqa: E402
 
 if TYPE_CHECKING:
     from imgstore.testing.concurrency import ConcurrentAccess
@@ -76,12 +89,17 @@ __all__ = [
     "DamageDetection",
     "FaultTolerance",
     "ImportOnUnpickle",
+    "Layout",
+    "Records",
     "StoreConformance",
     "StoreRobustness",
+    "check_images_equal",
     "check_owned_array",
+    "check_records",
     "check_store_content",
     "child_env",
     "import_backend_module",
+    "missing_encoded_primitives",
     "random_images",
     "read_only_view",
     "small_tmpfs",

@@ -17,34 +17,38 @@ import pytest
 import imgstore
 from imgstore.testing.checks import (
     BackendTest,
-    check_store_content,
+    check_images_equal,
+    check_records,
     import_backend_module,
-    random_images,
     read_only_view,
 )
+from imgstore.testing.layouts import Records
 
 TOTAL = 3000
+#: an encoded layout's records are ~10x dearer to write and read: fewer still show a writer's progress
+TOTAL_ENCODED = 400
 
 
-def _append_slowly(backend_module: str | None, path: str, options: dict[str, Any], done: Event) -> None:
+def _append_slowly(
+    backend_module: str | None, path: str, options: dict[str, Any], records: Records, done: Event
+) -> None:
     import_backend_module(backend_module)  # a spawned child: nothing registered but what imports register
-    images, labels = random_images(TOTAL, (8, 8, 3), seed=21)
     with imgstore.open_store(path, mode="a", **options) as store:
         start = len(store)
         sizes = [1, 7, 64, 300] * 100
         for size in sizes:
-            stop = min(start + size, TOTAL)
+            stop = min(start + size, len(records))
             if stop == start:
                 break
-            store.put_many(images[start:stop], labels[start:stop])
+            records[start:stop].put(store)
             start = stop
     done.set()
 
 
-def _write_in_child(store: imgstore.Store, conn: Connection) -> None:
+def _write_in_child(store: imgstore.Store, records: Records, conn: Connection) -> None:
     try:
-        image, label = store.get(0)  # reading is fine
-        store.put(image, label)
+        store.get(0)  # reading is fine
+        records.put_one(store, 0)
         conn.send("acknowledged")
     except imgstore.StoreBusyError:
         conn.send("busy")
@@ -57,24 +61,25 @@ def _hold_forever(conn: Connection) -> None:
     time.sleep(60)
 
 
-def _recreate_repeatedly(path: str, backend: str, options: dict[str, Any], rounds: int) -> None:
-    for k in range(rounds):
-        images, labels = random_images(40, (8, 8, 3), seed=100 + k)
-        with imgstore.open_store(path, backend, "w", **options) as store:
-            store.put_many(images, labels + 100 * (k + 1))
+def _recreate_repeatedly(path: str, kwargs: dict[str, Any], records: list[Records]) -> None:
+    for batch in records:
+        with imgstore.open_store(path, mode="w", **kwargs) as store:
+            batch.put(store)
 
 
 class ConcurrentAccess(BackendTest):
     """Several processes on one store: readers and a writer, forked children, a re-creating writer."""
 
     def test_readers_see_a_consistent_prefix_while_a_writer_appends(self, tmp_path: Path) -> None:
-        images, labels = random_images(TOTAL, (8, 8, 3), seed=21)
+        records = self.records(TOTAL_ENCODED if self.scaled else TOTAL, (8, 8, 3), seed=21)
         path = tmp_path / self.backend
         with self.create(path, sync=False) as store:
-            store.put_many(images[:10], labels[:10])
+            records[:10].put(store)
         context = multiprocessing.get_context("spawn")
         done = context.Event()
-        writer = context.Process(target=_append_slowly, args=(self.backend_module, str(path), self.options, done))
+        writer = context.Process(
+            target=_append_slowly, args=(self.backend_module, str(path), self.options, records, done)
+        )
         with imgstore.open_store(path) as reader:
             writer.start()
             seen = set()
@@ -86,23 +91,26 @@ class ConcurrentAccess(BackendTest):
                 count = reader.refresh()
                 seen.add(count)
                 got_images, got_labels = reader.get_many(range(count))  # never garbage, never a short read
-                np.testing.assert_array_equal(got_images, images[:count])
-                np.testing.assert_array_equal(got_labels, labels[:count])
+                check_images_equal(got_images, records[:count].expected)
+                np.testing.assert_array_equal(got_labels, records.labels[:count])
                 if count:
-                    np.testing.assert_array_equal(reader.get(count - 1)[0], images[count - 1])
+                    check_images_equal([reader.get(count - 1)[0]], [records.expected[count - 1]])
+                if self.layout.encoded:
+                    assert len(reader.image_shapes()) == count
                 if finished:
                     break
             writer.join(60)
             assert writer.exitcode == 0
-            assert reader.refresh() == TOTAL
+            assert reader.refresh() == len(records)
             assert len(seen) > 2, "the reader never saw the writer's progress"
             reader.verify()
+            check_records(reader, records)
 
     def test_only_one_writer_at_a_time(self, tmp_path: Path) -> None:
-        images, labels = random_images(4)
+        records = self.records(4)
         path = tmp_path / self.backend
         with self.create(path) as writer:
-            writer.put_many(images, labels)
+            records.put(writer)
             with pytest.raises(imgstore.StoreBusyError):
                 imgstore.open_store(path, mode="a")
             with pytest.raises(imgstore.StoreBusyError):
@@ -110,7 +118,7 @@ class ConcurrentAccess(BackendTest):
             with imgstore.open_store(path) as reader:  # readers are welcome
                 assert len(reader) == 4
         with imgstore.open_store(path, mode="a") as writer:  # the lock went with the first writer
-            writer.put_many(images, labels)
+            records.put(writer)
             assert len(writer) == 8
 
     @pytest.fixture
@@ -126,34 +134,34 @@ class ConcurrentAccess(BackendTest):
 
     def test_store_on_read_only_media_opens_for_reading(self, read_only_dir: tuple[Path, Path]) -> None:
         source, mounted = read_only_dir
-        images, labels = random_images(50)
+        records = self.records(50)
         with self.create(source / self.backend) as store:
-            store.put_many(images, labels)
+            records.put(store)
         if mounted == source:
             for root, dirs, files in os.walk(source):
                 for name in dirs + files:
                     os.chmod(os.path.join(root, name), 0o555 if name in dirs else 0o444)
         assert not os.access(mounted / self.backend, os.W_OK)
         with imgstore.open_store(mounted / self.backend) as store:
-            check_store_content(store, images, labels)
+            check_records(store, records)
             store.verify()
         with pytest.raises((imgstore.ReadOnlyError, PermissionError, OSError)):
             imgstore.open_store(mounted / self.backend, mode="a")
 
     def test_a_writer_handle_cannot_write_in_a_forked_child(self, tmp_path: Path) -> None:
         path = tmp_path / "s"
-        images, labels = self.fill(path)
-        more, more_labels = random_images(5, (8, 8, 3), seed=9)
+        records = self.fill(path)
+        more = self.records(5, (8, 8, 3), seed=9)
         context = multiprocessing.get_context("fork")
         with imgstore.open_store(path, mode="a") as store:
             receive, send = context.Pipe(duplex=False)
-            child = context.Process(target=_write_in_child, args=(store, send))
+            child = context.Process(target=_write_in_child, args=(store, more, send))
             child.start()
             assert receive.recv() == "busy"
             child.join(30)
-            store.put_many(more, more_labels)  # the parent still writes, at the indices it expects
+            more.put(store)  # the parent still writes, at the indices it expects
         with imgstore.open_store(path) as store:
-            check_store_content(store, np.concatenate([images, more]), np.concatenate([labels, more_labels]))
+            check_records(store, records + more)
             store.verify()
 
     def test_the_writer_lock_goes_with_the_writer_not_its_children(self, tmp_path: Path) -> None:
@@ -175,28 +183,32 @@ class ConcurrentAccess(BackendTest):
 
     def test_write_mode_while_this_process_reads_the_store(self, tmp_path: Path) -> None:
         path = tmp_path / "s"
-        images, labels = self.fill(path)
+        records = self.fill(path)
         with imgstore.open_store(path) as reader:
             reader.get_many(range(len(reader)))
-            new_images, new_labels = self.fill(path, n=12, seed=4)  # works, or refuses before deleting
+            new = self.fill(path, n=12, seed=4)  # works, or refuses before deleting
             try:
                 got_images, got_labels = reader.get_many(range(len(reader)))
             except imgstore.CorruptStoreError:
                 pass  # an error is allowed; a mix is not
             else:
-                np.testing.assert_array_equal(got_images, images)
-                np.testing.assert_array_equal(got_labels, labels)
+                check_images_equal(got_images, records.expected)
+                np.testing.assert_array_equal(got_labels, records.labels)
         with imgstore.open_store(path) as store:
-            check_store_content(store, new_images, new_labels)
+            check_records(store, new)
 
     @pytest.mark.parametrize("verify_reads", [True, False])
     def test_a_reader_sees_one_store_or_an_error_never_a_mix(self, tmp_path: Path, verify_reads: bool) -> None:
         path = tmp_path / "s"
-        images, labels = self.fill(path, n=40)
+        records = self.fill(path, n=40)
         context = multiprocessing.get_context("fork")
+        kwargs = {"backend": self.backend, **self.layout.store_kwargs(), **self.options}
+        # Each new store's labels are 100 k + the old ones: a mix of stores shows in the labels too.
+        batches = [self.records(40, (8, 8, 3), seed=100 + k) for k in range(15)]
+        batches = [batch.with_labels(batch.labels + 100 * (k + 1)) for k, batch in enumerate(batches)]
         with imgstore.open_store(path, verify_reads=verify_reads) as reader:
             reader.get_many(range(40))  # labels and checksums cached
-            writer = context.Process(target=_recreate_repeatedly, args=(str(path), self.backend, self.options, 15))
+            writer = context.Process(target=_recreate_repeatedly, args=(str(path), kwargs, batches))
             writer.start()
             errors = 0
             while writer.is_alive() or errors == 0:
@@ -208,10 +220,10 @@ class ConcurrentAccess(BackendTest):
                     if not writer.is_alive():
                         break
                     continue
-                np.testing.assert_array_equal(got_images, images)
-                np.testing.assert_array_equal(got_labels, labels)
-                np.testing.assert_array_equal(image, images[17])
-                assert label == labels[17]
+                check_images_equal(got_images, records.expected)
+                np.testing.assert_array_equal(got_labels, records.labels)
+                check_images_equal([image], [records.expected[17]])
+                assert label == records.labels[17]
                 if not writer.is_alive():
                     break
             writer.join(60)

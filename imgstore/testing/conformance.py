@@ -1,9 +1,16 @@
-"""``StoreConformance``: the behaviour every backend must show (pytest and Hypothesis needed)."""
+"""``StoreConformance``: the behaviour every backend must show (pytest and Hypothesis needed).
+
+Every test runs on the class's layout (raw pixels of one shape by default; see
+:class:`~imgstore.testing.BackendTest`). Tests of what only encoded stores have (``size=``,
+``get_encoded``, ``put_encoded_many``, source paths) skip in raw classes, saying so.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,24 +22,56 @@ from hypothesis import strategies as st
 
 import imgstore
 from imgstore import Store, open_store
-from imgstore.errors import ImgStoreError, InvalidImageError
+from imgstore.errors import CorruptStoreError, ImgStoreError, InvalidImageError, InvalidLabelError, InvalidOptionError
 from imgstore.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from imgstore.testing.checks import (
     BackendTest,
     ImportOnUnpickle,
+    check_images_equal,
     check_owned_array,
-    check_store_content,
-    random_images,
+    check_records,
+)
+from imgstore.testing.layouts import Images, Records, bad_files, hwc, image_file, pillow_decode, take
+
+Filled = tuple[Path, Records]
+
+# Found by these suites in the store core (imgstore/encoded.py), not fixed here: the tests that show it are xfail.
+IMAGE_SHAPES_IGNORE_IMAGE_MODE = (
+    "store core: image_shapes() gives the channels of the file or array as put (a grayscale JPEG: 1), not those "
+    "get() returns in a store with image_mode (3 for 'RGB'): EncodedRecords.put_encoded/put_arrays record "
+    "info.channels / the array's C without applying image_mode"
+)
+RAW_SIZE_IS_DAMAGE = (
+    "store core: get_many(size=) on an intact raw store holding a [H, W, 2] image raises CorruptStoreError "
+    "('cannot be decoded'): raw.unpack refuses 2 channels with size= (a PNG store resizes the same LA image), "
+    "and EncodedRecords.decode turns every InvalidImageError into damage"
+)
+EMPTY_SIZE_BATCH_HAS_NO_CHANNELS = (
+    "store core: get_many([], size=(h, w)) on a store of a fixed shape [H, W, 3] without image_mode gives "
+    "[0, h, w, 0], not [0, h, w, 3]: EncodedRecords.get_many returns decode_many's empty batch (C from the "
+    "mode: 0 for None) instead of EncodedRecords.batch_shape(size)"
 )
 
 
 def _read_in_child(_: None, store: Store, indices: list[int], queue: multiprocessing.Queue[Any]) -> None:
     images, labels = store.get_many(indices)
-    queue.put((images.tobytes(), labels.tolist()))
+    queue.put((images, labels.tolist()))
+
+
+def _joined(batches: list[Any]) -> Images:
+    """Batches of iter_batches as one: arrays concatenated, lists (varied shapes) chained."""
+    if all(isinstance(batch, np.ndarray) for batch in batches):
+        return np.concatenate(batches)
+    return [image for batch in batches for image in batch]
+
+
+def _each(images: Any) -> list[np.ndarray]:
+    """The arrays a read returned: the batch array itself, or every image of a list."""
+    return [images] if isinstance(images, np.ndarray) else list(images)
 
 
 class StoreConformance(BackendTest):
-    """Behaviour every backend must show. Subclasses set ``backend`` (and optionally ``options``)."""
+    """Behaviour every backend must show. Subclasses set ``backend`` (and optionally ``options`` and a layout)."""
 
     #: image shapes this backend holds; others must raise InvalidImageError before writing
     shapes: ClassVar[tuple[tuple[int, ...], ...]] = ((32, 32, 3), (28, 28), (28, 28, 1), (5, 7, 4), (3, 2, 2))
@@ -48,13 +87,21 @@ class StoreConformance(BackendTest):
     def path(self, tmp_path: Path) -> Path:
         return tmp_path / "store"
 
-    @pytest.fixture
-    def filled(self, path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
-        images, labels = random_images(300)
+    @pytest.fixture(scope="class")
+    def pristine(self, tmp_path_factory: pytest.TempPathFactory) -> Filled:
+        """A store of 300 records in two commits, made once per class (encoding them is dear): tests copy it."""
+        self.check_layout_supported()  # before the function-scoped autouse fixture that also does
+        path = tmp_path_factory.mktemp(type(self).__name__) / "store"
+        records = self.records(300)
         with self.create(path) as store:
-            store.put_many(images[:200], labels[:200])
-            store.put_many(images[200:], labels[200:])
-        return path, images, labels
+            records[:200].put(store)
+            records[200:].put(store)
+        return path, records
+
+    @pytest.fixture
+    def filled(self, pristine: Filled, path: Path) -> Filled:
+        shutil.copytree(pristine[0], path)
+        return path, pristine[1]
 
     # ------------------------------------------------------------------ round trip
 
@@ -70,82 +117,99 @@ class StoreConformance(BackendTest):
         big_labels=st.booleans(),
     )
     def test_round_trip_is_exact(self, shape_index: int, batches: list[int], seed: int, big_labels: bool) -> None:
-        shape = self.shapes[shape_index]
-        images, labels = random_images(sum(batches), shape, seed)
+        shape = self.shapes[shape_index]  # varied layouts: the scale of their shapes; fixed encoded: unused
+        records = self.records(sum(batches), shape, seed)
         if big_labels:
-            labels = labels * (2**62 // 10)  # labels are int64, not bytes
+            records = records.with_labels(records.labels * (2**62 // 10))  # labels are int64, not bytes
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "s"
             store = self.create(path, sync=False)
-            if not self.supports(shape):
+            if not self.layout.encoded and not self.supports(shape):
+                images, labels = records.expected, records.labels
                 with pytest.raises(InvalidImageError):
                     store.put_many(images if len(images) else images[:1], labels if len(images) else labels[:1])
                 assert len(store) == 0
                 return
             start = 0
             for size in batches:
-                assert store.put_many(images[start : start + size], labels[start : start + size]) == range(
-                    start, start + size
-                )
+                assert records[start : start + size].put(store) == range(start, start + size)
                 start += size
-            check_store_content(store, images, labels)
+            check_records(store, records)
             store.close()
             with open_store(path) as reopened:
-                check_store_content(reopened, images, labels)
+                check_records(reopened, records)
 
     def test_put_returns_consecutive_indices(self, path: Path) -> None:
-        images, labels = random_images(5)
+        records = self.records(5)
         with self.create(path) as store:
-            assert [store.put(image, label) for image, label in zip(images, labels, strict=False)] == list(range(5))
-            assert store.put_many(images, labels) == range(5, 10)
-            check_store_content(store, np.concatenate([images, images]), np.concatenate([labels, labels]))
+            assert [records.put_one(store, k) for k in range(5)] == list(range(5))
+            assert records.put(store) == range(5, 10)
+            check_records(store, records + records)
 
     def test_put_accepts_python_ints_and_numpy_integers(self, path: Path) -> None:
-        images, _ = random_images(3)
+        records = self.records(3)
         with self.create(path) as store:
-            store.put(images[0], 7)
-            store.put(images[1], np.uint8(3))
-            store.put_many(images[2:], [np.int32(9)])
+            records.put_one(store, 0, 7)
+            records.put_one(store, 1, np.uint8(3))
+            if records.blobs is not None:
+                store.put_encoded_many(records.blobs[2:], [np.int32(9)])
+            else:
+                assert records.arrays is not None
+                store.put_many(records.arrays[2:], [np.int32(9)])
             assert store.get_many([0, 1, 2])[1].tolist() == [7, 3, 9]
 
     def test_non_contiguous_and_fortran_input_is_stored_correctly(self, path: Path) -> None:
-        images, labels = random_images(12)
-        fortran = np.asfortranarray(images)
-        strided = np.repeat(images, 2, axis=0)[::2]  # a strided view equal to images
+        records = self.records(12)
         with self.create(path) as store:
-            store.put_many(fortran, labels)
-            store.put_many(strided, labels[:12])
-            store.put(images[3][:, :, :], labels[3])
-            check_store_content(
-                store, np.concatenate([images, images[:12], images[3:4]]), np.concatenate([labels, labels, labels[3:4]])
-            )
+            if records.blobs is not None:  # files: any bytes-like object
+                copies: list[Any] = [bytearray(blob) for blob in records.blobs]
+                views: list[Any] = [memoryview(blob) for blob in records.blobs]
+                store.put_encoded_many(copies, records.labels)
+                store.put_encoded_many(views, records.labels)
+                store.put_encoded_many([*views[3:4]], records.labels[3:4])
+            else:
+                arrays = records.arrays
+                assert arrays is not None
+                fortran: Images
+                strided: Images
+                if isinstance(arrays, np.ndarray):
+                    fortran = np.asfortranarray(arrays)
+                    strided = np.repeat(arrays, 2, axis=0)[::2]  # a strided view equal to the images
+                else:
+                    fortran = [np.asfortranarray(array) for array in arrays]
+                    strided = [np.repeat(array, 2, axis=1)[:, ::2] for array in arrays]
+                store.put_many(fortran, records.labels)
+                store.put_many(strided, records.labels)
+                store.put(arrays[3][...], records.labels[3])
+            check_records(store, records + records + records[[3]])
 
     # ------------------------------------------------------------------ reading
 
-    def test_get_many_in_any_order_with_repeats(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
-        order = np.random.default_rng(1).permutation(len(images))
-        picks = np.concatenate([order[:50], order[:5], [0, 0, len(images) - 1, -1, -300]])
+    def test_get_many_in_any_order_with_repeats(self, filled: Filled) -> None:
+        path, records = filled
+        expected, labels = records.expected, records.labels
+        order = np.random.default_rng(1).permutation(len(records))
+        picks = np.concatenate([order[:50], order[:5], [0, 0, len(records) - 1, -1, -300]])
         with open_store(path) as store:
             got_images, got_labels = store.get_many(picks)
-            np.testing.assert_array_equal(got_images, images[picks])
+            check_images_equal(got_images, take(expected, picks))
             np.testing.assert_array_equal(got_labels, labels[picks])
             got_images, _ = store.get_many(slice(10, 20))
-            np.testing.assert_array_equal(got_images, images[10:20])
+            check_images_equal(got_images, take(expected, slice(10, 20)))
             got_images, _ = store.get_many(range(250, 10, -7))
-            np.testing.assert_array_equal(got_images, images[250:10:-7])
+            check_images_equal(got_images, take(expected, range(250, 10, -7)))
 
-    def test_negative_index_counts_from_end(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
+    def test_negative_index_counts_from_end(self, filled: Filled) -> None:
+        path, records = filled
         with open_store(path) as store:
             image, label = store.get(-1)
-            np.testing.assert_array_equal(image, images[-1])
-            assert label == labels[-1]
-            np.testing.assert_array_equal(store[-300][0], images[0])
+            check_images_equal([image], [records.expected[-1]])
+            assert label == records.labels[-1]
+            check_images_equal([store[-300][0]], [records.expected[0]])
 
     @pytest.mark.parametrize("bad", [300, -301, 10**12])
-    def test_index_out_of_range_raises_index_error(self, filled: tuple[Path, np.ndarray, np.ndarray], bad: int) -> None:
-        path, _, _ = filled
+    def test_index_out_of_range_raises_index_error(self, filled: Filled, bad: int) -> None:
+        path, _ = filled
         with open_store(path) as store:
             with pytest.raises(IndexError):
                 store.get(bad)
@@ -154,105 +218,118 @@ class StoreConformance(BackendTest):
             with pytest.raises(IndexError):
                 store.get_many(range(bad, bad + 2) if bad > 0 else range(0, 302))
 
-    def test_returned_arrays_are_owned_writable_contiguous(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, _ = filled
+    def test_returned_arrays_are_owned_writable_contiguous(self, filled: Filled) -> None:
+        path, records = filled
         with open_store(path) as store:
             image, _ = store.get(5)
             batch, labels = store.get_many([9, 3, 4])
             scan, _ = store.get_many(range(0, 100))
             first, _ = next(iter(store))
             chunk, _ = next(store.iter_batches(7))
-            for array in (image, batch, labels, scan, first, chunk):
+            for array in [image, labels, first, *_each(batch), *_each(scan), *_each(chunk)]:
                 check_owned_array(array)
             image[:] = 0  # writing to a returned array never reaches the store
-            batch[:] = 0
-            np.testing.assert_array_equal(store.get(5)[0], images[5])
+            for array in _each(batch):
+                array[:] = 0
+            check_images_equal([store.get(5)[0]], [records.expected[5]])
 
-    def test_iteration_and_batches_cover_everything_in_order(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
+    def test_iteration_and_batches_cover_everything_in_order(self, filled: Filled) -> None:
+        path, records = filled
         with open_store(path) as store:
             items = list(store)
-            assert len(items) == len(images)
-            np.testing.assert_array_equal(np.stack([image for image, _ in items]), images)
-            assert [label for _, label in items] == labels.tolist()
+            assert len(items) == len(records)
+            check_images_equal([image for image, _ in items], list(records.expected))
+            assert [label for _, label in items] == records.labels.tolist()
             batches = list(store.iter_batches(64))
             assert [len(b[0]) for b in batches] == [64, 64, 64, 64, 44]
-            np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), images)
-            np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), labels)
+            check_images_equal(_joined([b[0] for b in batches]), records.expected)
+            np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), records.labels)
             with pytest.raises(ValueError):
                 next(store.iter_batches(0))
 
     def test_empty_store(self, path: Path) -> None:
-        with self.create(path, shape=(32, 32, 3)) as store:
+        shape = self.layout.image_shape((32, 32, 3))
+        with self.create(path, **({"shape": shape} if shape is not None else {})) as store:
             assert len(store) == 0
             assert list(store) == []
             assert list(store.iter_batches(10)) == []
             images, labels = store.get_many([])
-            assert images.shape == (0, 32, 32, 3) and labels.shape == (0,)
+            if shape is None:  # varied shapes: a list, empty
+                assert isinstance(images, list) and images == []
+            else:
+                assert images.shape == (0, *shape)
+            assert labels.shape == (0,)
             with pytest.raises(IndexError):
                 store.get(0)
         with open_store(path) as reopened:
-            assert len(reopened) == 0 and reopened.shape == (32, 32, 3)
+            assert len(reopened) == 0 and reopened.shape == shape
 
     # ------------------------------------------------------------------ persistence and modes
 
-    def test_manifest_describes_the_store(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, _ = filled
+    def test_manifest_describes_the_store(self, filled: Filled) -> None:
+        path, records = filled
         manifest = read_manifest(path)
         assert (path / MANIFEST_NAME).is_file()
         assert manifest.backend == self.backend
-        assert manifest.shape == images.shape[1:]
+        assert manifest.shape == self.layout.image_shape((32, 32, 3))
         assert manifest.dtype == "uint8"
-        assert manifest.count == len(images)
+        assert manifest.count == len(records)
         assert manifest.format_version == FORMAT_VERSION
+        assert manifest.codec == self.codec and manifest.image_mode == self.image_mode
+        assert manifest.encoded == self.layout.encoded
+        assert {key: manifest.codec_params.get(key) for key in self.codec_params} == self.codec_params
         entries = {entry.name for entry in path.iterdir()}
         assert set(manifest.files) <= entries, "the manifest names files the store does not have"
         assert all(manifest.owns(name) for name in entries), "the store holds files its manifest does not name"
 
-    def test_reopen_finds_backend_from_manifest(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
+    def test_reopen_finds_backend_from_manifest(self, filled: Filled) -> None:
+        path, records = filled
         with open_store(path) as store:
             assert store.backend == self.backend and store.mode == "r"
-            check_store_content(store, images, labels)
+            assert store.codec == self.codec and store.varied == self.layout.varied
+            check_records(store, records)
 
-    def test_append_mode_adds_after_existing(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
-        more, more_labels = random_images(20, seed=5)
+    def test_append_mode_adds_after_existing(self, filled: Filled) -> None:
+        path, records = filled
+        more = self.records(20, seed=5)
         with open_store(path, mode="a") as store:
-            assert store.put_many(more, more_labels) == range(300, 320)
+            assert more.put(store) == range(300, 320)
         with open_store(path) as store:
-            check_store_content(store, np.concatenate([images, more]), np.concatenate([labels, more_labels]))
+            check_records(store, records + more)
 
     def test_append_mode_creates_a_missing_store(self, path: Path) -> None:
-        images, labels = random_images(4)
-        with open_store(path, self.backend, "a", **self.options) as store:
-            store.put_many(images, labels)
+        records = self.records(4)
+        with open_store(path, self.backend, "a", **self.layout.store_kwargs(), **self.options) as store:
+            records.put(store)
         with open_store(path, mode="a") as store:
-            store.put_many(images, labels)
+            records.put(store)
             assert len(store) == 8
+            check_records(store, records + records)
 
-    def test_write_mode_replaces_an_existing_store(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, _, _ = filled
-        images, labels = random_images(3, seed=9)
+    def test_write_mode_replaces_an_existing_store(self, filled: Filled) -> None:
+        path, _ = filled
+        records = self.records(3, seed=9)
         with self.create(path) as store:
             assert len(store) == 0
-            store.put_many(images, labels)
+            records.put(store)
         with open_store(path) as store:
-            check_store_content(store, images, labels)
+            check_records(store, records)
 
-    def test_read_only_refuses_writes_and_keeps_data(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
+    def test_read_only_refuses_writes_and_keeps_data(self, filled: Filled) -> None:
+        path, records = filled
         with open_store(path, mode="r") as store:
             with pytest.raises(PermissionError):
-                store.put(images[0], 1)
+                records.put_one(store, 0, 1)
             with pytest.raises(imgstore.ReadOnlyError):
-                store.put_many(images[:2], labels[:2])
-            assert len(store) == len(images)
+                records[:2].put(store)
+            with pytest.raises(imgstore.ReadOnlyError):
+                store.put_many(records.expected[:2], records.labels[:2])
+            assert len(store) == len(records)
         with open_store(path) as store:
-            check_store_content(store, images, labels)
+            check_records(store, records)
 
-    def test_closed_store_refuses_use(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, _, _ = filled
+    def test_closed_store_refuses_use(self, filled: Filled) -> None:
+        path, _ = filled
         store = open_store(path)
         store.close()
         store.close()  # closing twice is harmless
@@ -261,57 +338,93 @@ class StoreConformance(BackendTest):
 
     # ------------------------------------------------------------------ invalid input
 
-    def test_invalid_input_raises_and_writes_nothing(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
-        bad_calls: list[tuple[Any, Any, type[ImgStoreError]]] = [
-            (images[:2].astype(np.float32), labels[:2], InvalidImageError),
-            (images[:2].astype(bool), labels[:2], InvalidImageError),
-            (images[:2].astype(np.int16), labels[:2], InvalidImageError),
-            (images[:2, :16], labels[:2], InvalidImageError),
-            (images[:2].transpose(0, 3, 1, 2), labels[:2], InvalidImageError),  # CHW given to an HWC store
-            (images[0], labels[:1], InvalidImageError),  # one image where a batch is expected
-            (images[:2], labels[:3], imgstore.InvalidLabelError),
-            (images[:2], [1, -1], imgstore.InvalidLabelError),
-            (images[:2], [1, 2**64], imgstore.InvalidLabelError),
-            (images[:2], [1.0, 2.0], imgstore.InvalidLabelError),
-            (images[:2], [True, False], imgstore.InvalidLabelError),
-            (images[:2], np.array([[1, 2]]), imgstore.InvalidLabelError),
+    def bad_puts(self, records: Records) -> list[tuple[Any, Any, type[ImgStoreError]]]:
+        """(images or files, labels, the error) of put calls this layout's store must refuse before writing."""
+        items, labels = records.items, records.labels
+        bad_labels: list[tuple[Any, Any, type[ImgStoreError]]] = [
+            (items[:2], labels[:3], InvalidLabelError),
+            (items[:2], [1, -1], InvalidLabelError),
+            (items[:2], [1, 2**64], InvalidLabelError),
+            (items[:2], [1.0, 2.0], InvalidLabelError),
+            (items[:2], [True, False], InvalidLabelError),
+            (items[:2], np.array([[1, 2]]), InvalidLabelError),
         ]
+        if records.blobs is not None:
+            return bad_labels  # bad files: test_put_encoded_many_checks_each_header
+        arrays = records.arrays
+        assert arrays is not None
+        if not self.layout.encoded:
+            assert isinstance(arrays, np.ndarray)
+            return [
+                (arrays[:2].astype(np.float32), labels[:2], InvalidImageError),
+                (arrays[:2].astype(bool), labels[:2], InvalidImageError),
+                (arrays[:2].astype(np.int16), labels[:2], InvalidImageError),
+                (arrays[:2, :16], labels[:2], InvalidImageError),
+                (arrays[:2].transpose(0, 3, 1, 2), labels[:2], InvalidImageError),  # CHW given to an HWC store
+                (arrays[0], labels[:1], InvalidImageError),  # one image where a batch is expected
+                *bad_labels,
+            ]
+        first = arrays[0]
+        bad: list[tuple[Any, Any, type[ImgStoreError]]] = [
+            ([first.astype(np.float32)], labels[:1], InvalidImageError),
+            ([first, first.astype(bool)], labels[:2], InvalidImageError),
+            ([first.astype(np.int16)], labels[:1], InvalidImageError),
+            ([np.zeros((0, 5, 3), np.uint8)], labels[:1], InvalidImageError),  # an empty image
+            ([np.zeros((2, 2, 2, 2), np.uint8)], labels[:1], InvalidImageError),  # 3-D: not an image
+            ([np.zeros(7, np.uint8)], labels[:1], InvalidImageError),
+            (first[:, :, 0] if first.ndim == 3 else first[:, 0], labels[:1], InvalidImageError),  # not a batch
+        ]
+        unencodable = {"png": 5, "jpeg": 4, "webp": 1}.get(self.codec)  # a channel count the codec cannot encode
+        if unencodable is not None:
+            bad.append(([first, np.zeros((4, 4, unencodable), np.uint8)], labels[:2], InvalidImageError))
+        if not self.layout.varied:  # one shape: any other is refused
+            assert isinstance(arrays, np.ndarray)
+            bad += [
+                (arrays[:2, :16], labels[:2], InvalidImageError),
+                (arrays[:2].transpose(0, 3, 1, 2), labels[:2], InvalidImageError),
+                (arrays[0], [1] * len(arrays[0]), InvalidImageError),  # one image where a batch is expected
+            ]
+        return [*bad, *bad_labels]
+
+    def test_invalid_input_raises_and_writes_nothing(self, filled: Filled) -> None:
+        path, records = filled
         with open_store(path, mode="a") as store:
-            for bad_images, bad_labels, error in bad_calls:
+            for k, (bad_items, bad_labels, error) in enumerate(self.bad_puts(records)):
                 with pytest.raises(error):
-                    store.put_many(bad_images, bad_labels)
+                    if records.blobs is not None:
+                        store.put_encoded_many(bad_items, bad_labels)
+                    else:
+                        store.put_many(bad_items, bad_labels)
                 assert issubclass(error, ImgStoreError) and issubclass(error, ValueError)
-            with pytest.raises(imgstore.InvalidLabelError):
-                store.put(images[0], -3)
-            with pytest.raises(imgstore.InvalidLabelError):
-                store.put(images[0], 2.5)  # type: ignore[arg-type]
+                assert len(store) == len(records), f"bad call {k} stored something"
+            with pytest.raises(InvalidLabelError):
+                records.put_one(store, 0, -3)
+            with pytest.raises(InvalidLabelError):
+                records.put_one(store, 0, 2.5)
             with pytest.raises(InvalidImageError):
-                store.put(images[0].astype(np.float64), 1)
-            assert len(store) == len(images)
+                store.put(np.zeros((4, 4, 3), np.float64), 1)
+            assert len(store) == len(records)
         with open_store(path) as store:
-            check_store_content(store, images, labels)
+            check_records(store, records)
 
     def test_unknown_option_is_refused(self, path: Path) -> None:
-        with pytest.raises(imgstore.InvalidOptionError, match="no option"):
-            open_store(path, self.backend, "w", not_an_option=1)
+        with pytest.raises(InvalidOptionError, match="no option"):
+            open_store(path, self.backend, "w", not_an_option=1, **self.layout.store_kwargs())
         assert not (path / MANIFEST_NAME).exists()
 
     # ------------------------------------------------------------------ processes
 
-    def test_pickled_store_reopens(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
+    def test_pickled_store_reopens(self, filled: Filled) -> None:
+        path, records = filled
         with open_store(path) as store:
             clone = pickle.loads(pickle.dumps(store))
         with clone:
             assert clone.mode == "r"
-            check_store_content(clone, images, labels)
+            check_records(clone, records)
 
     @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-    def test_child_process_reads_after_parent_used_store(
-        self, filled: tuple[Path, np.ndarray, np.ndarray], start_method: str
-    ) -> None:
-        path, images, labels = filled
+    def test_child_process_reads_after_parent_used_store(self, filled: Filled, start_method: str) -> None:
+        path, records = filled
         context = (
             multiprocessing.get_context("fork") if start_method == "fork" else multiprocessing.get_context("spawn")
         )
@@ -322,62 +435,282 @@ class StoreConformance(BackendTest):
             import_first = ImportOnUnpickle(self.backend_module)  # before the store reopens in a spawned child
             child = context.Process(target=_read_in_child, args=(import_first, store, picks, queue))
             child.start()
-            raw, got_labels = queue.get(timeout=60)
+            got_images, got_labels = queue.get(timeout=60)
             child.join(timeout=60)
             assert child.exitcode == 0
-            np.testing.assert_array_equal(np.frombuffer(raw, np.uint8).reshape(-1, *images.shape[1:]), images[picks])
-            assert got_labels == labels[picks].tolist()
-            check_store_content(store, images, labels)  # the parent's handles still work
+            check_images_equal(got_images, take(records.expected, picks))
+            assert got_labels == records.labels[picks].tolist()
+            check_records(store, records)  # the parent's handles still work
 
-    def test_get_many_fills_caller_arrays(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, images, labels = filled
-        out = (np.zeros((4, *images.shape[1:]), np.uint8), np.zeros(4, np.int64))
+    def test_get_many_fills_caller_arrays(self, filled: Filled) -> None:
+        path, records = filled
+        picks = [5, 1, 9, 1]
         with open_store(path) as store:
-            got = store.get_many([5, 1, 9, 1], out=out)
+            if self.layout.varied:  # one array needs one shape: size=, and one channel count (image_mode)
+                with pytest.raises(InvalidOptionError):
+                    store.get_many(picks, out=(np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int64)))
+                if self.image_mode is None:
+                    return  # channel counts vary: test_get_many_with_size covers that
+                resized, labels = store.get_many(picks, size=(5, 6))
+                out = (np.zeros(resized.shape, np.uint8), np.zeros(4, np.int64))
+                got = store.get_many(picks, out=out, size=(5, 6))
+                assert got[0] is out[0] and got[1] is out[1]
+                np.testing.assert_array_equal(out[0], resized)
+                np.testing.assert_array_equal(out[1], labels)
+                return
+            expected = records.expected
+            assert isinstance(expected, np.ndarray)
+            out = (np.zeros((4, *expected.shape[1:]), np.uint8), np.zeros(4, np.int64))
+            got = store.get_many(picks, out=out)
             assert got[0] is out[0] and got[1] is out[1]
-            np.testing.assert_array_equal(out[0], images[[5, 1, 9, 1]])
-            np.testing.assert_array_equal(out[1], labels[[5, 1, 9, 1]])
+            np.testing.assert_array_equal(out[0], expected[picks])
+            np.testing.assert_array_equal(out[1], records.labels[picks])
             store.get_many(range(4), out=out)
-            np.testing.assert_array_equal(out[0], images[:4])
-            with pytest.raises(imgstore.InvalidOptionError):
+            np.testing.assert_array_equal(out[0], expected[:4])
+            with pytest.raises(InvalidOptionError):
                 store.get_many(range(5), out=out)
-            with pytest.raises(imgstore.InvalidOptionError):
+            with pytest.raises(InvalidOptionError):
                 store.get_many(range(4), out=(out[0].astype(np.int16), out[1]))
 
-    def test_verify_passes_on_an_intact_store(self, filled: tuple[Path, np.ndarray, np.ndarray]) -> None:
-        path, _, _ = filled
+    def test_verify_passes_on_an_intact_store(self, filled: Filled) -> None:
+        path, _ = filled
         with open_store(path) as store:
             store.verify()
             store.verify(batch_size=7)
 
-    def test_verify_detects_a_flipped_byte_in_any_backend_file(
-        self, filled: tuple[Path, np.ndarray, np.ndarray]
-    ) -> None:
-        """Flip one byte inside the stored pixels of a record: reads may not notice, verify must."""
-        path, images, _ = filled
-        target = images[123].tobytes()
+    def test_verify_detects_a_flipped_byte_in_any_backend_file(self, filled: Filled) -> None:
+        """Flip one byte inside the stored bytes of a record: reads may not notice, verify must."""
+        path, records = filled
+        if self.layout.encoded:
+            with open_store(path) as store:
+                target = store.get_encoded(123)[0]  # the record's bytes, as the backend keeps them
+        else:
+            target = records.expected[123].tobytes()[:64]
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             data = bytearray(file.read_bytes())
-            at = data.find(target[:64])
+            at = data.find(target)
             if at < 0:
                 continue
-            data[at + 10] ^= 0xFF
+            data[at + min(10, len(target) // 2)] ^= 0xFF
             file.write_bytes(data)
             break
         else:
-            pytest.skip("this backend does not keep raw pixels in a file (e.g. compressed): covered by the fuzz tests")
+            pytest.skip("this backend does not keep the records' bytes in a file (e.g. compressed): see the fuzz tests")
         with open_store(path) as store:
-            with pytest.raises(imgstore.CorruptStoreError, match="index 123"):
+            with pytest.raises(CorruptStoreError, match="index 123"):
                 store.verify()
 
     def test_single_puts_use_about_as_much_disk_as_one_batch(self, tmp_path: Path) -> None:
-        images, labels = random_images(200)
+        records = self.records(200)
         with self.create(tmp_path / "batch", sync=False) as store:
-            store.put_many(images, labels)
+            records.put(store)
             batch_bytes = store.disk_usage()
         with self.create(tmp_path / "single", sync=False) as store:
-            for image, label in zip(images, labels, strict=False):
-                store.put(image, label)
+            for k in range(len(records)):
+                records.put_one(store, k)
             single_bytes = store.disk_usage()
-            check_store_content(store, images, labels)
+            check_records(store, records)
         assert single_bytes < 3 * batch_bytes + (1 << 20), (single_bytes, batch_bytes)
+
+    # ------------------------------------------------------------------ what encoded stores add
+
+    def test_image_shapes_are_what_get_returns(self, filled: Filled, request: pytest.FixtureRequest) -> None:
+        if self.image_mode is not None:
+            request.applymarker(pytest.mark.xfail(strict=True, reason=IMAGE_SHAPES_IGNORE_IMAGE_MODE))
+        path, records = filled
+        with open_store(path, mode="a") as store:
+            more = self.records(7, seed=3)
+            more.put(store)
+            for handle in (store, open_store(path)):
+                shapes = handle.image_shapes()
+                assert shapes.dtype == np.uint32 and shapes.shape == (len(records) + 7, 3)
+                want = [hwc(image.shape) for image in [*records.expected, *more.expected]]
+                assert [tuple(row) for row in shapes.tolist()] == want
+                handle.close()
+
+    def test_get_many_with_size(self, filled: Filled, request: pytest.FixtureRequest) -> None:
+        """``size=(h, w)``: one batch array, each image as the codecs decode its stored bytes to that size."""
+        path, _ = filled
+        picks = [5, 1, 299, 1]
+        with open_store(path) as store:
+            if not self.layout.encoded:
+                with pytest.raises(InvalidOptionError):
+                    store.get_many(picks, size=(5, 6))
+                with pytest.raises(InvalidOptionError):
+                    next(store.iter_batches(10, size=(5, 6)))
+                return
+            if self.layout.varied and self.image_mode is None:  # channel counts vary: no one array
+                if self.codec == "raw":
+                    request.applymarker(pytest.mark.xfail(strict=True, reason=RAW_SIZE_IS_DAMAGE))
+                with pytest.raises(ImgStoreError) as refused:
+                    store.get_many(range(len(store)), size=(5, 6))
+                assert not isinstance(refused.value, CorruptStoreError), "an argument error, not damage"
+                return
+            from imgstore.codecs import decode
+
+            batch, labels = store.get_many(picks, size=(5, 6))
+            blobs, blob_labels = store.get_encoded_many(picks)
+            assert isinstance(batch, np.ndarray) and batch.shape[:3] == (4, 5, 6)
+            check_owned_array(batch)
+            want = np.stack([decode(blob, mode=self.image_mode, size=(5, 6)) for blob in blobs])
+            np.testing.assert_array_equal(batch.reshape(want.shape), want)
+            np.testing.assert_array_equal(labels, blob_labels)
+            scan = np.concatenate([b for b, _ in store.iter_batches(64, size=(5, 6))])
+            np.testing.assert_array_equal(scan[picks], batch)
+            for bad in [(0, 5), (5,), (2.5, 3), "5x6", (1 << 17, 4)]:
+                with pytest.raises(InvalidOptionError):
+                    store.get_many(picks, size=bad)  # type: ignore[arg-type]
+
+    def test_an_empty_batch_with_size_has_the_channels_of_the_others(
+        self, filled: Filled, request: pytest.FixtureRequest
+    ) -> None:
+        """``get_many([], size=)`` is [0, h, w, C] with the C every other batch of the store has (to concatenate)."""
+        self.skip_unless_encoded("size=")
+        if self.layout.varied and self.image_mode is None:
+            pytest.skip("channel counts vary in this layout: no batch with size= has one C")
+        if self.image_mode is None:
+            request.applymarker(pytest.mark.xfail(strict=True, reason=EMPTY_SIZE_BATCH_HAS_NO_CHANNELS))
+        path, _ = filled
+        with open_store(path) as store:
+            batch, _ = store.get_many([0, 1], size=(5, 6))
+            empty, labels = store.get_many([], size=(5, 6))
+            assert empty.shape == (0, *batch.shape[1:]) and labels.shape == (0,)
+
+    def test_get_encoded_gives_the_stored_bytes(self, filled: Filled) -> None:
+        path, records = filled
+        with open_store(path) as store:
+            if not self.layout.encoded:
+                with pytest.raises(InvalidOptionError):
+                    store.get_encoded(0)
+                return
+            picks = [0, 299, 17, 17, -1]
+            blobs, labels = store.get_encoded_many(picks)
+            np.testing.assert_array_equal(labels, records.labels[picks])
+            assert all(type(blob) is bytes for blob in blobs)
+            if records.blobs is not None:  # keep: the very files that were put
+                assert blobs == take(records.blobs, picks)  # type: ignore[arg-type]
+            mode = self.image_mode
+            if self.codec == "raw":
+                from imgstore.codecs import decode
+
+                decoded = [decode(blob) for blob in blobs]
+            else:
+                decoded = [pillow_decode(blob, mode) for blob in blobs]  # Pillow reads them as they are
+            check_images_equal(decoded, list(take(records.expected, picks)))
+            assert store.get_encoded(-1) == (blobs[-1], int(labels[-1]))
+
+    def test_put_encoded_many_checks_each_header(self, filled: Filled) -> None:
+        """Empty, text, a JPEG cut in its header, decompression bombs: InvalidImageError, and nothing stored."""
+        self.skip_unless_encoded("put_encoded_many")
+        path, records = filled
+        good = self.files_of(records[:2])
+        with open_store(path, mode="a") as store:
+            if not self.layout.takes_files:
+                with pytest.raises(InvalidOptionError):
+                    store.put_encoded_many(good, records.labels[:2])
+                assert len(store) == len(records)
+                return
+            jpeg = image_file(np.zeros((16, 16, 3), np.uint8), "JPEG")
+            for name, bad in bad_files(jpeg).items():
+                for batch in ([bad], [good[0], bad, good[1]]):
+                    with pytest.raises(InvalidImageError):
+                        store.put_encoded_many(batch, [1] * len(batch))
+                    assert len(store) == len(records), f"{name}: something was stored"
+            from imgstore.codecs import get_codec
+
+            accepts = get_codec(self.codec, **self.codec_params).accepts
+            shape = hwc(self.layout.image_shape((8, 8, 3)) or (8, 8, 3))
+            for format in ("JPEG", "PNG", "WEBP"):
+                if accepts is None or format in accepts:
+                    continue
+                other = image_file(np.zeros(shape, np.uint8), format)
+                with pytest.raises(InvalidImageError, match=format):  # e.g. a JPEG given to a png store
+                    store.put_encoded_many([other], [1])
+            if not self.layout.varied:  # a file of another size than the store's
+                other = image_file(np.zeros((shape[0] + 1, shape[1], shape[2]), np.uint8), self._a_format(accepts))
+                with pytest.raises(InvalidImageError):
+                    store.put_encoded_many([other], [1])
+            for bad_paths in (["only one"], ["a", "b\0c"], [b"x", 3]):
+                with pytest.raises(InvalidOptionError):
+                    store.put_encoded_many(good, records.labels[:2], paths=bad_paths)  # type: ignore[arg-type]
+            with pytest.raises((InvalidImageError, InvalidLabelError)):  # one file, not a sequence of them
+                store.put_encoded_many(good[0], [1])  # type: ignore[arg-type]
+            with pytest.raises(InvalidImageError):
+                store.put_encoded_many(["a str"], [1])  # type: ignore[list-item]
+            assert len(store) == len(records)
+        with open_store(path) as store:
+            check_records(store, records)
+            store.verify()
+
+    @staticmethod
+    def _a_format(accepts: frozenset[str] | None) -> str:
+        return "PNG" if accepts is None else sorted(accepts)[0]
+
+    def test_a_file_cut_in_its_pixel_data_is_refused_or_an_error_on_read(self, path: Path) -> None:
+        """The header of a JPEG cut halfway is sane: put_encoded_many may take it; reading it is then an error."""
+        self.skip_unless_encoded("put_encoded_many")
+        if not self.layout.takes_files or self.codec not in ("keep", "jpeg"):
+            pytest.skip(f"a {self.codec} store takes no JPEG files")
+        shape = hwc(self.layout.image_shape((16, 16, 3)) or (16, 16, 3))
+        jpeg = image_file(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), "JPEG")
+        cut = jpeg[: (jpeg.index(b"\xff\xda") + len(jpeg)) // 2]
+        with self.create(path) as store:
+            try:
+                store.put_encoded_many([cut], [1])
+            except InvalidImageError:
+                assert len(store) == 0
+                return
+            assert store.get_encoded(0) == (cut, 1)  # stored as given
+            store.verify()  # its checksum is its own
+            with pytest.raises(ImgStoreError):
+                store.get(0)
+            with pytest.raises(ImgStoreError):
+                store.get_many([0])
+
+    def test_source_paths_round_trip(self, path: Path) -> None:
+        self.skip_unless_encoded("source paths (put_encoded_many(..., paths=))")
+        if not self.layout.takes_files:
+            pytest.skip("a raw store takes arrays only (put_many): its records have no source file")
+        records = self.records(6)
+        files = self.files_of(records)
+        paths: list[str | os.PathLike[str]] = ["train/cat/1.jpg", Path("train/dog/2.png"), "", "é ü/ñ.webp", "a", "b"]
+        with self.create(path) as store:
+            assert store.put_encoded_many(files, records.labels, paths=paths) == range(6)
+            files_only = self.records(2, seed=4)
+            store.put_encoded_many(self.files_of(files_only), files_only.labels)  # no paths
+            if files_only.arrays is not None:
+                store.put_many(files_only.arrays, files_only.labels)  # arrays have no source
+        unnamed = len(files_only) * (2 if files_only.arrays is not None else 1)
+        want = [os.fspath(p) or None for p in paths] + [None] * unnamed
+        with open_store(path) as store:
+            assert [store.source_path(i) for i in range(len(store))] == want
+            assert store.source_path(-len(store)) == "train/cat/1.jpg"
+            with pytest.raises(IndexError):
+                store.source_path(len(store))
+            check_images_equal(store.get_many(range(6))[0], records.expected)
+        with open_store(path, mode="a") as store:  # appending keeps them
+            store.put_encoded_many(files[:1], records.labels[:1], paths=["late.jpg"])
+            assert store.source_path(-1) == "late.jpg" and store.source_path(1) == "train/dog/2.png"
+
+    def test_classes_name_the_labels(self, path: Path) -> None:
+        classes = [f"class {k}" for k in range(10)]  # the records' labels are 0 .. 9
+        records = self.records(20)
+        with self.create(path, classes=classes) as store:
+            assert store.classes == classes
+            records.put(store)
+            for label in (10, 2**40):
+                with pytest.raises(InvalidLabelError):
+                    records[:2].put(store, labels=[0, label])
+                with pytest.raises(InvalidLabelError):
+                    records.put_one(store, 0, label)
+            assert len(store) == 20
+        with open_store(path, mode="a") as store:
+            assert store.classes == classes
+            with pytest.raises(InvalidLabelError):
+                records.put_one(store, 0, 10)
+            check_records(store, records)
+        with pytest.raises(InvalidOptionError):
+            open_store(path, mode="a", classes=["other"])
+        for bad in (["a", "a"], "abc", ["x" * 1001], [1, 2], [""]):
+            with pytest.raises(InvalidOptionError):
+                self.create(path.parent / "bad", classes=bad)

@@ -2,7 +2,8 @@
 
 After every failure the store must reopen valid (``verify()`` passes) holding exactly the old or the
 new state, and the error must be one of imgstore's own (``StoreFullError`` for a full disk). The
-full-disk tests mount a small tmpfs, so they need root; without it they skip.
+full-disk tests mount a small tmpfs, so they need root; without it they skip. Every test writes
+the class's layout: in an encoded one the failures also hit the side files (shapes, source paths).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import imgstore
 from imgstore.manifest import read_manifest
-from imgstore.testing.checks import BackendTest, check_store_content, child_env, random_images, small_tmpfs
+from imgstore.testing.checks import BackendTest, check_images_equal, check_records, child_env, small_tmpfs
+from imgstore.testing.layouts import Records
 
 OLD, NEW = 20, 30
 
@@ -72,35 +73,25 @@ class FaultInjector:
         self.fail_at = 0
 
 
-def check_old_or_new(path: Path, images: np.ndarray, labels: np.ndarray) -> int:
+def check_old_or_new(path: Path, records: Records) -> int:
     with imgstore.open_store(path) as store:
         store.verify()
         count = len(store)
         assert count in (OLD, OLD + NEW), f"neither the old nor the new state: {count} images"
-        check_store_content(store, images[:count], labels[:count])
+        check_records(store, records[:count])
         return count
 
 
-def _write_under_file_size_limit(path: str, limit: int) -> None:
+def _write_under_file_size_limit(path: str, limit: int, records: Records) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # exceeding the limit then fails with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    images, labels = random_images(400)
     with imgstore.open_store(path, mode="a") as store:
         try:
             for _ in range(100):
-                store.put_many(images, labels)
+                records.put(store)
         except imgstore.StoreFullError:
             os._exit(0)
     os._exit(3)  # the limit was never hit
-
-
-def _expected(count: int, first: np.ndarray, first_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    more, more_labels = random_images(400)
-    reps = (count - 50) // 400
-    return (
-        np.concatenate([first] + [more] * reps),
-        np.concatenate([first_labels] + [more_labels] * reps),
-    )
 
 
 def _fill_disk(mount_point: Path, leave: int) -> Path:
@@ -121,19 +112,19 @@ class FaultTolerance(BackendTest):
     def test_every_injected_write_failure_leaves_old_or_new_state(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        images, labels = random_images(OLD + NEW + 5)
+        records = self.records(OLD + NEW + 5)
         base = tmp_path / "base"
         with self.create(base) as store:
-            store.put_many(images[:OLD], labels[:OLD])
+            records[:OLD].put(store)
         injector = FaultInjector(monkeypatch)
         failures = 0
         for fail_at in range(1, 500):
-            path = tmp_path / f"try{fail_at}"
+            path, failed = tmp_path / f"try{fail_at}", tmp_path / f"failed{fail_at}"
             shutil.copytree(base, path)
             store = imgstore.open_store(path, mode="a")
             injector.arm(fail_at)
             try:
-                store.put_many(images[OLD : OLD + NEW], labels[OLD : OLD + NEW])
+                records[OLD : OLD + NEW].put(store)
                 succeeded = True
             except imgstore.ImgStoreError as exc:
                 assert isinstance(exc, imgstore.StoreFullError), repr(exc)
@@ -141,19 +132,22 @@ class FaultTolerance(BackendTest):
                 failures += 1
             finally:
                 injector.disarm()
-            if not succeeded:  # the same handle can go on: the failed write left nothing visible
+            if not succeeded:
                 assert len(store) == OLD
+                shutil.copytree(path, failed)  # the store as the failure left it
+                records[OLD : OLD + NEW].put(store)  # the same handle goes on, over what the failure left
             store.close()
-            count = check_old_or_new(path, images, labels)
+            assert check_old_or_new(path, records) == OLD + NEW
             if succeeded:
-                assert count == OLD + NEW
                 break
-            with imgstore.open_store(path, mode="a") as store:  # and the store takes new writes
-                store.put_many(images[count : count + 5], labels[count : count + 5])
-            with imgstore.open_store(path) as store:
+            count = check_old_or_new(failed, records)  # new: the failure came after the commit point
+            with imgstore.open_store(failed, mode="a") as store:  # and a new handle writes too
+                records[count : count + 5].put(store)
+            with imgstore.open_store(failed) as store:
                 store.verify()
-                check_store_content(store, images[: count + 5], labels[: count + 5])
+                check_records(store, records[: count + 5])
             shutil.rmtree(path)
+            shutil.rmtree(failed)
         else:
             pytest.fail("put_many never succeeded")
         print(f"{self.backend}: put_many failed at {failures} injected points, each leaving a valid store")
@@ -166,32 +160,33 @@ class FaultTolerance(BackendTest):
             yield mount_point
 
     def test_full_disk_is_a_clean_store_full_error(self, small_filesystem: Path) -> None:
-        images, labels = random_images(200)
+        records = self.records(100)
         path = small_filesystem / self.backend
         committed = 0
         with self.create(path) as store:
             with pytest.raises(imgstore.StoreFullError):
                 for _ in range(1000):
-                    store.put_many(images[:100], labels[:100])
+                    records.put(store)
                     committed += 100
             assert len(store) == committed
             with pytest.raises(imgstore.StoreFullError):
                 for _ in range(1000):  # single puts until it is really full
-                    store.put(images[0], labels[0])
+                    records.put_one(store, 0)
                     committed += 1
         assert committed > 0
         with imgstore.open_store(path) as store:
             store.verify()
             assert len(store) == committed
+            check_images_equal(store.get_many(range(min(100, committed)))[0], records[: min(100, committed)].expected)
 
     def test_file_size_limit_in_a_subprocess(self, tmp_path: Path) -> None:
-        images, labels = random_images(50)
+        first, more = self.records(50), self.records(400, seed=1)
         path = tmp_path / self.backend
         with self.create(path) as store:
-            store.put_many(images, labels)
+            first.put(store)
         largest = max(p.stat().st_size for p in path.rglob("*") if p.is_file())
         writer = multiprocessing.get_context("fork").Process(
-            target=_write_under_file_size_limit, args=(str(path), largest + (64 << 10))
+            target=_write_under_file_size_limit, args=(str(path), largest + (64 << 10), more)
         )
         writer.start()
         writer.join(120)
@@ -199,31 +194,36 @@ class FaultTolerance(BackendTest):
         with imgstore.open_store(path) as store:
             store.verify()
             assert len(store) >= 50 and (len(store) - 50) % 400 == 0
-            check_store_content(store, *_expected(len(store), images, labels))
+            expected = first
+            for _ in range((len(store) - 50) // 400):
+                expected = expected + more
+            check_records(store, expected)
 
     @pytest.mark.parametrize("leave", [0, 4096, 12288])
     def test_creating_a_store_on_a_full_disk(self, small_filesystem: Path, leave: int) -> None:
         filler = _fill_disk(small_filesystem, leave)
         path = small_filesystem / "store"
+        shape = self.layout.image_shape((8, 8, 3))
+        kwargs = {**self.layout.store_kwargs(), "shape": shape, **self.options}
         script = f"""
             import importlib, imgstore, numpy as np
             if {self.backend_module!r}:
                 importlib.import_module({self.backend_module!r})
             try:
-                options = {self.options!r}
-                with imgstore.open_store({str(path)!r}, {self.backend!r}, "w", shape=(8, 8, 3), **options) as store:
-                    store.put_many(np.zeros((400, 8, 8, 3), np.uint8), [1] * 400)
+                with imgstore.open_store({str(path)!r}, {self.backend!r}, "w", **{kwargs!r}) as store:
+                    images = np.zeros((400, *{shape or (8, 8, 3)!r}), np.uint8)
+                    store.put_many(images if store.shape is not None else list(images), [1] * 400)
             except imgstore.StoreFullError:
                 raise SystemExit(7)
             """
         code = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=child_env(), timeout=120).returncode
         assert code in (0, 7), f"the process ended with {code} (a signal is negative), not StoreFullError"
         filler.unlink()
-        images, labels = random_images(50, (8, 8, 3))
+        records = self.records(50, (8, 8, 3))
         with self.create(path) as store:  # works again once there is space
-            store.put_many(images, labels)
+            records.put(store)
         with imgstore.open_store(path) as store:
-            check_store_content(store, images, labels)
+            check_records(store, records)
             store.verify()
         manifest = read_manifest(path)
         assert all(manifest.owns(entry.name) for entry in path.iterdir())

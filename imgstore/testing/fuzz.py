@@ -12,6 +12,7 @@ hang. Also: flipped bytes in the checksum files, and forged manifests (valid che
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -27,18 +28,23 @@ import numpy as np
 import pytest
 
 import imgstore
-from imgstore.manifest import MANIFEST_NAME, _checksum, read_manifest
-from imgstore.testing.checks import BackendTest, child_env, import_backend_module, random_images
+from imgstore.manifest import MANIFEST_NAME, _checksum, generation_name, read_manifest
+from imgstore.testing.checks import BackendTest, child_env, import_backend_module
+from imgstore.testing.layouts import Images, Layout, take
 
 SHAPE, COUNT, SEED = (8, 8, 3), 40, 5
 CASE_TIMEOUT = 20.0
+PAGE = 4096
+RAW = Layout()  # raw pixels of one shape: the default layout
+#: the stages of a case that read records (after opening): a damaged record there is a CorruptStoreError
+READ_STAGES = ("read_many", "gather", "get", "encoded")
 
 
-def build_store(path: Path, backend: str, options: dict[str, Any]) -> None:
-    images, labels = random_images(COUNT, SHAPE, SEED)
-    with imgstore.open_store(path, backend, "w", **options) as store:
-        store.put_many(images[:25], labels[:25])
-        store.put_many(images[25:], labels[25:])
+def build_store(path: Path, backend: str, options: dict[str, Any], layout: Layout = RAW) -> None:
+    records = layout.records(COUNT, SHAPE, SEED)
+    with imgstore.open_store(path, backend, "w", **layout.store_kwargs(), **options) as store:
+        records[:25].put(store)
+        records[25:].put(store)
 
 
 def mutate(store: Path, rng: random.Random) -> str:
@@ -69,51 +75,96 @@ def mutate(store: Path, rng: random.Random) -> str:
     return f"{kind} {target.relative_to(store)}"
 
 
-def read_case(path: str) -> str:
+def _same(got: Any, expected: Images) -> bool:
+    """Exactly the expected images (pixels and shapes), as one array or as a list."""
+    if isinstance(expected, np.ndarray):
+        return (
+            isinstance(got, np.ndarray)
+            and got.dtype == np.uint8
+            and got.shape == expected.shape
+            and (bool(np.array_equal(got, expected)))
+        )
+    return (
+        isinstance(got, list)
+        and len(got) == len(expected)
+        and all(
+            a.dtype == np.uint8 and a.shape == b.shape and np.array_equal(a, b)
+            for a, b in zip(got, expected, strict=True)
+        )
+    )
+
+
+def read_case(path: str, layout: Layout = RAW, verify_reads: bool = True) -> str:
     """In the worker: open, read every way (each read checked against what was written), verify.
 
     Reads check checksums by default, so a read that returns anything but the bytes written is a
-    failure even if ``verify()`` would have raised afterwards.
+    failure even if ``verify()`` would have raised afterwards. With ``verify_reads=False`` a read
+    may return damaged records ("unverified"), but then ``verify()`` must raise; and a record that
+    cannot be decoded is still a CorruptStoreError, never another exception.
     """
-    images, labels = random_images(COUNT, SHAPE, SEED)
+    records = layout.records(COUNT, SHAPE, SEED)
+    expected, labels = records.expected, records.labels
     stage = "open"
+    unverified = False
+
+    def wrong(got_images: Any, got_labels: Any, want_images: Images, want_labels: np.ndarray) -> bool:
+        """Whether a read gave other records than were written (allowed, once, where reads are not verified)."""
+        nonlocal unverified
+        if _same(got_images, want_images) and np.array_equal(got_labels, want_labels):
+            return False
+        unverified = True
+        return verify_reads
+
     try:
-        with imgstore.open_store(path) as store:
+        with imgstore.open_store(path, verify_reads=verify_reads) as store:
             n = len(store)
             if n > COUNT or n not in (0, 25, COUNT):
                 return f"WRONG COUNT {n}"
             stage = "read_many"
-            got_images, got_labels = store.get_many(range(n))
-            if got_images.shape != (n, *SHAPE) or got_images.dtype != np.uint8 or got_labels.dtype != np.int64:
-                return f"WRONG SHAPE {got_images.shape} {got_images.dtype}"
-            if not np.array_equal(got_images, images[:n]) or not np.array_equal(got_labels, labels[:n]):
+            if wrong(*store.get_many(range(n)), take(expected, slice(0, n)), labels[:n]):
                 return "WRONG DATA in a scan"
             stage = "gather"
             shuffled = np.random.default_rng(0).permutation(n)
-            got_images, got_labels = store.get_many(shuffled)
-            if not np.array_equal(got_images, images[shuffled]) or not np.array_equal(got_labels, labels[shuffled]):
+            if wrong(*store.get_many(shuffled), take(expected, shuffled), labels[shuffled]):
                 return "WRONG DATA in a gather"
             stage = "get"
             for i in range(n):
                 image, label = store.get(i)
-                if not np.array_equal(image, images[i]) or label != labels[i]:
+                if wrong([image], np.array([label]), [expected[i]], labels[i : i + 1]):
                     return "WRONG DATA in a single read"
+            if records.blobs is not None:
+                stage = "encoded"
+                blobs, blob_labels = store.get_encoded_many(range(n))
+                if blobs != records.blobs[:n] or not np.array_equal(blob_labels, labels[:n]):
+                    unverified = True
+                    if verify_reads:
+                        return "WRONG DATA in get_encoded_many"
             stage = "verify"
             store.verify()
     except imgstore.ImgStoreError as exc:
+        if stage in READ_STAGES and layout.encoded and not isinstance(exc, imgstore.CorruptStoreError):
+            return f"WRONG ERROR {type(exc).__name__} at {stage}: {exc}"[:300]
         return f"error {type(exc).__name__} at {stage}"
     except Exception as exc:  # noqa: BLE001 - exactly what the test is looking for
         return f"FOREIGN {type(exc).__module__}.{type(exc).__name__} at {stage}: {exc}"[:300]
+    if unverified:
+        return "UNDETECTED: reads (unverified) and verify() passed damaged records"
     return "ok"
 
 
 def worker() -> None:
     for line in sys.stdin:
-        print(json.dumps(read_case(line.strip())), flush=True)
+        case = json.loads(line)
+        layout = Layout(**{**case["layout"], "fixed_shape": _shape(case["layout"]["fixed_shape"])})
+        print(json.dumps(read_case(case["path"], layout, case["verify_reads"])), flush=True)
+
+
+def _shape(shape: list[int] | None) -> tuple[int, ...] | None:
+    return tuple(shape) if shape is not None else None
 
 
 class Worker:
-    """The worker process: one case per line in, one outcome per line out."""
+    """The worker process: one case per line in (a JSON object), one outcome per line out."""
 
     def __init__(self, backend_module: str | None = None) -> None:
         self.process: subprocess.Popen[str] | None = None
@@ -121,13 +172,14 @@ class Worker:
         if backend_module:
             self.command += ["--backend-module", backend_module]
 
-    def run(self, path: Path) -> str:
+    def run(self, path: Path, layout: Layout = RAW, verify_reads: bool = True) -> str:
         if self.process is None or self.process.poll() is not None:
             self.process = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env()
             )
         assert self.process.stdin and self.process.stdout
-        self.process.stdin.write(f"{path}\n")
+        case = {"path": str(path), "layout": dataclasses.asdict(layout), "verify_reads": verify_reads}
+        self.process.stdin.write(json.dumps(case) + "\n")
         self.process.stdin.flush()
         ready, _, _ = select.select([self.process.stdout], [], [], CASE_TIMEOUT)
         if not ready:
@@ -147,6 +199,17 @@ class Worker:
             self.process.wait()
 
 
+# Found by these suites in the store core (imgstore/encoded.py, columns.py), not fixed here: the tests are xfail.
+SIDE_FILES_UNCHECKED = (
+    "store core: shapes-<gen>.u32 and paths-<gen>.txt/.ends have no checksum: a flipped byte makes image_shapes() "
+    "or source_path() return a wrong value as good, and verify() passes"
+)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
 def _tamper(path: Path, **fields: object) -> None:
     """Change manifest fields and recompute its checksum, as a deliberate forger would."""
     data = json.loads((path / MANIFEST_NAME).read_text())
@@ -158,9 +221,9 @@ def _tamper(path: Path, **fields: object) -> None:
 class DamageDetection(BackendTest):
     """Damaged files and forged manifests are imgstore errors; damaged data is never returned as good."""
 
-    def fuzz(self, tmp_path: Path, cases: int, seed: int) -> Counter[str]:
+    def fuzz(self, tmp_path: Path, cases: int, seed: int, verify_reads: bool = True) -> Counter[str]:
         pristine = tmp_path / "pristine"
-        build_store(pristine, self.backend, self.options)
+        build_store(pristine, self.backend, self.options, self.layout)
         rng = random.Random(seed)
         outcomes: Counter[str] = Counter()
         bad: list[str] = []
@@ -168,30 +231,66 @@ class DamageDetection(BackendTest):
         try:
             path = tmp_path / "case"
             shutil.copytree(pristine, path)
-            outcome = runner.run(path)  # an error here would pass every case below for nothing
+            outcome = runner.run(path, self.layout, verify_reads)  # an error here would pass every case for nothing
             assert outcome == "ok", f"the worker cannot read the undamaged store (backend_module?): {outcome}"
             for case in range(cases):
                 path = tmp_path / "case"
                 shutil.rmtree(path, ignore_errors=True)
                 shutil.copytree(pristine, path)
                 damage = mutate(path, rng)
-                outcome = runner.run(path)
+                outcome = runner.run(path, self.layout, verify_reads)
                 outcomes[outcome.split(" at ")[0].split(":")[0]] += 1
                 if not (outcome == "ok" or outcome.startswith("error ")):
                     bad.append(f"case {case}: {damage} -> {outcome}")
         finally:
             runner.close()
-        print(f"{self.backend}: {cases} cases: {dict(outcomes)}")
+        print(f"{self.backend}: {cases} cases (verify_reads={verify_reads}): {dict(outcomes)}")
         assert not bad, "\n".join(bad[:20])
         return outcomes
 
     def test_damaged_store_fails_cleanly(self, tmp_path: Path) -> None:
-        outcomes = self.fuzz(tmp_path, cases=60, seed=1)
+        outcomes = self.fuzz(tmp_path, cases=30 if self.scaled else 60, seed=1)
         assert sum(n for outcome, n in outcomes.items() if outcome.startswith("error")) > 0
 
     @pytest.mark.slow
     def test_damaged_store_fails_cleanly_1000_cases(self, tmp_path: Path) -> None:
         self.fuzz(tmp_path, cases=1000, seed=2)
+
+    def test_unverified_reads_of_a_damaged_store_fail_cleanly(self, tmp_path: Path) -> None:
+        """verify_reads=False: damaged records may be read, but never crash a decoder; verify() still finds them."""
+        outcomes = self.fuzz(tmp_path, cases=30 if self.scaled else 60, seed=3, verify_reads=False)
+        assert sum(n for outcome, n in outcomes.items() if outcome.startswith("error")) > 0
+
+    @pytest.mark.slow
+    def test_unverified_reads_of_a_damaged_store_fail_cleanly_1000_cases(self, tmp_path: Path) -> None:
+        self.fuzz(tmp_path, cases=1000, seed=4, verify_reads=False)
+
+    def test_every_zeroed_page_fails_cleanly(self, tmp_path: Path) -> None:
+        """Pages of the two biggest files zeroed one at a time (a lost write): ok or an error, never a crash.
+
+        Unlike the random cases, this reaches every page of a small file, e.g. a B-tree's branch pages.
+        """
+        pristine = tmp_path / "pristine"
+        build_store(pristine, self.backend, self.options, self.layout)
+        files = sorted((p for p in pristine.rglob("*") if p.is_file() and p.name != "writer.lock"), key=_size)[-2:]
+        runner = Worker(self.backend_module)
+        bad: list[str] = []
+        try:
+            for file in files:
+                pages = -(-file.stat().st_size // PAGE)
+                for page in sorted({pages * k // 16 for k in range(16)}):  # at most 16, spread over the file
+                    path = tmp_path / "case"
+                    shutil.rmtree(path, ignore_errors=True)
+                    shutil.copytree(pristine, path)
+                    with open(path / file.relative_to(pristine), "r+b") as f:
+                        f.seek(page * PAGE)
+                        f.write(bytes(PAGE))
+                    outcome = runner.run(path, self.layout)
+                    if not (outcome == "ok" or outcome.startswith("error ")):
+                        bad.append(f"page {page} of {file.relative_to(pristine)} zeroed -> {outcome}")
+        finally:
+            runner.close()
+        assert not bad, "\n".join(bad[:20])
 
     def test_damaged_checksums_are_damage(self, tmp_path: Path) -> None:
         path = tmp_path / "s"
@@ -235,6 +334,16 @@ class DamageDetection(BackendTest):
             {"generation": "../x"},
             {"format_version": 99},
             {"count": True},
+            {"codec": "nonesuch"},
+            {"codec": 3},
+            {"image_mode": "CMYK"},
+            {"varied": "yes"},
+            {"classes": [1, 2]},
+            {"classes": ["x" * 1001]},
+            {"codec_params": {"quality": "high"}},
+            {"codec_params": []},
+            {"varied": False},
+            {"varied": False, "shape": [8, 8, 3]},
         ],
     )
     def test_a_forged_manifest_is_an_imgstore_error_not_a_crash(
@@ -243,12 +352,45 @@ class DamageDetection(BackendTest):
         options = fields.get("options")
         if isinstance(options, dict) and not set(options) & set(imgstore.get_backend(self.backend).option_specs):
             pytest.skip("bad values for the built-in backends' options; a store ignores options it does not know")
+        if "codec_params" in fields and not self.layout.encoded:
+            pytest.skip("codec parameters: a store of raw pixels of one shape has no codec to give them to")
+        if fields.get("varied") is False and not self.layout.varied:
+            pytest.skip("varied=False: this store has one shape already, so the forgery changes nothing")
         path = tmp_path / "s"
         self.fill(path)
         _tamper(path, **fields)
         with pytest.raises(imgstore.ImgStoreError):
             with imgstore.open_store(path) as store:
                 store.get_many(range(len(store)))
+                store.verify()
+
+    @pytest.mark.parametrize("side", ["shapes.u32", "paths.txt", "paths.ends"])
+    def test_a_damaged_side_file_is_damage(self, tmp_path: Path, side: str, request: pytest.FixtureRequest) -> None:
+        """A flipped byte in what an encoded store keeps beside its records: an error, never a wrong answer."""
+        self.skip_unless_encoded("the side files of encoded stores (shapes, source paths)")
+        if side.startswith("paths") and not self.layout.takes_files:
+            pytest.skip("a raw store takes arrays only: no source paths")
+        request.applymarker(pytest.mark.xfail(strict=True, reason=SIDE_FILES_UNCHECKED))
+        path = tmp_path / "s"
+        records = self.records(10, (8, 8, 3))
+        with self.create(path) as store:
+            if self.layout.takes_files:
+                store.put_encoded_many(self.files_of(records), records.labels, paths=[f"c/{k}.file" for k in range(10)])
+            else:
+                records.put(store)
+            shapes, paths = store.image_shapes(), [store.source_path(k) for k in range(10)]
+        file = path / generation_name(side, read_manifest(path).generation)
+        data = bytearray(file.read_bytes())
+        data[0 if side == "shapes.u32" else 8 if side == "paths.ends" else 6] ^= 0x01
+        file.write_bytes(bytes(data))
+        with imgstore.open_store(path) as store:
+            try:
+                answers = (store.image_shapes().tolist(), [store.source_path(k) for k in range(10)])
+            except imgstore.CorruptStoreError:
+                pass
+            else:
+                assert answers == (shapes.tolist(), paths), "a wrong answer given as good"
+            with pytest.raises(imgstore.CorruptStoreError):
                 store.verify()
 
 
