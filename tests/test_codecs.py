@@ -652,7 +652,7 @@ def test_fast_decoders_leave_other_jpegs_to_pillow(decoder: str, monkeypatch: py
 
 @pytest.fixture
 def always_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(api, "PARALLEL_MIN_AVERAGE_BYTES", 0)
     monkeypatch.setattr(api, "PARALLEL_MIN_IMAGES", 2)
 
 

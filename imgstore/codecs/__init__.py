@@ -42,9 +42,10 @@ Pillow's ``Image.resize(..., Image.Resampling.BILINEAR)`` (antialiased, as torch
 
 Threads
 -------
-:func:`decode_many` and :func:`encode_many` split a batch of more than a few images (64 KiB or
-more) over a thread pool of one thread per core (the decoders release the GIL); ``threads=1`` runs
-in the calling thread. A forked child (a DataLoader worker) gets a fresh pool.
+:func:`decode_many` and :func:`encode_many` split a batch of 4 images or more, of 4 KiB or more
+on average (smaller ones are mostly Python work that holds the GIL), over a thread pool of one
+thread per core (the decoders and encoders release the GIL); ``threads=1`` runs in the calling
+thread. A forked child (a DataLoader worker) gets a fresh pool.
 
 Errors
 ------

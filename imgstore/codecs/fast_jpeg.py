@@ -77,6 +77,10 @@ class _Turbojpeg(FastJpeg):
     def __init__(self) -> None:
         import turbojpeg
 
+        if not hasattr(turbojpeg.TurboJPEG, "_TurboJPEG__report_error"):
+            # The override below is what keeps a damaged file from decoding half-way with a warning.
+            raise RuntimeError("this PyTurboJPEG is not a 1.x (imgstore-ml[turbojpeg] pins PyTurboJPEG<2)")
+
         class StrictTurboJPEG(turbojpeg.TurboJPEG):  # type: ignore[misc]  # PyTurboJPEG has no type hints
             # PyTurboJPEG 1.x turns a libjpeg warning (a truncated or damaged file) into a Python
             # warning and returns the half-decoded image; here every reported problem is an error.
