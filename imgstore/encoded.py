@@ -72,7 +72,7 @@ class EncodedRecords:
                 except InvalidImageError as exc:
                     raise InvalidImageError(f"image {k}: {exc}") from None
             raise
-        shapes = np.array([_hwc(a.shape) for a in arrays], dtype="<u4").reshape(-1, 3)
+        shapes = np.array([self._decoded_hwc(_hwc(a.shape)) for a in arrays], dtype="<u4").reshape(-1, 3)
         return self.put_blobs(blobs, labels, shapes, None)
 
     def put_encoded(self, blobs: Sequence[Any], labels: np.ndarray, paths: Sequence[Any] | None) -> range:
@@ -93,8 +93,8 @@ class EncodedRecords:
             texts = [os.fsdecode(p) if isinstance(p, (bytes, os.PathLike)) else p for p in paths]
             if len(texts) != len(checked) or not all(isinstance(t, str) and "\0" not in t for t in texts):
                 raise InvalidOptionError("paths must be one path (str or os.PathLike, no NUL) per image")
-        shapes = np.array([(info.height, info.width, info.channels) for _, info in checked], "<u4").reshape(-1, 3)
-        return self.put_blobs([blob for blob, _ in checked], labels, shapes, texts)
+        hwc = [self._decoded_hwc((info.height, info.width, info.channels)) for _, info in checked]
+        return self.put_blobs([blob for blob, _ in checked], labels, np.array(hwc, "<u4").reshape(-1, 3), texts)
 
     def _checked_array(self, k: int, image: Any) -> np.ndarray:
         array = np.asarray(image)
@@ -127,10 +127,16 @@ class EncodedRecords:
             )
         shape = self.store.shape
         if shape is not None:
-            got = (info.height, info.width, _CHANNELS.get(self.image_mode or "", info.channels))
+            got = self._decoded_hwc((info.height, info.width, info.channels))
             if got != _hwc(shape):
                 raise InvalidImageError(f"image {k}: this store holds images of shape {shape}; this one is {got}")
         return data, info
+
+    def _decoded_hwc(self, hwc: tuple[int, ...]) -> tuple[int, ...]:
+        """The (height, width, channels) an image of this stored shape decodes to in this store."""
+        if self.codec.name == "raw" or self.image_mode is None:
+            return hwc
+        return (*hwc[:2], _CHANNELS[self.image_mode])
 
     def put_blobs(
         self, blobs: Sequence[bytes], labels: np.ndarray, shapes: np.ndarray, paths: Sequence[str] | None
@@ -194,6 +200,8 @@ class EncodedRecords:
         size: tuple[int, int] | None,
     ) -> tuple[Images, np.ndarray]:
         blobs, labels = self.read(indices)
+        if not blobs and size is not None:  # no image to take the channels from
+            return self.store._batch(0, out, self.batch_shape(size))
         images = self.decode(blobs, indices, size)
         shape = self.store.shape
         if size is None and shape is None:
@@ -239,6 +247,8 @@ class EncodedRecords:
                 try:
                     decode_many([blob], mode=self.image_mode, size=size, decoder=self.decoder, threads=1)
                 except InvalidImageError as exc:
+                    if size is not None and self._decodes(blob):  # intact, but cannot take size=
+                        raise InvalidImageError(f"the image at index {int(idx[k])}: {exc}") from None
                     raise CorruptStoreError(
                         f"{self.store.path}: the image at index {int(idx[k])} cannot be decoded: {exc}"
                     ) from None
@@ -252,6 +262,13 @@ class EncodedRecords:
                         f"{self.store.path}: the image at index {int(idx[k])} decodes to {image.shape}, not {shape}"
                     )
         return images
+
+    def _decodes(self, blob: bytes) -> bool:
+        try:
+            decode_many([blob], mode=self.image_mode, decoder=self.decoder, threads=1)
+        except InvalidImageError:
+            return False
+        return True
 
     def iter_batches(self, batch_size: int, size: tuple[int, int] | None) -> Iterator[tuple[Images, np.ndarray]]:
         count = len(self.store)

@@ -35,23 +35,6 @@ from imgstore.testing.layouts import Images, Records, bad_files, hwc, image_file
 
 Filled = tuple[Path, Records]
 
-# Found by these suites in the store core (imgstore/encoded.py), not fixed here: the tests that show it are xfail.
-IMAGE_SHAPES_IGNORE_IMAGE_MODE = (
-    "store core: image_shapes() gives the channels of the file or array as put (a grayscale JPEG: 1), not those "
-    "get() returns in a store with image_mode (3 for 'RGB'): EncodedRecords.put_encoded/put_arrays record "
-    "info.channels / the array's C without applying image_mode"
-)
-RAW_SIZE_IS_DAMAGE = (
-    "store core: get_many(size=) on an intact raw store holding a [H, W, 2] image raises CorruptStoreError "
-    "('cannot be decoded'): raw.unpack refuses 2 channels with size= (a PNG store resizes the same LA image), "
-    "and EncodedRecords.decode turns every InvalidImageError into damage"
-)
-EMPTY_SIZE_BATCH_HAS_NO_CHANNELS = (
-    "store core: get_many([], size=(h, w)) on a store of a fixed shape [H, W, 3] without image_mode gives "
-    "[0, h, w, 0], not [0, h, w, 3]: EncodedRecords.get_many returns decode_many's empty batch (C from the "
-    "mode: 0 for None) instead of EncodedRecords.batch_shape(size)"
-)
-
 
 def _read_in_child(_: None, store: Store, indices: list[int], queue: multiprocessing.Queue[Any]) -> None:
     images, labels = store.get_many(indices)
@@ -515,8 +498,6 @@ class StoreConformance(BackendTest):
     # ------------------------------------------------------------------ what encoded stores add
 
     def test_image_shapes_are_what_get_returns(self, filled: Filled, request: pytest.FixtureRequest) -> None:
-        if self.image_mode is not None:
-            request.applymarker(pytest.mark.xfail(strict=True, reason=IMAGE_SHAPES_IGNORE_IMAGE_MODE))
         path, records = filled
         with open_store(path, mode="a") as store:
             more = self.records(7, seed=3)
@@ -540,8 +521,6 @@ class StoreConformance(BackendTest):
                     next(store.iter_batches(10, size=(5, 6)))
                 return
             if self.layout.varied and self.image_mode is None:  # channel counts vary: no one array
-                if self.codec == "raw":
-                    request.applymarker(pytest.mark.xfail(strict=True, reason=RAW_SIZE_IS_DAMAGE))
                 with pytest.raises(ImgStoreError) as refused:
                     store.get_many(range(len(store)), size=(5, 6))
                 assert not isinstance(refused.value, CorruptStoreError), "an argument error, not damage"
@@ -568,8 +547,6 @@ class StoreConformance(BackendTest):
         self.skip_unless_encoded("size=")
         if self.layout.varied and self.image_mode is None:
             pytest.skip("channel counts vary in this layout: no batch with size= has one C")
-        if self.image_mode is None:
-            request.applymarker(pytest.mark.xfail(strict=True, reason=EMPTY_SIZE_BATCH_HAS_NO_CHANNELS))
         path, _ = filled
         with open_store(path) as store:
             batch, _ = store.get_many([0, 1], size=(5, 6))
