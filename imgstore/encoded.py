@@ -3,9 +3,10 @@
 A store whose codec is not ``raw``, or a raw store of varied shapes, keeps each image as one
 variable-length record in its backend (``Store._write_blobs`` / ``_read_blobs``), with its label.
 Beside the backend's files the store keeps, per record: an XXH3 checksum of the bytes (seeded with
-the label), the image's shape (``shapes-<gen>.u32``: height, width, channels; 0 channels for a 2-D
-raw image) and its source path (``paths-<gen>.txt`` with end offsets in ``paths-<gen>.ends``; empty
-when none was given). All of them are written before the manifest commits, like the records.
+the label), the image's shape (``shapes-<gen>.u32``: height, width, channels as reads give them,
+1 for a 2-D image, and a check word) and its source path (``paths-<gen>.txt``, with end offsets and
+hashes in ``paths-<gen>.ends``; empty when none was given). All of them are written before the
+manifest commits, like the records.
 
 Reads check each record's bytes against its checksum, then decode them (:mod:`imgstore.codecs`):
 on both cores, with the fastest installed decoder, to the store's ``image_mode``.
@@ -22,7 +23,7 @@ import numpy as np
 
 from imgstore.arguments import io_error
 from imgstore.codecs import Codec, ImageInfo, decode_many, encode_many, get_codec, probe, resolve_decoder
-from imgstore.columns import TextColumn, read_column, write_at
+from imgstore.columns import ShapeColumn, TextColumn
 from imgstore.errors import (
     CorruptStoreError,
     ImgStoreError,
@@ -50,7 +51,7 @@ class EncodedRecords:
         self.codec: Codec = get_codec(manifest.codec, **manifest.codec_params)
         self.decoder = resolve_decoder(decoder)
         self.image_mode = manifest.image_mode
-        self.shapes_file = store.file("shapes.u32")
+        self.shape_column = ShapeColumn(store.file("shapes.u32"))
         self.paths = TextColumn(store.file("paths.txt"), store.file("paths.ends"))
         self._shapes: np.ndarray | None = None  # loaded on first use
         self._paths_loaded = False
@@ -151,7 +152,7 @@ class EncodedRecords:
         try:
             store._write_blobs(start, blobs, labels)
             store._checksums.write(start, records, {}, sync=store.sync)
-            write_at(self.shapes_file, start, 12, shapes.astype("<u4").tobytes(), sync=store.sync)
+            self.shape_column.write(start, shapes, sync=store.sync)
             ends = self.paths.write(start, paths if paths is not None else [""] * n, sync=store.sync)
             write_manifest(store.path, manifest, sync=store.sync)
         except OSError as exc:
@@ -280,13 +281,20 @@ class EncodedRecords:
     def shapes(self) -> np.ndarray:
         if self._shapes is None:
             count = len(self.store)
-            self._shapes = read_column(self.shapes_file, np.dtype("<u4"), count * 3)[: count * 3].reshape(count, 3)
+            self._shapes = self.shape_column.load(count)
         return np.array(self._shapes, copy=True)
 
     def source_path(self, index: int) -> str | None:
         self._load_paths()
         path = self.paths.get(index)
         return path or None
+
+    def check_side_files(self) -> None:
+        """Check every record's shape and source path (``verify``)."""
+        self._shapes = None
+        self.shapes()
+        self._load_paths()
+        self.paths.check_all()
 
     def _load_paths(self) -> None:
         if not self._paths_loaded:

@@ -430,6 +430,7 @@ class Store(abc.ABC):
             for start in range(0, count, batch_size):  # each record's bytes against its checksum
                 blobs, labels = self._encoded.read((start, min(start + batch_size, count)))
                 self._checksums.check_blobs(np.arange(start, start + len(blobs)), blobs, labels, self.path)
+            self._encoded.check_side_files()
             return
         fixed.verify(self, batch_size)
 
