@@ -25,12 +25,12 @@ is read, and probed, as the JPEG it also is.
 
 Decoders
 --------
-``decoder="pillow"`` decodes every format. ``"simplejpeg"`` and ``"turbojpeg"`` decode JPEGs 2 to
-2.5x faster (measured in :mod:`imgstore.codecs.fast_jpeg`), only those in YCbCr or grayscale;
-everything else still goes through Pillow. ``"auto"`` (the default) is the fastest one installed
-that gives Pillow's pixels exactly, checked once per process: so ``mode="RGB"`` stays bit-exact
-with torchvision whichever decoder runs. Install them with ``pip install "imgstore-ml[simplejpeg]"``
-or ``"imgstore-ml[turbojpeg]"``.
+``decoder="pillow"`` decodes every format. ``"simplejpeg"`` and ``"turbojpeg"`` decode JPEGs about
+2x faster (a 500x375 photo of 106 KiB: 1.0 to 1.2 ms against Pillow's 1.9 to 2.3 ms; 3x on 64x64
+images), only those in YCbCr or grayscale; everything else still goes through Pillow. ``"auto"``
+(the default) is the fastest one installed that gives Pillow's pixels exactly, checked once per
+process: so ``mode="RGB"`` stays bit-exact with torchvision whichever decoder runs. Install them
+with ``pip install "imgstore-ml[simplejpeg]"`` or ``"imgstore-ml[turbojpeg]"``.
 
 ``size=(h, w)``
 ---------------
