@@ -137,7 +137,7 @@ def finish(image: Image.Image, mode: str, size: tuple[int, int] | None) -> Image
             image.info.pop("transparency", None)
         try:
             image = image.convert(mode)
-        except ValueError as exc:  # e.g. "conversion from LAB to RGB not supported"
+        except ValueError as exc:  # e.g. LAB to L: "conversion from LAB to RGB not supported"
             raise InvalidImageError(f"Pillow cannot convert this {image.mode} image to {mode}: {exc}") from None
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
