@@ -18,8 +18,33 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert commands[1].split("&&")[-1].split("#")[0].strip() == "pytest"
 
 
+def test_readme_first_screen_converts_a_folder_and_reads_it_in_a_dataloader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first screen's commands and code, on a folder of photos as a new user has one."""
+    import subprocess
+
+    pytest.importorskip("torch")
+    from imgstore.datasets.imagenet_like import imagenet_like
+
+    text = README.read_text()
+    start = text.index("Your own folder of images")
+    shell = re.search(r"```sh\n(.*?)```", text[start:], re.S)
+    code = re.search(r"```python\n(.*?)```", text[start:], re.S)
+    assert shell is not None and code is not None
+    imagenet_like(40, classes=4).write_image_folder(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    for line in shell.group(1).splitlines():
+        command = line.split("#")[0].strip()
+        if command:
+            subprocess.run(command, shell=True, check=True, cwd=tmp_path, capture_output=True)
+    names: dict[str, object] = {}
+    exec(compile(code.group(1), str(README), "exec"), names)
+    assert tuple(names["images"].shape) == (40 % 256, 224, 224, 3)  # type: ignore[attr-defined]
+
+
 def test_readme_usage_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    example = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = re.search(r"## Usage\n\n```python\n(.*?)```", README.read_text(), re.S)
     assert example is not None
     code = example.group(1).replace("100_000", "2_000")
     monkeypatch.chdir(tmp_path)
