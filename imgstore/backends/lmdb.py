@@ -23,6 +23,7 @@ import lmdb
 import numpy as np
 
 from imgstore.arguments import io_error
+from imgstore.backends.lmdb_pages import Snapshot, SnapshotMoved
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import back_with_blocks, release_reserve, reserve
 from imgstore.options import Option
@@ -44,6 +45,8 @@ _INITIAL_MAP_SIZE = 1 << 40
 # x86-64); it is mapped and written through the mapping. This covers it, header room to spare.
 _LOCK_FILE_BYTES = 36 << 10
 _NO_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+_SNAPSHOTS_KEPT = 4  # checked snapshots an environment remembers (threads may read different ones)
+_SNAPSHOT_TRIES = 8  # transactions begun before a damaged meta page is told from a busy writer
 
 
 class _SharedEnv:
@@ -67,6 +70,11 @@ class _SharedEnv:
         self._env: lmdb.Environment | None = None
         self.keys: tuple[object, ...] = ()  # the environment's entries in py-lmdb's set of open ones
         self.opening = threading.Lock()
+        # liblmdb aborts the process on a damaged page, so every snapshot a transaction reads is
+        # checked first (lmdb_pages): by transaction id. Kept through a fork: the file is the same.
+        self.snapshots: dict[int, Snapshot] = {}
+        self.checking = threading.Lock()
+        self.psize = 0
 
     @property
     def env(self) -> lmdb.Environment:
@@ -103,6 +111,7 @@ class _SharedEnv:
                         env.close()
                         self.keys = ()
                         raise
+                self.psize = env.stat()["psize"]
                 self._env = env
             return self._env
 
@@ -111,6 +120,24 @@ class _SharedEnv:
             self._env.close()
             self._env = None
             self.keys = ()
+
+    def snapshot(self, txnid: int) -> Snapshot | None:
+        """Snapshot ``txnid``, checked (a transaction of it must be open); None if its meta page was rewritten."""
+        pages = self.snapshots.get(txnid)
+        if pages is None:
+            with self.checking:  # one check of a snapshot, whichever thread reads it first
+                pages = self.snapshots.get(txnid)
+                if pages is None:
+                    try:
+                        pages = Snapshot(
+                            os.path.join(self.path, "data.mdb"), self.psize or self.env.stat()["psize"], txnid
+                        )
+                    except SnapshotMoved:
+                        return None
+                    while len(self.snapshots) >= _SNAPSHOTS_KEPT:
+                        del self.snapshots[min(self.snapshots)]
+                    self.snapshots[txnid] = pages
+        return pages
 
 
 _shared: dict[str, _SharedEnv] = {}
@@ -166,6 +193,9 @@ def _after_fork_in_child() -> None:
     _shared_lock = threading.Lock()  # another thread of the parent may have held it at the fork
     for shared in list(_shared.values()):
         shared.opening = threading.Lock()
+        shared.checking = threading.Lock()
+        for pages in list(shared.snapshots.values()):
+            pages.after_fork()
         env, shared._env = shared._env, None
         if env is not None:
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(env))
@@ -244,6 +274,7 @@ class LmdbStore(Store):
             # A data file shorter than the pages LMDB uses would fault (SIGBUS) when those are read.
             if os.path.getsize(path / "data.mdb") < (info["last_pgno"] + 1) * shared.env.stat()["psize"]:
                 raise CorruptStoreError(f"{path / 'data.mdb'} is truncated")
+            self._begin()[0].abort()  # checks the snapshot's pages, and the leaf pages if they are few
         except (lmdb.Error, OSError, CorruptStoreError) as exc:
             self._close()
             if isinstance(exc, ImgStoreError):  # damage, or a full disk (StoreFullError)
@@ -259,6 +290,9 @@ class LmdbStore(Store):
 
     def _reopen_after_fork(self) -> None:
         pass  # the child set its inherited environments aside at the fork and opens its own on first use
+
+    def _refresh(self, old_count: int) -> None:
+        self._begin()[0].abort()  # new commits: a damaged page is an error of refresh(), not of a later read
 
     @property
     def _env(self) -> lmdb.Environment:
@@ -282,6 +316,7 @@ class LmdbStore(Store):
         while True:
             try:
                 with self._env.begin(write=True, buffers=True) as txn:
+                    self._check_tail(txn, first_block)
                     cursor = txn.cursor()
                     # The committed records of a partly filled last block are rewritten with the new ones.
                     kept = start - first_block * per_block
@@ -320,6 +355,7 @@ class LmdbStore(Store):
         while True:
             try:
                 with self._env.begin(write=True) as txn:
+                    self._check_tail(txn, start)
                     cursor = txn.cursor()
                     if cursor.set_range(_key(start)):  # leftovers of a crashed write
                         while cursor.delete():
@@ -336,7 +372,9 @@ class LmdbStore(Store):
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         labels = np.empty(len(indices), dtype=np.int64)
         blobs: list[bytes] = []
-        with self._begin() as txn:
+        txn, pages = self._begin()
+        with txn:
+            pages.check_keys(indices)
             get = txn.get
             for k, index in enumerate(indices.tolist()):
                 value = get(index.to_bytes(8, "big"))
@@ -349,7 +387,9 @@ class LmdbStore(Store):
     def _read_blob_range(self, start: int, stop: int) -> tuple[list[bytes], np.ndarray]:
         labels = np.empty(stop - start, dtype=np.int64)
         blobs: list[bytes] = []
-        with self._begin() as txn:
+        txn, pages = self._begin()
+        with txn:
+            pages.check_range(start, stop)  # the cursor takes the record after the range too
             cursor = txn.cursor()
             if cursor.set_key(_key(start)):
                 for key, value in cursor.iternext():
@@ -375,7 +415,22 @@ class LmdbStore(Store):
 
     # -------------------------------------------------------------- reading
 
-    def _begin(self) -> lmdb.Transaction:
+    def _begin(self) -> tuple[lmdb.Transaction, Snapshot]:
+        """A read transaction, and its snapshot with the pages checked that liblmdb walks first (the
+        caller checks the leaf pages it reads: see lmdb_pages)."""
+        for _ in range(_SNAPSHOT_TRIES):
+            txn = self._begin_txn()
+            try:
+                pages = self._shared.snapshot(txn.id())
+            except BaseException:
+                txn.abort()
+                raise
+            if pages is not None:
+                return txn, pages
+            txn.abort()  # a writer committed twice since the transaction began: begin on its newest
+        raise CorruptStoreError(f"{self.path}: LMDB's meta pages do not hold the snapshot it reads")
+
+    def _begin_txn(self) -> lmdb.Transaction:
         try:
             return self._env.begin(buffers=True)
         except lmdb.MapResizedError:
@@ -386,6 +441,16 @@ class LmdbStore(Store):
                 raise
             self._env.reader_check()  # slots that killed processes (e.g. DataLoader workers) left are free again
             return self._env.begin(buffers=True)
+
+    def _check_tail(self, txn: lmdb.Transaction, first: int) -> None:
+        """Before a write deletes the records from key ``first`` on and appends: the pages it walks.
+
+        A write transaction starts from the newest snapshot, whose meta page cannot change while it
+        holds LMDB's writer lock."""
+        pages = self._shared.snapshot(txn.id() - 1)
+        if pages is None:
+            raise CorruptStoreError(f"{self.path}: LMDB's meta pages do not hold the snapshot it writes on")
+        pages.check_tail(first)
 
     # A block's value is its images' pixels, then their labels; reads copy slices of it straight
     # from LMDB's memory map into the caller's arrays, one block at a time for scans.
@@ -405,7 +470,9 @@ class LmdbStore(Store):
         record = size + 8
         pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
         blocks, rows = np.divmod(indices, per_block)
-        with self._begin() as txn:
+        txn, pages = self._begin()
+        with txn:
+            pages.check_keys(blocks)
             get = txn.get
             at = 0
             for block, row in zip(blocks.tolist(), rows.tolist(), strict=True):
@@ -425,7 +492,9 @@ class LmdbStore(Store):
         size, per_block = self._layout(images[0].nbytes)
         pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
         block, done = start // per_block, start  # done: records up to here are copied
-        with self._begin() as txn:
+        txn, pages = self._begin()
+        with txn:
+            pages.check_range(block, (stop - 1) // per_block)
             cursor = txn.cursor()
             values = cursor.iternext(keys=False, values=True) if cursor.set_key(_key(block)) else iter(())
             for value in values:
@@ -452,7 +521,9 @@ class LmdbStore(Store):
         per_block = self._per_block or self._layout(size)[1]
         self._per_block = per_block
         block, row = divmod(index, per_block)
-        with self._begin() as txn:
+        txn, pages = self._begin()
+        with txn:
+            pages.check_key(block)
             value = txn.get(block.to_bytes(8, "big"))
             count = len(value) // (size + 8) if value is not None else 0
             if row >= count or len(value) != count * (size + 8):  # type: ignore[arg-type]

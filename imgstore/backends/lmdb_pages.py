@@ -1,0 +1,477 @@
+"""Checks of an LMDB data file's pages, read with ``pread`` before liblmdb walks them.
+
+LMDB keeps no checksums, and liblmdb trusts every page it reads: on a damaged one it fails an
+assertion (SIGABRT: ``Assertion 'IS_LEAF(mp)' failed in mdb_cursor_next()``) or reads past its
+memory map (SIGBUS, SIGSEGV), which kills the process. So a :class:`Snapshot` reads the pages of a
+snapshot from the file (never through a mapping: a damaged page number must be an error here, not
+a fault) and checks what liblmdb relies on, before a transaction of that snapshot walks them:
+
+* both meta pages (page number, flags, magic, version, page size, transaction ids) and the one
+  the snapshot reads (its trees' roots, depths and page counts, the file long enough);
+* every page of the free-page B-tree and the page lists it holds (a writer takes pages from them);
+* every branch page of the records' B-tree: type, bounds, child page numbers, node offsets,
+  8-byte keys in order and within the range their parent gives them;
+* the records' leaf pages the same way, with each value inside its page or its overflow pages
+  inside the file; and before a write deletes values, their overflow pages' headers (liblmdb frees
+  as many pages as the header says, and asserts on some flags). A leaf page is checked before the
+  first read that walks it, all of them at once when they are few: a store of values smaller than
+  half a page is nearly all leaf pages, and a read of a few records must not cost a read of them all;
+* no page in two places: the pages of the trees, and those the free lists hold, are distinct.
+
+Layouts are liblmdb 0.9's (mdb.c: MDB_meta, MDB_db, MDB_page, MDB_node) on a 64-bit little-endian
+host; elsewhere nothing is checked. Keys are 8 bytes in both trees: a record or block number
+(big-endian) in the records' tree, a transaction id (native order) in the free-page tree.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+from imgstore.errors import CorruptStoreError
+
+P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
+F_BIGDATA = 0x01  # a leaf node whose value is on overflow pages: the node holds its first page number
+MAGIC, DATA_VERSION = 0xBEEFC0DE, 1
+HEADER = 16  # PAGEHDRSZ: mp_pgno (8 bytes), mp_pad, mp_flags, mp_lower, mp_upper (or mp_pages: 4)
+NODE = 8  # NODESIZE: mn_lo, mn_hi, mn_flags, mn_ksize; then the key, then the value
+KEY = 8
+NO_ROOT = (1 << 64) - 1  # P_INVALID: an empty tree
+MAX_DEPTH = 32  # CURSOR_STACK
+INTEGERKEY, FIXEDMAP, NOSUBDIR = 0x08, 0x01, 0x4000  # the free tree's flags hold the environment's
+# Leaf pages are checked in aligned groups: a numpy pass costs ~0.3 ms whatever its size, so a
+# lookup of one record checks its page's group (1 MiB, read in one go where appends left the
+# pages side by side), and a snapshot of at most one group checks it when it is made.
+GROUP = 256
+SUPPORTED = sys.byteorder == "little" and struct.calcsize("P") == 8
+
+# MDB_page's header and MDB_meta after it: magic, version, address, map size, the free and the
+# records' MDB_db (pad, flags, depth, branch, leaf and overflow pages, entries, root), last page, txnid.
+_META = struct.Struct("<Q2xH4xIIQQ" + "IHHQQQQQ" * 2 + "QQ")
+_OVERFLOW_HEADER = struct.Struct("<Q2xHI")  # mp_pgno, mp_flags, mp_pages
+_BYTES8 = np.arange(8)
+
+
+class SnapshotMoved(Exception):
+    """The meta page of the snapshot now holds a later one (two commits since the transaction began)."""
+
+
+class _Db(NamedTuple):
+    pad: int
+    flags: int
+    depth: int
+    branch_pages: int
+    leaf_pages: int
+    overflow_pages: int
+    entries: int
+    root: int
+
+
+class _Meta(NamedTuple):
+    pgno: int
+    flags: int
+    magic: int
+    version: int
+    free: _Db
+    main: _Db
+    last_pgno: int
+    txnid: int
+
+
+class _Nodes(NamedTuple):
+    """The nodes of some pages (rows of ``flat``), in page then slot order."""
+
+    page: np.ndarray  # int64: which page (row)
+    slot: np.ndarray  # int64: its index in the page
+    at: np.ndarray  # int64: its offset in ``flat``
+    end: np.ndarray  # int64: the offset where its page ends in ``flat``
+    lo: np.ndarray  # int64: mn_lo | mn_hi << 16 (a leaf value's size), and mn_flags << 32 for a child page number
+    flags: np.ndarray  # int64: mn_flags
+    ksize: np.ndarray  # int64
+
+
+def _u16(flat: np.ndarray, at: np.ndarray) -> np.ndarray:
+    values: np.ndarray = flat[at].astype(np.int64) | flat[at + 1].astype(np.int64) << 8
+    return values
+
+
+def _u64(flat: np.ndarray, at: np.ndarray, order: str = "<") -> np.ndarray:
+    values: np.ndarray = flat[at[:, None] + _BYTES8].view(order + "u8")[:, 0]
+    return values
+
+
+def _within(keys: np.ndarray, lo: np.ndarray, page: np.ndarray, strict: bool) -> np.ndarray:
+    """Whether each key is in its page's range (``page`` indexes ``lo``, a whole level): from the page's
+    least key (above it if ``strict``) to the next page's least key, or on from the last page's."""
+    above = keys > lo[page] if strict else keys >= lo[page]
+    within: np.ndarray = above & ((page == len(lo) - 1) | (keys < lo[np.minimum(page + 1, len(lo) - 1)]))
+    return within
+
+
+def _preadv(fd: int, into: np.ndarray, offset: int) -> int:
+    """Read into ``into`` (C-contiguous) from ``offset``; the bytes read (fewer at the end of the file)."""
+    view = into.data.cast("B")
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - macOS before Python 3.?: pread and a copy
+            data = os.pread(fd, len(view) - done, offset + done)
+            view[done : done + len(data)] = data
+            got = len(data)
+        if not got:
+            break
+        done += got
+    return done
+
+
+def _overflow_pages(size: np.ndarray, psize: int) -> np.ndarray:
+    return (HEADER - 1 + size) // psize + 1  # OVPAGES
+
+
+class Snapshot:
+    """The pages of one LMDB snapshot (a committed transaction, ``txnid``) that liblmdb may walk, checked.
+
+    Made while a transaction of the snapshot is open (its pages cannot be reused meanwhile); raises
+    :class:`CorruptStoreError` on damage, :class:`SnapshotMoved` if the snapshot's meta page was
+    rewritten (begin a transaction again). The leaf pages are checked by :meth:`check_keys`,
+    :meth:`check_range` and :meth:`check_tail` before a transaction walks them.
+    """
+
+    def __init__(self, path: str, psize: int, txnid: int) -> None:
+        self.path, self.psize, self.txnid = path, psize, txnid
+        self._lock = threading.Lock()
+        self.leaves = np.zeros(0, np.uint64)  # the records' leaf pages, in key order
+        self._leaf_lo = np.zeros(0, np.uint64)  # the least key each may hold (up to the next one's)
+        self._checked = np.zeros(0, bool)
+        self.unchecked = 0  # leaf pages left to check: 0 is the fast path of every read
+        self._used = np.zeros(0, np.uint64)  # sorted: the pages of the trees and of the free lists
+        self._entries = self._overflow = 0  # of the leaf pages checked, for the meta's counts
+        if not SUPPORTED:
+            return
+        fd = self._open()
+        try:
+            self._check(fd)
+        finally:
+            os.close(fd)
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()  # another thread of the parent may have held it at the fork
+
+    # -------------------------------------------------------------- reads ask for their leaf pages
+
+    def check_key(self, key: int) -> None:
+        """Before a lookup of ``key``: the leaf page it leads to."""
+        if self.unchecked:
+            self._check_leaves(np.searchsorted(self._leaf_lo, np.array([key], np.uint64), "right") - 1)
+
+    def check_keys(self, keys: np.ndarray) -> None:
+        """Before lookups of ``keys`` (non-negative integers, any order)."""
+        if self.unchecked:
+            self._check_leaves(np.searchsorted(self._leaf_lo, keys.astype(np.uint64), "right") - 1)
+
+    def check_range(self, first: int, last: int) -> None:
+        """Before a cursor walks from ``first`` to ``last``: their leaf pages, those between, and the one
+        after (a cursor that takes the record after ``last`` steps into it)."""
+        if self.unchecked:
+            lo, hi = np.searchsorted(self._leaf_lo, np.array([first, last], np.uint64), "right") - 1
+            self._check_leaves(np.arange(max(lo, 0), min(hi + 2, len(self.leaves))))
+
+    def check_tail(self, first: int) -> None:
+        """Before a write deletes the records from ``first`` on and appends: the leaf pages it walks (the
+        one before, which deleting may merge, to the last) and the overflow headers of the values it
+        frees (liblmdb frees as many pages as a header says, and asserts on some of its flags)."""
+        if not SUPPORTED or not len(self.leaves):
+            return
+        start = max(int(np.searchsorted(self._leaf_lo, np.uint64(first), "right")) - 2, 0)
+        tail = np.arange(start, len(self.leaves))
+        self._check_leaves(tail)
+        fd = self._open()
+        try:
+            rows = self._read(fd, self.leaves[tail], "leaf")
+            nodes = self._nodes(rows, self.leaves[tail], P_LEAF, 1, "leaf")
+            flat = rows.reshape(-1)
+            big = (nodes.flags & F_BIGDATA).astype(bool) & (_u64(flat, nodes.at + NODE, ">") >= first)
+            sizes = nodes.lo[big]
+            for pgno, size in zip(_u64(flat, nodes.at[big] + NODE + KEY).tolist(), sizes.tolist(), strict=True):
+                stored, flags, pages = _OVERFLOW_HEADER.unpack(os.pread(fd, _OVERFLOW_HEADER.size, pgno * self.psize))
+                if (stored, flags, pages) != (pgno, P_OVERFLOW, int(_overflow_pages(np.int64(size), self.psize))):
+                    raise self._damaged(pgno, "overflow", f"header {stored}, flags {flags:#x}, {pages} pages")
+        finally:
+            os.close(fd)
+
+    # -------------------------------------------------------------- the snapshot
+
+    def _check(self, fd: int) -> None:
+        psize, txnid = self.psize, self.txnid
+        metas = [self._meta(fd, slot) for slot in (0, 1)]
+        meta, other = metas[txnid & 1], metas[1 - (txnid & 1)]
+        if meta.txnid != txnid:
+            raise SnapshotMoved(txnid)
+        # Commits alternate between the two pages: the other holds the one before (or a later one,
+        # committed since the transaction began); both hold 0 in a new file.
+        if not (other.txnid == txnid - 1 or other.txnid > txnid or other.txnid == txnid == 0):
+            raise self._damaged(1 - (txnid & 1), "meta", f"transaction {other.txnid} beside {txnid}")
+        if meta.free.flags & ~(FIXEDMAP | NOSUBDIR) != INTEGERKEY or meta.main.flags != 0:
+            raise self._damaged(txnid & 1, "meta", f"tree flags {meta.free.flags:#x}, {meta.main.flags:#x}")
+        self.last_pgno = meta.last_pgno
+        if meta.last_pgno < 1 or os.fstat(fd).st_size < (meta.last_pgno + 1) * psize:
+            raise CorruptStoreError(f"{self.path} is truncated: LMDB uses {meta.last_pgno + 1} pages of {psize} bytes")
+        for db in (meta.free, meta.main):
+            empty = db.root == NO_ROOT
+            if (db.depth == 0) != empty or db.depth > MAX_DEPTH or not (empty or 2 <= db.root <= meta.last_pgno):
+                raise self._damaged(txnid & 1, "meta", f"root {db.root}, depth {db.depth}")
+
+        free_pages, listed = self._free_tree(fd, meta.free)
+        branches, leaves, lo = self._branches(fd, meta.main, P_BRANCH, 2, ">", "records'")
+        if len(branches) != meta.main.branch_pages or len(leaves) != meta.main.leaf_pages:
+            raise self._damaged(txnid & 1, "meta", f"{len(branches)}, {len(leaves)} branch, leaf pages")
+        used = np.sort(np.concatenate([free_pages, listed, branches, leaves]))
+        twice = np.flatnonzero(used[1:] == used[:-1])
+        if len(twice):
+            raise self._damaged(int(used[twice[0]]), "", "in two places (trees, free lists)")
+        self.leaves, self._leaf_lo, self._used = leaves, lo, used
+        self._checked = np.zeros(len(leaves), bool)
+        self.unchecked, self._main = len(leaves), meta.main
+        if 0 < len(leaves) <= GROUP:
+            self._check_leaves(np.arange(len(leaves)), fd)
+
+    def _meta(self, fd: int, slot: int) -> _Meta:
+        data = os.pread(fd, _META.size, slot * self.psize)
+        if len(data) < _META.size:
+            raise CorruptStoreError(f"{self.path} is truncated: no meta page {slot}")
+        fields = _META.unpack(data)
+        pgno, flags, magic, version, last_pgno, txnid = (*fields[:4], *fields[22:])
+        meta = _Meta(pgno, flags, magic, version, _Db(*fields[6:14]), _Db(*fields[14:22]), last_pgno, txnid)
+        if (meta.pgno, meta.flags, meta.magic, meta.version, meta.free.pad) != (
+            slot,
+            P_META,
+            MAGIC,
+            DATA_VERSION,
+            self.psize,
+        ):
+            raise self._damaged(slot, "meta", "not an LMDB meta page of this file")
+        return meta
+
+    def _free_tree(self, fd: int, db: _Db) -> tuple[np.ndarray, np.ndarray]:
+        """Check the free-page tree (all of it: a writer walks it) and its page lists; (its pages, the pages listed)."""
+        branches, leaves, lo = self._branches(fd, db, P_BRANCH, 1, "<", "free-page")
+        pages = [branches, leaves]
+        entries = overflow = 0
+        listed: list[np.ndarray] = []
+        if len(leaves):
+            rows = self._read(fd, leaves, "free-page leaf")
+            nodes = self._leaf_nodes(rows, leaves, np.arange(len(leaves)), lo, "<", "free-page leaf")
+            flat = rows.reshape(-1)
+            keys = _u64(flat, nodes.at + NODE)
+            if keys[0] < 1 or keys[-1] > self.txnid:  # freed by a committed transaction
+                raise self._damaged(int(leaves[nodes.page[0]]), "free-page leaf", f"transactions {keys[0]}..{keys[-1]}")
+            entries = len(keys)
+            for k in range(entries):
+                size, at = int(nodes.lo[k]), int(nodes.at[k]) + NODE + KEY
+                if nodes.flags[k] & F_BIGDATA:
+                    pgno = int(_u64(flat, np.array([at]))[0])
+                    if not 2 <= pgno <= self.last_pgno:
+                        raise self._damaged(int(leaves[nodes.page[k]]), "free-page leaf", "a value out of the file")
+                    stored, flags, count = _OVERFLOW_HEADER.unpack(
+                        os.pread(fd, _OVERFLOW_HEADER.size, pgno * self.psize)
+                    )
+                    # A list may keep more pages than it needs (mdb_freelist_save shrinks it in place).
+                    need = int(_overflow_pages(np.int64(size), self.psize))
+                    if (stored, flags) != (pgno, P_OVERFLOW) or not need <= count <= self.last_pgno + 1 - pgno:
+                        raise self._damaged(pgno, "free-page overflow", f"header {stored}, {flags:#x}, {count} pages")
+                    value = os.pread(fd, size, pgno * self.psize + HEADER)
+                    pages.append(np.arange(pgno, pgno + count, dtype=np.uint64))
+                    overflow += count
+                else:
+                    value = flat[at : at + size].tobytes()
+                listed.append(self._page_list(value, int(leaves[nodes.page[k]])))
+        if (len(pages[0]), len(leaves), overflow, entries) != (
+            db.branch_pages,
+            db.leaf_pages,
+            db.overflow_pages,
+            db.entries,
+        ):
+            raise self._damaged(self.txnid & 1, "meta", "the free-page tree's counts differ from its pages")
+        return np.concatenate(pages), np.concatenate(listed) if listed else np.zeros(0, np.uint64)
+
+    def _page_list(self, value: bytes, pgno: int) -> np.ndarray:
+        """An MDB_IDL: its length, then page numbers in descending order (room for more may follow)."""
+        if len(value) < 8 or len(value) % 8:
+            raise self._damaged(pgno, "free-page leaf", f"a page list of {len(value)} bytes")
+        ids = np.frombuffer(value, "<u8")
+        count = int(ids[0])
+        if count > len(ids) - 1:
+            raise self._damaged(pgno, "free-page leaf", f"a page list of {count} pages in {len(value)} bytes")
+        ids = ids[1 : 1 + count]
+        if count and (ids[-1] < 2 or ids[0] > self.last_pgno or np.any(ids[1:] >= ids[:-1])):
+            raise self._damaged(pgno, "free-page leaf", "a page list out of order or out of the file")
+        return ids
+
+    def _branches(
+        self, fd: int, db: _Db, kind: int, min_keys: int, order: str, tree: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Check a tree's branch pages, level by level; (their page numbers, the leaf pages, the least key of each)."""
+        pgnos = np.array([db.root], np.uint64) if db.depth else np.zeros(0, np.uint64)
+        lo = np.zeros(len(pgnos), np.uint64)  # keys of a page's subtree: from its lo up to the next page's
+        branches = [np.zeros(0, np.uint64)]
+        for _ in range(db.depth - 1):
+            what = f"{tree} branch"
+            rows = self._read(fd, pgnos, what)
+            nodes = self._nodes(rows, pgnos, kind, min_keys, what)
+            flat = rows.reshape(-1)
+            # Node 0's key is never read (liblmdb searches from node 1): it may be empty.
+            keyed = nodes.slot > 0
+            bad = np.where(keyed, nodes.ksize != KEY, (nodes.ksize != 0) & (nodes.ksize != KEY))
+            self._fail(pgnos, nodes.page, bad, what, "a key that is not 8 bytes")
+            self._fail(pgnos, nodes.page, nodes.at + NODE + nodes.ksize > nodes.end, what, "a node past its page")
+            keys = np.zeros(len(nodes.at), np.uint64)
+            keys[keyed] = _u64(flat, nodes.at[keyed] + NODE, order)
+            # Keys of node 1 on: increasing, above the page's least key (or node 0 would lead nowhere)
+            # and under the next page's.
+            bad = keyed & ~_within(keys, lo, nodes.page, strict=True)
+            bad[1:] |= keyed[1:] & keyed[:-1] & (keys[1:] <= keys[:-1])
+            self._fail(pgnos, nodes.page, bad, what, "keys out of order")
+            child_lo = np.where(keyed, keys, lo[nodes.page])
+            children = nodes.lo.astype(np.uint64)
+            self._fail(pgnos, nodes.page, (children < 2) | (children > self.last_pgno), what, "a child out of the file")
+            branches.append(pgnos)
+            pgnos, lo = children, child_lo
+        return np.concatenate(branches), pgnos, lo
+
+    # -------------------------------------------------------------- leaf pages
+
+    def _check_leaves(self, indices: np.ndarray, fd: int | None = None) -> None:
+        if not len(indices) or self._checked[indices].all():
+            return
+        with self._lock:
+            groups = np.unique(indices[~self._checked[indices]] // GROUP)
+            indices = (groups[:, None] * GROUP + np.arange(GROUP)).reshape(-1)
+            indices = indices[indices < len(self.leaves)]
+            indices = indices[~self._checked[indices]]
+            if not len(indices):
+                return
+            own = fd is None
+            fd = self._open() if fd is None else fd
+            try:
+                entries = overflow = 0
+                for start in range(0, len(indices), GROUP):  # bounded memory, in the CPU cache
+                    counts = self._check_leaf_pages(fd, indices[start : start + GROUP])
+                    entries, overflow = entries + counts[0], overflow + counts[1]
+            finally:
+                if own:
+                    os.close(fd)
+            entries, overflow = self._entries + entries, self._overflow + overflow
+            if len(indices) == self.unchecked and (entries, overflow) != (
+                self._main.entries,
+                self._main.overflow_pages,
+            ):
+                raise self._damaged(self.txnid & 1, "meta", "the records' tree's counts differ from its pages")
+            self._entries, self._overflow = entries, overflow
+            self._checked[indices] = True
+            self.unchecked -= len(indices)
+
+    def _check_leaf_pages(self, fd: int, indices: np.ndarray) -> tuple[int, int]:
+        """Check leaf pages ``indices``; (their entries, their values' overflow pages)."""
+        pgnos = self.leaves[indices]
+        what = "records' leaf"
+        rows = self._read(fd, pgnos, what)
+        nodes = self._leaf_nodes(rows, pgnos, indices, self._leaf_lo, ">", what)
+        flat = rows.reshape(-1)
+        big = (nodes.flags & F_BIGDATA).astype(bool)
+        first = _u64(flat, nodes.at[big] + NODE + KEY)
+        count = _overflow_pages(nodes.lo[big], self.psize).astype(np.uint64)
+        bad = np.zeros(len(nodes.at), bool)
+        bad[big] = (first < 2) | (first > self.last_pgno) | (first + count > self.last_pgno + 1)
+        self._fail(pgnos, nodes.page, bad, what, "a value out of the file")
+        # Overflow pages are nobody else's: not a tree page, not listed free, not another value's of these pages.
+        order = np.argsort(first)
+        first, count = first[order], count[order]
+        taken = np.searchsorted(self._used, first)
+        clash = (taken < len(self._used)) & (self._used[np.minimum(taken, len(self._used) - 1)] < first + count)
+        clash[1:] |= first[1:] < first[:-1] + count[:-1]
+        if clash.any():
+            raise self._damaged(int(first[np.argmax(clash)]), "overflow", "in two places (values, trees, free lists)")
+        return len(nodes.at), int(count.sum())
+
+    def _leaf_nodes(
+        self, rows: np.ndarray, pgnos: np.ndarray, indices: np.ndarray, lo: np.ndarray, order: str, what: str
+    ) -> _Nodes:
+        """Check leaf pages ``indices`` of a level whose least keys are ``lo`` (values' overflow pages aside)."""
+        nodes = self._nodes(rows, pgnos, P_LEAF, 1, what)
+        flat = rows.reshape(-1)
+        self._fail(pgnos, nodes.page, nodes.ksize != KEY, what, "a key that is not 8 bytes")
+        self._fail(pgnos, nodes.page, (nodes.flags & ~F_BIGDATA) != 0, what, "node flags of another kind of tree")
+        big = (nodes.flags & F_BIGDATA).astype(bool)
+        size = np.where(big, 8, nodes.lo)  # a value on overflow pages leaves its first page number here
+        self._fail(pgnos, nodes.page, nodes.at + NODE + KEY + size > nodes.end, what, "a value past its page")
+        keys = _u64(flat, nodes.at + NODE, order)
+        bad = ~_within(keys, lo, indices[nodes.page], strict=False)
+        bad[1:] |= (nodes.page[1:] == nodes.page[:-1]) & (keys[1:] <= keys[:-1])
+        self._fail(pgnos, nodes.page, bad, what, "keys out of order")
+        return nodes
+
+    # -------------------------------------------------------------- pages
+
+    def _nodes(self, rows: np.ndarray, pgnos: np.ndarray, kind: int, min_keys: int, what: str) -> _Nodes:
+        """Check the headers and node offsets of pages of one kind; their nodes."""
+        psize = self.psize
+        head = np.ascontiguousarray(rows[:, :HEADER])
+        stored = head[:, :8].view("<u8")[:, 0]
+        _, flags, lower, upper = head[:, 8:].view("<u2").astype(np.int64).T
+        self._fail(pgnos, None, stored != pgnos, what, "another page's number")
+        self._fail(pgnos, None, flags != kind, what, "the flags of another kind of page")
+        bad = (lower < HEADER + 2 * min_keys) | (lower % 2 != 0) | (upper < lower) | (upper > psize)
+        self._fail(pgnos, None, bad, what, "free space bounds out of the page")
+        count = (lower - HEADER) // 2
+        page = np.repeat(np.arange(len(rows)), count)
+        slot = np.arange(len(page)) - np.repeat(np.cumsum(count) - count, count)
+        flat = rows.reshape(-1)
+        base = page * psize
+        offset = _u16(flat, base + HEADER + 2 * slot)
+        # Nodes lie between the free space and the page's end, 2-byte aligned (EVEN sizes from the end).
+        bad = (offset < upper[page]) | (offset % 2 != 0) | (offset + NODE > psize)
+        self._fail(pgnos, page, bad, what, "a node out of the page")
+        at = base + offset
+        fields = flat[at[:, None] + _BYTES8].view("<u2").astype(np.int64)
+        lo = fields[:, 0] | fields[:, 1] << 16 | fields[:, 2] << 32
+        if kind != P_BRANCH:
+            lo &= 0xFFFFFFFF  # a leaf value's size: mn_flags are flags there
+        return _Nodes(page, slot, at, base + psize, lo, fields[:, 2], fields[:, 3])
+
+    def _read(self, fd: int, pgnos: np.ndarray, what: str) -> np.ndarray:
+        """Pages ``pgnos`` (any order) as rows of an (n, page size) array: one read per run of consecutive pages."""
+        psize = self.psize
+        ascending = bool(np.all(pgnos[1:] > pgnos[:-1]))  # as appends leave leaf pages: no reordering
+        order = np.arange(len(pgnos)) if ascending else np.argsort(pgnos, kind="stable")
+        ordered = pgnos[order]
+        rows = np.empty((len(pgnos), psize), np.uint8)
+        cuts = [0, *(np.flatnonzero(np.diff(ordered) != 1) + 1).tolist(), len(ordered)]
+        for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+            if _preadv(fd, rows[start:stop], int(ordered[start]) * psize) != (stop - start) * psize:
+                raise CorruptStoreError(f"{self.path} is truncated: {what} page {int(ordered[start])} is missing")
+        if ascending:
+            return rows
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise CorruptStoreError(f"{self.path} is missing") from exc
+
+    def _fail(self, pgnos: np.ndarray, page: np.ndarray | None, bad: np.ndarray, what: str, reason: str) -> None:
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise self._damaged(int(pgnos[row if page is None else page[row]]), what, reason)
+
+    def _damaged(self, pgno: int, what: str, reason: str) -> CorruptStoreError:
+        kind = f", a {what} page," if what else ""
+        return CorruptStoreError(f"{self.path}: page {pgno}{kind} is damaged ({reason})")
