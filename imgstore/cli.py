@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from imgstore.cli_data import DATA_COMMANDS
 from imgstore.errors import ImgStoreError
 
 __all__ = ["main", "build_parser"]
@@ -261,16 +260,31 @@ def _run_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------ convert, info, verify
+
+
+def _add_data_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Imported here, like the analysis modules: importing imgstore.cli loads neither side.
+    from imgstore.data_commands import DATA_COMMANDS
+
+    for add in DATA_COMMANDS:
+        add(subparsers)
+
+
 # ------------------------------------------------------------------------------------------ main
 
 Subcommands = argparse._SubParsersAction  # argparse's own name for what add_subparsers returns
-COMMANDS: tuple[Callable[[Subcommands[argparse.ArgumentParser]], None], ...] = (_add_compare, _add_plot, *DATA_COMMANDS)
+COMMANDS: tuple[Callable[[Subcommands[argparse.ArgumentParser]], None], ...] = (
+    _add_compare,
+    _add_plot,
+    _add_data_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgstore",
-        description="imgstore tools: convert images into stores, describe and verify stores (imgstore.cli_data); "
+        description="imgstore tools: convert images into stores, describe and verify stores (imgstore.data_commands); "
         "judge and draw pytest-benchmark runs.",
         epilog=WORKFLOW,
         formatter_class=argparse.RawDescriptionHelpFormatter,

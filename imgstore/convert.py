@@ -57,7 +57,7 @@ class Skipped:
 
 @dataclass
 class ConvertResult:
-    """What one conversion did (``imgstore convert`` prints it: :func:`imgstore.cli_data.format_summary`)."""
+    """What one conversion did (``imgstore convert`` prints it: :func:`imgstore.data_commands.format_summary`)."""
 
     source: str
     dest: str

@@ -1,7 +1,7 @@
 """The data commands of the ``imgstore`` console script: ``convert``, ``info`` and ``verify``.
 
-Wired into :mod:`imgstore.cli` through :data:`DATA_COMMANDS`, the same ``_add_<name>`` /
-handler pairs as its own commands. Exit status: 0 success; 2 bad input (a bad source, option,
+Wired into :mod:`imgstore.cli` through :data:`DATA_COMMANDS` (imported when the parser is built),
+the same ``_add_<name>`` / handler pairs as its own commands. Exit status: 0 success; 2 bad input (a bad source, option,
 DEST or source file); 1 any other failure (a damaged store, an I/O error).
 """
 
@@ -125,9 +125,10 @@ def format_summary(result: ConvertResult) -> str:
 
 
 def _error(command: str, exc: BaseException, code: int) -> int:
-    from imgstore.cli import _one_line
-
-    print(f"imgstore {command}: error: {_one_line(str(exc))}", file=sys.stderr)
+    # As imgstore.cli prints its errors: one line (a path's control characters escaped). Not imported
+    # from there: this module is on the storage side, which never imports the analysis side.
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in str(exc))
+    print(f"imgstore {command}: error: {text}", file=sys.stderr)
     return code
 
 
