@@ -344,6 +344,8 @@ class LmdbStore(Store):
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:  # damage the page checks did not see
+                raise CorruptStoreError(f"{self.path} is damaged: {exc}") from exc
 
     def _write_blobs(self, start: int, blobs: Sequence[bytes], labels: np.ndarray) -> None:
         # Encoded stores: one value per record (key: its index), its label's 8 bytes then its bytes.
@@ -368,6 +370,8 @@ class LmdbStore(Store):
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:  # damage the page checks did not see
+                raise CorruptStoreError(f"{self.path} is damaged: {exc}") from exc
 
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         labels = np.empty(len(indices), dtype=np.int64)

@@ -473,5 +473,5 @@ class Snapshot:
             raise self._damaged(int(pgnos[row if page is None else page[row]]), what, reason)
 
     def _damaged(self, pgno: int, what: str, reason: str) -> CorruptStoreError:
-        kind = f", a {what} page," if what else ""
+        kind = f" ({what} page)" if what else ""
         return CorruptStoreError(f"{self.path}: page {pgno}{kind} is damaged ({reason})")
