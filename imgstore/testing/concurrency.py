@@ -26,7 +26,7 @@ from imgstore.testing.layouts import Records
 
 TOTAL = 3000
 #: an encoded layout's records are ~10x dearer to write and read: fewer still show a writer's progress
-TOTAL_ENCODED = 400
+TOTAL_ENCODED = 150
 
 
 def _append_slowly(
@@ -204,7 +204,7 @@ class ConcurrentAccess(BackendTest):
         context = multiprocessing.get_context("fork")
         kwargs = {"backend": self.backend, **self.layout.store_kwargs(), **self.options}
         # Each new store's labels are 100 k + the old ones: a mix of stores shows in the labels too.
-        batches = [self.records(40, (8, 8, 3), seed=100 + k) for k in range(15)]
+        batches = [self.records(40, (8, 8, 3), seed=100 + k) for k in range(6 if self.scaled else 15)]
         batches = [batch.with_labels(batch.labels + 100 * (k + 1)) for k, batch in enumerate(batches)]
         with imgstore.open_store(path, verify_reads=verify_reads) as reader:
             reader.get_many(range(40))  # labels and checksums cached

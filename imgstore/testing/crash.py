@@ -175,7 +175,7 @@ class CrashSafety(BackendTest):
         assert (tmp_path / "mine.txt").read_text() == "beside the store"
 
     def test_a_kill_during_write_mode_never_locks_the_directory_out(self, tmp_path: Path) -> None:
-        self.kill_during_write_mode(tmp_path, kills=6 if self.scaled else 12, seed=5)
+        self.kill_during_write_mode(tmp_path, kills=4 if self.scaled else 12, seed=5)
 
     @pytest.mark.slow
     def test_a_kill_during_write_mode_never_locks_the_directory_out_120_times(self, tmp_path: Path) -> None:

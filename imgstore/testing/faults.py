@@ -30,6 +30,16 @@ from imgstore.testing.checks import BackendTest, check_images_equal, check_recor
 from imgstore.testing.layouts import Records
 
 OLD, NEW = 20, 30
+NEW_SCALED = 5  # encoded layouts: each record is a write step of its own in some backends (a PNG file)
+
+
+# Found by these suites in the store core (imgstore/columns.py), not fixed here: the tests that show it are xfail.
+SHORT_WRITES_UNCHECKED = (
+    "store core: columns.write_at (and TextColumn.write) ignore the count os.pwrite returns: a short write (a file "
+    "size limit, a full disk) leaves checksums-/shapes-/paths- files shorter than the count the manifest then "
+    "commits, so the acknowledged commit no longer opens (CorruptStoreError 'holds 25 entries; 30 records are "
+    "committed'). Reproducer: os.pwrite patched to write half once during put_many on any store, then reopen"
+)
 
 
 class FaultInjector:
@@ -74,10 +84,11 @@ class FaultInjector:
 
 
 def check_old_or_new(path: Path, records: Records) -> int:
+    """The store at ``path`` holds ``records`` (OLD of them) or all of them; returns how many."""
     with imgstore.open_store(path) as store:
         store.verify()
         count = len(store)
-        assert count in (OLD, OLD + NEW), f"neither the old nor the new state: {count} images"
+        assert count in (OLD, len(records)), f"neither the old nor the new state: {count} images"
         check_records(store, records[:count])
         return count
 
@@ -112,7 +123,8 @@ class FaultTolerance(BackendTest):
     def test_every_injected_write_failure_leaves_old_or_new_state(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        records = self.records(OLD + NEW + 5)
+        new = NEW_SCALED if self.scaled else NEW
+        records = self.records(OLD + new)
         base = tmp_path / "base"
         with self.create(base) as store:
             records[:OLD].put(store)
@@ -124,7 +136,7 @@ class FaultTolerance(BackendTest):
             store = imgstore.open_store(path, mode="a")
             injector.arm(fail_at)
             try:
-                records[OLD : OLD + NEW].put(store)
+                records[OLD:].put(store)
                 succeeded = True
             except imgstore.ImgStoreError as exc:
                 assert isinstance(exc, imgstore.StoreFullError), repr(exc)
@@ -135,9 +147,9 @@ class FaultTolerance(BackendTest):
             if not succeeded:
                 assert len(store) == OLD
                 shutil.copytree(path, failed)  # the store as the failure left it
-                records[OLD : OLD + NEW].put(store)  # the same handle goes on, over what the failure left
+                records[OLD:].put(store)  # the same handle goes on, over what the failure left
             store.close()
-            assert check_old_or_new(path, records) == OLD + NEW
+            assert check_old_or_new(path, records) == OLD + new
             if succeeded:
                 break
             count = check_old_or_new(failed, records)  # new: the failure came after the commit point
@@ -152,6 +164,43 @@ class FaultTolerance(BackendTest):
             pytest.fail("put_many never succeeded")
         print(f"{self.backend}: put_many failed at {failures} injected points, each leaving a valid store")
         assert failures >= 3, f"only {failures} write-level steps were exercised"
+
+    def test_a_short_write_is_never_taken_as_written(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    ) -> None:
+        """``os.pwrite`` may write less than it is given (a file size limit, a full disk): never commit the rest."""
+        request.applymarker(pytest.mark.xfail(strict=True, reason=SHORT_WRITES_UNCHECKED))
+        records = self.records(OLD + NEW_SCALED)
+        base = tmp_path / "base"
+        with self.create(base) as store:
+            records[:OLD].put(store)
+        pwrite = os.pwrite
+        calls, short_at = 0, 0
+
+        def short_pwrite(fd: int, data: Any, offset: int) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == short_at:  # half of it, and its count: what the kernel does at a file size limit
+                return pwrite(fd, bytes(data)[: len(data) // 2], offset)
+            return pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", short_pwrite)
+        for short_at in range(1, 100):
+            path = tmp_path / f"try{short_at}"
+            shutil.copytree(base, path)
+            calls = 0
+            with imgstore.open_store(path, mode="a") as store:
+                try:
+                    records[OLD:].put(store)
+                except imgstore.ImgStoreError as exc:
+                    assert isinstance(exc, (imgstore.StoreFullError, imgstore.StoreIOError)), repr(exc)
+            try:
+                check_old_or_new(path, records)
+            except Exception as exc:
+                raise AssertionError(f"pwrite call {short_at} of the put wrote half: {exc}") from exc
+            if calls < short_at:  # every pwrite of the put has been cut short once
+                break
+        assert short_at > 1, "the put made no os.pwrite call: nothing was tested"
 
     @pytest.fixture
     def small_filesystem(self, tmp_path: Path) -> Iterator[Path]:
@@ -186,7 +235,8 @@ class FaultTolerance(BackendTest):
             first.put(store)
         largest = max(p.stat().st_size for p in path.rglob("*") if p.is_file())
         writer = multiprocessing.get_context("fork").Process(
-            target=_write_under_file_size_limit, args=(str(path), largest + (64 << 10), more)
+            target=_write_under_file_size_limit,
+            args=(str(path), largest + (16 << 10 if self.scaled else 64 << 10), more),
         )
         writer.start()
         writer.join(120)

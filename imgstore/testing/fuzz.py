@@ -199,6 +199,12 @@ class Worker:
             self.process.wait()
 
 
+# Found by these suites in the store core, not fixed here: the tests that show it are xfail.
+MISSING_PATHS_FILE = (
+    "store core: with paths-<gen>.txt deleted, an encoded store that holds no source paths raises a bare "
+    "FileNotFoundError from verify(), not CorruptStoreError (nor passes). Reproducer: codec='png', shape=None, "
+    "put_many(10 arrays); delete paths-<gen>.txt; open_store(path).verify()"
+)
 
 
 def _size(path: Path) -> int:
@@ -244,7 +250,7 @@ class DamageDetection(BackendTest):
         return outcomes
 
     def test_damaged_store_fails_cleanly(self, tmp_path: Path) -> None:
-        outcomes = self.fuzz(tmp_path, cases=30 if self.scaled else 60, seed=1)
+        outcomes = self.fuzz(tmp_path, cases=20 if self.scaled else 60, seed=1)
         assert sum(n for outcome, n in outcomes.items() if outcome.startswith("error")) > 0
 
     @pytest.mark.slow
@@ -253,7 +259,7 @@ class DamageDetection(BackendTest):
 
     def test_unverified_reads_of_a_damaged_store_fail_cleanly(self, tmp_path: Path) -> None:
         """verify_reads=False: damaged records may be read, but never crash a decoder; verify() still finds them."""
-        outcomes = self.fuzz(tmp_path, cases=30 if self.scaled else 60, seed=3, verify_reads=False)
+        outcomes = self.fuzz(tmp_path, cases=20 if self.scaled else 60, seed=3, verify_reads=False)
         assert sum(n for outcome, n in outcomes.items() if outcome.startswith("error")) > 0
 
     @pytest.mark.slow
@@ -261,19 +267,19 @@ class DamageDetection(BackendTest):
         self.fuzz(tmp_path, cases=1000, seed=4, verify_reads=False)
 
     def test_every_zeroed_page_fails_cleanly(self, tmp_path: Path) -> None:
-        """Pages of the two biggest files zeroed one at a time (a lost write): ok or an error, never a crash.
+        """Pages of the biggest file zeroed one at a time (a lost write): ok or an error, never a crash.
 
         Unlike the random cases, this reaches every page of a small file, e.g. a B-tree's branch pages.
         """
         pristine = tmp_path / "pristine"
         build_store(pristine, self.backend, self.options, self.layout)
-        files = sorted((p for p in pristine.rglob("*") if p.is_file() and p.name != "writer.lock"), key=_size)[-2:]
+        files = sorted((p for p in pristine.rglob("*") if p.is_file() and p.name != "writer.lock"), key=_size)[-1:]
         runner = Worker(self.backend_module)
         bad: list[str] = []
         try:
             for file in files:
                 pages = -(-file.stat().st_size // PAGE)
-                for page in sorted({pages * k // 16 for k in range(16)}):  # at most 16, spread over the file
+                for page in sorted({pages * k // 10 for k in range(10)}):  # at most 10, spread over the file
                     path = tmp_path / "case"
                     shutil.rmtree(path, ignore_errors=True)
                     shutil.copytree(pristine, path)
@@ -359,12 +365,18 @@ class DamageDetection(BackendTest):
                 store.get_many(range(len(store)))
                 store.verify()
 
+    @pytest.mark.parametrize("damage", ["flip", "delete"])
     @pytest.mark.parametrize("side", ["shapes.u32", "paths.txt", "paths.ends"])
-    def test_a_damaged_side_file_is_damage(self, tmp_path: Path, side: str, request: pytest.FixtureRequest) -> None:
-        """A flipped byte in what an encoded store keeps beside its records: an error, never a wrong answer."""
+    def test_a_damaged_side_file_is_damage(
+        self, tmp_path: Path, side: str, damage: str, request: pytest.FixtureRequest
+    ) -> None:
+        """A flipped byte in, or the loss of, what an encoded store keeps beside its records: an error, never a
+        wrong answer nor another exception."""
         self.skip_unless_encoded("the side files of encoded stores (shapes, source paths)")
-        if side.startswith("paths") and not self.layout.takes_files:
-            pytest.skip("a raw store takes arrays only: no source paths")
+        if damage == "flip" and side.startswith("paths") and not self.layout.takes_files:
+            pytest.skip("a raw store takes arrays only: no source paths to change")
+        if damage == "delete" and side == "paths.txt" and not self.layout.takes_files:
+            request.applymarker(pytest.mark.xfail(strict=True, reason=MISSING_PATHS_FILE))
         path = tmp_path / "s"
         records = self.records(10, (8, 8, 3))
         with self.create(path) as store:
@@ -374,18 +386,24 @@ class DamageDetection(BackendTest):
                 records.put(store)
             shapes, paths = store.image_shapes(), [store.source_path(k) for k in range(10)]
         file = path / generation_name(side, read_manifest(path).generation)
-        data = bytearray(file.read_bytes())
-        data[0 if side == "shapes.u32" else 8 if side == "paths.ends" else 6] ^= 0x01
-        file.write_bytes(bytes(data))
-        with imgstore.open_store(path) as store:
-            try:
-                answers = (store.image_shapes().tolist(), [store.source_path(k) for k in range(10)])
-            except imgstore.CorruptStoreError:
-                pass
-            else:
-                assert answers == (shapes.tolist(), paths), "a wrong answer given as good"
-            with pytest.raises(imgstore.CorruptStoreError):
+        if damage == "delete":
+            file.unlink()
+        else:
+            data = bytearray(file.read_bytes())
+            data[0 if side == "shapes.u32" else 8 if side == "paths.ends" else 6] ^= 0x01
+            file.write_bytes(bytes(data))
+        try:
+            with imgstore.open_store(path) as store:
+                try:
+                    answers = (store.image_shapes().tolist(), [store.source_path(k) for k in range(10)])
+                except imgstore.CorruptStoreError:
+                    pass
+                else:
+                    assert answers == (shapes.tolist(), paths), "a wrong answer given as good"
                 store.verify()
+        except imgstore.CorruptStoreError:
+            return
+        assert damage == "delete" and side == "paths.txt" and not self.layout.takes_files, "verify() passed"
 
 
 def main(argv: list[str] | None = None) -> None:
