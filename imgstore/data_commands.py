@@ -250,8 +250,9 @@ def _run_verify(args: argparse.Namespace) -> int:
             decode = args.decode and (store.varied or store.codec != "raw")  # raw pixels: the checksums are all
             try:
                 store.verify()
-                for start in range(0, count if decode else 0, 1024):
-                    store.get_many(range(start, min(start + 1024, count)))
+                step = 256  # decoded photos are ~0.5 MB each: a batch stays ~100 MB
+                for start in range(0, count if decode else 0, step):
+                    store.get_many(range(start, min(start + step, count)))
             except CorruptStoreError as exc:
                 return _error("verify", _first_damage(store, exc, decode), EXIT_FAILED)
     except _FAILURES as exc:
@@ -263,7 +264,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 def _first_damage(store: Store, found: CorruptStoreError, decode: bool) -> ImgStoreError:
     """The damage ``found`` (by a batch check) pinned to its first record, with the record's source path."""
     encoded = store.varied or store.codec != "raw"
-    step = 1024
+    step = 256
 
     def check(span: range) -> None:
         if encoded:

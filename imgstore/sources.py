@@ -222,13 +222,16 @@ def open_source(text: str | os.PathLike[str], *, split: str = "train") -> Source
 
 
 def _dataset_source(name: str, arg: str, split: str) -> Source:
-    from imgstore.datasets import load_dataset
+    from imgstore.datasets import get_dataset, load_dataset
     from imgstore.datasets.imagenet_like import class_names
 
     counted = name in ("synthetic", "imagenet-like") or (arg.isdigit() and name not in ("cifar10", "fashion-mnist"))
     if counted and not arg.isdigit():
         raise ConvertError(f"{name} takes a number of images: {name}:N, e.g. {name}:1000")
     n, root = (int(arg), None) if counted else (None, arg or None)
+    spec = get_dataset(name)
+    if root is None and not counted and spec.needs_root:
+        raise ConvertError(f"{name} needs the folder of its files: {name}:PATH ({spec.install_hint})")
     try:
         images, labels = load_dataset(name, n, root, split=split)
     except DatasetError as exc:
