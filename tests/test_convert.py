@@ -294,6 +294,18 @@ def test_skip_needs_a_folder_and_an_encoded_codec(tmp_path: Path) -> None:
         convert(root, tmp_path / "b", backend="lmdb", codec="raw", on_error="skip")
 
 
+def test_full_check_decodes_files_that_look_whole(tmp_path: Path) -> None:
+    # A PNG damaged inside, with its header and end intact: only a decode tells.
+    root = tmp_path / "src"
+    save(root / "c" / "a.png", Image.fromarray(pixels(np.random.default_rng(0), 40, 40, 3)))
+    damaged = bytearray((root / "c" / "a.png").read_bytes())
+    damaged[damaged.find(b"IDAT") + 30] ^= 0xFF
+    (root / "c" / "b.png").write_bytes(bytes(damaged))
+    assert convert(root, tmp_path / "quick", backend="lmdb").count == 2  # `imgstore verify --decode` would find it
+    checked = convert(root, tmp_path / "full", backend="lmdb", full_check=True, on_error="skip")
+    assert checked.count == 1 and [(s.path, "damaged" in s.reason) for s in checked.skipped] == [("c/b.png", True)]
+
+
 def test_bad_file_error_carries_the_result(tmp_path: Path) -> None:
     root = tmp_path / "src"
     bad_folder(root)
