@@ -1,8 +1,10 @@
 """The summary of an encoded dataset's groups, and the targets section (measured ratios, PASS or MISS).
 
 Targets are reported, never asserted: a timed test that fails on a slow machine tells nothing a
-ratio printed beside its threshold does not. Both compare medians of the same run, on the same
-files in the same shuffled order (``read_random_many``: an epoch in batches of 256):
+ratio printed beside its threshold does not. Both compare rows of the same run, on the same files
+in the same shuffled order (``read_random_many``: an epoch in batches of 256), by their fastest
+rounds (the verdict: on a shared machine interference only adds time, as the regression gate
+also reasons) and, printed beside, by their medians:
 
 1. a shuffled batch from an LMDB or HDF5 store holding the files as they are (codec ``keep``),
    decoded with the fastest decoder, takes at most 1.15x the LIMIT's time (the same files decoded
@@ -54,29 +56,35 @@ def evaluate(rows: list[Any]) -> list[dict[str, Any]]:
     from imgstore.codecs import resolve_decoder
 
     fastest = resolve_decoder("auto")
-    by_name: dict[tuple[str, int, str], float] = {}
+    by_name: dict[tuple[str, int, str], tuple[float, float]] = {}  # -> (fastest round, median)
     for bench in rows:
         info = bench.extra_info
         if info["dataset"] in ENCODED_DATASETS and info["operation"] == TARGET_OPERATION:
-            by_name[(info["dataset"], info["images"], bench.params["subject_name"])] = bench.stats.median
+            by_name[(info["dataset"], info["images"], bench.params["subject_name"])] = (
+                bench.stats.min,
+                bench.stats.median,
+            )
     results = []
-    for (dataset, n, name), median in sorted(by_name.items()):
+    for (dataset, n, name), (best, median) in sorted(by_name.items()):
         backend = next((b for b in TARGET_BACKENDS if name == f"imgstore-{b}-keep-{fastest}"), None)
         if backend is None:
             continue
         batches = math.ceil(n / BATCH_SIZE)
+        common = {"dataset": dataset, "images": n, "subject": name, "backend": backend, "best": best}
         limit, folder = by_name.get((dataset, n, "limit")), by_name.get((dataset, n, "imagefolder"))
-        common = {"dataset": dataset, "images": n, "subject": name, "backend": backend, "median": median}
         if limit:
-            ratio = median / limit
+            ratio = best / limit[0]
             results.append(
-                common | {"target": 1, "ratio": ratio, "passed": ratio <= TARGET_LIMIT_RATIO, "reference": limit,
-                          "batch": median / batches, "reference_batch": limit / batches}
+                common | {"target": 1, "ratio": ratio, "median_ratio": median / limit[1], "reference": limit[0],
+                          "passed": ratio <= TARGET_LIMIT_RATIO, "batch": best / batches,
+                          "reference_batch": limit[0] / batches}
             )  # fmt: skip
         if folder:
-            speedup = folder / median
-            passed = speedup >= TARGET_FOLDER_SPEEDUP
-            results.append(common | {"target": 2, "ratio": speedup, "passed": passed, "reference": folder})
+            speedup = folder[0] / best
+            results.append(
+                common | {"target": 2, "ratio": speedup, "median_ratio": folder[1] / median, "reference": folder[0],
+                          "passed": speedup >= TARGET_FOLDER_SPEEDUP}
+            )  # fmt: skip
     return results
 
 
@@ -87,8 +95,8 @@ def write_targets(tr: Any, rows: list[Any]) -> None:
     from imgstore.codecs import resolve_decoder
 
     tr.write_line(
-        f"targets ({TARGET_OPERATION}: the same shuffled epoch in batches of {BATCH_SIZE}, codec keep, "
-        f"decoder {resolve_decoder('auto')}, the fastest installed)",
+        f"targets ({TARGET_OPERATION}: the same shuffled epoch in batches of {BATCH_SIZE}, codec keep, decoder "
+        f"{resolve_decoder('auto')} (the fastest installed); fastest rounds, medians' ratio in brackets)",
         bold=True,
     )
     for r in results:
@@ -96,9 +104,9 @@ def write_targets(tr: Any, rows: list[Any]) -> None:
         where = f"{r['dataset']} n={r['images']} {r['subject']}"
         if r["target"] == 1:
             tr.write_line(
-                f"  1. batch within {TARGET_LIMIT_RATIO}x the LIMIT's time: {where}: "
+                f"  1. a batch within {TARGET_LIMIT_RATIO}x the LIMIT's time: {where}: "
                 f"{format_seconds(r['batch'])} a batch, LIMIT {format_seconds(r['reference_batch'])}: "
-                f"{r['ratio']:.2f}x  {verdict}",
+                f"{r['ratio']:.2f}x ({r['median_ratio']:.2f}x)  {verdict}",
                 green=r["passed"],
                 red=not r["passed"],
             )
@@ -106,7 +114,8 @@ def write_targets(tr: Any, rows: list[Any]) -> None:
             n = r["images"]
             tr.write_line(
                 f"  2. at least {TARGET_FOLDER_SPEEDUP:g}x the ImageFolder status quo's images/s: {where}: "
-                f"{n / r['median']:,.0f} images/s, imagefolder {n / r['reference']:,.0f}: {r['ratio']:.2f}x  {verdict}",
+                f"{n / r['best']:,.0f} images/s, imagefolder {n / r['reference']:,.0f}: "
+                f"{r['ratio']:.2f}x ({r['median_ratio']:.2f}x)  {verdict}",
                 green=r["passed"],
                 red=not r["passed"],
             )

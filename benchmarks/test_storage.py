@@ -91,7 +91,8 @@ def test_storage(
         try:
             # The untimed warmup round touches the store (and the result memory) right before timing:
             # page cache and memory left idle are partly reclaimed by the host on this machine class.
-            rounds = subject.timed_rounds(op, cutoff, warm_up(body, args, subject.warmups))
+            warm = warm_up(body, args, subject.warmups) if subject.warmups else None
+            rounds = subject.timed_rounds(op, cutoff, warm)
             last = benchmark.pedantic(body, args=args, rounds=rounds, iterations=1)
         finally:
             subject.close_reader(reader)

@@ -58,7 +58,7 @@ def test_every_group_has_the_limit_the_status_quo_and_a_row_per_backend_and_deco
                 continue
             for decoder in available_decoders():
                 # The fastest decoder on every read; the others where decoding is the whole cost.
-                measured = decoder == fastest or group.split()[0] in ("read_many", "read_random_many")
+                measured = decoder == fastest or group.startswith("read_random_many")
                 assert (f"imgstore-{backend}-keep-{decoder}" in rows) == measured, (group, decoder)
 
 
@@ -161,9 +161,10 @@ def test_every_encoded_subject_reads_what_its_check_expects(tmp_path: Path, n: i
             subject.close_reader(reader)
 
 
-def _bench(name: str, median: float, n: int = 1000) -> Any:
+def _bench(name: str, best: float, n: int = 1000) -> Any:
     info = {"dataset": "imagenet-like", "operation": "read_random_many", "images": n}
-    return SimpleNamespace(extra_info=info, params={"subject_name": name}, stats=SimpleNamespace(median=median))
+    stats = SimpleNamespace(min=best, median=best * 1.5)  # the verdict is on the fastest rounds
+    return SimpleNamespace(extra_info=info, params={"subject_name": name}, stats=stats)
 
 
 def test_targets_pass_and_miss_on_their_thresholds() -> None:
@@ -178,6 +179,6 @@ def test_targets_pass_and_miss_on_their_thresholds() -> None:
     results = {(r["backend"], r["target"]): r for r in evaluate(rows)}
     assert set(results) == {("lmdb", 1), ("lmdb", 2), ("hdf5", 1), ("hdf5", 2)}
     assert results["lmdb", 1]["passed"] and results["lmdb", 2]["passed"]
-    assert results["lmdb", 2]["ratio"] == pytest.approx(4.0 / 1.15)
+    assert results["lmdb", 2]["ratio"] == pytest.approx(4.0 / 1.15) == results["lmdb", 2]["median_ratio"]
     assert not results["hdf5", 1]["passed"] and not results["hdf5", 2]["passed"]
     assert results["lmdb", 1]["batch"] == pytest.approx(1.15 / 4)  # 1 000 images: 4 batches of up to 256
