@@ -129,9 +129,8 @@ class _SharedEnv:
                 pages = self.snapshots.get(txnid)
                 if pages is None:
                     try:
-                        pages = Snapshot(
-                            os.path.join(self.path, "data.mdb"), self.psize or self.env.stat()["psize"], txnid
-                        )
+                        path, psize = os.path.join(self.path, "data.mdb"), self.psize or self.env.stat()["psize"]
+                        pages = Snapshot(path, psize, txnid, self.snapshots.get(txnid - 1))
                     except SnapshotMoved:
                         return None
                     while len(self.snapshots) >= _SNAPSHOTS_KEPT:
@@ -274,7 +273,7 @@ class LmdbStore(Store):
             # A data file shorter than the pages LMDB uses would fault (SIGBUS) when those are read.
             if os.path.getsize(path / "data.mdb") < (info["last_pgno"] + 1) * shared.env.stat()["psize"]:
                 raise CorruptStoreError(f"{path / 'data.mdb'} is truncated")
-            self._begin()[0].abort()  # checks the snapshot's pages, and the leaf pages if they are few
+            self._check_snapshot()
         except (lmdb.Error, OSError, CorruptStoreError) as exc:
             self._close()
             if isinstance(exc, ImgStoreError):  # damage, or a full disk (StoreFullError)
@@ -292,7 +291,13 @@ class LmdbStore(Store):
         pass  # the child set its inherited environments aside at the fork and opens its own on first use
 
     def _refresh(self, old_count: int) -> None:
-        self._begin()[0].abort()  # new commits: a damaged page is an error of refresh(), not of a later read
+        self._check_snapshot()  # new commits: a damaged page is an error of refresh(), not of a later read
+
+    def _check_snapshot(self) -> None:
+        """Check the newest snapshot's pages now (all of them in a small store), not at the first read."""
+        txn, pages = self._begin()
+        with txn:
+            pages.check_if_few()
 
     @property
     def _env(self) -> lmdb.Environment:
