@@ -281,6 +281,11 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
         "disk MB: blocks allocated (as du counts); file MB: bytes in the files"
         + (f"; xsingle: {speedups} (the same images, one get each)" if speedups else "")
     )
+    if any(bench.extra_info["dataset"] in ENCODED_DATASETS for bench in rows):
+        tr.write_line(
+            "encoded datasets (imagenet-like): MB/s and KB/image: the bytes stored (file MB) per second and per image; "
+            "xfolder: median / the ImageFolder status quo's median"
+        )
     slowdown = os.environ.get(SLOWDOWN_VARIABLE)
     if slowdown:
         tr.write_line(f"WARNING: {SLOWDOWN_VARIABLE}={slowdown} is set: that row is slowed down on purpose", red=True)

@@ -9,6 +9,7 @@ files, the ImageFolder status quo and the in-memory decoding LIMIT (``benchmarks
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,11 +59,14 @@ def imagenet_cutoffs(config: pytest.Config) -> list[int]:
     cutoffs = config.getoption("cutoffs")
     if cutoffs in (DEFAULT_CUTOFFS, "all"):
         return [DEFAULT_IMAGENET_CUTOFF]
+    if config.getoption("dataset") != DEFAULT_DATASETS:  # --dataset names it: the sizes named are for it
+        return selected_cutoffs(config)
     # Named sizes below 1 000 are cheap (a smoke run checks these rows too); from 1 000 up a round
     # decodes ~0.5 GB, and a run that names its sizes (the gate: --cutoffs=1000) keeps its matrix.
     return [n for n in selected_cutoffs(config) if n < DEFAULT_IMAGENET_CUTOFF]
 
 
+@functools.cache  # asked at collection and by the session's fixtures: find the photos (and warn) once
 def _imagenet_like_missing() -> str | None:
     """Why imagenet-like cannot be made here (a photo package is missing), or None."""
     from imgstore.datasets import load_dataset

@@ -58,8 +58,9 @@ def add_options(parser: pytest.Parser) -> None:
         "--imagenet-cutoffs",
         default="auto",
         help="image counts of the imagenet-like rows (comma list), or 'none'; default 'auto': "
-        f"{DEFAULT_IMAGENET_CUTOFF} when --cutoffs is left at its default or 'all', else the --cutoffs below "
-        f"{DEFAULT_IMAGENET_CUTOFF} (so --cutoffs 10 runs them at 10, and the gate's --cutoffs=1000 runs none)",
+        f"{DEFAULT_IMAGENET_CUTOFF} when --cutoffs is left at its default or 'all'; else the --cutoffs, all of "
+        f"them if --dataset is given, those below {DEFAULT_IMAGENET_CUTOFF} if not (so --cutoffs 10 runs them at "
+        "10, and the gate's --cutoffs=1000 runs none)",
     )
     group.addoption(
         "--imagenet-codecs",

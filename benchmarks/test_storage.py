@@ -1,4 +1,4 @@
-"""The one benchmark: every subject x operation x cutoff (cases made in conftest.py, operations in operations.py).
+"""The one benchmark: each (dataset, subject, operation, cutoff) case of conftest.py; operations in operations.py.
 
 Only the operation is timed. Opening a fresh empty target (writes) or the store (reads) is untimed
 setup; a write's timed body ends with the close/commit that makes the target durable.

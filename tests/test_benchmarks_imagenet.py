@@ -21,6 +21,7 @@ pytest.importorskip("skimage")  # the photographs imagenet-like is made from
 from benchmarks.data import BenchData, imagenet_cutoffs  # noqa: E402
 from benchmarks.encoded import make_encoded_subjects, supports_encoded  # noqa: E402
 from benchmarks.operations import BATCH_SIZE, get_operation  # noqa: E402
+from benchmarks.options import DEFAULT_DATASETS  # noqa: E402
 from benchmarks.targets import evaluate  # noqa: E402
 from imgstore.codecs import available_decoders, resolve_decoder  # noqa: E402
 
@@ -95,7 +96,7 @@ def test_summary_gives_rates_bytes_per_image_and_the_targets(run: dict[str, Any]
 
 
 def _config(**options: str) -> Any:
-    values = {"cutoffs": "10,100,1000,10000", "imagenet_cutoffs": "auto", **options}
+    values = {"cutoffs": "10,100,1000,10000", "imagenet_cutoffs": "auto", "dataset": DEFAULT_DATASETS, **options}
     return SimpleNamespace(getoption=lambda name: values[name])
 
 
@@ -109,6 +110,8 @@ def _config(**options: str) -> Any:
         ({"cutoffs": "10,100,1000"}, [10, 100]),
         ({"imagenet_cutoffs": "none"}, []),
         ({"cutoffs": "10", "imagenet_cutoffs": "2000,5000"}, [2000, 5000]),
+        ({"cutoffs": "1000,10000", "dataset": "imagenet-like"}, [1000, 10000]),  # asked for by name: as named
+        ({"dataset": "imagenet-like"}, [1000]),
     ],
 )
 def test_imagenet_cutoffs(options: dict[str, str], expected: list[int]) -> None:
