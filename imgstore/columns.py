@@ -8,6 +8,7 @@ write, ignored by readers and overwritten by the next.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +21,20 @@ from imgstore.errors import CorruptStoreError
 
 def write_at(path: Path, index: int, width: int, data: bytes, *, sync: bool) -> None:
     """Write entries ``index ..`` (``width`` bytes each) of a fixed-width column file."""
+    _write_file_at(path, index * width, data, sync=sync)
+
+
+def _write_file_at(path: Path, offset: int, data: bytes, *, sync: bool) -> None:
+    """Cut the file at ``offset`` (a crashed write's leftovers go) and write ``data`` there, all of it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.ftruncate(fd, index * width)  # a crashed write's entries past the committed count go
-        os.pwrite(fd, data, index * width)
+        os.ftruncate(fd, offset)
+        view = memoryview(data)
+        while view:  # pwrite may write less (a file size limit, a full disk): never take that as written
+            written = os.pwrite(fd, view, offset)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, f"{path}: no byte written", str(path))
+            view, offset = view[written:], offset + written
         if sync:
             os.fsync(fd)
     finally:
@@ -107,14 +118,7 @@ class TextColumn:
         ends = base + np.cumsum([len(e) for e in encoded], dtype=np.int64).astype("<u8")
         hashes = np.array([xxh3_64_intdigest(e, start + k) for k, e in enumerate(encoded)], dtype="<u8")
         rows = np.column_stack([ends, hashes]).astype("<u8")
-        fd = os.open(self.data, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            os.ftruncate(fd, base)
-            os.pwrite(fd, b"".join(encoded), base)
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_file_at(self.data, base, b"".join(encoded), sync=sync)
         write_at(self.ends_path, start, 16, rows.tobytes(), sync=sync)
         return rows
 
@@ -125,16 +129,22 @@ class TextColumn:
     def get(self, index: int) -> str:
         lo = int(self.ends[index - 1]) if index else 0
         hi = int(self.ends[index])
-        with open(self.data, "rb") as f:
-            raw = os.pread(f.fileno(), hi - lo, lo)
+        try:
+            with open(self.data, "rb") as f:
+                raw = os.pread(f.fileno(), hi - lo, lo)
+        except OSError as exc:
+            raise CorruptStoreError(f"{self.data} cannot be read: {exc}") from None
         if len(raw) != hi - lo or xxh3_64_intdigest(raw, index) != int(self.hashes[index]):
             raise CorruptStoreError(f"{self.data}: the text of record {index} is damaged")
         return raw.decode("utf-8", "surrogateescape")
 
     def check_all(self) -> None:
         """Check every record's text (``verify``)."""
-        with open(self.data, "rb") as f:
-            data = f.read(int(self.ends[-1]) if len(self.ends) else 0)
+        try:
+            with open(self.data, "rb") as f:
+                data = f.read(int(self.ends[-1]) if len(self.ends) else 0)
+        except OSError as exc:
+            raise CorruptStoreError(f"{self.data} cannot be read: {exc}") from None
         lo = 0
         for index, (hi, expected) in enumerate(zip(self.ends.tolist(), self.hashes.tolist(), strict=True)):
             if hi > len(data) or xxh3_64_intdigest(data[lo:hi], index) != expected:

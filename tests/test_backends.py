@@ -8,11 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 import imgstore
 from imgstore.testing import CrashSafety, DamageDetection, StoreConformance, StoreRobustness
-from imgstore.testing.fuzz import MISSING_PATHS_FILE
 
 
 class TestPng(StoreConformance, StoreRobustness):
@@ -56,26 +53,11 @@ class RawVaried:
     varied = True
 
 
-# Found by the suites, not fixed here (the backends are not this file's): reproducers in the reasons.
-PNG_FILE_SIZE_LIMIT = (
-    "store core (columns.write_at, see SHORT_WRITES_UNCHECKED in imgstore/testing/faults.py): under RLIMIT_FSIZE the "
-    "png backend's biggest growing files are the side columns; the write that crosses the limit is short, unchecked, "
-    "and committed: the store then fails to open ('shapes-<gen>.u32 holds 6863 entries; 8200 records are committed')"
-)
-
-
-class PngFileSizeLimit:
-    # The png backend's files per record are small: a side column is the first file over the limit.
-    @pytest.mark.xfail(strict=True, reason=PNG_FILE_SIZE_LIMIT)
-    def test_file_size_limit_in_a_subprocess(self, tmp_path: Path) -> None:
-        super().test_file_size_limit_in_a_subprocess(tmp_path)  # type: ignore[misc]
-
-
-class TestPngKeep(PngFileSizeLimit, KeepFiles, StoreConformance, StoreRobustness):
+class TestPngKeep(KeepFiles, StoreConformance, StoreRobustness):
     backend = "png"
 
 
-class TestPngPng(PngFileSizeLimit, PngVaried, StoreConformance, StoreRobustness):
+class TestPngPng(PngVaried, StoreConformance, StoreRobustness):
     backend = "png"
 
 
@@ -87,18 +69,11 @@ class TestPngRawVaried(RawVaried, StoreConformance, DamageDetection, CrashSafety
     backend = "png"
 
 
-class LmdbFuzzDeletesThePathsFile:
-    # The random case 12 of seed 1 deletes paths-<gen>.txt in these stores (they hold no source paths).
-    @pytest.mark.xfail(strict=True, reason=MISSING_PATHS_FILE)
-    def test_damaged_store_fails_cleanly(self, tmp_path: Path) -> None:
-        super().test_damaged_store_fails_cleanly(tmp_path)  # type: ignore[misc]
-
-
-class TestLmdbKeep(LmdbFuzzDeletesThePathsFile, KeepFiles, StoreConformance, StoreRobustness):
+class TestLmdbKeep(KeepFiles, StoreConformance, StoreRobustness):
     backend = "lmdb"
 
 
-class TestLmdbPng(LmdbFuzzDeletesThePathsFile, PngVaried, StoreConformance, StoreRobustness):
+class TestLmdbPng(PngVaried, StoreConformance, StoreRobustness):
     backend = "lmdb"
 
 

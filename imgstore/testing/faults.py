@@ -33,15 +33,6 @@ OLD, NEW = 20, 30
 NEW_SCALED = 5  # encoded layouts: each record is a write step of its own in some backends (a PNG file)
 
 
-# Found by these suites in the store core (imgstore/columns.py), not fixed here: the tests that show it are xfail.
-SHORT_WRITES_UNCHECKED = (
-    "store core: columns.write_at (and TextColumn.write) ignore the count os.pwrite returns: a short write (a file "
-    "size limit, a full disk) leaves checksums-/shapes-/paths- files shorter than the count the manifest then "
-    "commits, so the acknowledged commit no longer opens (CorruptStoreError 'holds 25 entries; 30 records are "
-    "committed'). Reproducer: os.pwrite patched to write half once during put_many on any store, then reopen"
-)
-
-
 class FaultInjector:
     """Fails the N-th write-level call imgstore makes through Python (the SQLite way of testing I/O errors)."""
 
@@ -169,7 +160,6 @@ class FaultTolerance(BackendTest):
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
     ) -> None:
         """``os.pwrite`` may write less than it is given (a file size limit, a full disk): never commit the rest."""
-        request.applymarker(pytest.mark.xfail(strict=True, reason=SHORT_WRITES_UNCHECKED))
         records = self.records(OLD + NEW_SCALED)
         base = tmp_path / "base"
         with self.create(base) as store:

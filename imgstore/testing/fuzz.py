@@ -199,14 +199,6 @@ class Worker:
             self.process.wait()
 
 
-# Found by these suites in the store core, not fixed here: the tests that show it are xfail.
-MISSING_PATHS_FILE = (
-    "store core: with paths-<gen>.txt deleted, an encoded store that holds no source paths raises a bare "
-    "FileNotFoundError from verify(), not CorruptStoreError (nor passes). Reproducer: codec='png', shape=None, "
-    "put_many(10 arrays); delete paths-<gen>.txt; open_store(path).verify()"
-)
-
-
 def _size(path: Path) -> int:
     return path.stat().st_size
 
@@ -375,8 +367,6 @@ class DamageDetection(BackendTest):
         self.skip_unless_encoded("the side files of encoded stores (shapes, source paths)")
         if damage == "flip" and side.startswith("paths") and not self.layout.takes_files:
             pytest.skip("a raw store takes arrays only: no source paths to change")
-        if damage == "delete" and side == "paths.txt" and not self.layout.takes_files:
-            request.applymarker(pytest.mark.xfail(strict=True, reason=MISSING_PATHS_FILE))
         path = tmp_path / "s"
         records = self.records(10, (8, 8, 3))
         with self.create(path) as store:
