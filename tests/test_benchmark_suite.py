@@ -52,6 +52,8 @@ def test_every_group_has_the_references_and_every_backend(run: dict[str, Any]) -
 def test_extra_info_and_ratios_are_filled(run: dict[str, Any]) -> None:
     for bench in run["doc"]["benchmarks"]:
         info = bench["extra_info"]
+        if info["dataset"] != "synthetic":
+            continue  # the imagenet-like rows: tests/test_benchmarks_imagenet.py
         assert info["images"] == 10 and info["disk_bytes"] > 0 and info["file_bytes"] > 0
         assert len(bench["stats"]["data"]) == bench["stats"]["rounds"] >= 5
         if info["kind"] == "imgstore":
