@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgstore.arguments import io_error
-from imgstore.codecs import Codec, ImageInfo, decode_many, encode_many, get_codec, probe, resolve_decoder
+from imgstore.codecs import Codec, ImageInfo, decode_many, encode_many, get_codec, is_whole, probe, resolve_decoder
 from imgstore.columns import ShapeColumn, TextColumn
 from imgstore.errors import (
     CorruptStoreError,
@@ -118,6 +118,8 @@ class EncodedRecords:
             raise InvalidImageError(f"image {k}: an encoded image has 1 byte to 2 GiB, got {len(data)} bytes")
         try:
             info = probe(data)
+            if not is_whole(data):  # a truncated file's header is fine: decode it to know (rare formats too)
+                decode_many([data], threads=1)
         except InvalidImageError as exc:
             raise InvalidImageError(f"image {k}: {exc}") from None
         accepts = self.codec.accepts

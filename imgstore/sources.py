@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from imgstore.codecs import decode, get_codec, probe
+from imgstore.codecs import decode, get_codec, is_whole, probe
 from imgstore.errors import DatasetError, ImgStoreError, InvalidImageError
 from imgstore.manifest import MANIFEST_NAME
 
@@ -360,7 +360,7 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
         if plan.codec == "keep":
             # The header is checked by the store (put_encoded_many probes every file): here only
             # what the header cannot tell, that the file is whole (else it is decoded to decide).
-            if plan.full_check or not _whole(data):
+            if plan.full_check or not is_whole(data):
                 decode(data, mode=plan.mode)
             return Prepared(data, read, None)
         array = decode(data, mode=plan.mode)
@@ -369,22 +369,6 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
         return Prepared(None, read, str(exc))
     except OSError as exc:
         return Prepared(None, read, f"cannot read it: {exc.strerror or exc}")
-
-
-def _whole(data: bytes) -> bool:
-    """Whether a JPEG, PNG or WebP file ends where its format says it ends: then its header is trusted.
-
-    A truncated file (the common damage: an interrupted copy or download) lacks its end. Pillow
-    fails on it only when it decodes the pixels, so such a file, and every file of another
-    format, is decoded in full to decide.
-    """
-    if data.startswith(b"\xff\xd8\xff"):
-        return data.endswith(b"\xff\xd9")  # EOI: appears nowhere else in a JPEG's scans (0xFF is escaped)
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return data.endswith(b"\0\0\0\0IEND\xaeB`\x82")  # the IEND chunk
-    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
-        return len(data) >= 8 + int.from_bytes(data[4:8], "little")  # the RIFF size
-    return False
 
 
 def first_refused(records: Sequence[bytes | np.ndarray]) -> tuple[int | None, str]:

@@ -61,7 +61,7 @@ on) or an ICO whose image is not the size its directory gives still pass through
 
 from __future__ import annotations
 
-from imgstore.codecs.api import decode, decode_many, encode_many, probe
+from imgstore.codecs.api import decode, decode_many, encode_many, is_whole, probe
 from imgstore.codecs.base import Codec, ImageInfo, Param
 from imgstore.codecs.encoders import JpegCodec, KeepCodec, PngCodec, WebpCodec
 from imgstore.codecs.fast_jpeg import available_decoders, resolve_decoder
@@ -83,6 +83,7 @@ __all__ = [
     "decode_many",
     "encode_many",
     "get_codec",
+    "is_whole",
     "probe",
     "register_codec",
     "resolve_decoder",

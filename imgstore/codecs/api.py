@@ -106,6 +106,24 @@ def probe(blob: bytes | memoryview) -> ImageInfo:
     return ImageInfo(*pillow.probe_info(data))
 
 
+def is_whole(blob: bytes | memoryview) -> bool:
+    """Whether a JPEG, PNG or WebP file ends where its format says it ends: then its header is trusted.
+
+    A truncated file (the common damage: an interrupted copy or download) lacks its end. Pillow
+    fails on it only when it decodes the pixels, so such a file, and every file of another
+    format, must be decoded in full to know it is whole. imgstore's raw blobs are checked whole by
+    :func:`probe` (their length is exact).
+    """
+    head = bytes(blob[:12])
+    if head.startswith(b"\xff\xd8\xff"):
+        return bytes(blob[-2:]) == b"\xff\xd9"  # EOI: appears nowhere else in a JPEG's scans (0xFF is escaped)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return bytes(blob[-12:]) == b"\0\0\0\0IEND\xaeB`\x82"  # the IEND chunk
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return len(blob) >= 8 + int.from_bytes(head[4:8], "little")  # the RIFF size
+    return raw.is_raw(bytes(blob[:16]))
+
+
 def decode(
     blob: bytes | memoryview, *, mode: str | None = None, size: tuple[int, int] | None = None, decoder: str = "auto"
 ) -> np.ndarray:
