@@ -6,6 +6,9 @@ Keys are the block number as 8 big-endian bytes, so key order is index order and
 LMDB's fast append mode. A write rewrites the partly filled last block, if any, in the same
 transaction. The map grows by itself: a write that would not fit grows the map first (and a
 ``MapFullError`` that still happens grows it and retries), so ``map_size`` is never the user's problem.
+
+liblmdb kills the process (SIGABRT, SIGBUS) on a damaged page, so no transaction walks pages that
+were not checked first (lmdb_pages): a damaged store is a ``CorruptStoreError``.
 """
 
 from __future__ import annotations
