@@ -716,3 +716,19 @@ def test_pool_is_fork_safe() -> None:
         pytest.fail("decode_many hung in a forked child")
     assert child.exitcode == 0
     assert decode_many(blobs, threads=2) is not None and pool._pool is not None  # the parent's pool is unharmed
+
+
+def test_probe_of_a_jpeg_gives_what_pillow_says() -> None:
+    """probe reads JPEG headers with the fast decoder where one is installed: the same answer as Pillow's."""
+    import dataclasses
+
+    from imgstore.codecs import pillow as pillow_codec
+
+    blobs = []
+    for mode, size in (("L", (30, 20)), ("RGB", (31, 17)), ("CMYK", (9, 9)), ("RGB", (640, 480))):
+        for progressive in (False, True):
+            out = io.BytesIO()
+            Image.new(mode, size).save(out, "JPEG", progressive=progressive, subsampling=0 if progressive else 2)
+            blobs.append(out.getvalue())
+    for blob in blobs:
+        assert dataclasses.astuple(codecs.probe(blob)) == pillow_codec.probe_info(blob)
