@@ -7,25 +7,9 @@ selection machinery costs tens of microseconds, a ``preadv`` into the caller's a
 Filtered (compressed) chunks, which a subclass may configure, are read through h5py instead.
 
 Encoded stores (a codec other than raw, or raw images of varied shapes) keep variable-length
-records in the same kind of file, in three 1-D datasets made when the store is created:
-
-- ``blobs``: uint8, every record's bytes concatenated, in chunks of 1 MiB (``chunk_bytes`` sizes
-  the chunks of raw stores only). Measured on 1 000 ImageNet-like JPEGs (~110 KB): a shuffled
-  batch of 256 read with ``preadv`` takes about the same time with 256 KiB to 4 MiB chunks (7-11
-  ms warm) and 30-60% more with 64 KiB; h5py slices take 3-5x as long at any size. 1 MiB keeps
-  the chunk index small (one entry per MiB) and nine in ten such records inside one chunk.
-- ``ends``: int64, record ``i`` is ``blobs[ends[i - 1]:ends[i]]`` (``ends[-1]`` taken as 0).
-- ``labels``: int64, as in raw stores.
-
-A write appends at the end of the last committed record (``ends[start - 1]``) and resizes every
-dataset to the new records' end, so the leftovers of a write that crashed before its commit are
-overwritten or cut off. Reads take the committed ``ends`` once per handle (and per write), after
-checking them (increasing, within ``blobs``, no record over 2 GiB: a damaged file never makes a
-read allocate what it claims), and read each record with one ``pread`` at the file offset of its
-chunk, in file order, then hand them back in the caller's order (a record across two chunks that
-are not contiguous in the file is read in two pieces). Reading spans that cover several nearby
-records with one read and splitting them gained nothing measurable: 2 KB records cost about 2 µs
-each either way, and for 110 KB records the split's extra copy costs more than the calls it saves.
+records in the same kind of file, in three 1-D datasets made when the store is created: ``blobs``
+(uint8, every record's bytes concatenated), ``ends`` (int64, where each record ends in ``blobs``)
+and ``labels``. ``hdf5_blobs.py`` describes them, with how records are written and read.
 
 Concurrency and crashes. HDF5 marks a file "open for write" in its superblock while a writer has
 it, and refuses that mark in most ways: a plain reader or a new writer is refused any such file, a
@@ -65,13 +49,21 @@ import numpy as np
 from h5py import h5f
 
 from imgstore.arguments import io_error
+from imgstore.backends.hdf5_blobs import (
+    ENCODED_LAYOUT,
+    BlobIndex,
+    copy_blobs,
+    encoded_datasets,
+    end_of,
+    put_blobs,
+    read_blobs,
+)
 from imgstore.backends.hdf5_files import (
     LABEL_CHUNK,
-    BlobIndex,
     EncodedLayout,
     Layout,
     ReadIndex,
-    checked_ends,
+    copy_images,
     discard,
     open_for_reading,
     open_h5,
@@ -83,14 +75,11 @@ from imgstore.backends.hdf5_files import (
 )
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
-from imgstore.manifest import MAX_IMAGE_BYTES
 from imgstore.options import Option
 from imgstore.store import Store
 
 _FILE = "images.h5"
 _BUILDING = ".rebuild"  # suffix of a file being made; the manifest owns "<own file>.rebuild" (TEMPORARY_SUFFIXES)
-_COPY_BYTES = 16 << 20  # records copied per step when a file is rebuilt (and bytes per step of an encoded write)
-_BLOB_CHUNK = 1 << 20  # bytes per chunk of an encoded store's records (see the module docstring)
 
 
 class Hdf5Store(Store):
@@ -112,17 +101,18 @@ class Hdf5Store(Store):
         self._blob_index: BlobIndex | None = None
         self._file_shape: tuple[int, ...] | None = None  # image shape of the file's datasets (None: none yet)
         if create:
-            layout: Layout | EncodedLayout | None = None
-            if self._manifest.encoded:  # all datasets now: SWMR mode cannot add them later
-                layout = _ENCODED_LAYOUT
-            elif self.shape is not None:
-                layout = self._layout(self.shape)
-            self._install(self._build(layout, None, durable=self.sync), durable=self.sync)
+            self._install(self._build(self._empty_layout(), None, durable=self.sync), durable=self.sync)
             self._attach(*open_h5(path, h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE))
         elif self.writable:
             self._attach(*self._open_for_writing(path))
         else:
             self._attach(*open_for_reading(path))
+
+    def _empty_layout(self) -> Layout | EncodedLayout | None:
+        """The datasets of a file without records: those of the store's shape, if it has one yet."""
+        if self._manifest.encoded:  # all datasets now: SWMR mode cannot add them later
+            return ENCODED_LAYOUT
+        return self._layout(self.shape) if self.shape is not None else None
 
     def _layout(self, shape: tuple[int, ...]) -> Layout:
         nbytes = int(np.prod(shape, dtype=np.int64))
@@ -159,7 +149,7 @@ class Hdf5Store(Store):
 
     def _attach_encoded(self, file: h5py.File, fd: int) -> None:
         try:
-            found = _encoded_datasets(file)
+            found = encoded_datasets(file)
             if len(self) and found is None:
                 raise CorruptStoreError(f"{self.file(_FILE)} has no blobs/ends/labels datasets of an encoded store")
         except BaseException:
@@ -204,81 +194,14 @@ class Hdf5Store(Store):
     def _rebuild(self, path: Path) -> Path:
         """A new file holding the committed records of the file at ``path``; returns its temporary name."""
         count = len(self)
-        if self._manifest.encoded:
-            return self._rebuild_encoded(path)
-        if count == 0:  # nothing committed: a fresh file (with datasets if the store has a shape)
-            return self._build(self._layout(self.shape) if self.shape is not None else None, None, durable=True)
+        if count == 0:  # nothing committed: a fresh file
+            return self._build(self._empty_layout(), None, durable=True)
         old, fd = open_for_reading(path)
         os.close(fd)
-        with old:
-            source_images, source_labels = old.get("images"), old.get("labels")
-            if (
-                source_images is None
-                or source_labels is None
-                or source_images.chunks is None
-                or source_labels.chunks is None
-                or source_images.shape[1:] != self.shape
-                or source_images.shape[0] < count
-                or source_labels.shape[0] < count
-            ):
-                raise CorruptStoreError(f"{path} holds fewer images than its manifest commits")
-            layout = Layout(self.image_shape, source_images.chunks[0], source_labels.chunks[0])
-            image_nbytes = int(np.prod(self.image_shape, dtype=np.int64))
-
-            def copy_records(file: h5py.File, tmp: Path) -> None:
-                images, labels = file["images"], file["labels"]
-                reserve(tmp, count * (image_nbytes + 8) + (count * image_nbytes >> 4) + (1 << 20))
-                images.resize(count, axis=0)
-                labels.resize(count, axis=0)
-                step = max(1, _COPY_BYTES // image_nbytes // layout.image_rows) * layout.image_rows
-                for lo in range(0, count, step):
-                    hi = min(count, lo + step)
-                    try:
-                        block_images, block_labels = source_images[lo:hi], source_labels[lo:hi]
-                    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-                        raise CorruptStoreError(f"{path} cannot be read: {exc}") from exc
-                    images.write_direct(np.ascontiguousarray(block_images), dest_sel=np.s_[lo:hi])
-                    labels.write_direct(np.ascontiguousarray(block_labels, dtype=np.int64), dest_sel=np.s_[lo:hi])
-
-            return self._build(layout, copy_records, durable=True)
-
-    def _rebuild_encoded(self, path: Path) -> Path:
-        """:meth:`_rebuild` for an encoded store: the committed records' bytes, ends and labels."""
-        count = len(self)
-        if count == 0:
-            return self._build(_ENCODED_LAYOUT, None, durable=True)
-        old, fd = open_for_reading(path)
-        os.close(fd)
-        with old:
-            try:
-                found = _encoded_datasets(old)
-                if found is None or found[1].shape[0] < count or found[2].shape[0] < count:
-                    raise CorruptStoreError(f"{path} holds fewer images than its manifest commits")
-                blobs, ends, labels = found
-                layout = EncodedLayout(blobs.chunks[0], ends.chunks[0], labels.chunks[0])
-                kept_ends = checked_ends(ends[:count], blobs.shape[0], path)
-                kept_labels = np.asarray(labels[:count], dtype=np.int64)
-            except (OSError, RuntimeError, KeyError, ValueError) as exc:
-                if isinstance(exc, ImgStoreError):
-                    raise
-                raise CorruptStoreError(f"{path} cannot be read: {exc}") from exc
-            nbytes = int(kept_ends[-1])
-
-            def copy_records(file: h5py.File, tmp: Path) -> None:
-                reserve(tmp, nbytes + 16 * count + (nbytes >> 4) + (1 << 20))
-                for name, values in (("ends", kept_ends), ("labels", kept_labels)):
-                    file[name].resize(count, axis=0)
-                    file[name].write_direct(values)
-                file["blobs"].resize(nbytes, axis=0)
-                for lo in range(0, nbytes, _COPY_BYTES):
-                    hi = min(nbytes, lo + _COPY_BYTES)
-                    try:
-                        block = blobs[lo:hi]
-                    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-                        raise CorruptStoreError(f"{path} cannot be read: {exc}") from exc
-                    file["blobs"].write_direct(np.ascontiguousarray(block), dest_sel=np.s_[lo:hi])
-
-            return self._build(layout, copy_records, durable=True)
+        with old:  # open until the new file is made: the copy reads from it
+            if self._manifest.encoded:
+                return self._build(*copy_blobs(old, count, path), durable=True)
+            return self._build(*copy_images(old, count, self.shape, path), durable=True)
 
     def _build(
         self,
@@ -426,13 +349,14 @@ class Hdf5Store(Store):
                 # An empty store whose file has no datasets (made before this backend held encoded
                 # stores): a new file with them and these records, as SWMR mode cannot add datasets.
                 def put(file: h5py.File, tmp: Path) -> None:
-                    _put_blobs(file["blobs"], file["ends"], file["labels"], 0, 0, blobs, labels, tmp)
+                    put_blobs(file["blobs"], file["ends"], file["labels"], 0, 0, blobs, labels, tmp)
 
-                self._install(self._build(_ENCODED_LAYOUT, put, durable=self.sync), durable=self.sync)
+                self._install(self._build(ENCODED_LAYOUT, put, durable=self.sync), durable=self.sync)
                 self._attach(*open_h5(self.file(_FILE), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE))
                 return
             path = self.file(_FILE)
-            _put_blobs(self._blobs, self._ends, self._labels, start, self._end_of(start), blobs, labels, path)
+            offset = end_of(self._blob_index, self._blobs, self._ends, start, path)
+            put_blobs(self._blobs, self._ends, self._labels, start, offset, blobs, labels, path)
             self._file.flush()
             release_reserve(path)
             if self.sync:
@@ -440,28 +364,6 @@ class Hdf5Store(Store):
             self._blob_index = None
         except OSError as exc:
             raise_with_errno(exc)
-
-    def _end_of(self, start: int) -> int:
-        """Where record ``start`` begins in ``blobs``: the end of the committed record before it."""
-        if start == 0:
-            return 0
-        if self._blob_index is not None:
-            return int(self._blob_index.ends[start - 1])
-        # Not the whole index (a read's job): the last record's bounds, so that a damaged offset
-        # cannot make this write land gigabytes past the records.
-        try:
-            if self._ends.shape[0] < start:
-                raise CorruptStoreError(f"{self.file(_FILE)} holds fewer images than its manifest commits")
-            last = self._ends[max(0, start - 2) : start]
-            size = int(self._blobs.shape[0])
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            raise CorruptStoreError(f"{self.file(_FILE)} cannot be read: {exc}") from exc
-        before, end = (0, int(last[0])) if start == 1 else (int(last[0]), int(last[1]))
-        if not 0 <= before < end <= size or end - before > MAX_IMAGE_BYTES:
-            raise CorruptStoreError(
-                f"{self.file(_FILE)}: record {start - 1} lies outside the records ({before} .. {end})"
-            )
-        return end
 
     # -------------------------------------------------------------- reading
 
@@ -530,30 +432,7 @@ class Hdf5Store(Store):
         return self._blob_index
 
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-        ix = self._read_blob_index()
-        labels = ix.labels[indices]
-        starts, stops = ix.spans(indices)
-        order = np.argsort(indices, kind="stable")  # file order: records lie in index order
-        blobs: list[bytes] = [b""] * len(indices)
-        if ix.offsets is None or ix.run_ends is None:
-            for k in order.tolist():
-                blobs[k] = self._blobs[starts[k] : stops[k]].tobytes()
-            return blobs, labels
-        first = starts // ix.chunk
-        positions = ix.offsets[first] + starts - first * ix.chunk
-        # One read when the record's chunks lie one after another in the file (nearly always).
-        whole = (stops - 1) // ix.chunk <= ix.run_ends[first]
-        # Python ints for the loop: indexing numpy arrays per record costs more than a small record's read.
-        for k, position, start, stop, one_read in zip(
-            order.tolist(),
-            positions[order].tolist(),
-            starts[order].tolist(),
-            stops[order].tolist(),
-            whole[order].tolist(),
-            strict=True,
-        ):
-            blobs[k] = self._pread(position, stop - start) if one_read else self._pread_pieces(ix, start, stop)
-        return blobs, labels
+        return read_blobs(self._read_blob_index(), self._blobs, indices, self._pread, self._pread_into)
 
     def _pread(self, offset: int, nbytes: int) -> bytes:
         data = os.pread(self._fd, nbytes, offset)  # straight into a new bytes object: one copy
@@ -563,63 +442,3 @@ class Hdf5Store(Store):
         buffer[: len(data)] = data
         self._pread_into(np.frombuffer(buffer, np.uint8)[len(data) :], offset + len(data))
         return bytes(buffer)
-
-    def _pread_pieces(self, ix: BlobIndex, start: int, stop: int) -> bytes:
-        """A record across chunks that are not contiguous in the file: one read per contiguous run."""
-        assert ix.offsets is not None and ix.run_ends is not None
-        buffer = np.empty(stop - start, dtype=np.uint8)
-        at = start
-        while at < stop:
-            chunk = at // ix.chunk
-            end = min(stop, (int(ix.run_ends[chunk]) + 1) * ix.chunk)
-            self._pread_into(buffer[at - start : end - start], int(ix.offsets[chunk]) + at - chunk * ix.chunk)
-            at = end
-        return buffer.tobytes()
-
-
-# ---------------------------------------------------------------------- encoded stores' datasets
-
-_ENCODED_LAYOUT = EncodedLayout(_BLOB_CHUNK, LABEL_CHUNK, LABEL_CHUNK)
-
-
-def _encoded_datasets(file: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset, h5py.Dataset] | None:
-    """The ``blobs``, ``ends`` and ``labels`` datasets of an encoded store's file; None unless all are as made."""
-    blobs, ends, labels = (file.get(name) for name in ("blobs", "ends", "labels"))
-    for dataset, dtype in ((blobs, np.uint8), (ends, np.int64), (labels, np.int64)):
-        if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.chunks is None:
-            return None
-        if dataset.dtype != dtype:
-            return None
-    return blobs, ends, labels
-
-
-def _put_blobs(
-    blob_set: h5py.Dataset,
-    end_set: h5py.Dataset,
-    label_set: h5py.Dataset,
-    start: int,
-    offset: int,
-    blobs: Sequence[bytes],
-    labels: np.ndarray,
-    file: Path,
-) -> None:
-    """Write records ``start ..``, their bytes from ``offset`` of ``blob_set``, after reserving disk space."""
-    lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
-    ends = offset + np.cumsum(lengths)
-    stop, total = start + len(blobs), int(lengths.sum())
-    reserve(file, total + 16 * len(blobs) + (total >> 4) + (1 << 20))
-    # To the new end exactly: a crashed write's leftovers past it are cut off, those before overwritten.
-    blob_set.resize(offset + total, axis=0)
-    end_set.resize(stop, axis=0)
-    label_set.resize(stop, axis=0)
-    k, at = 0, offset
-    while k < len(blobs):  # pieces of about _COPY_BYTES: a join per piece, not a copy of the whole batch
-        j, size = k + 1, len(blobs[k])
-        while j < len(blobs) and size + len(blobs[j]) <= _COPY_BYTES:
-            size += len(blobs[j])
-            j += 1
-        piece = np.frombuffer(b"".join(blobs[k:j]), dtype=np.uint8)
-        blob_set.write_direct(piece, dest_sel=np.s_[at : at + size])
-        k, at = j, at + size
-    end_set.write_direct(ends, dest_sel=np.s_[start:stop])
-    label_set.write_direct(np.ascontiguousarray(labels, dtype=np.int64), dest_sel=np.s_[start:stop])

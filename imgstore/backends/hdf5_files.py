@@ -1,7 +1,9 @@
-"""HDF5 files for the hdf5 backend: opening them safely, empty files written by Python, fork safety, the read indexes.
+"""HDF5 files for the hdf5 backend: opening them safely, empty files written by Python, fork safety.
 
-Kept apart from ``hdf5.py`` (the Store) so that each stays readable; see that module's docstring
-for why files are opened and made this way.
+Also what is particular to raw stores' ``images``/``labels`` datasets: their copy into a rebuilt
+file and their read index (``hdf5_blobs.py`` has the same for encoded stores' records). Kept apart
+from ``hdf5.py`` (the Store) so that each stays readable; see that module's docstring for why files
+are opened and made this way.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import itertools
 import os
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, NoReturn
@@ -21,9 +24,10 @@ import numpy as np
 from h5py import h5f, h5i, h5p
 
 from imgstore.errors import CorruptStoreError, ImgStoreError
-from imgstore.manifest import MAX_IMAGE_BYTES
+from imgstore.fileio import reserve
 
 LABEL_CHUNK = 1 << 14
+COPY_BYTES = 16 << 20  # records copied per step when a file is rebuilt (and bytes per step of an encoded write)
 ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
 
 
@@ -159,6 +163,47 @@ def with_errno(exc: OSError) -> OSError:
     return exc
 
 
+def copy_images(
+    old: h5py.File, count: int, shape: tuple[int, ...] | None, path: Path
+) -> tuple[Layout, Callable[[h5py.File, Path], None]]:
+    """The layout of ``old``'s datasets, and a fill that copies its first ``count`` images and labels.
+
+    ``old`` is the file at ``path`` (of a store of images of ``shape``), read to rebuild it; it must
+    stay open until the fill has run.
+    """
+    source_images, source_labels = old.get("images"), old.get("labels")
+    if (
+        shape is None  # never so once records are committed; checked for the type checker
+        or source_images is None
+        or source_labels is None
+        or source_images.chunks is None
+        or source_labels.chunks is None
+        or source_images.shape[1:] != shape
+        or source_images.shape[0] < count
+        or source_labels.shape[0] < count
+    ):
+        raise CorruptStoreError(f"{path} holds fewer images than its manifest commits")
+    layout = Layout(shape, source_images.chunks[0], source_labels.chunks[0])
+    image_nbytes = int(np.prod(shape, dtype=np.int64))
+
+    def copy_records(file: h5py.File, tmp: Path) -> None:
+        images, labels = file["images"], file["labels"]
+        reserve(tmp, count * (image_nbytes + 8) + (count * image_nbytes >> 4) + (1 << 20))
+        images.resize(count, axis=0)
+        labels.resize(count, axis=0)
+        step = max(1, COPY_BYTES // image_nbytes // layout.image_rows) * layout.image_rows
+        for lo in range(0, count, step):
+            hi = min(count, lo + step)
+            try:
+                block_images, block_labels = source_images[lo:hi], source_labels[lo:hi]
+            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+                raise CorruptStoreError(f"{path} cannot be read: {exc}") from exc
+            images.write_direct(np.ascontiguousarray(block_images), dest_sel=np.s_[lo:hi])
+            labels.write_direct(np.ascontiguousarray(block_labels, dtype=np.int64), dest_sel=np.s_[lo:hi])
+
+    return layout, copy_records
+
+
 # ---------------------------------------------------------------------- fork
 
 opened: weakref.WeakSet[h5f.FileID] = weakref.WeakSet()  # files imgstore has open in this process
@@ -236,62 +281,3 @@ class ReadIndex:
         if needed and offsets.min() < 0:
             raise CorruptStoreError(f"{images.file.filename}: image chunks are missing or of the wrong size")
         return cls(rows, image_nbytes, offsets, labels[:count])
-
-
-def checked_ends(ends: np.ndarray, data_size: int, where: object) -> np.ndarray:
-    """``ends`` (int64) read from a file, after checking it: record ``i`` is ``blobs[ends[i - 1]:ends[i]]``.
-
-    A file is input like any other: every record must have 1 byte to 2 GiB and end within the
-    ``blobs`` dataset, so no read allocates more than a record can be because the file says so.
-    """
-    ends = np.asarray(ends, dtype=np.int64)
-    if len(ends) == 0:
-        return ends
-    # Bounds first: with every end in 1 .. data_size the differences below cannot overflow.
-    if int(ends.min()) < 1 or int(ends.max()) > data_size:
-        raise CorruptStoreError(f"{where}: record offsets lie outside the {data_size} bytes of records")
-    lengths = np.diff(ends, prepend=0)
-    if int(lengths.min()) < 1 or int(lengths.max()) > MAX_IMAGE_BYTES:
-        raise CorruptStoreError(f"{where}: record offsets are not increasing, or a record exceeds 2 GiB")
-    return ends
-
-
-@dataclass(frozen=True)
-class BlobIndex:
-    """Where the committed records of an encoded store lie: their bytes' ends, and the file offsets of the chunks."""
-
-    chunk: int  # bytes per chunk of ``blobs``
-    ends: np.ndarray  # record i is blobs[ends[i - 1]:ends[i]] (ends[-1] taken as 0); checked
-    offsets: np.ndarray | None  # file offset of each chunk; None when chunks are filtered
-    run_ends: np.ndarray | None  # per chunk: the last chunk of the run that lies contiguously in the file from it
-    labels: np.ndarray
-
-    @classmethod
-    def build(cls, blobs: h5py.Dataset, ends: h5py.Dataset, labels: h5py.Dataset, count: int) -> BlobIndex:
-        chunk = int(blobs.chunks[0])
-        checked = checked_ends(ends[:count], int(blobs.shape[0]), blobs.file.filename)
-        label_values = np.asarray(labels[:count], dtype=np.int64)
-        if blobs.id.get_create_plist().get_nfilters():
-            return cls(chunk, checked, None, None, label_values)
-        needed = -(-int(checked[-1]) // chunk) if count else 0
-        offsets = np.full(needed, -1, dtype=np.int64)
-
-        def note(info: h5py.h5d.StoreInfo) -> None:
-            index = info.chunk_offset[0] // chunk
-            if index < needed and info.size == chunk:
-                offsets[index] = info.byte_offset
-
-        blobs.id.chunk_iter(note)
-        if needed and offsets.min() < 0:
-            raise CorruptStoreError(f"{blobs.file.filename}: record chunks are missing or of the wrong size")
-        # HDF5 allocates chunks at the end of the file as they are written, so most runs of chunks are
-        # contiguous in the file and a record across chunks is still one read.
-        breaks = np.flatnonzero(offsets[1:] != offsets[:-1] + chunk)  # chunk c + 1 does not follow chunk c
-        run_ends = np.append(breaks, needed - 1)[np.searchsorted(breaks, np.arange(needed))]
-        return cls(chunk, checked, offsets, run_ends, label_values)
-
-    def spans(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Byte ranges ``[starts, stops)`` in ``blobs`` of records ``indices``."""
-        stops = self.ends[indices]
-        starts = np.where(indices > 0, self.ends[np.maximum(indices - 1, 0)], 0)
-        return starts, stops
