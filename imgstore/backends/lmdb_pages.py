@@ -4,7 +4,9 @@ LMDB keeps no checksums, and liblmdb trusts every page it reads: on a damaged on
 assertion (SIGABRT: ``Assertion 'IS_LEAF(mp)' failed in mdb_cursor_next()``) or reads past its
 memory map (SIGBUS, SIGSEGV), which kills the process. So a :class:`Snapshot` reads the pages of a
 snapshot from the file (never through a mapping: a damaged page number must be an error here, not
-a fault) and checks what liblmdb relies on, before a transaction of that snapshot walks them.
+a fault) and checks what liblmdb relies on, before a transaction of that snapshot walks them. This
+module is the policy (which pages, checked for what, when); reading and parsing pages, and the
+layouts, are lmdb_layout's.
 
 When a snapshot is first read:
 
@@ -22,92 +24,48 @@ counts of the meta page. Before a write deletes values: the headers of their ove
 (liblmdb frees as many pages as a header says). A store of values smaller than half a page is
 nearly all leaf pages: a read of a few records must not cost a read of them all.
 
-Layouts are liblmdb 0.9's (mdb.c: MDB_meta, MDB_db, MDB_page, MDB_node) on a 64-bit little-endian
-host; elsewhere nothing is checked. Keys are 8 bytes in both trees: a record or block number
-(big-endian) in the records' tree, a transaction id (native order) in the free-page tree.
+Layouts are liblmdb 0.9's on a 64-bit little-endian host; elsewhere nothing is checked (see lmdb_layout).
 """
 
 from __future__ import annotations
 
 import os
-import struct
-import sys
 import threading
-from typing import NamedTuple
 
 import numpy as np
 
+from imgstore.backends.lmdb_layout import (
+    F_BIGDATA,
+    FIXEDMAP,
+    HEADER,
+    INTEGERKEY,
+    KEY,
+    MAX_DEPTH,
+    NO_ROOT,
+    NODE,
+    NOSUBDIR,
+    P_BRANCH,
+    P_LEAF,
+    P_OVERFLOW,
+    SUPPORTED,
+    DataFile,
+    Db,
+    Nodes,
+    overflow_pages,
+    u64,
+)
 from imgstore.errors import CorruptStoreError
 
-P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
-F_BIGDATA = 0x01  # a leaf node whose value is on overflow pages: the node holds its first page number
-MAGIC, DATA_VERSION = 0xBEEFC0DE, 1
-HEADER = 16  # PAGEHDRSZ: mp_pgno (8 bytes), mp_pad, mp_flags, mp_lower, mp_upper (or mp_pages: 4)
-NODE = 8  # NODESIZE: mn_lo, mn_hi, mn_flags, mn_ksize; then the key, then the value
-KEY = 8
-NO_ROOT = (1 << 64) - 1  # P_INVALID: an empty tree
-MAX_DEPTH = 32  # CURSOR_STACK
-INTEGERKEY, FIXEDMAP, NOSUBDIR = 0x08, 0x01, 0x4000  # the free tree's flags hold the environment's
+__all__ = ["F_BIGDATA", "GROUP", "Snapshot", "SnapshotMoved"]  # F_BIGDATA too: tests read it from here
+
 # Leaf pages are checked in aligned groups: a numpy pass costs ~0.3 ms whatever its size, so a
 # lookup of one record checks its page's group (1 MiB, read in one go where appends left the
 # pages side by side); opening a store of at most one group checks it all (check_if_few).
 GROUP = 256
-SUPPORTED = sys.byteorder == "little" and struct.calcsize("P") == 8
-
-# MDB_page's header and MDB_meta after it: magic, version, address, map size, the free and the
-# records' MDB_db (pad, flags, depth, branch, leaf and overflow pages, entries, root), last page, txnid.
-_META = struct.Struct("<Q2xH4xIIQQ" + "IHHQQQQQ" * 2 + "QQ")
-_OVERFLOW_HEADER = struct.Struct("<Q2xHI")  # mp_pgno, mp_flags, mp_pages
 
 
 class SnapshotMoved(Exception):
     """The meta page of the snapshot now holds a later one (two commits since the transaction began)."""
-
-
-class _Db(NamedTuple):
-    pad: int
-    flags: int
-    depth: int
-    branch_pages: int
-    leaf_pages: int
-    overflow_pages: int
-    entries: int
-    root: int
-
-
-class _Meta(NamedTuple):
-    pgno: int
-    flags: int
-    magic: int
-    version: int
-    free: _Db
-    main: _Db
-    last_pgno: int
-    txnid: int
-
-
-class _Nodes(NamedTuple):
-    """The nodes of some pages (rows of ``flat``), in page then slot order."""
-
-    page: np.ndarray  # int64: which page (row)
-    slot: np.ndarray  # int64: its index in the page
-    at: np.ndarray  # int64: its offset in ``flat``
-    end: np.ndarray  # int64: the offset where its page ends in ``flat``
-    lo: np.ndarray  # int64: mn_lo | mn_hi << 16 (a leaf value's size), and mn_flags << 32 for a child page number
-    flags: np.ndarray  # int64: mn_flags
-    ksize: np.ndarray  # int64
-
-
-def _bytes8(flat: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The 8 bytes at each offset ``at`` of ``flat``, as rows: a gather of rows of a sliding window, which
-    is several times faster than indexing with offsets + arange(8)."""
-    rows: np.ndarray = np.lib.stride_tricks.sliding_window_view(flat, 8)[at]
-    return rows
-
-
-def _u64(flat: np.ndarray, at: np.ndarray, order: str = "<") -> np.ndarray:
-    values: np.ndarray = _bytes8(flat, at).view(order + "u8")[:, 0]
-    return values
 
 
 def _within(keys: np.ndarray, lo: np.ndarray, page: np.ndarray, strict: bool) -> np.ndarray:
@@ -116,27 +74,6 @@ def _within(keys: np.ndarray, lo: np.ndarray, page: np.ndarray, strict: bool) ->
     above = keys > lo[page] if strict else keys >= lo[page]
     within: np.ndarray = above & ((page == len(lo) - 1) | (keys < lo[np.minimum(page + 1, len(lo) - 1)]))
     return within
-
-
-def _preadv(fd: int, into: np.ndarray, offset: int) -> int:
-    """Read into ``into`` (C-contiguous) from ``offset``; the bytes read (fewer at the end of the file)."""
-    view = into.data.cast("B")
-    done = 0
-    while done < len(view):
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, [view[done:]], offset + done)
-        else:  # pragma: no cover - macOS before Python 3.?: pread and a copy
-            data = os.pread(fd, len(view) - done, offset + done)
-            view[done : done + len(data)] = data
-            got = len(data)
-        if not got:
-            break
-        done += got
-    return done
-
-
-def _overflow_pages(size: np.ndarray, psize: int) -> np.ndarray:
-    return (HEADER - 1 + size) // psize + 1  # OVPAGES
 
 
 class Snapshot:
@@ -150,6 +87,7 @@ class Snapshot:
 
     def __init__(self, path: str, psize: int, txnid: int, previous: Snapshot | None = None) -> None:
         self.path, self.psize, self.txnid = path, psize, txnid
+        self._file = DataFile(path, psize)
         self._lock = threading.Lock()
         # Branch pages checked, by tree then page number: (child page numbers, keys). A page of the
         # snapshot before (txnid - 1) that this one still uses is the same page, unchanged (a commit
@@ -165,7 +103,7 @@ class Snapshot:
         self._entries = self._overflow = 0  # of the leaf pages checked, for the meta's counts
         if not SUPPORTED:
             return
-        fd = self._open()
+        fd = self._file.open()
         try:
             self._check(fd)
         finally:
@@ -208,17 +146,17 @@ class Snapshot:
         start = max(int(np.searchsorted(self._leaf_lo, np.uint64(first), "right")) - 2, 0)
         tail = np.arange(start, len(self.leaves))
         self._check_leaves(tail, groups=False)  # a write's snapshot is new each time: no more than it walks
-        fd = self._open()
+        fd = self._file.open()
         try:
-            rows = self._read(fd, self.leaves[tail], "leaf")
-            nodes = self._nodes(rows, self.leaves[tail], P_LEAF, 1, "leaf")
+            rows = self._file.read(fd, self.leaves[tail], "leaf")
+            nodes = self._file.nodes(rows, self.leaves[tail], P_LEAF, 1, "leaf")
             flat = rows.reshape(-1)
-            big = (nodes.flags & F_BIGDATA).astype(bool) & (_u64(flat, nodes.at + NODE, ">") >= first)
+            big = (nodes.flags & F_BIGDATA).astype(bool) & (u64(flat, nodes.at + NODE, ">") >= first)
             sizes = nodes.lo[big]
-            for pgno, size in zip(_u64(flat, nodes.at[big] + NODE + KEY).tolist(), sizes.tolist(), strict=True):
-                stored, flags, pages = _OVERFLOW_HEADER.unpack(os.pread(fd, _OVERFLOW_HEADER.size, pgno * self.psize))
-                if (stored, flags, pages) != (pgno, P_OVERFLOW, int(_overflow_pages(np.int64(size), self.psize))):
-                    raise self._damaged(pgno, "overflow", f"header {stored}, flags {flags:#x}, {pages} pages")
+            for pgno, size in zip(u64(flat, nodes.at[big] + NODE + KEY).tolist(), sizes.tolist(), strict=True):
+                stored, flags, pages = self._file.overflow_header(fd, pgno)
+                if (stored, flags, pages) != (pgno, P_OVERFLOW, int(overflow_pages(np.int64(size), self.psize))):
+                    raise self._file.damaged(pgno, "overflow", f"header {stored}, flags {flags:#x}, {pages} pages")
         finally:
             os.close(fd)
 
@@ -226,80 +164,67 @@ class Snapshot:
 
     def _check(self, fd: int) -> None:
         psize, txnid = self.psize, self.txnid
-        metas = [self._meta(fd, slot) for slot in (0, 1)]
+        metas = [self._file.meta(fd, slot) for slot in (0, 1)]
         meta, other = metas[txnid & 1], metas[1 - (txnid & 1)]
         if meta.txnid != txnid:
             raise SnapshotMoved(txnid)
         # Commits alternate between the two pages: the other holds the one before (or a later one,
         # committed since the transaction began); both hold 0 in a new file.
         if not (other.txnid == txnid - 1 or other.txnid > txnid or other.txnid == txnid == 0):
-            raise self._damaged(1 - (txnid & 1), "meta", f"transaction {other.txnid} beside {txnid}")
+            raise self._file.damaged(1 - (txnid & 1), "meta", f"transaction {other.txnid} beside {txnid}")
         if meta.free.flags & ~(FIXEDMAP | NOSUBDIR) != INTEGERKEY or meta.main.flags != 0:
-            raise self._damaged(txnid & 1, "meta", f"tree flags {meta.free.flags:#x}, {meta.main.flags:#x}")
+            raise self._file.damaged(txnid & 1, "meta", f"tree flags {meta.free.flags:#x}, {meta.main.flags:#x}")
         self.last_pgno = meta.last_pgno
         if meta.last_pgno < 1 or os.fstat(fd).st_size < (meta.last_pgno + 1) * psize:
             raise CorruptStoreError(f"{self.path} is truncated: LMDB uses {meta.last_pgno + 1} pages of {psize} bytes")
         for db in (meta.free, meta.main):
             empty = db.root == NO_ROOT
             if (db.depth == 0) != empty or db.depth > MAX_DEPTH or not (empty or 2 <= db.root <= meta.last_pgno):
-                raise self._damaged(txnid & 1, "meta", f"root {db.root}, depth {db.depth}")
+                raise self._file.damaged(txnid & 1, "meta", f"root {db.root}, depth {db.depth}")
 
         free_pages, listed = self._free_tree(fd, meta.free)
         branches, leaves, lo = self._branches(fd, meta.main, P_BRANCH, 2, ">", "records'")
         if len(branches) != meta.main.branch_pages or len(leaves) != meta.main.leaf_pages:
-            raise self._damaged(txnid & 1, "meta", f"{len(branches)}, {len(leaves)} branch, leaf pages")
+            raise self._file.damaged(txnid & 1, "meta", f"{len(branches)}, {len(leaves)} branch, leaf pages")
         used = np.sort(np.concatenate([free_pages, listed, branches, leaves]))
         twice = np.flatnonzero(used[1:] == used[:-1])
         if len(twice):
-            raise self._damaged(int(used[twice[0]]), "", "in two places (trees, free lists)")
+            raise self._file.damaged(int(used[twice[0]]), "", "in two places (trees, free lists)")
         self.leaves, self._leaf_lo, self._used = leaves, lo, used
         self._checked = np.zeros(len(leaves), bool)
         self.unchecked, self._main = len(leaves), meta.main
 
-    def _meta(self, fd: int, slot: int) -> _Meta:
-        data = os.pread(fd, _META.size, slot * self.psize)
-        if len(data) < _META.size:
-            raise CorruptStoreError(f"{self.path} is truncated: no meta page {slot}")
-        fields = _META.unpack(data)
-        pgno, flags, magic, version, last_pgno, txnid = (*fields[:4], *fields[22:])
-        meta = _Meta(pgno, flags, magic, version, _Db(*fields[6:14]), _Db(*fields[14:22]), last_pgno, txnid)
-        if (meta.pgno, meta.flags, meta.magic, meta.version, meta.free.pad) != (
-            slot,
-            P_META,
-            MAGIC,
-            DATA_VERSION,
-            self.psize,
-        ):
-            raise self._damaged(slot, "meta", "not an LMDB meta page of this file")
-        return meta
-
-    def _free_tree(self, fd: int, db: _Db) -> tuple[np.ndarray, np.ndarray]:
+    def _free_tree(self, fd: int, db: Db) -> tuple[np.ndarray, np.ndarray]:
         """Check the free-page tree (all of it: a writer walks it) and its page lists; (its pages, the pages listed)."""
         branches, leaves, lo = self._branches(fd, db, P_BRANCH, 1, "<", "free-page")
         pages = [branches, leaves]
         entries = overflow = 0
         listed: list[np.ndarray] = []
         if len(leaves):
-            rows = self._read(fd, leaves, "free-page leaf")
+            rows = self._file.read(fd, leaves, "free-page leaf")
             nodes = self._leaf_nodes(rows, leaves, np.arange(len(leaves)), lo, "<", "free-page leaf")
             flat = rows.reshape(-1)
-            keys = _u64(flat, nodes.at + NODE)
+            keys = u64(flat, nodes.at + NODE)
             if keys[0] < 1 or keys[-1] > self.txnid:  # freed by a committed transaction
-                raise self._damaged(int(leaves[nodes.page[0]]), "free-page leaf", f"transactions {keys[0]}..{keys[-1]}")
+                raise self._file.damaged(
+                    int(leaves[nodes.page[0]]), "free-page leaf", f"transactions {keys[0]}..{keys[-1]}"
+                )
             entries = len(keys)
             for k in range(entries):
                 size, at = int(nodes.lo[k]), int(nodes.at[k]) + NODE + KEY
                 if nodes.flags[k] & F_BIGDATA:
-                    pgno = int(_u64(flat, np.array([at]))[0])
+                    pgno = int(u64(flat, np.array([at]))[0])
                     if not 2 <= pgno <= self.last_pgno:
-                        raise self._damaged(int(leaves[nodes.page[k]]), "free-page leaf", "a value out of the file")
-                    stored, flags, count = _OVERFLOW_HEADER.unpack(
-                        os.pread(fd, _OVERFLOW_HEADER.size, pgno * self.psize)
-                    )
+                        raise self._file.damaged(
+                            int(leaves[nodes.page[k]]), "free-page leaf", "a value out of the file"
+                        )
+                    stored, flags, count = self._file.overflow_header(fd, pgno)
                     # A list may keep more pages than it needs (mdb_freelist_save shrinks it in place).
-                    need = int(_overflow_pages(np.int64(size), self.psize))
+                    need = int(overflow_pages(np.int64(size), self.psize))
                     if (stored, flags) != (pgno, P_OVERFLOW) or not need <= count <= self.last_pgno + 1 - pgno:
-                        raise self._damaged(pgno, "free-page overflow", f"header {stored}, {flags:#x}, {count} pages")
+                        raise self._file.damaged(
+                            pgno, "free-page overflow", f"header {stored}, {flags:#x}, {count} pages"
+                        )
                     value = os.pread(fd, size, pgno * self.psize + HEADER)
                     pages.append(np.arange(pgno, pgno + count, dtype=np.uint64))
                     overflow += count
@@ -312,24 +237,24 @@ class Snapshot:
             db.overflow_pages,
             db.entries,
         ):
-            raise self._damaged(self.txnid & 1, "meta", "the free-page tree's counts differ from its pages")
+            raise self._file.damaged(self.txnid & 1, "meta", "the free-page tree's counts differ from its pages")
         return np.concatenate(pages), np.concatenate(listed) if listed else np.zeros(0, np.uint64)
 
     def _page_list(self, value: bytes, pgno: int) -> np.ndarray:
         """An MDB_IDL: its length, then page numbers in descending order (room for more may follow)."""
         if len(value) < 8 or len(value) % 8:
-            raise self._damaged(pgno, "free-page leaf", f"a page list of {len(value)} bytes")
+            raise self._file.damaged(pgno, "free-page leaf", f"a page list of {len(value)} bytes")
         ids = np.frombuffer(value, "<u8")
         count = int(ids[0])
         if count > len(ids) - 1:
-            raise self._damaged(pgno, "free-page leaf", f"a page list of {count} pages in {len(value)} bytes")
+            raise self._file.damaged(pgno, "free-page leaf", f"a page list of {count} pages in {len(value)} bytes")
         ids = ids[1 : 1 + count]
         if count and (ids[-1] < 2 or ids[0] > self.last_pgno or np.any(ids[1:] >= ids[:-1])):
-            raise self._damaged(pgno, "free-page leaf", "a page list out of order or out of the file")
+            raise self._file.damaged(pgno, "free-page leaf", "a page list out of order or out of the file")
         return ids
 
     def _branches(
-        self, fd: int, db: _Db, kind: int, min_keys: int, order: str, tree: str
+        self, fd: int, db: Db, kind: int, min_keys: int, order: str, tree: str
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Check a tree's branch pages, level by level; (their page numbers, the leaf pages, the least key of each)."""
         parsed = self._parsed.setdefault(tree, {})
@@ -351,7 +276,7 @@ class Snapshot:
             page = np.repeat(np.arange(len(pages)), count)
             keyed = np.arange(len(page)) > np.repeat(np.cumsum(count) - count, count)  # node 1 on
             # Keys of node 1 on: above the page's least key (or node 0 would lead nowhere), under the next page's.
-            self._fail(pgnos, page, keyed & ~_within(keys, lo, page, strict=True), what, "keys out of order")
+            self._file.fail(pgnos, page, keyed & ~_within(keys, lo, page, strict=True), what, "keys out of order")
             branches.append(pgnos)
             pgnos, lo = children, np.where(keyed, keys, lo[page])
         return np.concatenate(branches), pgnos, lo
@@ -367,21 +292,23 @@ class Snapshot:
         parsed: dict[int, tuple[np.ndarray, np.ndarray]],
     ) -> None:
         """Check what branch pages hold on their own; their (children, keys: 0 for node 0) into ``parsed``."""
-        rows = self._read(fd, pgnos, what)
-        nodes = self._nodes(rows, pgnos, kind, min_keys, what)
+        rows = self._file.read(fd, pgnos, what)
+        nodes = self._file.nodes(rows, pgnos, kind, min_keys, what)
         flat = rows.reshape(-1)
         # Node 0's key is never read (liblmdb searches from node 1): it may be empty.
         keyed = nodes.slot > 0
         bad = np.where(keyed, nodes.ksize != KEY, (nodes.ksize != 0) & (nodes.ksize != KEY))
-        self._fail(pgnos, nodes.page, bad, what, "a key that is not 8 bytes")
-        self._fail(pgnos, nodes.page, nodes.at + NODE + nodes.ksize > nodes.end, what, "a node past its page")
+        self._file.fail(pgnos, nodes.page, bad, what, "a key that is not 8 bytes")
+        self._file.fail(pgnos, nodes.page, nodes.at + NODE + nodes.ksize > nodes.end, what, "a node past its page")
         keys = np.zeros(len(nodes.at), np.uint64)
-        keys[keyed] = _u64(flat, nodes.at[keyed] + NODE, order)
+        keys[keyed] = u64(flat, nodes.at[keyed] + NODE, order)
         bad = np.zeros(len(keys), bool)
         bad[1:] = keyed[1:] & keyed[:-1] & (keys[1:] <= keys[:-1])
-        self._fail(pgnos, nodes.page, bad, what, "keys out of order")
+        self._file.fail(pgnos, nodes.page, bad, what, "keys out of order")
         children = nodes.lo.astype(np.uint64)
-        self._fail(pgnos, nodes.page, (children < 2) | (children > self.last_pgno), what, "a child out of the file")
+        self._file.fail(
+            pgnos, nodes.page, (children < 2) | (children > self.last_pgno), what, "a child out of the file"
+        )
         cuts = np.cumsum(np.bincount(nodes.page, minlength=len(pgnos)))[:-1]
         parsed.update(
             zip(pgnos.tolist(), zip(np.split(children, cuts), np.split(keys, cuts), strict=True), strict=True)
@@ -402,7 +329,7 @@ class Snapshot:
             if not len(indices):
                 return
             own = fd is None
-            fd = self._open() if fd is None else fd
+            fd = self._file.open() if fd is None else fd
             try:
                 entries = overflow = 0
                 for start in range(0, len(indices), GROUP):  # bounded memory, in the CPU cache
@@ -416,7 +343,7 @@ class Snapshot:
                 self._main.entries,
                 self._main.overflow_pages,
             ):
-                raise self._damaged(self.txnid & 1, "meta", "the records' tree's counts differ from its pages")
+                raise self._file.damaged(self.txnid & 1, "meta", "the records' tree's counts differ from its pages")
             self._entries, self._overflow = entries, overflow
             self._checked[indices] = True
             self.unchecked -= len(indices)
@@ -425,15 +352,15 @@ class Snapshot:
         """Check leaf pages ``indices``; (their entries, their values' overflow pages)."""
         pgnos = self.leaves[indices]
         what = "records' leaf"
-        rows = self._read(fd, pgnos, what)
+        rows = self._file.read(fd, pgnos, what)
         nodes = self._leaf_nodes(rows, pgnos, indices, self._leaf_lo, ">", what)
         flat = rows.reshape(-1)
         big = (nodes.flags & F_BIGDATA).astype(bool)
-        first = _u64(flat, nodes.at[big] + NODE + KEY)
-        count = _overflow_pages(nodes.lo[big], self.psize).astype(np.uint64)
+        first = u64(flat, nodes.at[big] + NODE + KEY)
+        count = overflow_pages(nodes.lo[big], self.psize).astype(np.uint64)
         bad = np.zeros(len(nodes.at), bool)
         bad[big] = (first < 2) | (first > self.last_pgno) | (first + count > self.last_pgno + 1)
-        self._fail(pgnos, nodes.page, bad, what, "a value out of the file")
+        self._file.fail(pgnos, nodes.page, bad, what, "a value out of the file")
         # Overflow pages are nobody else's: not a tree page, not listed free, not another value's of these pages.
         order = np.argsort(first)
         first, count = first[order], count[order]
@@ -441,82 +368,24 @@ class Snapshot:
         clash = (taken < len(self._used)) & (self._used[np.minimum(taken, len(self._used) - 1)] < first + count)
         clash[1:] |= first[1:] < first[:-1] + count[:-1]
         if clash.any():
-            raise self._damaged(int(first[np.argmax(clash)]), "overflow", "in two places (values, trees, free lists)")
+            raise self._file.damaged(
+                int(first[np.argmax(clash)]), "overflow", "in two places (values, trees, free lists)"
+            )
         return len(nodes.at), int(count.sum())
 
     def _leaf_nodes(
         self, rows: np.ndarray, pgnos: np.ndarray, indices: np.ndarray, lo: np.ndarray, order: str, what: str
-    ) -> _Nodes:
+    ) -> Nodes:
         """Check leaf pages ``indices`` of a level whose least keys are ``lo`` (values' overflow pages aside)."""
-        nodes = self._nodes(rows, pgnos, P_LEAF, 1, what)
+        nodes = self._file.nodes(rows, pgnos, P_LEAF, 1, what)
         flat = rows.reshape(-1)
-        self._fail(pgnos, nodes.page, nodes.ksize != KEY, what, "a key that is not 8 bytes")
-        self._fail(pgnos, nodes.page, (nodes.flags & ~F_BIGDATA) != 0, what, "node flags of another kind of tree")
+        self._file.fail(pgnos, nodes.page, nodes.ksize != KEY, what, "a key that is not 8 bytes")
+        self._file.fail(pgnos, nodes.page, (nodes.flags & ~F_BIGDATA) != 0, what, "node flags of another kind of tree")
         big = (nodes.flags & F_BIGDATA).astype(bool)
         size = np.where(big, 8, nodes.lo)  # a value on overflow pages leaves its first page number here
-        self._fail(pgnos, nodes.page, nodes.at + NODE + KEY + size > nodes.end, what, "a value past its page")
-        keys = _u64(flat, nodes.at + NODE, order)
+        self._file.fail(pgnos, nodes.page, nodes.at + NODE + KEY + size > nodes.end, what, "a value past its page")
+        keys = u64(flat, nodes.at + NODE, order)
         bad = ~_within(keys, lo, indices[nodes.page], strict=False)
         bad[1:] |= (nodes.page[1:] == nodes.page[:-1]) & (keys[1:] <= keys[:-1])
-        self._fail(pgnos, nodes.page, bad, what, "keys out of order")
+        self._file.fail(pgnos, nodes.page, bad, what, "keys out of order")
         return nodes
-
-    # -------------------------------------------------------------- pages
-
-    def _nodes(self, rows: np.ndarray, pgnos: np.ndarray, kind: int, min_keys: int, what: str) -> _Nodes:
-        """Check the headers and node offsets of pages of one kind; their nodes."""
-        psize = self.psize
-        head = np.ascontiguousarray(rows[:, :HEADER])
-        stored = head[:, :8].view("<u8")[:, 0]
-        _, flags, lower, upper = head[:, 8:].view("<u2").astype(np.int64).T
-        self._fail(pgnos, None, stored != pgnos, what, "another page's number")
-        self._fail(pgnos, None, flags != kind, what, "the flags of another kind of page")
-        bad = (lower < HEADER + 2 * min_keys) | (lower % 2 != 0) | (upper < lower) | (upper > psize)
-        self._fail(pgnos, None, bad, what, "free space bounds out of the page")
-        count = (lower - HEADER) // 2
-        page = np.repeat(np.arange(len(rows)), count)
-        slot = np.arange(len(page)) - np.repeat(np.cumsum(count) - count, count)
-        flat = rows.reshape(-1)
-        base = page * psize
-        offset = rows.view("<u2")[page, HEADER // 2 + slot].astype(np.int64)  # mp_ptrs
-        # Nodes lie between the free space and the page's end, 2-byte aligned (EVEN sizes from the end).
-        bad = (offset < upper[page]) | (offset % 2 != 0) | (offset + NODE > psize)
-        self._fail(pgnos, page, bad, what, "a node out of the page")
-        at = base + offset
-        fields = _bytes8(flat, at).view("<u2").astype(np.int64)
-        lo = fields[:, 0] | fields[:, 1] << 16 | fields[:, 2] << 32
-        if kind != P_BRANCH:
-            lo &= 0xFFFFFFFF  # a leaf value's size: mn_flags are flags there
-        return _Nodes(page, slot, at, base + psize, lo, fields[:, 2], fields[:, 3])
-
-    def _read(self, fd: int, pgnos: np.ndarray, what: str) -> np.ndarray:
-        """Pages ``pgnos`` (any order) as rows of an (n, page size) array: one read per run of consecutive pages."""
-        psize = self.psize
-        ascending = bool(np.all(pgnos[1:] > pgnos[:-1]))  # as appends leave leaf pages: no reordering
-        order = np.arange(len(pgnos)) if ascending else np.argsort(pgnos, kind="stable")
-        ordered = pgnos[order]
-        rows = np.empty((len(pgnos), psize), np.uint8)
-        cuts = [0, *(np.flatnonzero(np.diff(ordered) != 1) + 1).tolist(), len(ordered)]
-        for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
-            if _preadv(fd, rows[start:stop], int(ordered[start]) * psize) != (stop - start) * psize:
-                raise CorruptStoreError(f"{self.path} is truncated: {what} page {int(ordered[start])} is missing")
-        if ascending:
-            return rows
-        out = np.empty_like(rows)
-        out[order] = rows
-        return out
-
-    def _open(self) -> int:
-        try:
-            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise CorruptStoreError(f"{self.path} is missing") from exc
-
-    def _fail(self, pgnos: np.ndarray, page: np.ndarray | None, bad: np.ndarray, what: str, reason: str) -> None:
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise self._damaged(int(pgnos[row if page is None else page[row]]), what, reason)
-
-    def _damaged(self, pgno: int, what: str, reason: str) -> CorruptStoreError:
-        kind = f" ({what} page)" if what else ""
-        return CorruptStoreError(f"{self.path}: page {pgno}{kind} is damaged ({reason})")
