@@ -46,7 +46,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-_MODULES = ("checks", "conformance", "concurrency", "crash", "faults", "fuzz", "layouts", "robustness")
+_MODULES = (
+    "checks",
+    "conformance",
+    "concurrency",
+    "crash",
+    "encoded_conformance",
+    "faults",
+    "fuzz",
+    "layouts",
+    "robustness",
+)
 # The suites' asserts explain themselves as they did in tests/ (before any of these modules is imported).
 pytest.register_assert_rewrite(*(f"{__name__}.{module}" for module in _MODULES))
 
