@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from benchmarks.data import ENCODED_DATASETS
 from benchmarks.operations import BATCH_SIZE, Operation
 from imgstore.analysis.report import format_seconds
 
@@ -52,7 +53,6 @@ def write_encoded_group(tr: Any, group: str, operation: Operation, ordered: list
 
 def evaluate(rows: list[Any]) -> list[dict[str, Any]]:
     """Every target measurable in ``rows``: one dict per (dataset, N, backend, target)."""
-    from benchmarks.data import ENCODED_DATASETS
     from imgstore.codecs import resolve_decoder
 
     fastest = resolve_decoder("auto")
@@ -67,7 +67,7 @@ def evaluate(rows: list[Any]) -> list[dict[str, Any]]:
     results = []
     for (dataset, n, name), (best, median) in sorted(by_name.items()):
         backend = next((b for b in TARGET_BACKENDS if name == f"imgstore-{b}-keep-{fastest}"), None)
-        if backend is None:
+        if backend is None or n < BATCH_SIZE:  # the targets are about batches of 256: none in a smoke run
             continue
         batches = math.ceil(n / BATCH_SIZE)
         common = {"dataset": dataset, "images": n, "subject": name, "backend": backend, "best": best}
@@ -89,10 +89,14 @@ def evaluate(rows: list[Any]) -> list[dict[str, Any]]:
 
 
 def write_targets(tr: Any, rows: list[Any]) -> None:
+    from imgstore.codecs import resolve_decoder
+
     results = evaluate(rows)
     if not results:
+        encoded = [b.extra_info for b in rows if b.extra_info["dataset"] in ENCODED_DATASETS]
+        if any(info["operation"] == TARGET_OPERATION for info in encoded):  # a smoke run: say why there are none
+            tr.write_line(f"targets: measured on a {TARGET_OPERATION} of {BATCH_SIZE} images or more (none here)")
         return
-    from imgstore.codecs import resolve_decoder
 
     tr.write_line(
         f"targets ({TARGET_OPERATION}: the same shuffled epoch in batches of {BATCH_SIZE}, codec keep, decoder "

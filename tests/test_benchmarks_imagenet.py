@@ -85,11 +85,8 @@ def test_summary_gives_rates_bytes_per_image_and_the_targets(run: dict[str, Any]
     out = run["stdout"]
     assert "read_random_many n=10 imagenet-like: Reading shuffled batches" in out
     assert "MB/s" in out and "KB/image" in out and "xfolder" in out
-    targets = out[out.index("targets (") :]
-    for backend in ("lmdb", "hdf5"):
-        lines = [line for line in targets.splitlines() if f"imgstore-{backend}-keep-" in line]
-        assert [line.lstrip()[:2] for line in lines] == ["1.", "2."], lines
-        assert all(line.endswith(("PASS", "MISS")) for line in lines)
+    # The targets are about batches of 256: at 10 images the section says so (evaluated below on 1 000).
+    assert "targets: measured on a read_random_many of 256 images or more (none here)" in out
 
 
 # ---------------------------------------------------------------------- which sizes a run measures
@@ -179,6 +176,7 @@ def test_targets_pass_and_miss_on_their_thresholds() -> None:
         _bench(f"imgstore-hdf5-keep-{fastest}", 2.5),  # 2.5x the limit, 1.6x the status quo: misses both
         _bench("imgstore-png-keep-" + fastest, 1.0),  # not a target backend
     ]
+    assert evaluate([_bench(row.params["subject_name"], row.stats.min, n=255) for row in rows]) == []
     results = {(r["backend"], r["target"]): r for r in evaluate(rows)}
     assert set(results) == {("lmdb", 1), ("lmdb", 2), ("hdf5", 1), ("hdf5", 2)}
     assert results["lmdb", 1]["passed"] and results["lmdb", 2]["passed"]
