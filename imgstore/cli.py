@@ -15,6 +15,7 @@ storage library never imports it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -307,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImgStoreError as exc:
         print(f"imgstore {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `imgstore info STORE | head`: the reader is gone, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return EXIT_OK
 
 
 def _one_line(text: str) -> str:

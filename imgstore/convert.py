@@ -317,7 +317,7 @@ class _Writer:
         path = os.path.join(self.src.root, name) if self.src.root is not None else name
         return BadFileError(
             f"{path}: {reason} (DEST holds the {len(self.store)} images before it: fix or remove the file and rerun "
-            "with --resume, or pass --on-error skip)",
+            "with --resume, or rerun with --resume --on-error skip)",
             name, reason, self.result,
         )  # fmt: skip
 

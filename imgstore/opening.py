@@ -201,8 +201,6 @@ def _checked_layout(
         resolved = get_codec(codec, **params).params
     if image_mode not in IMAGE_MODES:
         raise InvalidOptionError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
-    if image_mode is not None and codec == "raw":
-        raise InvalidOptionError("image_mode applies to encoded stores (codec 'keep', 'png', 'jpeg', 'webp')")
     names = None
     if classes is not None:
         if isinstance(classes, str) or not all(isinstance(c, str) and 0 < len(c) <= 1000 for c in classes):
@@ -306,6 +304,8 @@ def _create(
     options: Mapping[str, Any],
     lock: WriterLock,
 ) -> Store:
+    if layout.image_mode is not None and layout.codec == "raw":
+        raise InvalidOptionError("image_mode applies to encoded stores (codec 'keep', 'png', 'jpeg', 'webp')")
     shape, sync = layout.shape, reading.sync
     store_files: tuple[str, ...] = _STORE_FILES
     if layout.encoded:

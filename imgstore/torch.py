@@ -64,8 +64,8 @@ class StoreDataset(Dataset[tuple[Any, Any]]):
         # Fail now, in the parent, if the store is missing or damaged, or size/decoder do not apply.
         with open_store(self.path, verify_reads=verify_reads, decoder=decoder) as store:
             self._length = len(store)
-            if size is not None:
-                store.get_many([], size=size)
+            if size is not None and store.codec == "raw" and not store.varied:
+                raise InvalidOptionError("size= resizes encoded images; this store holds raw pixels of one shape")
         self._store: Store | None = None
         self._pid = 0
 

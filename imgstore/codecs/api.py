@@ -184,7 +184,8 @@ def decode_many(
         if image.shape != batch.shape[1:]:
             raise InvalidImageError(
                 f"image {k} decodes to {image.shape[-1]} channels and image 0 to {batch.shape[-1]}: size= gives "
-                "one array, so every image must have the same channel count (pass mode='RGB' or 'L')"
+                "one array, so every image must have the same channel count (decode with mode 'RGB' or 'L': "
+                "a store's image_mode)"
             )
         batch[k] = image
 
