@@ -105,15 +105,18 @@ def test_verify_names_the_first_damaged_record_and_its_source(folder_store: Path
 
 
 def test_verify_decode_finds_what_checksums_cannot(tmp_path: Path, capsys: Any) -> None:
-    whole = jpeg(7, (64, 64))
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, "PNG")
+    damaged = bytearray(out.getvalue())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside the pixel data: the file still ends with its IEND chunk
     with imgstore.open_store(tmp_path / "s", "lmdb", "w", codec="keep") as store:
-        # A truncated file whose header is whole: the store takes it, its checksum is right.
-        store.put_encoded_many([jpeg(1, (8, 8)), whole[: len(whole) // 2]], [0, 0], paths=["a.jpg", "cut.jpg"])
+        # Whole (its header and end are right), damaged inside: the store takes it, its checksum is right.
+        store.put_encoded_many([jpeg(1, (8, 8)), bytes(damaged)], [0, 0], paths=["a.jpg", "cut.png"])
     assert main(["verify", str(tmp_path / "s")]) == 0
     capsys.readouterr()
     assert main(["verify", str(tmp_path / "s"), "--decode"]) == 1
     err = capsys.readouterr().err
-    assert "image 1 (source cut.jpg)" in err and "truncated" in err
+    assert "image 1 (source cut.png)" in err and "cannot be decoded" in err
 
 
 def test_verify_a_damaged_raw_store(tmp_path: Path, capsys: Any) -> None:

@@ -471,7 +471,8 @@ def test_the_previous_compare_reads_what_the_suite_writes(tmp_path: Path) -> Non
     for record in records:  # every field the suite always fills is there
         assert None not in (record.kind, record.backend, record.variant, record.operation, record.images)
         assert None not in (record.dataset, record.disk_bytes, record.file_bytes, record.images_per_second)
-        assert (record.speedup_over_single is not None) == (record.operation == "read_random_many")
+        if record.dataset != "imagenet-like":  # its rows at the smoke run's size have no read_random to compare
+            assert (record.speedup_over_single is not None) == (record.operation == "read_random_many")
     result = previous_compare(root, str(path), str(path))
     assert result.returncode == 0, result.stderr
     assert f"0 regressions, 0 improvements, {len(records)} unchanged" in result.stdout
