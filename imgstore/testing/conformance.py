@@ -72,10 +72,12 @@ class StoreConformance(EncodedConformance):
         return tmp_path / "store"
 
     @pytest.fixture(scope="class")
-    def pristine(self, tmp_path_factory: pytest.TempPathFactory) -> Filled:
+    @classmethod
+    def pristine(cls, tmp_path_factory: pytest.TempPathFactory) -> Filled:
         """A store of 300 records in two commits, made once per class (encoding them is dear): tests copy it."""
+        self = cls()  # a class-scoped fixture has no test instance; the layout is all in class attributes
         self.check_layout_supported()  # before the function-scoped autouse fixture that also does
-        path = tmp_path_factory.mktemp(type(self).__name__) / "store"
+        path = tmp_path_factory.mktemp(cls.__name__) / "store"
         records = self.records(300)
         with self.create(path) as store:
             records[:200].put(store)
