@@ -17,7 +17,8 @@ aside in a forked child) and the snapshots it has checked are lmdb_env's.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -103,31 +104,40 @@ class LmdbStore(Store):
         self._ensure_room(len(images) * (size + 8) + self.options["block_bytes"])
         pixels = images.data.cast("B")
         label_bytes = np.ascontiguousarray(labels, dtype="<i8").data.cast("B")
+
+        def fill(txn: lmdb.Transaction) -> None:
+            self._check_tail(txn, first_block)
+            cursor = txn.cursor()
+            # The committed records of a partly filled last block are rewritten with the new ones.
+            kept = start - first_block * per_block
+            head = bytes(txn.get(_key(first_block)) or b"") if kept else b""
+            if kept and len(head) < kept * (size + 8):
+                raise CorruptStoreError(f"{self.path}: block {first_block} holds fewer records than committed")
+            # Blocks past the committed count are leftovers of a crashed write: drop them.
+            if cursor.set_range(_key(first_block)):
+                while cursor.delete():
+                    pass
+            for block in range(first_block, (stop - 1) // per_block + 1):
+                lo = max(start, block * per_block) - start  # offsets into this call's arrays
+                hi = min(stop, (block + 1) * per_block) - start
+                held = len(head) // (size + 8)  # may exceed kept: a crashed write's records
+                old = (
+                    (head[: kept * size], head[held * size : held * size + kept * 8])
+                    if block == first_block
+                    else (b"", b"")
+                )
+                value = b"".join((old[0], pixels[lo * size : hi * size], old[1], label_bytes[lo * 8 : hi * 8]))
+                cursor.put(_key(block), value, append=True)
+
+        self._commit(fill, buffers=True)
+
+    def _commit(self, fill: Callable[[Any], None], *, buffers: bool = False) -> None:
+        """Run ``fill`` in one write transaction and commit it, growing the map and retrying if it is full."""
         while True:
             try:
-                with self._env.begin(write=True, buffers=True) as txn:
-                    self._check_tail(txn, first_block)
-                    cursor = txn.cursor()
-                    # The committed records of a partly filled last block are rewritten with the new ones.
-                    kept = start - first_block * per_block
-                    head = bytes(txn.get(_key(first_block)) or b"") if kept else b""
-                    if kept and len(head) < kept * (size + 8):
-                        raise CorruptStoreError(f"{self.path}: block {first_block} holds fewer records than committed")
-                    # Blocks past the committed count are leftovers of a crashed write: drop them.
-                    if cursor.set_range(_key(first_block)):
-                        while cursor.delete():
-                            pass
-                    for block in range(first_block, (stop - 1) // per_block + 1):
-                        lo = max(start, block * per_block) - start  # offsets into this call's arrays
-                        hi = min(stop, (block + 1) * per_block) - start
-                        held = len(head) // (size + 8)  # may exceed kept: a crashed write's records
-                        old = (
-                            (head[: kept * size], head[held * size : held * size + kept * 8])
-                            if block == first_block
-                            else (b"", b"")
-                        )
-                        value = b"".join((old[0], pixels[lo * size : hi * size], old[1], label_bytes[lo * 8 : hi * 8]))
-                        cursor.put(_key(block), value, append=True)
+                txn = self._env.begin(write=True, buffers=True) if buffers else self._env.begin(write=True)
+                with txn:
+                    fill(txn)
                 if self.sync and not self._shared.sync:
                     self._env.sync(True)  # the environment was opened without sync by another handle
                 release_reserve(self.file("lmdb") / "data.mdb")
@@ -144,24 +154,17 @@ class LmdbStore(Store):
         total = sum(len(blob) for blob in blobs)
         self._ensure_room(total + len(blobs) * (8 + 2 * _OVERFLOW_HEADER + 64))
         label_bytes = np.ascontiguousarray(labels, dtype="<i8").tobytes()
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    self._check_tail(txn, start)
-                    cursor = txn.cursor()
-                    if cursor.set_range(_key(start)):  # leftovers of a crashed write
-                        while cursor.delete():
-                            pass
-                    for k, blob in enumerate(blobs):
-                        cursor.put(_key(start + k), label_bytes[8 * k : 8 * k + 8] + blob, append=True)
-                if self.sync and not self._shared.sync:
-                    self._env.sync(True)
-                release_reserve(self.file("lmdb") / "data.mdb")
-                return
-            except lmdb.MapFullError:
-                self._env.set_mapsize(self._env.info()["map_size"] * 2)
-            except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:  # damage the page checks did not see
-                raise CorruptStoreError(f"{self.path} is damaged: {exc}") from exc
+
+        def fill(txn: lmdb.Transaction) -> None:
+            self._check_tail(txn, start)
+            cursor = txn.cursor()
+            if cursor.set_range(_key(start)):  # leftovers of a crashed write
+                while cursor.delete():
+                    pass
+            for k, blob in enumerate(blobs):
+                cursor.put(_key(start + k), label_bytes[8 * k : 8 * k + 8] + blob, append=True)
+
+        self._commit(fill)
 
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         labels = np.empty(len(indices), dtype=np.int64)
