@@ -11,7 +11,9 @@ store keeps its own. Version 2 stores use XXH3-64 (the ``xxhash`` package), at t
   record, which is what keeps a verified ``read_many`` close to an unverified one.
 
 Encoded records (variable-length bytes) have per-record checksums only:
-``xxh3_64(bytes, seed=label ^ B)``, ``B`` = ``xxh3_64(b"imgstore blob")``.
+``xxh3_64(bytes, seed=label ^ B)``, ``B`` = ``xxh3_64(b"imgstore blob") ^ xxh3_64(D)``, where ``D`` says
+how the store decodes its records (codec and its parameters, image mode, shape): a manifest forged
+to decode the same bytes otherwise does not pass for good records.
 
 ``S`` is ``xxh3_64`` of the image shape (int64 LE): the same bytes read with another shape (a
 manifest forged with a recomputed CRC) do not pass for good records.
@@ -54,9 +56,11 @@ class Checksums:
         algorithm: str,
         group: int,
         shape: tuple[int, ...] | None = None,
+        decoding: str = "",
     ) -> None:
         self.record_file, self.group_file = record_file, group_file
         self.seed = _xxh3(np.array(shape or (), dtype="<i8").tobytes())  # XXH3 only: S above
+        self.blob_seed = _BLOB_SEED ^ _xxh3(decoding.encode())  # B above
         self.group = max(group, 1)
         self.width = 8 if algorithm == "xxh3_64" else 4
         self.dtype = np.dtype("<u8" if self.width == 8 else "<u4")
@@ -91,7 +95,7 @@ class Checksums:
     def of_blobs(self, blobs: Sequence[bytes | memoryview], labels: np.ndarray) -> np.ndarray:
         """One checksum per encoded record (its bytes, seeded with its label)."""
         return np.array(
-            [_xxh3(blob, label ^ _BLOB_SEED) for blob, label in zip(blobs, labels.tolist(), strict=True)],
+            [_xxh3(blob, label ^ self.blob_seed) for blob, label in zip(blobs, labels.tolist(), strict=True)],
             dtype="<u8",
         )
 

@@ -26,7 +26,8 @@ def write_at(path: Path, index: int, width: int, data: bytes, *, sync: bool) -> 
 
 def _write_file_at(path: Path, offset: int, data: bytes, *, sync: bool) -> None:
     """Cut the file at ``offset`` (a crashed write's leftovers go) and write ``data`` there, all of it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a link planted in the store must not make a write cut and overwrite a file elsewhere.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         os.ftruncate(fd, offset)
         view = memoryview(data)
@@ -106,9 +107,7 @@ class TextColumn:
     def load(self, count: int) -> None:
         rows = read_column(self.ends_path, np.dtype("<u8"), 2 * count)[: 2 * count].reshape(count, 2)
         self.ends, self.hashes = rows[:, 0].copy(), rows[:, 1].copy()
-        if len(self.ends) and (
-            np.any(np.diff(self.ends.astype(np.int64)) < 0) or int(self.ends[-1]) > _size(self.data)
-        ):
+        if len(self.ends) and (bool(np.any(self.ends[1:] < self.ends[:-1])) or int(self.ends[-1]) > _size(self.data)):
             raise CorruptStoreError(f"{self.ends_path} holds impossible offsets")
 
     def write(self, start: int, texts: Sequence[str], *, sync: bool) -> np.ndarray:

@@ -94,6 +94,13 @@ class EncodedRecords:
             texts = [os.fsdecode(p) if isinstance(p, (bytes, os.PathLike)) else p for p in paths]
             if len(texts) != len(checked) or not all(isinstance(t, str) and "\0" not in t for t in texts):
                 raise InvalidOptionError("paths must be one path (str or os.PathLike, no NUL) per image")
+            try:
+                for text in texts:
+                    text.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raise InvalidOptionError(
+                    "paths must be file names (str from the file system, no lone surrogates)"
+                ) from None
         hwc = [self._decoded_hwc((info.height, info.width, info.channels)) for _, info in checked]
         return self.put_blobs([blob for blob, _ in checked], labels, np.array(hwc, "<u4").reshape(-1, 3), texts)
 
@@ -123,6 +130,8 @@ class EncodedRecords:
         except InvalidImageError as exc:
             raise InvalidImageError(f"image {k}: {exc}") from None
         accepts = self.codec.accepts
+        if info.format == "RAW" and self.codec.name != "raw":
+            raise InvalidImageError(f"image {k}: imgstore's own raw pixel format is not an image file")
         if accepts is not None and info.format not in accepts:
             raise InvalidImageError(
                 f"image {k}: a {self.codec.name} store takes {', '.join(sorted(accepts))} files, got {info.format} "

@@ -41,7 +41,7 @@ TEMPORARY_SUFFIXES = (".rebuild", ".tmp")
 _V2_FIELDS = ("generation", "files", "checksum", "group", "creating")
 _V3_FIELDS = ("codec", "codec_params", "image_mode", "varied", "classes")
 IMAGE_MODES = (None, "RGB", "L")
-_MAX_CLASSES = 1 << 16
+MAX_CLASSES = 1 << 16
 _MAX_MANIFEST_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 1 << 31  # 2 GiB: a tampered shape may not make a read allocate terabytes
 _MAX_COUNT = 1 << 48
@@ -239,7 +239,7 @@ def _check_values(path: Path, manifest: Manifest) -> None:
     if manifest.image_mode not in IMAGE_MODES:
         problems.append(f"image_mode {manifest.image_mode!r}"[:100])
     if manifest.classes is not None and (
-        len(manifest.classes) > _MAX_CLASSES or any(not 0 < len(c) <= 1000 for c in manifest.classes)
+        len(manifest.classes) > MAX_CLASSES or any(not 0 < len(c) <= 1000 for c in manifest.classes)
     ):
         problems.append("class names (at most 65 536, each 1 to 1 000 characters)")
     if manifest.checksum not in ("crc32", "xxh3_64"):

@@ -39,6 +39,7 @@ from imgstore.locking import WriterLock, lock_for_writing
 from imgstore.manifest import (
     IMAGE_MODES,
     MANIFEST_NAME,
+    MAX_CLASSES,
     MAX_DIMS,
     MAX_IMAGE_BYTES,
     WRITER_LOCK_NAME,
@@ -208,6 +209,14 @@ def _checked_layout(
         names = tuple(classes)
         if len(set(names)) != len(names):
             raise InvalidOptionError("classes must be distinct names")
+        # What the manifest reader takes (it refuses more): a store must reopen after its writes.
+        if (
+            len(names) > MAX_CLASSES
+            or sum(len(name.encode("utf-8", "surrogateescape")) + 8 for name in names) > 1 << 19
+        ):
+            raise InvalidOptionError(
+                f"at most {MAX_CLASSES} classes of at most 512 KiB of names in all; got {len(names)}"
+            )
     if isinstance(shape, str) and shape != "auto":
         raise InvalidOptionError(f"shape must be a tuple of sizes, None or 'auto', got {shape!r}")
     varied = shape is None or (shape == "auto" and codec != "raw")

@@ -12,6 +12,7 @@ replacing stores is :mod:`imgstore.opening`.
 from __future__ import annotations
 
 import abc
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -264,7 +265,12 @@ class Store(abc.ABC):
         if manifest.checksum == "crc32":
             return Checksums(self.path / generation_name("checksums.crc32", manifest.generation), None, "crc32", 1)
         groups = self.path / generation_name("groups.xxh3", manifest.generation)
-        return Checksums(self.file("checksums.xxh3"), groups, manifest.checksum, manifest.group, manifest.shape)
+        decoding = json.dumps(
+            [manifest.codec, manifest.codec_params, manifest.image_mode, manifest.shape], sort_keys=True
+        )
+        return Checksums(
+            self.file("checksums.xxh3"), groups, manifest.checksum, manifest.group, manifest.shape, decoding
+        )
 
     def _load_checksums(self) -> None:
         self._checksums.load(len(self))
