@@ -148,7 +148,7 @@ class PngStore(Store):
         per_dir = self.options["files_per_dir"]
         self._make_dirs(start, len(blobs))
         for k, blob in enumerate(blobs):
-            with open(_image_path(self._root, per_dir, start + k, suffix), "wb") as f:  # a leftover: truncated
+            with open(_created(_image_path(self._root, per_dir, start + k, suffix)), "wb") as f:
                 f.write(blob)
         self._write_labels(start, labels)
         if self.sync:
@@ -223,7 +223,8 @@ def _encode_range(images: np.ndarray, lo: int, hi: int, args: tuple[str, int, in
     for k in range(lo, hi):
         image = images[k]
         pil = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-        pil.save(_image_path(root, per_dir, start + k), format="PNG", compress_level=level)
+        with open(_created(_image_path(root, per_dir, start + k)), "wb") as f:
+            pil.save(f, format="PNG", compress_level=level)
 
 
 def _decode_range(images: np.ndarray, lo: int, hi: int, args: tuple[str, int, np.ndarray]) -> None:
@@ -329,3 +330,9 @@ def _forget_pool() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _created(path: str) -> int:
+    """A record's file, opened for writing (a leftover is truncated); O_NOFOLLOW: a link planted in the
+    store must not make a write cut and overwrite a file elsewhere."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
