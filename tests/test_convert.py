@@ -348,7 +348,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_conversion(tmp_path: Path,
         image = Image.fromarray(pixels(np.random.default_rng(k), *size, 3))
         save(root / f"c{k % 3}" / f"{k:03d}.{'png' if k % 4 == 0 else 'jpg'}", image)
     (root / "c1" / "050x.jpg").write_text("bad")  # skipped: must not shift what resumes where
-    options = ["--backend", "lmdb", "--codec", codec, "--batch-images", "4", "--on-error", "skip", "--workers", "2"]
+    # One image a commit: a durable commit each, so the run lasts long enough that kills land mid-run.
+    options = ["--backend", "lmdb", "--codec", codec, "--batch-images", "1", "--on-error", "skip", "--workers", "2"]
     reference = convert(root, tmp_path / "reference", backend="lmdb", codec=codec, on_error="skip")
     dest = tmp_path / "dest"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
