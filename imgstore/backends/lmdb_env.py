@@ -88,7 +88,7 @@ class SharedEnv:
                         max_dbs=0,
                         sync=self.sync,
                         metasync=self.sync,
-                        meminit=False,  # never write uninitialised memory to disk pages
+                        meminit=True,  # zero the unused tail of pages: no old heap data (a caller's secrets) on disk
                         max_readers=_MAX_READERS,
                         lock=self.lock,
                     )
