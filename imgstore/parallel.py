@@ -10,7 +10,6 @@ mapping made before the fork; the parent works on the first slice itself.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import multiprocessing
 import os
@@ -44,7 +43,7 @@ def shared_like(array: np.ndarray) -> np.ndarray:
 
 
 _PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them (find_library runs ldconfig)
 
 
 def _die_with(parent: int) -> None:
