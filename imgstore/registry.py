@@ -57,6 +57,7 @@ def register_backend(name: str, target: str, install_hint: str | None = None, *,
 register_backend("png", "imgstore.backends.png:PngStore", "pip install Pillow")
 register_backend("lmdb", "imgstore.backends.lmdb:LmdbStore", "pip install lmdb")
 register_backend("hdf5", "imgstore.backends.hdf5:Hdf5Store", "pip install h5py")
+register_backend("zarr", "imgstore.backends.zarr:ZarrStore", "pip install 'imgstore-ml[zarr]'")
 
 
 def _entry_point_specs() -> dict[str, BackendSpec]:

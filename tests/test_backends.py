@@ -24,6 +24,10 @@ class TestHdf5(StoreConformance, StoreRobustness):
     backend = "hdf5"
 
 
+class TestZarr(StoreConformance, StoreRobustness):
+    backend = "zarr"
+
+
 # The same suites on the other layouts (see imgstore.testing.BackendTest): encoded records, varied shapes.
 # Every layout gets conformance, the fuzz (decoders meet damaged bytes) and the kills; the write-failure and
 # concurrency suites, which exercise the write path all encoded layouts share, run on keep and png (time).
@@ -106,6 +110,18 @@ class TestHdf5Jpeg(JpegFixed, StoreConformance, DamageDetection, CrashSafety):
 
 class TestHdf5RawVaried(RawVaried, StoreConformance, DamageDetection, CrashSafety):
     backend = "hdf5"
+
+
+class TestZarrKeep(KeepFiles, StoreConformance, DamageDetection, CrashSafety):
+    backend = "zarr"
+
+
+class TestZarrPng(PngVaried, StoreConformance):
+    backend = "zarr"
+
+
+class TestZarrRawVaried(RawVaried, StoreConformance, CrashSafety):
+    backend = "zarr"
 
 
 def _subclasses(cls: type) -> set[type]:
