@@ -58,6 +58,11 @@ register_backend("png", "imgstore.backends.png:PngStore", "pip install Pillow")
 register_backend("lmdb", "imgstore.backends.lmdb:LmdbStore", "pip install lmdb")
 register_backend("hdf5", "imgstore.backends.hdf5:Hdf5Store", "pip install h5py")
 register_backend("zarr", "imgstore.backends.zarr:ZarrStore", "pip install 'imgstore-ml[zarr]'")
+register_backend(
+    "sqlite",
+    "imgstore.backends.sqlite:SqliteStore",
+    "sqlite3 is in Python's standard library; a Python built without it needs libsqlite3-dev, then a rebuild",
+)
 
 
 def _entry_point_specs() -> dict[str, BackendSpec]:

@@ -124,6 +124,22 @@ class TestZarrRawVaried(RawVaried, StoreConformance, CrashSafety):
     backend = "zarr"
 
 
+class TestSqlite(StoreConformance, StoreRobustness):
+    backend = "sqlite"
+
+
+class TestSqliteKeep(KeepFiles, StoreConformance, DamageDetection, CrashSafety):
+    backend = "sqlite"
+
+
+class TestSqlitePng(PngVaried, StoreConformance):
+    backend = "sqlite"
+
+
+class TestSqliteRawVaried(RawVaried, StoreConformance, CrashSafety):
+    backend = "sqlite"
+
+
 def _subclasses(cls: type) -> set[type]:
     return {sub for direct in cls.__subclasses__() for sub in {direct, *_subclasses(direct)}}
 
