@@ -63,6 +63,7 @@ register_backend(
     "imgstore.backends.sqlite:SqliteStore",
     "sqlite3 is in Python's standard library; a Python built without it needs libsqlite3-dev, then a rebuild",
 )
+register_backend("arrow", "imgstore.backends.arrow:ArrowStore", "pip install 'imgstore-ml[arrow]'")
 
 
 def _entry_point_specs() -> dict[str, BackendSpec]:

@@ -28,6 +28,10 @@ class TestZarr(StoreConformance, StoreRobustness):
     backend = "zarr"
 
 
+class TestArrow(StoreConformance, StoreRobustness):
+    backend = "arrow"
+
+
 # The same suites on the other layouts (see imgstore.testing.BackendTest): encoded records, varied shapes.
 # Every layout gets conformance, the fuzz (decoders meet damaged bytes) and the kills; the write-failure and
 # concurrency suites, which exercise the write path all encoded layouts share, run on keep and png (time).
