@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,6 +40,26 @@ if TYPE_CHECKING:
 ENCODED_FILES = ("shapes.u32", "paths.txt", "paths.ends")
 _CHANNELS = {"RGB": 3, "L": 1}
 Images = list[np.ndarray] | np.ndarray
+
+
+@dataclass(frozen=True)
+class PreparedRecord:
+    """One encoded image checked and hashed for a store (:meth:`~imgstore.store.Store.prepare_encoded`).
+
+    Made by the store, in this process: it does not pickle (a record from elsewhere would bypass
+    the checks), and :meth:`~imgstore.store.Store.put_prepared` takes only records of a store that
+    decodes as it does.
+    """
+
+    blob: bytes
+    label: int
+    shape: tuple[int, ...]  # height, width, channels as reads give them
+    path: str  # the source path kept with it ("" for none)
+    checksum: int
+    seed: int  # the store's record checksum seed: its codec, parameters, image mode and shape
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a PreparedRecord is for the store that made it, in this process: it does not pickle")
 
 
 class EncodedRecords:
@@ -77,32 +98,63 @@ class EncodedRecords:
         return self.put_blobs(blobs, labels, shapes, None)
 
     def put_encoded(self, blobs: Sequence[Any], labels: np.ndarray, paths: Sequence[Any] | None) -> range:
+        self._check_takes_files()
+        if isinstance(blobs, (bytes, bytearray, memoryview, str)):
+            raise InvalidImageError("put_encoded_many takes a sequence of encoded images (bytes), not one")
+        checked = [self._checked_blob(f"image {k}", blob) for k, blob in enumerate(blobs)]
+        if len(checked) != len(labels):
+            from imgstore.errors import InvalidLabelError
+
+            raise InvalidLabelError(f"got {len(checked)} images but {len(labels)} labels")
+        texts = None if paths is None else self._checked_paths(paths, len(checked))
+        hwc = [self._decoded_hwc((info.height, info.width, info.channels)) for _, info in checked]
+        return self.put_blobs([blob for blob, _ in checked], labels, np.array(hwc, "<u4").reshape(-1, 3), texts)
+
+    def prepare(self, blob: Any, label: int, path: Any) -> PreparedRecord:
+        """What :meth:`put_encoded` checks and computes for one file, without writing (thread-safe)."""
+        self._check_takes_files()
+        data, info = self._checked_blob("", blob)
+        text = "" if path is None else self._checked_paths([path], 1)[0]
+        checksum = int(self.store._checksums.of_blobs([data], np.array([label], np.int64))[0])
+        hwc = self._decoded_hwc((info.height, info.width, info.channels))
+        return PreparedRecord(data, label, hwc, text, checksum, self.store._checksums.blob_seed)
+
+    def put_prepared(self, records: Sequence[Any]) -> range:
+        seed = self.store._checksums.blob_seed
+        for k, record in enumerate(records):
+            # The seed says how the store decodes (codec, mode, shape): the same checks passed.
+            if not isinstance(record, PreparedRecord) or record.seed != seed:
+                raise InvalidImageError(
+                    f"record {k}: put_prepared takes what this store's prepare_encoded made "
+                    "(or a store's of the same codec, image mode and shape)"
+                )
+        labels = np.array([record.label for record in records], np.int64)
+        shapes = np.array([record.shape for record in records], "<u4").reshape(-1, 3)
+        texts = [record.path for record in records]
+        checksums = np.array([record.checksum for record in records], "<u8")
+        blobs = [record.blob for record in records]
+        return self.put_blobs(blobs, labels, shapes, texts if any(texts) else None, checksums)
+
+    def _check_takes_files(self) -> None:
         if self.codec.accepts is not None and not self.codec.accepts:
             raise InvalidOptionError(
                 f"{self.store.path} is a raw store: it takes arrays (put_many); create it with codec='keep', 'jpeg', "
                 "'png' or 'webp' to store encoded files"
             )
-        if isinstance(blobs, (bytes, bytearray, memoryview, str)):
-            raise InvalidImageError("put_encoded_many takes a sequence of encoded images (bytes), not one")
-        checked = [self._checked_blob(k, blob) for k, blob in enumerate(blobs)]
-        if len(checked) != len(labels):
-            from imgstore.errors import InvalidLabelError
 
-            raise InvalidLabelError(f"got {len(checked)} images but {len(labels)} labels")
-        texts = None
-        if paths is not None:
-            texts = [os.fsdecode(p) if isinstance(p, (bytes, os.PathLike)) else p for p in paths]
-            if len(texts) != len(checked) or not all(isinstance(t, str) and "\0" not in t for t in texts):
-                raise InvalidOptionError("paths must be one path (str or os.PathLike, no NUL) per image")
-            try:
-                for text in texts:
-                    text.encode("utf-8", "surrogateescape")
-            except UnicodeEncodeError:
-                raise InvalidOptionError(
-                    "paths must be file names (str from the file system, no lone surrogates)"
-                ) from None
-        hwc = [self._decoded_hwc((info.height, info.width, info.channels)) for _, info in checked]
-        return self.put_blobs([blob for blob, _ in checked], labels, np.array(hwc, "<u4").reshape(-1, 3), texts)
+    @staticmethod
+    def _checked_paths(paths: Sequence[Any], count: int) -> list[str]:
+        texts = [os.fsdecode(p) if isinstance(p, (bytes, os.PathLike)) else p for p in paths]
+        if len(texts) != count or not all(isinstance(t, str) and "\0" not in t for t in texts):
+            raise InvalidOptionError("paths must be one path (str or os.PathLike, no NUL) per image")
+        try:
+            for text in texts:
+                text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise InvalidOptionError(
+                "paths must be file names (str from the file system, no lone surrogates)"
+            ) from None
+        return texts
 
     def _checked_array(self, k: int, image: Any) -> np.ndarray:
         array = np.asarray(image)
@@ -117,31 +169,32 @@ class EncodedRecords:
             raise InvalidImageError(f"image {k}: this store holds images of shape {shape}; got {array.shape}")
         return np.ascontiguousarray(array)
 
-    def _checked_blob(self, k: int, blob: Any) -> tuple[bytes, ImageInfo]:
+    def _checked_blob(self, where: str, blob: Any) -> tuple[bytes, ImageInfo]:
+        where = f"{where}: " if where else ""  # "image 3: ..." in a batch; a lone image needs no name
         if not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise InvalidImageError(f"image {k}: an encoded image is bytes, got {type(blob).__name__}")
+            raise InvalidImageError(f"{where}an encoded image is bytes, got {type(blob).__name__}")
         data = bytes(blob)
         if not data or len(data) > MAX_IMAGE_BYTES:
-            raise InvalidImageError(f"image {k}: an encoded image has 1 byte to 2 GiB, got {len(data)} bytes")
+            raise InvalidImageError(f"{where}an encoded image has 1 byte to 2 GiB, got {len(data)} bytes")
         try:
             info = probe(data)
             if not is_whole(data):  # a truncated file's header is fine: decode it to know (rare formats too)
                 decode_many([data], threads=1)
         except InvalidImageError as exc:
-            raise InvalidImageError(f"image {k}: {exc}") from None
+            raise InvalidImageError(f"{where}{exc}") from None
         accepts = self.codec.accepts
         if info.format == "RAW" and self.codec.name != "raw":
-            raise InvalidImageError(f"image {k}: imgstore's own raw pixel format is not an image file")
+            raise InvalidImageError(f"{where}imgstore's own raw pixel format is not an image file")
         if accepts is not None and info.format not in accepts:
             raise InvalidImageError(
-                f"image {k}: a {self.codec.name} store takes {', '.join(sorted(accepts))} files, got {info.format} "
+                f"{where}a {self.codec.name} store takes {', '.join(sorted(accepts))} files, got {info.format} "
                 "(use codec='keep' to store files of any format as they are)"
             )
         shape = self.store.shape
         if shape is not None:
             got = self._decoded_hwc((info.height, info.width, info.channels))
             if got != _hwc(shape):
-                raise InvalidImageError(f"image {k}: this store holds images of shape {shape}; this one is {got}")
+                raise InvalidImageError(f"{where}this store holds images of shape {shape}; this one is {got}")
         return data, info
 
     def _decoded_hwc(self, hwc: tuple[int, ...]) -> tuple[int, ...]:
@@ -151,14 +204,19 @@ class EncodedRecords:
         return (*hwc[:2], _CHANNELS[self.image_mode])
 
     def put_blobs(
-        self, blobs: Sequence[bytes], labels: np.ndarray, shapes: np.ndarray, paths: Sequence[str] | None
+        self,
+        blobs: Sequence[bytes],
+        labels: np.ndarray,
+        shapes: np.ndarray,
+        paths: Sequence[str] | None,
+        checksums: np.ndarray | None = None,
     ) -> range:
         store = self.store
         start, n = len(store), len(blobs)
         if n == 0:
             return range(start, start)
         self._load_paths()
-        records = store._checksums.of_blobs(blobs, labels)
+        records = store._checksums.of_blobs(blobs, labels) if checksums is None else checksums
         manifest = store._manifest.with_count(start + n)
         try:
             store._write_blobs(start, blobs, labels)

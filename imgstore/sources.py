@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from imgstore.codecs import decode, get_codec, is_whole, probe
+from imgstore.encoded import PreparedRecord
 from imgstore.errors import DatasetError, ImgStoreError, InvalidImageError
 from imgstore.manifest import MANIFEST_NAME
 
@@ -331,7 +332,7 @@ class Plan:
 
 
 class Prepared(NamedTuple):
-    record: bytes | np.ndarray | None  # None: a bad item
+    record: bytes | np.ndarray | PreparedRecord | None  # None: a bad item; PreparedRecord: checked by the store
     read: int  # bytes read from the source
     error: str | None
 
@@ -371,7 +372,7 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
         return Prepared(None, read, f"cannot read it: {exc.strerror or exc}")
 
 
-def first_refused(records: Sequence[bytes | np.ndarray]) -> tuple[int | None, str]:
+def first_refused(records: Sequence[object]) -> tuple[int | None, str]:
     """The first encoded record whose header the store refuses (``probe``, as ``put_encoded_many``), and why."""
     for k, record in enumerate(records):
         if isinstance(record, bytes):
@@ -382,5 +383,7 @@ def first_refused(records: Sequence[bytes | np.ndarray]) -> tuple[int | None, st
     return None, ""
 
 
-def record_size(record: bytes | np.ndarray) -> int:
+def record_size(record: bytes | np.ndarray | PreparedRecord) -> int:
+    if isinstance(record, PreparedRecord):
+        return len(record.blob)
     return record.nbytes if isinstance(record, np.ndarray) else len(record)

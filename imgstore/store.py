@@ -53,7 +53,7 @@ from imgstore.manifest import Manifest, generation_name, read_manifest
 from imgstore.options import Option
 
 if TYPE_CHECKING:
-    from imgstore.encoded import EncodedRecords
+    from imgstore.encoded import EncodedRecords, PreparedRecord
 
 Mode = Literal["r", "w", "a"]
 
@@ -315,6 +315,23 @@ class Store(abc.ABC):
         except TypeError:
             raise InvalidImageError("put_encoded_many takes a sequence of encoded images (bytes)") from None
         return self._encoded.put_encoded(blobs, self._checked_labels(labels, count), paths)
+
+    def prepare_encoded(self, blob: bytes, label: int, *, path: str | os.PathLike[str] | None = None) -> PreparedRecord:
+        """Check and hash one file as :meth:`put_encoded_many` would, without writing: thread-safe, so a
+        pool of readers can prepare files while one thread commits them with :meth:`put_prepared`."""
+        self._check_usable()
+        encoded = self._encoded_records("prepare_encoded")
+        return encoded.prepare(blob, int(self._checked_labels([label], 1)[0]), path)
+
+    def put_prepared(self, records: Sequence[PreparedRecord]) -> range:
+        """Append records made by :meth:`prepare_encoded`, in their order, in one commit."""
+        self._check_writable()
+        return self._encoded_records("put_prepared").put_prepared(records)
+
+    def _encoded_records(self, method: str) -> EncodedRecords:
+        if self._encoded is None:
+            raise InvalidOptionError(f"{self.path} holds raw pixels of one shape: {method} is for encoded stores")
+        return self._encoded
 
     def _checked_labels(self, labels: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
         checked = checked_labels(labels, count)

@@ -10,13 +10,22 @@ skip, saying so.
 from __future__ import annotations
 
 import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from imgstore import open_store
-from imgstore.errors import CorruptStoreError, ImgStoreError, InvalidImageError, InvalidLabelError, InvalidOptionError
+from imgstore.errors import (
+    CorruptStoreError,
+    ImgStoreError,
+    InvalidImageError,
+    InvalidLabelError,
+    InvalidOptionError,
+    ReadOnlyError,
+)
 from imgstore.testing.checks import BackendTest, check_images_equal, check_owned_array, check_records
 from imgstore.testing.layouts import Records, bad_files, hwc, image_file, pillow_decode, take
 
@@ -195,6 +204,43 @@ class EncodedConformance(BackendTest):
         with open_store(path, mode="a") as store:  # appending keeps them
             store.put_encoded_many(files[:1], records.labels[:1], paths=["late.jpg"])
             assert store.source_path(-1) == "late.jpg" and store.source_path(1) == "train/dog/2.png"
+
+    def test_prepared_records_are_what_put_encoded_many_stores(self, path: Path) -> None:
+        """prepare_encoded on threads, put_prepared in one commit: the store put_encoded_many makes."""
+        self.skip_unless_encoded("prepare_encoded")
+        if not self.layout.takes_files:
+            pytest.skip("a raw store takes arrays only (put_many): no files to prepare")
+        records = self.records(8)
+        files = self.files_of(records)
+        labels = records.labels.tolist()
+        with self.create(path) as store:
+            with ThreadPoolExecutor(2) as pool:
+                prepared = list(
+                    pool.map(lambda k: store.prepare_encoded(files[k], labels[k], path=f"f/{k}"), range(len(files)))
+                )
+            assert len(store) == 0  # preparing writes nothing
+            assert store.put_prepared(prepared[:5]) == range(5)
+            assert store.put_prepared(prepared[5:]) == range(5, 8)
+            with pytest.raises(TypeError):
+                pickle.dumps(prepared[0])
+            with pytest.raises(InvalidImageError):
+                store.put_prepared([files[0]])  # type: ignore[list-item]
+            with pytest.raises(InvalidImageError):
+                store.prepare_encoded(b"not an image", 1)
+            with pytest.raises(InvalidLabelError):
+                store.prepare_encoded(files[0], -1)
+            assert len(store) == 8
+        with open_store(path) as store:
+            check_records(store, records)
+            assert [store.source_path(k) for k in range(8)] == [f"f/{k}" for k in range(8)]
+            store.verify()
+            with pytest.raises(ReadOnlyError):
+                store.put_prepared(prepared[:1])
+        other = self.create(path.with_name(path.name + "-other"), image_mode="L" if self.image_mode != "L" else "RGB")
+        with other:
+            with pytest.raises(InvalidImageError):  # checked for a store that decodes otherwise
+                other.put_prepared(prepared[:1])
+            assert len(other) == 0
 
     def test_classes_name_the_labels(self, path: Path) -> None:
         classes = [f"class {k}" for k in range(10)]  # the records' labels are 0 .. 9
