@@ -106,6 +106,7 @@ def open_store(
 
     cls = get_backend(backend) if backend is not None else None
     if cls is not None:
+        _check_kind(cls, layout)
         layout = replace(layout, shape=_checked_shape(cls, layout))
         check_options(cls.name, cls.option_specs, options)  # bad options raise before anything is touched
     _make_directory(store_path)
@@ -222,6 +223,20 @@ def _checked_layout(
     varied = shape is None or (shape == "auto" and codec != "raw")
     fixed = None if isinstance(shape, str) or shape is None else shape
     return _Layout(codec, resolved, params, image_mode, names, fixed, varied)
+
+
+def _check_kind(cls: type[Store], layout: _Layout) -> None:
+    """A backend without the encoded primitives (memmap) holds raw pixels of one shape: refuse others up front."""
+    if not layout.encoded or cls._write_blobs is not Store._write_blobs:
+        return
+    if layout.codec != "raw":
+        raise InvalidOptionError(
+            f"the {cls.name} backend cannot hold encoded images (codec {layout.codec!r}): it holds raw pixels "
+            "of one shape (codec='raw')"
+        )
+    raise InvalidImageError(
+        f"the {cls.name} backend cannot hold images of varied shapes (shape=None): give shape=(H, W, C) or 'auto'"
+    )
 
 
 def _checked_shape(cls: type[Store], layout: _Layout) -> tuple[int, ...] | None:

@@ -64,6 +64,7 @@ register_backend(
     "sqlite3 is in Python's standard library; a Python built without it needs libsqlite3-dev, then a rebuild",
 )
 register_backend("arrow", "imgstore.backends.arrow:ArrowStore", "pip install 'imgstore-ml[arrow]'")
+register_backend("memmap", "imgstore.backends.memmap:MemmapStore", "pip install 'imgstore-ml[memmap]'")
 
 
 def _entry_point_specs() -> dict[str, BackendSpec]:

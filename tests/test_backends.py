@@ -32,6 +32,10 @@ class TestArrow(StoreConformance, StoreRobustness):
     backend = "arrow"
 
 
+class TestMemmap(StoreConformance, StoreRobustness):  # raw pixels of one shape only: its encoded layouts skip
+    backend = "memmap"
+
+
 # The same suites on the other layouts (see imgstore.testing.BackendTest): encoded records, varied shapes.
 # Every layout gets conformance, the fuzz (decoders meet damaged bytes) and the kills; the write-failure and
 # concurrency suites, which exercise the write path all encoded layouts share, run on keep and png (time).
