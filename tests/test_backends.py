@@ -132,6 +132,18 @@ class TestZarrRawVaried(RawVaried, StoreConformance, CrashSafety):
     backend = "zarr"
 
 
+class TestArrowKeep(KeepFiles, StoreConformance, DamageDetection, CrashSafety):
+    backend = "arrow"
+
+
+class TestArrowPng(PngVaried, StoreConformance):
+    backend = "arrow"
+
+
+class TestArrowRawVaried(RawVaried, StoreConformance, CrashSafety):
+    backend = "arrow"
+
+
 class TestSqlite(StoreConformance, StoreRobustness):
     backend = "sqlite"
 

@@ -321,7 +321,7 @@ class DamageDetection(BackendTest):
             {"count": 31},
             {"files": ["../outside"]},
             {"group": -3},
-            {"options": {"files_per_dir": 0, "block_bytes": 0, "chunk_bytes": 0, "shard_images": 0}},
+            {"options": {"files_per_dir": 0, "block_bytes": 0, "chunk_bytes": 0, "shard_images": 0, "batch_bytes": 0}},
             {"options": []},
             {"backend": ["lmdb"]},
             {"generation": "../x"},
