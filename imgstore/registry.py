@@ -65,6 +65,7 @@ register_backend(
 )
 register_backend("arrow", "imgstore.backends.arrow:ArrowStore", "pip install 'imgstore-ml[arrow]'")
 register_backend("memmap", "imgstore.backends.memmap:MemmapStore", "pip install 'imgstore-ml[memmap]'")
+register_backend("tar", "imgstore.backends.tar:TarStore", "pip install 'imgstore-ml[tar]'")
 
 
 def _entry_point_specs() -> dict[str, BackendSpec]:

@@ -160,6 +160,22 @@ class TestSqliteRawVaried(RawVaried, StoreConformance, CrashSafety):
     backend = "sqlite"
 
 
+class TestTar(StoreConformance, StoreRobustness):
+    backend = "tar"
+
+
+class TestTarKeep(KeepFiles, StoreConformance, DamageDetection, CrashSafety):
+    backend = "tar"
+
+
+class TestTarPng(PngVaried, StoreConformance):
+    backend = "tar"
+
+
+class TestTarRawVaried(RawVaried, StoreConformance, CrashSafety):
+    backend = "tar"
+
+
 def _subclasses(cls: type) -> set[type]:
     return {sub for direct in cls.__subclasses__() for sub in {direct, *_subclasses(direct)}}
 

@@ -1,0 +1,348 @@
+"""Tar backend: WebDataset-style shards (plain ustar tar files) and an index of where each record lies.
+
+``tar-<gen>/shard-<gen>-000000.tar``, ``-000001.tar``, ...: each record is one WebDataset sample
+(``KEY.npy`` or ``KEY.jpg``/``.png``/``.webp``..., then ``KEY.cls``; see :mod:`tar_format`), in
+index order. A shard takes records until it holds ``shard_bytes``; then a new one starts.
+``tarindex-<gen>.bin`` gives each record's shard, payload offset and length and label length, so
+a ``get`` is one ``preadv`` into the image; nothing is ever extracted, and member names are
+never followed: reads go by the index's offsets only (checked against the shards' sizes).
+
+Appending keeps every shard a valid tar archive for ``tar`` and ``webdataset`` at every moment,
+holding whole records only:
+
+- The last shard is appended to in place: its end-of-archive blocks (two zero blocks at ``P``)
+  stay while the new records are written after them (from ``P + 1024``, then a new end), and
+  the first 1 024 bytes of the new records go over them last, in one ``pwrite``. Until then a
+  reader of the tar stops at ``P``; after it, it sees every new record, whole.
+- A new shard is written under ``.tmp`` and renamed into place when whole.
+- Before a write, whatever a killed write left past the committed records (a tail after ``P``,
+  shards after the last committed one, ``.tmp`` files) is cut off or deleted, inside ``tar-<gen>/``
+  only. Until then webdataset sees the records of a write killed after those steps but before its
+  commit (whole samples, at the end); imgstore never does (the manifest's count governs).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from imgstore.backends import tar_format as fmt
+from imgstore.errors import CorruptStoreError, ImgStoreError
+from imgstore.fileio import fsync_dir
+from imgstore.options import Option
+from imgstore.store import Store
+
+_CHUNK_BYTES = 8 << 20  # records are made and written this many bytes at a time
+_MAX_OPEN_SHARDS = 64  # a reader keeps this many shards open (each is one descriptor)
+_EOA = bytes(fmt.END_OF_ARCHIVE)
+_PAGE = 4096  # the kernel copies a write into the page cache page by page; a kill lands between pages
+
+
+class TarStore(Store):
+    name = "tar"
+    # 64 MiB: see the README (tar backend) for the measurements behind it.
+    option_specs = {"shard_bytes": Option(64 << 20, 1 << 12, 1 << 40, fixed=True)}
+    damage_errors = (OSError, ValueError)
+    files = ("tar", "tarindex.bin")
+
+    def _open(self, create: bool) -> None:
+        self._dir, self._index_path = self.file("tar"), self.file("tarindex.bin")
+        self._entries: np.ndarray | None = None  # the committed index entries, checked
+        self._lists: tuple[list[int], list[int], list[int], list[int]] | None = None  # for _read_one
+        self._fds: dict[int, int] = {}
+        self._npy = self._manifest.codec == "raw"  # raw records of varied shape are .npy files
+        if create:
+            self._dir.mkdir()
+            self._index_path.touch()
+        elif not self._dir.is_dir() or not self._index_path.is_file():
+            raise CorruptStoreError(f"{self.path}: the tar shards' directory or index is missing")
+
+    def _close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def _refresh(self, old_count: int) -> None:
+        self._entries = self._lists = None
+
+    def _reopen_after_fork(self) -> None:
+        self._close()  # this process's copies of the parent's descriptors; pread on them would do, but a new
+        self._entries = self._lists = None  # handle must not share anything with the parent
+
+    def _shard(self, number: int) -> str:
+        return os.path.join(self._dir, f"shard-{self._manifest.generation}-{number:06d}.tar")
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= _MAX_OPEN_SHARDS:
+                self._close()
+            fd = self._fds[shard] = os.open(self._shard(shard), os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    # -------------------------------------------------------------- the index
+
+    def _index(self) -> np.ndarray:
+        """The committed records' index entries, checked against the shards (once per handle and commit)."""
+        count = len(self)
+        if self._entries is None or len(self._entries) < count:
+            with open(self._index_path, "rb") as f:
+                data = f.read(count * fmt.ENTRY.itemsize)
+            if len(data) < count * fmt.ENTRY.itemsize:
+                raise CorruptStoreError(f"{self._index_path} holds fewer records than the manifest commits")
+            entries = np.frombuffer(data, dtype=fmt.ENTRY, count=count)
+            shards = int(entries["shard"].max()) + 1 if count else 0
+            sizes = [os.stat(self._shard(k)).st_size for k in range(min(shards, count))]
+            nbytes = self._manifest.image_nbytes if not self._manifest.encoded else None
+            fmt.checked_index(entries, sizes, count, nbytes, self._index_path)
+            self._entries, self._lists = entries, None
+        return self._entries
+
+    def _spans(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Shard, payload offset, payload length and label end of records ``indices``."""
+        e = self._index()[indices]
+        offset, length = e["offset"].astype(np.int64), e["length"].astype(np.int64)
+        return e["shard"].astype(np.int64), offset, length, fmt.label_ends(offset, length, e["label_len"])
+
+    # -------------------------------------------------------------- reading
+
+    def _read_one(self, index: int) -> tuple[np.ndarray, int]:
+        if self._manifest.encoded:
+            return super()._read_one(index)
+        if self._lists is None or len(self._lists[0]) < len(self):
+            shard, starts, _, stops = self._spans(np.arange(len(self)))
+            self._lists = (shard.tolist(), starts.tolist(), stops.tolist(), self._index()["label_len"].tolist())
+        shards, offsets, ends, label_lens = self._lists
+        image = np.empty(self.image_shape, dtype=np.uint8)
+        at, end = offsets[index], ends[index]
+        tail = bytearray(end - at - image.nbytes)
+        if os.preadv(self._fd(shards[index]), [image.data, tail], at) != end - at:
+            raise CorruptStoreError(f"{self.path}: image {index} is committed but its shard is cut short")
+        return image, fmt.parse_label(bytes(tail[-label_lens[index] :]), self.path)
+
+    def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+        shard, offset, _, end = self._spans(indices)
+        nbytes = images[0].nbytes
+        label_len = self._index()["label_len"][indices].tolist()
+        for k, (s, o, e) in enumerate(zip(shard.tolist(), offset.tolist(), end.tolist(), strict=True)):
+            tail = bytearray(e - o - nbytes)
+            if os.preadv(self._fd(s), [images[k].data, tail], o) != e - o:
+                raise CorruptStoreError(f"{self.path}: image {int(indices[k])} is committed but its shard is cut short")
+            labels[k] = fmt.parse_label(bytes(tail[-label_len[k] :]), self.path)
+
+    def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
+        # Records of one shard lie one after another, each ``stride`` bytes: one read per shard's run,
+        # then the pixels and labels are taken out of it with strided copies.
+        nbytes = images[0].nbytes
+        shard, offset, _, end = self._spans(np.arange(start, stop))
+        entries = self._index()[start:stop]
+        prefix = len(fmt.npy_header(self.image_shape))
+        stride = fmt.padded(prefix + nbytes) + 3 * fmt.BLOCK
+        payload = fmt.BLOCK + prefix  # where the pixels start in a record
+        label_at = stride - fmt.BLOCK
+        lo = 0
+        for hi in _runs(shard):
+            n = hi - lo
+            if n > 1 and np.any(np.diff(offset[lo:hi]) != stride):
+                raise CorruptStoreError(f"{self._index_path}: records of shard {int(shard[lo])} are not contiguous")
+            first = int(offset[lo]) - payload
+            buffer = np.zeros((n, stride), dtype=np.uint8)
+            want = int(end[hi - 1]) - first
+            if os.preadv(self._fd(int(shard[lo])), [buffer.reshape(-1)[:want].data], first) != want:
+                raise CorruptStoreError(f"{self.path}: image {start + lo} is committed but its shard is cut short")
+            images[lo:hi].reshape(n, nbytes)[...] = buffer[:, payload : payload + nbytes]
+            text = buffer[:, label_at : label_at + fmt.MAX_LABEL_DIGITS]
+            labels[lo:hi] = fmt.parse_labels(text, entries["label_len"][lo:hi].astype(np.int64), self.path)
+            lo = hi
+
+    def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        shard, offset, length, end = self._spans(indices)
+        label_len = self._index()["label_len"][indices].tolist()
+        labels = np.empty(len(indices), dtype=np.int64)
+        blobs: list[bytes] = [b""] * len(indices)
+        order = np.argsort(indices, kind="stable")  # file order
+        for k in order.tolist():
+            o, n, e = int(offset[k]), int(length[k]), int(end[k])
+            data = os.pread(self._fd(int(shard[k])), e - o, o)
+            if len(data) != e - o:
+                raise CorruptStoreError(f"{self.path}: image {int(indices[k])} is committed but its shard is cut short")
+            labels[k] = fmt.parse_label(data[e - o - label_len[k] :], self.path)
+            blob = data[:n]
+            blobs[k] = fmt.npy_to_raw(blob, self.path) if self._npy else blob
+        return blobs, labels
+
+    # -------------------------------------------------------------- writing
+
+    def _write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+        n, nbytes = len(images), images[0].nbytes
+        prefix = fmt.npy_header(images.shape[1:])
+        stride = fmt.padded(len(prefix) + nbytes) + 3 * fmt.BLOCK
+        width = fmt.key_width(start + n)
+        _, label_lens = fmt.label_digits(labels)
+        per_chunk = max(1, _CHUNK_BYTES // stride)
+
+        def make(lo: int, hi: int) -> Iterator[memoryview]:
+            for a in range(lo, hi, per_chunk):
+                b = min(hi, a + per_chunk)
+                yield fmt.fixed_records(start + a, width, images[a:b], labels[a:b], prefix, self._mtime).data
+
+        sizes = np.full(n, stride, dtype=np.int64)
+        self._append(start, sizes, np.full(n, fmt.BLOCK + len(prefix)), np.full(n, nbytes), label_lens, make)
+
+    def _write_blobs(self, start: int, blobs: Sequence[bytes], labels: np.ndarray) -> None:
+        stored = [fmt.raw_to_npy(b) for b in blobs] if self._npy else list(blobs)
+        n = len(stored)
+        width = fmt.key_width(start + n)
+        lengths = np.fromiter(map(len, stored), dtype=np.int64, count=n)
+        sizes = fmt.padded_all(lengths) + 3 * fmt.BLOCK
+        _, label_lens = fmt.label_digits(labels)
+
+        def make(lo: int, hi: int) -> Iterator[bytes]:
+            a = lo
+            while a < hi:  # pieces of about _CHUNK_BYTES
+                b, total = a + 1, int(sizes[a])
+                while b < hi and total + int(sizes[b]) <= _CHUNK_BYTES:
+                    total, b = total + int(sizes[b]), b + 1
+                yield b"".join(fmt.blob_records(start + a, width, stored[a:b], labels[a:b], self._mtime))
+                a = b
+
+        self._append(start, np.asarray(sizes), np.full(n, fmt.BLOCK), lengths, label_lens, make)
+
+    @property
+    def _mtime(self) -> int:
+        return 0  # deterministic shards: the same records make the same bytes
+
+    def _append(
+        self,
+        start: int,
+        sizes: np.ndarray,
+        payload_at: np.ndarray,
+        lengths: np.ndarray,
+        label_lens: np.ndarray,
+        make: Callable[[int, int], Iterator[memoryview | bytes]],
+    ) -> None:
+        """Write records ``start ..`` (``sizes`` bytes each, made by ``make(lo, hi)``) to the shards, then the index."""
+        shard, at = self._clean(start)
+        limit = self.options["shard_bytes"]
+        if shard < 0 or at >= limit:
+            shard, at = shard + 1, 0
+        n = len(sizes)
+        entries = np.zeros(n, dtype=fmt.ENTRY)
+        new_shards = False
+        lo = 0
+        while lo < n:
+            starts = at + np.cumsum(sizes[lo:]) - sizes[lo:]
+            hi = lo + max(1, int(np.searchsorted(starts, limit, side="left")))
+            entries["shard"][lo:hi] = shard
+            entries["offset"][lo:hi] = starts[: hi - lo] + payload_at[lo:hi]
+            if at:
+                self._append_in_place(shard, at, make(lo, hi))
+            else:
+                self._write_new_shard(shard, make(lo, hi))
+                new_shards = True
+            lo, shard, at = hi, shard + 1, 0
+        entries["length"], entries["label_len"] = lengths, label_lens
+        if new_shards and self.sync:
+            fsync_dir(self._dir)
+        fd = os.open(self._index_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            _pwrite_all(fd, entries.tobytes(), start * fmt.ENTRY.itemsize)
+            os.ftruncate(fd, (start + n) * fmt.ENTRY.itemsize)  # a killed write's entries past these go
+            if self.sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        old = self._index()[:start] if start else np.zeros(0, dtype=fmt.ENTRY)
+        self._entries, self._lists = np.concatenate([old, entries]), None
+
+    def _clean(self, count: int) -> tuple[int, int]:
+        """Remove what a killed write left past the ``count`` committed records; returns the last shard and its end.
+
+        (-1, 0) when nothing is committed.
+        """
+        last, end = -1, 0
+        if count:
+            shard, _, _, ends = self._spans(np.array([count - 1]))
+            last, end = int(shard[0]), fmt.padded(int(ends[0]))
+        pattern = re.compile(rf"shard-{re.escape(self._manifest.generation)}-(\d{{6,}})\.tar(\.tmp)?")
+        for name in os.listdir(self._dir):
+            match = pattern.fullmatch(name)
+            if match and (int(match.group(1)) > last or match.group(2)):
+                os.unlink(os.path.join(self._dir, name))
+        if last >= 0:
+            fd = os.open(self._shard(last), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size != end + len(_EOA) or os.pread(fd, len(_EOA), end) != _EOA:
+                    # A zero header block first (one 512-byte write cannot be torn): tar stops there at once.
+                    _pwrite_all(fd, _EOA[: fmt.BLOCK], end)
+                    os.ftruncate(fd, end + fmt.BLOCK)
+                    os.ftruncate(fd, end + len(_EOA))
+            finally:
+                os.close(fd)
+        return last, end
+
+    def _append_in_place(self, shard: int, at: int, chunks: Iterator[memoryview | bytes]) -> None:
+        """Records after the shard's last one (at ``at``, its end-of-archive blocks), which are overwritten last."""
+        fd = os.open(self._shard(shard), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            head = b""
+            position = at
+            for chunk in chunks:
+                data = memoryview(chunk).cast("B")
+                if not head:  # the first 1 024 bytes go last: until then the old end of the archive stays
+                    head = bytes(data[: len(_EOA)])
+                    _pwrite_all(fd, data[len(_EOA) :], position + len(_EOA))
+                else:
+                    _pwrite_all(fd, data, position)
+                position += len(data)
+            _pwrite_all(fd, _EOA, position)
+            if self.sync:
+                os.fsync(fd)  # the records are on disk before the head makes tar read them
+            if at // _PAGE != (at + len(head) - 1) // _PAGE:
+                # The head would cross a page, and a killed write can stop between pages: the data block first
+                # (meanwhile tar stops at the zero header block before it; GNU tar warns of "a lone zero block").
+                _pwrite_all(fd, head[fmt.BLOCK :], at + fmt.BLOCK)
+                head = head[: fmt.BLOCK]
+            _pwrite_all(fd, head, at)  # within one page: written whole or not at all by a killed process
+            if self.sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_new_shard(self, shard: int, chunks: Iterator[memoryview | bytes]) -> None:
+        path = self._shard(shard)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            position = 0
+            for chunk in chunks:
+                data = memoryview(chunk).cast("B")
+                _pwrite_all(fd, data, position)
+                position += len(data)
+            _pwrite_all(fd, _EOA, position)
+            if self.sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # whole, or not there: a tar reader never sees half a shard
+
+    def _damaged(self, exc: BaseException) -> ImgStoreError:
+        if isinstance(exc, ImgStoreError):  # this backend's own verdict, raised again
+            return copy.copy(exc)
+        return super()._damaged(exc)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _runs(shard: np.ndarray) -> list[int]:
+    """Where each run of records in one shard ends (exclusive)."""
+    return [*(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(shard)]
