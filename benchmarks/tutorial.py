@@ -42,6 +42,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
+from benchmarks import tutorial_sqlite
 from benchmarks.operations import BATCH_SIZE, Subject
 
 
@@ -306,4 +307,6 @@ TUTORIAL_SUBJECTS: tuple[TutorialSubject, ...] = (
             "iterate": iterate_hdf5,
         },
     ),
+    # Not the tutorial's: the naive SQLite way in its style (pickled rows; see benchmarks/tutorial_sqlite.py).
+    TutorialSubject("sqlite", tutorial_sqlite.FUNCTIONS),
 )
