@@ -82,9 +82,10 @@ class SqliteStore(Store):
     damage_errors = (sqlite3.DatabaseError,)
     files = (_DIR,)
     option_specs = {
-        # SQLite's page (a power of two). 16 KiB: five 3 KiB CIFAR rows a page (4 KiB pages hold one:
-        # a third more disk) and fewer overflow pages for photos; scans and lookups measured alike.
-        "page_size": Option(1 << 14, 512, 1 << 16, fixed=True),
+        # SQLite's page (a power of two). 64 KiB, measured on 10 000 CIFAR images against 16 KiB and
+        # 4 KiB: read_many 0.8x and store_many 0.6x the time of 16 KiB, lookups alike, 31.5 MB on disk
+        # (16 KiB: 32.9, 4 KiB: 41.2: one 3 KiB row a page); single puts ~15% slower (a page each).
+        "page_size": Option(1 << 16, 512, 1 << 16, fixed=True),
         # Bytes of the file SQLite reads through a memory map instead of read(): 1.3-1.9x faster lookups.
         "mmap_size": Option(1 << 30, 0, 1 << 40),
     }
@@ -128,8 +129,8 @@ class SqliteStore(Store):
         con.execute(f"PRAGMA synchronous = {'FULL' if self.sync else 'OFF'}")
         con.execute(f"PRAGMA mmap_size = {int(self.options['mmap_size'])}")
         if self.writable:
-            # Checkpoint once the WAL holds 1 MiB (SQLite's default, 1 000 pages, is 16 MiB of 16 KiB
-            # pages: single puts, a page or two each, left a WAL 6x the data), and cut it back to 1 MiB.
+            # Checkpoint once the WAL holds 1 MiB (SQLite's default, 1 000 pages, is 64 MiB of 64 KiB
+            # pages: single puts, a page or two each, left a WAL many times the data); cut it back to 1 MiB.
             con.execute(f"PRAGMA wal_autocheckpoint = {max(16, _WAL_BYTES // int(self.options['page_size']))}")
             con.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")
         self._cur = con.cursor()
