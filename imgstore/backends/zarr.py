@@ -45,7 +45,7 @@ from imgstore.backends.zarr_layout import (
     write_json,
 )
 from imgstore.errors import CorruptStoreError
-from imgstore.fileio import fsync_dir
+from imgstore.fileio import sync_filesystem
 from imgstore.manifest import MAX_IMAGE_BYTES
 from imgstore.options import Option
 from imgstore.store import Store
@@ -66,7 +66,8 @@ class ZarrStore(Store):
     def _open(self, create: bool) -> None:
         self._root = self.file("zarr")
         self._shard = int(self.options["shard_images"])
-        self._fds: dict[Path, int] = {}  # open shard and label-chunk files (read-write in a writer)
+        self._header = index_nbytes(self._shard)  # bytes of a shard's index, before its first chunk
+        self._fds: dict[tuple[str, int], int] = {}  # open shard and label-chunk files (read-write in a writer)
         self._checked: dict[int, int] = {}  # raw: shard -> how many leading index pairs were checked
         self._blob_index: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # encoded: shard -> checked offsets, lengths
         self._labels = np.empty(0, dtype=np.int64)  # the committed labels read so far
@@ -103,11 +104,15 @@ class ZarrStore(Store):
         shape = () if self._manifest.encoded else self.image_shape
         return chunk_path(self._root / self._data_array, shard, 1 + len(shape))
 
-    def _fd(self, path: Path, made: list[Path] | None = None) -> int:
-        fd = self._fds.get(path)
+    def _path(self, array: str, shard: int) -> Path:
+        return self._data_path(shard) if array != "labels" else chunk_path(self._root / "labels", shard, 1)
+
+    def _fd(self, array: str, shard: int, made: list[Path] | None = None) -> int:
+        """The open file of ``array``'s chunk (or shard) ``shard``; ``made``: create it, noting new folders there."""
+        fd = self._fds.get((array, shard))  # by number: building a Path per read costs more than the read
         if fd is None:
-            fd, folders = open_shard(path, self.writable, create=made is not None)
-            self._fds[path] = fd
+            fd, folders = open_shard(self._path(array, shard), self.writable, create=made is not None)
+            self._fds[array, shard] = fd
             if made is not None:
                 made.extend(folders)
         return fd
@@ -135,7 +140,7 @@ class ZarrStore(Store):
         count = len(self)
         shard, rows = divmod(count - 1, self._shard)
         try:
-            fd = self._fd(self._data_path(shard), [])
+            fd = self._fd(self._data_array, shard, [])
             offsets, lengths = self._index_of(fd, shard, rows + 1)
             end = int(offsets[-1] + lengths[-1])
             if os.fstat(fd).st_size != end:
@@ -159,11 +164,13 @@ class ZarrStore(Store):
         return offsets, lengths
 
     def _sync(self, fds: set[int], made: list[Path]) -> None:
-        if self.sync:
-            for fd in fds:
-                os.fsync(fd)
-            for folder in {entry.parent for entry in made}:  # new files and folders: their entries
-                fsync_dir(folder)
+        if not self.sync:
+            return
+        if made:  # new shard files and their folders: one syncfs instead of an fsync of each file and folder
+            sync_filesystem(self.path)
+            return
+        for fd in fds:  # appends to existing shards (a put): their files only
+            os.fsync(fd)
 
     # -------------------------------------------------------------- writing
 
@@ -176,7 +183,7 @@ class ZarrStore(Store):
             lo, hi = max(start, first), min(stop, first + self._shard)
             path = self._data_path(shard)
             new = not path.exists()
-            fd = self._fd(path, made)
+            fd = self._fd("images", shard, made)
             pwrite_all(fd, pixels[lo - start : hi - start], header + (lo - first) * nbytes)
             os.ftruncate(fd, header + (hi - first) * nbytes)  # a crashed write's chunks past these go
             offsets = header + np.arange(hi - first, dtype=np.int64) * nbytes
@@ -191,7 +198,7 @@ class ZarrStore(Store):
     def _write_labels(self, shard: int, row: int, labels: np.ndarray, made: list[Path]) -> int:
         path = chunk_path(self._root / "labels", shard, 1)
         new = not path.exists()
-        fd = self._fd(path, made)
+        fd = self._fd("labels", shard, made)
         if os.fstat(fd).st_size != 8 * self._shard:
             os.ftruncate(fd, 8 * self._shard)  # zarr stores an edge chunk whole: zeros past the last label
         pwrite_all(fd, np.ascontiguousarray(labels, dtype="<i8"), 8 * row)
@@ -207,7 +214,7 @@ class ZarrStore(Store):
             lo, hi = max(start, first), min(stop, first + self._shard)
             path = self._data_path(shard)
             new = not path.exists()
-            fd = self._fd(path, made)
+            fd = self._fd("blobs", shard, made)
             old_offsets, old_lengths = self._index_of(fd, shard, lo - first) if lo > first else (None, None)
             at = index_nbytes(self._shard) + (int(old_lengths.sum()) if old_lengths is not None else 0)
             new_lengths = lengths[lo - start : hi - start]
@@ -252,15 +259,16 @@ class ZarrStore(Store):
                 lo, hi = max(have, first), min(count, first + self._shard)
                 part = np.empty(hi - lo, dtype="<i8")
                 path = chunk_path(self._root / "labels", shard, 1)
-                preadv_exact(self._fd(path), part, 8 * (lo - first), path)
+                preadv_exact(self._fd("labels", shard), part, 8 * (lo - first), path)
                 parts.append(part.astype(np.int64, copy=False))
             self._labels = np.concatenate(parts)
         return self._labels
 
     def _image_fd(self, shard: int, rows: int) -> int:
         """The file of a raw shard whose index is checked for at least ``rows`` images."""
-        fd = self._fd(self._data_path(shard))
-        if self._checked.get(shard, 0) < rows:
+        fd = self._fds.get(("images", shard))
+        if fd is None or self._checked.get(shard, 0) < rows:
+            fd = self._fd("images", shard)
             committed = min(self._shard, len(self) - shard * self._shard)
             self._index_of(fd, shard, committed)
             self._checked[shard] = committed
@@ -270,8 +278,10 @@ class ZarrStore(Store):
         image = np.empty(self.image_shape, dtype=np.uint8)
         shard, row = divmod(index, self._shard)
         fd = self._image_fd(shard, row + 1)
-        preadv_exact(fd, image, index_nbytes(self._shard) + row * image.nbytes, self._data_path(shard))
-        return image, int(self._label_values()[index])
+        if os.preadv(fd, [image.data], self._header + row * image.nbytes) != image.nbytes:
+            raise CorruptStoreError(f"{self._data_path(shard)} is shorter than its records")
+        labels = self._labels if index < len(self._labels) else self._label_values()
+        return image, int(labels[index])
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         labels[:] = self._label_values()[indices]
@@ -279,7 +289,8 @@ class ZarrStore(Store):
         shards, rows = np.divmod(indices, self._shard)
         for k, (shard, row) in enumerate(zip(shards.tolist(), rows.tolist(), strict=True)):
             fd = self._image_fd(shard, row + 1)
-            preadv_exact(fd, images[k], header + row * nbytes, self._data_path(shard))
+            if os.preadv(fd, [images[k].data], header + row * nbytes) != nbytes:
+                raise CorruptStoreError(f"{self._data_path(shard)} is shorter than its records")
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         labels[:] = self._label_values()[start:stop]
@@ -291,7 +302,7 @@ class ZarrStore(Store):
             preadv_exact(fd, images[lo - start : hi - start], header + (lo - first) * nbytes, self._data_path(shard))
 
     def _blob_spans(self, shard: int, rows: int) -> tuple[int, np.ndarray, np.ndarray]:
-        fd = self._fd(self._data_path(shard))
+        fd = self._fd("blobs", shard)
         spans = self._blob_index.get(shard)
         if spans is None or len(spans[0]) < rows:
             spans = self._index_of(fd, shard, min(self._shard, len(self) - shard * self._shard))
