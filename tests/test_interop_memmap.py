@@ -11,7 +11,7 @@ import pytest
 
 import imgstore
 from imgstore import fixed
-from imgstore.backends.memmap import MemmapStore, header_bytes
+from imgstore.backends.memmap import MemmapStore, check_header, header_bytes, make_header
 from imgstore.datasets import synthetic_cifar10
 from imgstore.manifest import read_manifest
 
@@ -111,3 +111,15 @@ def test_encoded_records_are_refused_at_creation_and_nothing_is_made(tmp_path: P
         with pytest.raises(error, match="memmap"):
             imgstore.open_store(tmp_path / "store", "memmap", "w", **kwargs)
         assert not (tmp_path / "store").exists()
+
+
+def test_a_header_read_while_it_is_rewritten_is_still_ours(tmp_path: Path) -> None:
+    """A reader may read a header half old, half new: only the count's digits change, so imgstore takes any mix."""
+    old, new = make_header(99, SHAPE), make_header(1_000_005, SHAPE)
+    assert len(old) == len(new) == header_bytes(SHAPE)
+    for cut in range(len(old) + 1):
+        check_header(tmp_path, old[:cut] + new[cut:], SHAPE, "|u1")
+    damaged = bytearray(old)
+    damaged[old.index(b"32")] = ord("4")
+    with pytest.raises(imgstore.CorruptStoreError):
+        check_header(tmp_path, bytes(damaged), SHAPE, "|u1")

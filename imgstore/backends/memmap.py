@@ -5,8 +5,9 @@ The limit made usable: ``images-<gen>.npy`` is a plain NumPy array file, ``[N, *
 header's length, :func:`header_bytes`) reads them without imgstore. Fixed-shape raw images only.
 
 Layout. Each file is a version 1.0 ``.npy`` header padded with spaces to a multiple of 64 bytes,
-with room for a count of 21 digits, so the count is rewritten in place as the store grows; then
-the records back to back. The header's length follows from the image shape alone, so a reader
+its count right-aligned in a field of 21 characters, so the count is rewritten in place as the
+store grows (only digits change: imgstore's readers accept a header read mid-rewrite; ``np.load``
+racing that rewrite may, for that instant, read a mix of two counts); then the records back to back. The header's length follows from the image shape alone, so a reader
 knows where the data start and checks the header byte for byte (a damaged one is a
 ``CorruptStoreError``).
 
@@ -44,12 +45,16 @@ _IMAGES, _LABELS = "images.npy", "labels.npy"
 _MAGIC = b"\x93NUMPY\x01\x00"  # format version 1.0: a 2-byte header length
 _ALIGN = 64  # numpy's own alignment of the data after a header
 _COUNT_DIGITS = 21  # room for any count in place (numpy pads its growable headers the same)
-_COUNT = re.compile(rb"\{'descr': '[|<]\w+', 'fortran_order': False, 'shape': \((\d{1,21}),")
+_FIELD_PREFIX = "{{'descr': '{descr}', 'fortran_order': False, 'shape': ("  # then the count's field
+_COUNT = re.compile(rb" *\d+")
 _LABEL_DESCR = "<i8"
 
 
 def _dict(count: int, shape: tuple[int, ...], descr: str) -> str:
-    return f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {(count, *shape)!r}, }}"
+    # The count right-aligned in a field of fixed width (Python's syntax allows the spaces): a rewrite
+    # changes only digits in place, so a reader that reads the header as it is rewritten sees a valid one.
+    dims = "".join(f", {size}" for size in shape) if shape else ","
+    return f"{_FIELD_PREFIX.format(descr=descr)}{count:>{_COUNT_DIGITS}}{dims}), }}"
 
 
 def header_bytes(shape: tuple[int, ...], descr: str = "|u1") -> int:
@@ -104,11 +109,18 @@ class _Mapped:
 
 
 def check_header(path: Path, head: bytes, shape: tuple[int, ...], descr: str) -> int:
-    """The count in the ``.npy`` header ``head``; :class:`CorruptStoreError` unless it is exactly ours."""
-    found = _COUNT.match(head, len(_MAGIC) + 2)
-    if head[: len(_MAGIC)] != _MAGIC or found is None or make_header(int(found[1]), shape, descr) != head:
+    """The count in the ``.npy`` header ``head``; :class:`CorruptStoreError` unless it is ours.
+
+    Every byte but the count's field must be as written; the field, digits right-aligned, may be
+    any count: a header read while a writer rewrites it mixes two counts' digits.
+    """
+    template = make_header(0, shape, descr)
+    start = len(_MAGIC) + 2 + len(_FIELD_PREFIX.format(descr=descr))
+    field = head[start : start + _COUNT_DIGITS]
+    rest_ok = head[:start] == template[:start] and head[start + _COUNT_DIGITS :] == template[start + _COUNT_DIGITS :]
+    if not rest_ok or _COUNT.fullmatch(field) is None:
         raise CorruptStoreError(f"{path} does not start with the .npy header of {descr} records of shape {shape}")
-    return int(found[1])
+    return int(field)
 
 
 class MemmapStore(Store):
