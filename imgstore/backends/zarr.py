@@ -299,7 +299,9 @@ class ZarrStore(Store):
             first = shard * self._shard
             lo, hi = max(start, first), min(stop, first + self._shard)
             fd = self._image_fd(shard, hi - first)
-            preadv_exact(fd, images[lo - start : hi - start], header + (lo - first) * nbytes, self._data_path(shard))
+            part, offset = images[lo - start : hi - start], header + (lo - first) * nbytes
+            if os.preadv(fd, [part.data], offset) != part.nbytes:  # the path only for a short read
+                preadv_exact(fd, part, offset, self._data_path(shard))
 
     def _blob_spans(self, shard: int, rows: int) -> tuple[int, np.ndarray, np.ndarray]:
         fd = self._fd("blobs", shard)
