@@ -7,9 +7,9 @@ header's length, :func:`header_bytes`) reads them without imgstore. Fixed-shape 
 Layout. Each file is a version 1.0 ``.npy`` header padded with spaces to a multiple of 64 bytes,
 its count right-aligned in a field of 21 characters, so the count is rewritten in place as the
 store grows (only digits change: imgstore's readers accept a header read mid-rewrite; ``np.load``
-racing that rewrite may, for that instant, read a mix of two counts); then the records back to back. The header's length follows from the image shape alone, so a reader
-knows where the data start and checks the header byte for byte (a damaged one is a
-``CorruptStoreError``).
+racing that rewrite may, for that instant, read a mix of two counts); then the records back to
+back. The header's length follows from the image shape alone, so a reader knows where the data
+start and checks every byte of the header but the count's (a damaged one is a ``CorruptStoreError``).
 
 Commit order. A write puts the new rows past the committed ones (blocks reserved first, so a full
 disk is a clean ``ENOSPC``), fsyncs, and the manifest commits them. Only then are the headers'
