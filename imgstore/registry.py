@@ -66,6 +66,7 @@ register_backend(
 register_backend("arrow", "imgstore.backends.arrow:ArrowStore", "pip install 'imgstore-ml[arrow]'")
 register_backend("memmap", "imgstore.backends.memmap:MemmapStore", "pip install 'imgstore-ml[memmap]'")
 register_backend("tar", "imgstore.backends.tar:TarStore", "pip install 'imgstore-ml[tar]'")
+register_backend("tiledb", "imgstore.backends.tiledb:TileDBStore", "pip install 'imgstore-ml[tiledb]'")
 
 
 def _entry_point_specs() -> dict[str, BackendSpec]:

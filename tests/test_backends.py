@@ -176,6 +176,22 @@ class TestTarRawVaried(RawVaried, StoreConformance, CrashSafety):
     backend = "tar"
 
 
+class TestTiledb(StoreConformance, StoreRobustness):
+    backend = "tiledb"
+
+
+class TestTiledbKeep(KeepFiles, StoreConformance, DamageDetection, CrashSafety):
+    backend = "tiledb"
+
+
+class TestTiledbPng(PngVaried, StoreConformance):
+    backend = "tiledb"
+
+
+class TestTiledbRawVaried(RawVaried, StoreConformance, CrashSafety):
+    backend = "tiledb"
+
+
 def _subclasses(cls: type) -> set[type]:
     return {sub for direct in cls.__subclasses__() for sub in {direct, *_subclasses(direct)}}
 

@@ -1,0 +1,360 @@
+"""TileDB backend: one dense TileDB array, dimension ``index``, attributes ``image`` and ``label``.
+
+Raw stores of one shape keep each image as one fixed-size cell (``image``: ``S<nbytes>``, the
+pixels in C order; ``A.meta["image_shape"]`` holds the shape) and its ``label`` (int64), tiled
+along ``index`` in tiles of about ``tile_bytes``. Encoded stores (and raw ones of varied shapes)
+keep each record's bytes in a variable-length ``image`` attribute (uint8). So
+``tiledb.open(path)[0:10]`` gives images and labels.
+
+Every ``put_many`` is one TileDB fragment, written with a timestamp later than every fragment
+before it, so a write over a crashed write's leftovers (records past the committed count) wins.
+TileDB ignores a fragment without its commit file (a killed write); imgstore's manifest commits
+records. Once there are ``consolidate_every`` fragments the newest small ones are rewritten as one
+and deleted (inside the array only), so ``tiledb.open`` readers do not slow down with commits.
+
+Reads of raw stores bypass TileDB's query engine: each fragment's attribute files hold whole
+tiles, uncompressed, each one filter chunk, so an image is one ``pread`` at an offset computed
+from the fragment list (:mod:`imgstore.backends.tiledb_direct`); that path checks every header it
+relies on and falls back to TileDB queries for anything else.
+
+TileDB contexts hold thread pools, which a forked child cannot use: every process makes its own
+context, and a child never touches what it inherited.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tiledb
+
+from imgstore.backends import tiledb_direct
+from imgstore.errors import CorruptStoreError
+from imgstore.options import Option
+from imgstore.store import Store
+
+_DOMAIN_HIGH = 2**62 - 1  # dense domains are fixed at creation: this bound is never reached
+_context: tuple[int, tiledb.Ctx] | None = None
+_inherited: list[Any] = []  # a forked child's copies of the parent's TileDB objects: never freed
+
+
+def context() -> tiledb.Ctx:
+    """This process's TileDB context (a forked child makes its own: the parent's thread pools are gone)."""
+    global _context
+    if _context is None or _context[0] != os.getpid():
+        if _context is not None:
+            _inherited.append(_context[1])
+        _context = (os.getpid(), tiledb.Ctx())
+    return _context[1]
+
+
+def _os_error(exc: tiledb.TileDBError) -> OSError:
+    """TileDB reports a failed write as text: keep the errno it names (a full disk is StoreFullError)."""
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+        if os.strerror(code) in text:
+            return OSError(code, text)
+    return OSError(errno.EIO, text)
+
+
+class TileDBStore(Store):
+    name = "tiledb"
+    # tile_bytes: how many bytes of images one tile holds (a tile is TileDB's unit of I/O).
+    option_specs = {
+        "tile_bytes": Option(1 << 16, 1, 1 << 30, fixed=True),
+        "consolidate_every": Option(8, 2, 1 << 20),
+    }
+    damage_errors = (tiledb.TileDBError, OSError, ValueError, KeyError, IndexError)
+    files = ("tiledb",)
+
+    def _open(self, create: bool) -> None:
+        self._uri = str(self.file("tiledb"))
+        self._array: Any = None
+        # The direct-read index (built on first read); False: the fragments need TileDB's queries.
+        self._direct: tiledb_direct.DirectIndex | bool | None = None
+        if create:
+            self.file("tiledb").mkdir()
+        elif len(self):
+            try:
+                tiledb.ArraySchema.load(self._uri, ctx=context())  # a damaged store fails at open
+            except tiledb.TileDBError as exc:
+                raise CorruptStoreError(f"{self._uri} cannot be opened as a TileDB array: {exc}") from exc
+
+    def _forget(self) -> None:
+        array, direct = self._array, self._direct
+        self._array, self._direct = None, None
+        if array is not None:
+            array.close()
+        if isinstance(direct, tiledb_direct.DirectIndex):
+            direct.close()
+
+    def _close(self) -> None:
+        self._forget()
+
+    def _reopen_after_fork(self) -> None:
+        if isinstance(self._direct, tiledb_direct.DirectIndex):
+            self._direct.close()  # this process's copies of the descriptors
+        _inherited.append(self._array)  # the parent's TileDB object: never touched (nor freed) here
+        self._array, self._direct = None, None
+
+    def _refresh(self, old_count: int) -> None:
+        self._forget()
+
+    def _opened(self) -> Any:
+        if self._array is None:
+            self._array = tiledb.open(self._uri, "r", ctx=context())
+        return self._array
+
+    # -------------------------------------------------------------- writing
+
+    def _tile(self, cell_bytes: int) -> int:
+        tile_bytes: int = self.options["tile_bytes"]
+        return max(1, tile_bytes // max(1, cell_bytes))
+
+    def _create_array(self, image_attr: tiledb.Attr, tile: int, shape: tuple[int, ...] | None) -> None:
+        # Attributes are stored as they are, each tile one filter chunk (read directly: tiledb_direct).
+        """Make the array anew (only while nothing is committed: whatever is in its folder is a leftover)."""
+        self._forget()
+        folder = self.file("tiledb")
+        for entry in folder.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        ctx = context()
+        dim = tiledb.Dim("index", domain=(0, _DOMAIN_HIGH), tile=tile, dtype=np.int64, ctx=ctx)
+        label = tiledb.Attr(
+            "label", dtype=np.int64, filters=tiledb.FilterList([], chunksize=tile * 8, ctx=ctx), ctx=ctx
+        )
+        schema = tiledb.ArraySchema(
+            domain=tiledb.Domain(dim, ctx=ctx),
+            sparse=False,
+            attrs=[image_attr, label],
+            offsets_filters=tiledb.FilterList([], chunksize=tile * 8, ctx=ctx),
+            ctx=ctx,
+        )
+        tiledb.Array.create(self._uri, schema, ctx=ctx)
+        self._tile_extent = tile
+        if shape is not None:
+            with tiledb.open(self._uri, "w", timestamp=self._next_timestamp(), ctx=ctx) as array:
+                array.meta["image_shape"] = tuple(int(n) for n in shape)
+
+    def _next_timestamp(self) -> int:
+        """Later than every fragment's and metadata's (TileDB's order of fragments is by timestamp)."""
+        newest = 0
+        for sub in ("__commits", "__fragments", "__meta"):
+            try:
+                names = os.listdir(os.path.join(self._uri, sub))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                parts = name.split("_")
+                if len(parts) > 3 and parts[3].isdigit():  # "__<t1>_<t2>_<uuid>..."
+                    newest = max(newest, int(parts[3]))
+        return max(int(time.time() * 1000), newest + 1)
+
+    def _put(self, start: int, stop: int, data: dict[str, np.ndarray]) -> None:
+        before = set(_listdir(Path(self._uri) / "__commits"))
+        try:
+            with tiledb.open(self._uri, "w", timestamp=self._next_timestamp(), ctx=context()) as array:
+                array[start:stop] = data
+        except tiledb.TileDBError as exc:
+            raise _os_error(exc) from exc
+        finally:
+            self._forget()
+        if self.sync:
+            self._sync_new(before)
+
+    def _sync_new(self, before: set[str]) -> None:
+        """fsync the new fragment's files, its commit file and the folders naming them."""
+        root = Path(self._uri)
+        for name in set(_listdir(root / "__commits")) - before:
+            fragment = root / "__fragments" / name.rsplit(".", 1)[0]
+            for path in [*fragment.iterdir(), fragment, root / "__fragments", root / "__commits" / name]:
+                _fsync(path)
+        _fsync(root / "__commits")
+
+    def _merge(self, stop: int) -> None:
+        """Many fragments slow TileDB's readers: rewrite the newest small ones as one (records ``.. stop``).
+
+        TileDB's own consolidation takes seconds for a few tiny fragments of this array, so the
+        records are read directly and written again as one fragment, newer than all; then the
+        fragments it replaces are deleted (commit file first: a crash leaves them older, unused).
+        Like a binary counter: a fragment is merged with the newer ones when it is not bigger than
+        them together, so records are rewritten O(log n) times and fragments stay few.
+        """
+        try:
+            info = tiledb.FragmentInfoList(self._uri, ctx=context())
+        except tiledb.TileDBError as exc:
+            raise _os_error(exc) from exc
+        fragments = sorted(
+            ((f.timestamp_range[1], *(int(n) for n in f.nonempty_domain[0]), f.uri) for f in info),
+            key=lambda f: f[0],
+        )
+        fragments = [f for f in fragments if f[2] < stop]  # a crashed write's leftovers past stop stay
+        if len(fragments) < self.options["consolidate_every"]:
+            return
+        merged, cells = [fragments.pop()], 0
+        cells = merged[0][2] - merged[0][1] + 1
+        while fragments and (len(merged) < 2 or fragments[-1][2] - fragments[-1][1] + 1 <= cells):
+            merged.append(fragments.pop())
+            cells += merged[-1][2] - merged[-1][1] + 1
+        low = min(f[1] for f in merged)
+        cell = None if self._manifest.encoded else int(np.prod(self.image_shape))
+        try:
+            index = tiledb_direct.build(self._uri, context(), stop, self._stored_tile(), cell)
+        except tiledb_direct.Unreadable:
+            return  # not laid out as expected: leave the fragments to TileDB
+        try:
+            every = np.arange(low, stop, dtype=np.int64)
+            if cell is None:
+                blobs, labels = index.read_blobs(every)
+                data = {"image": _cells(blobs), "label": labels}
+            else:
+                images = np.empty((stop - low, cell), np.uint8)
+                labels = np.empty(stop - low, np.int64)
+                index.read_range_into(low, stop, images, labels)
+                data = {"image": images.view(f"S{cell}").reshape(-1), "label": labels}
+        finally:
+            index.close()
+        self._put(low, stop, data)
+        root = Path(self._uri)
+        for _, _, _, uri in merged:
+            name = os.path.basename(tiledb_direct._path(uri).rstrip("/"))
+            (root / "__commits" / f"{name}.wrt").unlink(missing_ok=True)
+        for _, _, _, uri in merged:
+            shutil.rmtree(tiledb_direct._path(uri), ignore_errors=True)
+
+    def _write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+        nbytes = images[0].nbytes
+        if start == 0:
+            tile = self._tile(nbytes)
+            chunk = tiledb.FilterList([], chunksize=tile * nbytes, ctx=context())  # one chunk per tile
+            attr = tiledb.Attr("image", dtype=np.dtype(f"S{nbytes}"), filters=chunk, ctx=context())
+            self._create_array(attr, tile, images.shape[1:])
+        cells = images.reshape(len(images), nbytes).view(f"S{nbytes}").reshape(len(images))
+        self._put(start, start + len(images), {"image": cells, "label": labels})
+        self._merge(start + len(images))
+
+    def _write_blobs(self, start: int, blobs: Sequence[bytes], labels: np.ndarray) -> None:
+        if start == 0:
+            ctx = context()
+            whole = tiledb.FilterList([], chunksize=(1 << 32) - 1, ctx=ctx)  # a tile is one chunk
+            attr = tiledb.Attr("image", dtype=np.uint8, var=True, filters=whole, ctx=ctx)
+            self._create_array(attr, self._tile(1 << 14), None)
+        self._put(start, start + len(blobs), {"image": _cells(blobs), "label": labels})
+        self._merge(start + len(blobs))
+
+    # -------------------------------------------------------------- reading
+
+    def _query(self, ranges: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Cells of the inclusive ranges, in the order given (one TileDB query)."""
+        query = self._opened().query(attrs=["image", "label"])
+        result: dict[str, np.ndarray] = query.multi_index[[slice(lo, hi) for lo, hi in ranges]]
+        return result
+
+    def _gather(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The cells of the distinct indices in runs, and where each of ``indices`` is among them."""
+        unique, where = np.unique(indices, return_inverse=True)
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        starts, ends = np.split(unique, breaks), None
+        ranges = [(int(run[0]), int(run[-1])) for run in starts]
+        del ends
+        return self._query(ranges), where
+
+    def _check_count(self, got: np.ndarray, want: int) -> None:
+        if len(got) != want:
+            raise CorruptStoreError(f"{self._uri}: TileDB returned {len(got)} of {want} records")
+
+    def _direct_index(self) -> tiledb_direct.DirectIndex | None:
+        if self._direct is None:
+            shape = self._manifest.shape
+            cell = None if self._manifest.encoded or shape is None else int(np.prod(shape))
+            tile = self._stored_tile()
+            for attempt in range(3):
+                try:
+                    self._direct = tiledb_direct.build(self._uri, context(), len(self), tile, cell)
+                    break
+                except tiledb_direct.Unreadable:
+                    self._direct = False
+                    break
+                except (FileNotFoundError, tiledb.TileDBError):  # a writer merged fragments meanwhile: again
+                    if attempt == 2:
+                        raise
+        return self._direct if isinstance(self._direct, tiledb_direct.DirectIndex) else None
+
+    def _stored_tile(self) -> int:
+        """The array's tile extent, as its schema gives it."""
+        if self._tile_extent is None:
+            schema = tiledb.ArraySchema.load(self._uri, ctx=context())
+            self._tile_extent = int(schema.domain.dim(0).tile)
+        return self._tile_extent
+
+    _tile_extent: int | None = None
+
+    def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+        direct = self._direct_index()
+        if direct is not None:
+            direct.read_into(indices, images, labels)
+            return
+        cells, where = self._gather(indices)
+        self._check_count(cells["label"], int(where.max()) + 1)
+        images.reshape(len(images), -1).view(cells["image"].dtype)[:, 0] = cells["image"][where]
+        labels[:] = cells["label"][where]
+
+    def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
+        direct = self._direct_index()
+        if direct is not None:
+            direct.read_range_into(start, stop, images, labels)
+            return
+        cells = self._query([(start, stop - 1)])
+        self._check_count(cells["label"], stop - start)
+        images.reshape(len(images), -1).view(cells["image"].dtype)[:, 0] = cells["image"]
+        labels[:] = cells["label"]
+
+    def _read_one(self, index: int) -> tuple[np.ndarray, int]:
+        image = np.empty(self.image_shape, dtype=np.uint8)
+        label = np.empty(1, dtype=np.int64)
+        self._read_range_into(index, index + 1, image[np.newaxis], label)
+        return image, int(label[0])
+
+    def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        direct = self._direct_index()
+        if direct is not None:
+            return direct.read_blobs(indices)
+        cells, where = self._gather(indices)
+        self._check_count(cells["label"], int(where.max()) + 1)
+        return [bytes(cells["image"][k]) for k in where.tolist()], cells["label"][where].astype(np.int64)
+
+    def _read_blob_range(self, start: int, stop: int) -> tuple[list[bytes], np.ndarray]:
+        if self._direct_index() is not None:
+            return self._read_blobs(np.arange(start, stop, dtype=np.int64))
+        cells = self._query([(start, stop - 1)])
+        self._check_count(cells["label"], stop - start)
+        return [bytes(cell) for cell in cells["image"]], cells["label"].astype(np.int64)
+
+
+def _cells(blobs: Sequence[bytes]) -> np.ndarray:
+    """Variable-length cells for TileDB: an object array of uint8 arrays."""
+    cells = np.empty(len(blobs), dtype=object)
+    for k, blob in enumerate(blobs):
+        cells[k] = np.frombuffer(blob, dtype=np.uint8)
+    return cells
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
