@@ -7,8 +7,8 @@ file (``a<n>.tdb``) is its tiles in order, each tile one chunk: ``u64 chunks (1)
 ``u32 size``, ``u32 metadata (0)``, then the tile's cells. A variable-length attribute has its
 tiles' cell offsets (u64, from the start of the tile's data) in ``a<n>.tdb`` and the data tiles,
 framed the same way, in ``a<n>_var.tdb``. Every header is checked where the index is built and each
-file must end with its last tile; anything else (another format version, a damaged header) is
-:class:`Unreadable`, and the store's records are then read through TileDB's own queries.
+file must end with its last tile. Fragments of another format version are :class:`Unreadable`:
+the store's records are then read through TileDB's own queries.
 
 The newest fragment (by timestamp) that holds a record wins, as in TileDB. The index keeps each
 committed record's file, offset and length, and the labels; the files stay open, so a vacuum that
@@ -33,7 +33,12 @@ _HEADER = struct.Struct("<III")  # a chunk: its size, its filtered size, its met
 
 
 class Unreadable(Exception):
-    """The fragments are not laid out as this module reads them: use TileDB's queries."""
+    """The fragments are of another format version: use TileDB's queries.
+
+    In a fragment of a known version anything but the expected layout is damage (CorruptStoreError):
+    TileDB itself crashes on some damaged files (SIGSEGV on a truncated attribute file), so a damaged
+    store never falls back to it.
+    """
 
 
 @dataclass
@@ -119,26 +124,26 @@ def _tiles(fd: int, count: int, name: str) -> list[Tile]:
     for _ in range(count):
         head = os.pread(fd, 8, position)
         if len(head) != 8:
-            raise Unreadable(f"{name} ends within its tiles")
+            raise CorruptStoreError(f"{name} ends within its tiles")
         chunks = int.from_bytes(head, "little")
         position += 8
         if not 0 < chunks <= size // _HEADER.size:
-            raise Unreadable(f"{name}: a tile of {chunks} chunks")
+            raise CorruptStoreError(f"{name}: a tile of {chunks} chunks")
         starts, offsets, nbytes = [], [], 0
         for _ in range(chunks):
             header = os.pread(fd, _HEADER.size, position)
             if len(header) != _HEADER.size:
-                raise Unreadable(f"{name} ends within its tiles")
+                raise CorruptStoreError(f"{name} ends within its tiles")
             original, filtered, metadata = _HEADER.unpack(header)
             if original != filtered or metadata != 0:
-                raise Unreadable(f"{name}: a chunk of {original}/{filtered} bytes, {metadata} of metadata")
+                raise CorruptStoreError(f"{name}: a chunk of {original}/{filtered} bytes, {metadata} of metadata")
             starts.append(nbytes)
             offsets.append(position + _HEADER.size)
             nbytes += original
             position += _HEADER.size + original
         tiles.append(Tile(np.array(starts, np.int64), np.array(offsets, np.int64), nbytes))
     if position != size:
-        raise Unreadable(f"{name} holds {size} bytes, its {count} tiles {position}")
+        raise CorruptStoreError(f"{name} holds {size} bytes, its {count} tiles {position}")
     return tiles
 
 
@@ -186,7 +191,7 @@ def _add_fragment(index: DirectIndex, fragment: Any, mine: np.ndarray, tile: int
     label_tiles = _tiles(label_fd, tiles, name)
     for t in np.unique(tile_of).tolist():
         if label_tiles[t].nbytes != tile * 8:
-            raise Unreadable(f"{name}: a tile of {label_tiles[t].nbytes} bytes")
+            raise CorruptStoreError(f"{name}: a tile of {label_tiles[t].nbytes} bytes")
         at = records[tile_of == t]
         index.labels[at] = np.frombuffer(label_tiles[t].read(label_fd, name), dtype="<i8")[at % tile]
     name = os.path.join(folder, "a0.tdb")
@@ -196,7 +201,7 @@ def _add_fragment(index: DirectIndex, fragment: Any, mine: np.ndarray, tile: int
     if cell_bytes is not None:  # fixed-size cells
         for t in np.unique(tile_of).tolist():
             if image_tiles[t].nbytes != tile * cell_bytes:
-                raise Unreadable(f"{name}: a tile of another size than {tile} cells")
+                raise CorruptStoreError(f"{name}: a tile of another size than {tile} cells")
             at = records[tile_of == t]
             index.offset[at] = image_tiles[t].locate((at % tile) * cell_bytes, cell_bytes, name)
         index.length[records] = cell_bytes
@@ -208,7 +213,7 @@ def _add_fragment(index: DirectIndex, fragment: Any, mine: np.ndarray, tile: int
     var_tiles = _tiles(var_fd, tiles, var_name)
     for t in np.unique(tile_of).tolist():
         if image_tiles[t].nbytes != tile * 8:
-            raise Unreadable(f"{name}: an offsets tile of {image_tiles[t].nbytes} bytes")
+            raise CorruptStoreError(f"{name}: an offsets tile of {image_tiles[t].nbytes} bytes")
         starts = np.frombuffer(image_tiles[t].read(image_fd, name), dtype="<u8").astype(np.int64)
         data = var_tiles[t]
         ends = np.append(starts[1:], data.nbytes)
