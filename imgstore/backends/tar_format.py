@@ -104,19 +104,6 @@ def label_digits(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return text, lengths
 
 
-def parse_labels(text: np.ndarray, lengths: np.ndarray, where: object) -> np.ndarray:
-    """Labels from their decimal text ``[n, >= 19]`` (each ``lengths[k]`` digits long)."""
-    columns = np.arange(MAX_LABEL_DIGITS)
-    used = columns < lengths[:, None]
-    digits = text[:, :MAX_LABEL_DIGITS].astype(np.int64) - _ZERO
-    if np.any(used & ((digits < 0) | (digits > 9))):
-        raise CorruptStoreError(f"{where}: a label is not a decimal number")
-    powers = np.where(used, lengths[:, None] - 1 - columns, 0)
-    with np.errstate(over="ignore"):  # a damaged 19-digit label may wrap: its checksum then fails
-        values: np.ndarray = (np.where(used, digits, 0) * (np.int64(10) ** powers)).sum(axis=1)
-    return values
-
-
 def parse_label(text: bytes, where: object) -> int:
     if not text.isdigit() or not text.isascii():
         raise CorruptStoreError(f"{where}: a label is not a decimal number")
