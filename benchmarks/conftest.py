@@ -21,7 +21,7 @@ from benchmarks.data import load as load_data
 from benchmarks.encoded import make_encoded_subjects
 from benchmarks.folder import STATUS_QUO_BACKEND
 from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation
-from benchmarks.options import IMAGENET_CODECS, add_options
+from benchmarks.options import IMAGENET_CODECS, add_options, in_default_run
 from benchmarks.subjects import KINDS, make_subjects
 from benchmarks.targets import write_encoded_group, write_targets
 from imgstore.analysis.report import format_seconds
@@ -79,6 +79,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     config = metafunc.config
     cases = []
+    trimmed = config.getoption("cutoffs") is None  # the default run: what stays affordable
     for dataset in selected_datasets(config):
         subjects = selected_subjects(config, dataset)
         cases += [
@@ -86,7 +87,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for n in cutoffs_for(config, dataset)
             for op in selected_operations(config)
             for subject in subjects
-            if op in subject.operations
+            if op in subject.operations and (not trimmed or in_default_run(subject, op, n))
         ]
     metafunc.parametrize(
         "subject_name,operation,cutoff,dataset_name",

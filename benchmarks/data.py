@@ -40,7 +40,7 @@ def _counts(option: str, value: str) -> list[int]:
 
 def selected_cutoffs(config: pytest.Config) -> list[int]:
     """The fixed-shape dataset's image counts (``--cutoffs``)."""
-    value = config.getoption("cutoffs")
+    value = config.getoption("cutoffs") or DEFAULT_CUTOFFS
     if value == "all":
         return list(ALL_CUTOFFS)
     try:
@@ -57,7 +57,7 @@ def imagenet_cutoffs(config: pytest.Config) -> list[int]:
     if value != "auto":
         return _counts("--imagenet-cutoffs", value)
     cutoffs = config.getoption("cutoffs")
-    if cutoffs in (DEFAULT_CUTOFFS, "all"):
+    if cutoffs in (None, "all"):
         return [DEFAULT_IMAGENET_CUTOFF]
     if config.getoption("dataset") != DEFAULT_DATASETS:  # --dataset names it: the sizes named are for it
         return selected_cutoffs(config)

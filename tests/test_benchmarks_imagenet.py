@@ -92,8 +92,8 @@ def test_summary_gives_rates_bytes_per_image_and_the_targets(run: dict[str, Any]
 # ---------------------------------------------------------------------- which sizes a run measures
 
 
-def _config(**options: str) -> Any:
-    values = {"cutoffs": "10,100,1000,10000", "imagenet_cutoffs": "auto", "dataset": DEFAULT_DATASETS, **options}
+def _config(**options: str | None) -> Any:
+    values = {"cutoffs": None, "imagenet_cutoffs": "auto", "dataset": DEFAULT_DATASETS, **options}
     return SimpleNamespace(getoption=lambda name: values[name])
 
 
@@ -183,3 +183,20 @@ def test_targets_pass_and_miss_on_their_thresholds() -> None:
     assert results["lmdb", 2]["ratio"] == pytest.approx(4.0 / 1.15) == results["lmdb", 2]["median_ratio"]
     assert not results["hdf5", 1]["passed"] and not results["hdf5", 2]["passed"]
     assert results["lmdb", 1]["batch"] == pytest.approx(1.15 / 4)  # 1 000 images: 4 batches of up to 256
+
+
+def test_the_default_run_leaves_out_the_dear_cases_at_10000_and_named_cutoffs_keep_them() -> None:
+    """No --cutoffs: store_single and the variant rows stop at 1 000; --cutoffs named: the whole matrix."""
+    default = _pytest("--collect-only", "--dataset=synthetic", timeout=300)
+    named = _pytest("--collect-only", "--dataset=synthetic", "--cutoffs=10,100,1000,10000", timeout=300)
+    assert default.returncode == 0 and named.returncode == 0, default.stdout[-2000:] + named.stdout[-2000:]
+    ids = {line for line in default.stdout.splitlines() if "test_storage[" in line}
+    named_ids = {line for line in named.stdout.splitlines() if "test_storage[" in line}
+    assert ids < named_ids
+    left_out = named_ids - ids
+    assert left_out and all("-10000-" in case for case in left_out)
+    assert any("store_single-10000" in case for case in left_out)
+    assert any("-nosync-" in case for case in left_out) and any("-noverify-" in case for case in left_out)
+    assert not any("store_single-10000" in case for case in ids)
+    assert any("imgstore-lmdb-read_many-10000" in case for case in ids)  # the default rows stay at 10 000
+    assert any("store_single-1000-" in case and "-nosync-" in case for case in ids)
