@@ -317,6 +317,9 @@ class TileDBStore(Store):
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         image = np.empty(self.image_shape, dtype=np.uint8)
+        direct = self._direct_index()
+        if direct is not None:  # a shuffled get: one pread, no numpy slicing (which costs more than the read)
+            return image, direct.read_one(index, image)
         label = np.empty(1, dtype=np.int64)
         self._read_range_into(index, index + 1, image[np.newaxis], label)
         return image, int(label[0])

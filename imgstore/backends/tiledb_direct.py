@@ -68,6 +68,11 @@ class DirectIndex:
         for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), stop - start], strict=True):
             self._pread_into(self.fds[int(fd[lo])], flat[lo:hi], int(offset[lo]))
 
+    def read_one(self, index: int, image: np.ndarray) -> int:
+        if os.preadv(self.fds[self.fd[index]], [image], int(self.offset[index])) != image.nbytes:  # type: ignore[list-item]
+            raise CorruptStoreError("a TileDB fragment file ends before record data")
+        return int(self.labels[index])
+
     def read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         labels[:] = self.labels[indices]
         fds, size = self.fds, images[0].nbytes
