@@ -24,6 +24,7 @@ from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation
 from benchmarks.options import IMAGENET_CODECS, add_options, in_default_run
 from benchmarks.subjects import KINDS, make_subjects
 from benchmarks.targets import write_encoded_group, write_targets
+from benchmarks.verdict import write_verdict
 from imgstore.analysis.report import format_seconds
 from imgstore.analysis.schema import ResultRecord
 from imgstore.fileio import disk_usage, file_bytes
@@ -318,3 +319,4 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
                 + (f"{_ratio(info['speedup_over_single']):>9}" if many else "")
             )
     write_targets(tr, rows)
+    write_verdict(tr, rows)

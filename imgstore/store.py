@@ -80,6 +80,10 @@ class Store(abc.ABC):
     scan_piece_bytes: ClassVar[int | None] = 1 << 18
     #: The entries the backend keeps in the store directory (named per generation: see :meth:`file`).
     files: ClassVar[tuple[str, ...]] = ()
+    #: What reads the store's files besides imgstore (the benchmark verdict's "readable by other tools").
+    readers: ClassVar[tuple[str, ...]] = ()
+    #: Where the backend's guarantees differ from the README's (its Guarantees table), in a few words each.
+    caveats: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

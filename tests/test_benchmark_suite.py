@@ -18,6 +18,7 @@ pytest.importorskip("pytest_benchmark")
 
 from benchmarks.operations import BATCH_SIZE, OPERATIONS, VARIANT_KINDS, Operation, Subject, get_operation  # noqa: E402
 from benchmarks.subjects import make_subjects  # noqa: E402
+from benchmarks.verdict import NEEDS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,6 +105,30 @@ def test_summary_prints_every_group(run: dict[str, Any]) -> None:
     for op in OPERATIONS:
         assert f"{op.name} n=10 (synthetic): {op.title}" in out
     assert "xsingle" in out
+
+
+def test_summary_ends_with_the_verdict_of_this_run(run: dict[str, Any]) -> None:
+    """Which backend for which need: each need names a measured backend, the figure and the runner-up."""
+    out = run["stdout"]
+    verdict = out[out.index("which backend for which need") :]
+    backends = imgstore.available_backends()
+    for need in NEEDS:
+        line = next(line for line in verdict.splitlines() if line.strip().startswith(need[0]))
+        winner = line.split(": ", 1)[1].split(" ", 1)[0]
+        assert winner in backends and "at 10 images" in line, line
+        assert ("faster than" in line or "smaller than" in line) == (len(backends) > 1), line
+    # the figure is this run's: the winner's median of read_many is the fastest of the default rows
+    medians = {
+        b["extra_info"]["backend"]: b["stats"]["median"]
+        for b in run["doc"]["benchmarks"]
+        if b["extra_info"]["kind"] == "imgstore" and not b["extra_info"]["variant"]
+        and b["extra_info"]["operation"] == "read_many" and b["extra_info"]["dataset"] == "synthetic"
+    }  # fmt: skip
+    line = next(line for line in verdict.splitlines() if "fastest bulk read" in line)
+    assert line.split(": ", 1)[1].startswith(min(medians, key=medians.__getitem__) + " ")
+    assert "safest: " in verdict and "readable by other tools: " in verdict and "reproduce: pytest" in verdict
+    for backend in backends:
+        assert f"{backend}: " in verdict.split("readable by other tools: ", 1)[1], backend
 
 
 def test_saved_runs_compare_and_fail_as_pytest_benchmark_documents(tmp_path: Path) -> None:

@@ -64,6 +64,8 @@ class ArrowStore(Store):
     name = "arrow"
     damage_errors = (pa.ArrowException, OSError)  # how pyarrow reports a damaged file
     files = (_DIR,)
+    readers = ("pyarrow (feather, ipc, dataset)", 'Hugging Face datasets: load_dataset("arrow", data_files=...)')
+    caveats = ("pyarrow and datasets see a killed write's file until a writer opens the store",)
     option_specs = {
         # Images per record batch, in bytes (at least one image). Applies to new writes; files say theirs.
         # A shuffled get_many gathers once per batch it touches: fewer, bigger batches are faster

@@ -87,6 +87,8 @@ class Hdf5Store(Store):
     damage_errors = (OSError, RuntimeError, KeyError)  # how h5py reports a damaged file
     option_specs = {"chunk_bytes": Option(1 << 18, 1, 1 << 31, fixed=True)}
     files = (_FILE,)
+    readers = ("h5py, h5dump, HDFView: datasets images and labels",)
+    caveats = ("one handle per file in a process: a writer beside a reader of the same process is StoreBusyError",)
 
     def _open(self, create: bool) -> None:
         path = self.file(_FILE)

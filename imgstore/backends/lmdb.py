@@ -47,6 +47,8 @@ class LmdbStore(Store):
     option_specs = {"block_bytes": Option(1 << 16, 1, 1 << 30, fixed=True)}
     damage_errors = (lmdb.Error,)
     files = ("lmdb",)
+    readers = ("py-lmdb and the lmdb C tools (key: index, 8 bytes big-endian)",)
+    caveats = ()
 
     def _open(self, create: bool) -> None:
         path = self.file("lmdb")

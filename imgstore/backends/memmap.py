@@ -126,6 +126,11 @@ def check_header(path: Path, head: bytes, shape: tuple[int, ...], descr: str) ->
 class MemmapStore(Store):
     name = "memmap"
     files = (_IMAGES, _LABELS)
+    readers = ("numpy: np.load(path, mmap_mode='r'), np.memmap",)
+    caveats = (
+        "np.load may see one commit less after a kill, until the next writer opens the store",
+        "fixed-shape raw images only",
+    )
     damage_errors = (OSError, ValueError)  # a file gone or unreadable; mmap's refusals
 
     def _open(self, create: bool) -> None:

@@ -58,6 +58,8 @@ class PngStore(Store):
     name = "png"
     damage_errors = (OSError,)  # e.g. the labels file is missing
     files = ("png", "labels.i64")
+    readers = ("any image viewer or loader: one PNG/JPEG/WebP file per image", "torchvision ImageFolder-style tools")
+    caveats = ()
     scan_piece_bytes = None  # decoding is the cost: check a scan after one read, decoded on every core
     option_specs = {
         # Pillow's default; 1 is faster and larger, 9 slower and smaller. Applies to new writes only.

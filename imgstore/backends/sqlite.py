@@ -81,6 +81,8 @@ class SqliteStore(Store):
     name = "sqlite"
     damage_errors = (sqlite3.DatabaseError,)
     files = (_DIR,)
+    readers = ("the sqlite3 shell and any SQLite client: table images(id, label, image)",)
+    caveats = ("the sqlite3 shell sees a killed write's rows (query WHERE id < count)",)
     option_specs = {
         # SQLite's page (a power of two). 64 KiB, measured on 10 000 CIFAR images against 16 KiB and
         # 4 KiB: read_many 0.8x and store_many 0.6x the time of 16 KiB, lookups alike, 31.5 MB on disk

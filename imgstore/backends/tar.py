@@ -50,6 +50,8 @@ class TarStore(Store):
     option_specs = {"shard_bytes": Option(16 << 20, 1 << 12, 1 << 40, fixed=True)}
     damage_errors = (OSError, ValueError)
     files = ("tar", "tarindex.bin")
+    readers = ("webdataset.WebDataset", "tar -t / any tar reader")
+    caveats = ("tar and webdataset see a killed write's samples until the next write",)
 
     def _open(self, create: bool) -> None:
         self._dir, self._index_path = self.file("tar"), self.file("tarindex.bin")

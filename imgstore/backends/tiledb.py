@@ -72,6 +72,8 @@ class TileDBStore(Store):
     }
     damage_errors = (tiledb.TileDBError, OSError, ValueError, KeyError, IndexError)
     files = ("tiledb",)
+    readers = ("tiledb-py: tiledb.open(path)[0:count] (attributes image, label)",)
+    caveats = ("tiledb.open sees a killed write's records (read [0:count])", "TileDB warns at fork")
 
     def _open(self, create: bool) -> None:
         self._uri = str(self.file("tiledb"))

@@ -62,6 +62,8 @@ class ZarrStore(Store):
         )
     }
     files = ("zarr",)
+    readers = ("zarr-python: zarr.open_group(path)['images'], ['labels']",)
+    caveats = ("zarr-python sees a killed write's records until the next writer opens the store",)
 
     def _open(self, create: bool) -> None:
         self._root = self.file("zarr")
