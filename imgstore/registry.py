@@ -67,6 +67,7 @@ register_backend("arrow", "imgstore.backends.arrow:ArrowStore", "pip install 'im
 register_backend("memmap", "imgstore.backends.memmap:MemmapStore", "pip install 'imgstore-ml[memmap]'")
 register_backend("tar", "imgstore.backends.tar:TarStore", "pip install 'imgstore-ml[tar]'")
 register_backend("tiledb", "imgstore.backends.tiledb:TileDBStore", "pip install 'imgstore-ml[tiledb]'")
+register_backend("leveldb", "imgstore.backends.leveldb:LeveldbStore", "pip install 'imgstore-ml[leveldb]'")
 
 
 def _entry_point_specs() -> dict[str, BackendSpec]:

@@ -190,6 +190,20 @@ class TestTiledbPng(PngVaried, StoreConformance):
 
 class TestTiledbRawVaried(RawVaried, StoreConformance, CrashSafety):
     backend = "tiledb"
+class TestLeveldb(StoreConformance, StoreRobustness):
+    backend = "leveldb"
+
+
+class TestLeveldbKeep(KeepFiles, StoreConformance, DamageDetection, CrashSafety):
+    backend = "leveldb"
+
+
+class TestLeveldbPng(PngVaried, StoreConformance):
+    backend = "leveldb"
+
+
+class TestLeveldbRawVaried(RawVaried, StoreConformance, CrashSafety):
+    backend = "leveldb"
 
 
 def _subclasses(cls: type) -> set[type]:

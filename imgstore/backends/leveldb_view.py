@@ -1,0 +1,216 @@
+"""LevelDB databases opened by imgstore: the writer's own, and each reader's private view.
+
+LevelDB lets one process open a database at a time (an fcntl lock on its ``LOCK`` file), and has
+no read-only mode. imgstore promises readers in many processes beside a writer, so a reader never
+opens the writer's database: it opens a *view*, a directory of hard links to the database's files
+(``CURRENT``, ``MANIFEST-*``, ``*.ldb`` tables, ``*.log``), made when the handle opens and again
+when ``refresh()`` sees new commits. LevelDB never changes a file it has written except by appending
+to the newest log and manifest, and it opens a view by writing new files of its own (a manifest, a
+log, a table of the log's records), so the writer's files are never touched through a link; a
+torn last record (an append in progress) reads as the end of the file.
+
+A view is consistent if every file its manifest names was linked: LevelDB checks that when it
+opens ("missing files"), and the caller checks the newest committed key. A writer that compacted
+or flushed while the links were made shows as a changed file list: the view is made again.
+
+Views live in the store (``leveldb-views-<gen>/<pid>-<token>``); a view whose process is gone (and
+whose ``LOCK`` nobody holds) is deleted by the next reader. Where a view cannot be made in the store
+(read-only media, a full disk), the reader copies the files to a private temporary directory
+instead, deleted when it closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+import plyvel
+
+from imgstore.errors import CorruptStoreError, StoreIOError
+
+_DB_FILE = re.compile(r"^(CURRENT|MANIFEST-\d+|\d+\.(ldb|sst|log))$")
+_VIEW_NAME = re.compile(r"^(\d+)-[0-9a-f]+$")
+_TRIES = 8  # views made before a file list that keeps changing is taken as damage
+# Handles a forked child inherited: LevelDB's locks and threads are the parent's, so the child never
+# uses, closes or frees them (a destructor could wait forever for a background thread that is not there).
+_inherited: list[object] = []
+# Where a view could not be made in the store: copy instead (read-only media, a full disk, no links).
+_NO_VIEW_HERE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EXDEV, errno.EMLINK)
+
+
+def open_db(path: Path, *, create: bool = False, paranoid: bool = True) -> plyvel.DB:
+    """A LevelDB database without compression (pixels and JPEGs do not compress: see the README)."""
+    return plyvel.DB(
+        str(path),
+        create_if_missing=create,
+        error_if_exists=create,
+        paranoid_checks=paranoid,
+        compression=None,
+        # Larger than the writer's flushes (leveldb.FLUSH_BYTES): LevelDB never switches logs on its own.
+        write_buffer_size=64 << 20,
+    )
+
+
+def set_aside(db: plyvel.DB | None) -> None:
+    """Keep an inherited handle alive and untouched for the rest of this (forked) process."""
+    if db is not None:
+        _inherited.append(db)
+
+
+class View:
+    """A private database a reader opens: hard links in the store, or a temporary copy."""
+
+    def __init__(self, source: Path, views: Path, must_hold: bytes | None) -> None:
+        self.pid = os.getpid()
+        self.temporary = False
+        self.path, self.db = self._make(source, views, must_hold)
+
+    def close(self) -> None:
+        if os.getpid() != self.pid:
+            set_aside(self.db)  # a forked child's copy: the parent's view, not the child's to close
+            return
+        try:
+            self.db.close()
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def _make(self, source: Path, views: Path, must_hold: bytes | None) -> tuple[Path, plyvel.DB]:
+        in_store = True
+        remove_dead_views(views)
+        for _ in range(_TRIES):
+            before = _listing(source)
+            try:
+                path = _linked(source, views) if in_store else _copied(source)
+            except FileNotFoundError as exc:
+                if not source.is_dir():
+                    raise CorruptStoreError(f"{source} is missing") from exc
+                continue  # a file went while it was linked (a writer's compaction): again
+            except OSError as exc:
+                if not in_store or exc.errno not in _NO_VIEW_HERE:
+                    raise StoreIOError(f"cannot read {source}: {exc}") from exc
+                in_store = False
+                continue
+            try:
+                db = open_db(path)
+            except plyvel.Error as exc:
+                shutil.rmtree(path, ignore_errors=True)
+                if _listing(source) != before:
+                    continue  # the writer flushed or compacted meanwhile
+                if in_store and isinstance(exc, plyvel.IOError) and _no_room(str(exc)):
+                    in_store = False  # LevelDB could not write its files in the view: copy elsewhere
+                    continue
+                raise CorruptStoreError(f"{source} cannot be opened as LevelDB: {exc}") from exc
+            try:
+                held = must_hold is None or db.get(must_hold) is not None
+            except plyvel.Error as exc:
+                _discard(db, path)
+                raise CorruptStoreError(f"{source} is damaged: {exc}") from exc
+            if not held:
+                _discard(db, path)
+                if _listing(source) != before:
+                    continue
+                raise CorruptStoreError(f"{source} does not hold the newest committed record")
+            self.temporary = not in_store
+            return path, db
+        raise CorruptStoreError(f"{source}: its files kept changing while a view of them was made")
+
+
+def _discard(db: plyvel.DB, path: Path) -> None:
+    try:
+        db.close()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _no_room(message: str) -> bool:
+    return any(word in message for word in ("No space", "Read-only", "Permission denied", "Disk quota"))
+
+
+def _listing(source: Path) -> list[str]:
+    try:
+        return sorted(name for name in os.listdir(source) if _DB_FILE.match(name))
+    except FileNotFoundError:
+        return []
+
+
+def _linked(source: Path, views: Path) -> Path:
+    views.mkdir(exist_ok=True)
+    path = views / f"{os.getpid()}-{secrets.token_hex(6)}"
+    path.mkdir()
+    try:
+        _fill(source, path, os.link)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
+
+
+def _copied(source: Path) -> Path:
+    path = Path(tempfile.mkdtemp(prefix="imgstore-leveldb-view-"))
+    try:
+        _fill(source, path, shutil.copyfile)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
+
+
+def _fill(source: Path, path: Path, put: object) -> None:
+    assert callable(put)
+    # CURRENT first: the manifest it names is then linked below (or, gone, fails the open: made again).
+    put(source / "CURRENT", path / "CURRENT")
+    for name in _listing(source):
+        if name != "CURRENT":
+            try:
+                put(source / name, path / name)
+            except FileNotFoundError:
+                pass  # deleted by the writer meanwhile: needed or not, LevelDB's open tells
+
+
+def remove_dead_views(views: Path) -> None:
+    """Delete the views of processes that are gone (killed readers, e.g. DataLoader workers)."""
+    try:
+        names = os.listdir(views)
+    except OSError:
+        return
+    for name in names:
+        match = _VIEW_NAME.match(name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        if _lock_free(views / name / "LOCK"):
+            shutil.rmtree(views / name, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_free(lock: Path) -> bool:
+    """Whether no process holds the view's LevelDB lock (a process of another PID namespace might)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # closing drops the lock just taken
+    return True
