@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import plyvel
 
-from imgstore.backends.leveldb_view import View, open_db, set_aside
+from imgstore.backends.leveldb_view import View, background_works, may_start_background, open_db, set_aside
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreFullError, StoreIOError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
 from imgstore.options import Option
@@ -83,7 +83,7 @@ class LeveldbStore(Store):
     def _close(self) -> None:
         try:
             if self._db is not None:
-                if self._unflushed:
+                if self._unflushed and background_works():
                     try:
                         self._flush(self._db)
                     except (plyvel.Error, OSError):
@@ -173,10 +173,13 @@ class LeveldbStore(Store):
                 size += len(value) + len(key)
                 if size >= _BATCH_BYTES:
                     batch.write()
+                    self._unflushed += size
                     batch, size = db.write_batch(sync=False), 0
+                    if self._unflushed >= FLUSH_BYTES and background_works():
+                        self._flush(db)
             batch.write()
-            self._unflushed += nbytes
-            if self._unflushed >= FLUSH_BYTES:
+            self._unflushed += size
+            if self._unflushed >= FLUSH_BYTES and background_works():
                 self._flush(db)
             elif self.sync and (nbytes or stale):
                 db.write_batch(sync=True).write()  # an empty synced batch: fsync of the log
@@ -192,6 +195,7 @@ class LeveldbStore(Store):
 
     def _flush(self, db: plyvel.DB) -> None:
         """Write the memory table to a table file (LevelDB fsyncs it and its manifest) and start a new log."""
+        may_start_background()
         db.compact_range(start=_PAST_EVERY_KEY, stop=_PAST_EVERY_KEY)
         self._unflushed, self._dir_synced = 0, False
 

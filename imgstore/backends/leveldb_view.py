@@ -45,8 +45,29 @@ _inherited: list[object] = []
 _NO_VIEW_HERE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EXDEV, errno.EMLINK)
 
 
+# The process whose LevelDB may have started its background thread (for a flush or a compaction). A
+# process forked from it inherits a LevelDB that believes the thread runs, but it does not: work
+# scheduled there never happens, and a flush or a close waiting for it waits forever.
+_background_pid: int | None = None
+
+
+def background_works() -> bool:
+    """Whether LevelDB's background thread can run here (this process is not a fork of one that started it)."""
+    return _background_pid is None or _background_pid == os.getpid()
+
+
+def may_start_background() -> None:
+    global _background_pid
+    if _background_pid is None:
+        _background_pid = os.getpid()
+
+
 def open_db(path: Path, *, create: bool = False, paranoid: bool = True) -> plyvel.DB:
-    """A LevelDB database without compression (pixels and JPEGs do not compress: see the README)."""
+    """A LevelDB database without compression (pixels and JPEGs do not compress: see the README).
+
+    Without a background thread (a forked child) its memory table never switches to a new log: that
+    would wait forever for a flush."""
+    may_start_background()  # opening schedules a compaction where one is due
     return plyvel.DB(
         str(path),
         create_if_missing=create,
@@ -54,7 +75,7 @@ def open_db(path: Path, *, create: bool = False, paranoid: bool = True) -> plyve
         paranoid_checks=paranoid,
         compression=None,
         # Larger than the writer's flushes (leveldb.FLUSH_BYTES): LevelDB never switches logs on its own.
-        write_buffer_size=64 << 20,
+        write_buffer_size=64 << 20 if background_works() else 1 << 40,
     )
 
 
