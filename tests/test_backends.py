@@ -190,6 +190,8 @@ class TestTiledbPng(PngVaried, StoreConformance):
 
 class TestTiledbRawVaried(RawVaried, StoreConformance, CrashSafety):
     backend = "tiledb"
+
+
 class TestLeveldb(StoreConformance, StoreRobustness):
     backend = "leveldb"
 

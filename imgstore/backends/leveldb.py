@@ -44,6 +44,11 @@ class LeveldbStore(Store):
     option_specs = {"block_bytes": Option(1 << 14, 1, 1 << 30, fixed=True)}
     damage_errors = (plyvel.Error,)
     files = ("leveldb", "leveldb-views")
+    readers = ("plyvel.DB on the closed store's leveldb-<gen>/ (key: block or index, 8 bytes big-endian)",)
+    caveats = (
+        "plyvel sees a killed write's keys until a writer opens the store",
+        "each reader opens a private view (hard links; a temporary copy on read-only media or a full disk)",
+    )
 
     def _open(self, create: bool) -> None:
         self._dir, self._views = self.file("leveldb"), self.file("leveldb-views")
