@@ -51,7 +51,7 @@ def _read_raw(store: Path) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def test_plyvel_reads_a_raw_store_appended_in_several_commits(tmp_path: Path) -> None:
-    images, labels = synthetic_cifar10(230)
+    images, labels = synthetic_cifar10(3230)
     path = tmp_path / "cifar"
     with imgstore.open_store(path, "leveldb", "w") as store:
         store.put_many(images[:100], labels[:100])
@@ -59,12 +59,13 @@ def test_plyvel_reads_a_raw_store_appended_in_several_commits(tmp_path: Path) ->
         store.put_many(images[100:203], labels[100:203])
         for k in range(203, 230):
             store.put(images[k], int(labels[k]))
+        store.put_many(images[230:], labels[230:])  # 9 MB: flushed to tables within the write
     got_images, got_labels, keys = _read_raw(path)
     assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
-    assert keys == -(-230 // (16384 // (32 * 32 * 3 + 8)))
+    assert keys == -(-3230 // (16384 // (32 * 32 * 3 + 8)))
     with imgstore.open_store(path) as store:  # and imgstore still reads it after LevelDB opened it itself
         store.verify()
-        assert np.array_equal(store.get_many(range(230))[0], images)
+        assert np.array_equal(store.get_many(range(3230))[0], images)
 
 
 def _jpeg_and_png_files(n: int) -> tuple[list[bytes], list[int]]:

@@ -168,6 +168,7 @@ class LeveldbStore(Store):
         """Put ``values`` (keys in order) and delete every key from ``end`` on (a crashed write's leftovers)."""
         db = self._writer()
         log = self._ensure_room(nbytes)
+        written = 0
         try:
             stale = list(db.iterator(start=end, include_value=False))
             batch, size = db.write_batch(sync=False), 0
@@ -178,10 +179,12 @@ class LeveldbStore(Store):
                 size += len(value) + len(key)
                 if size >= _BATCH_BYTES:
                     batch.write()
-                    self._unflushed += size
+                    self._unflushed, written = self._unflushed + size, written + size
                     batch, size = db.write_batch(sync=False), 0
                     if self._unflushed >= FLUSH_BYTES and background_works():
-                        self._flush(db)
+                        self._flush(db)  # a new log: reserve the rest of the write there
+                        _release(log)
+                        log = self._ensure_room(max(0, nbytes - written))
             batch.write()
             self._unflushed += size
             if self._unflushed >= FLUSH_BYTES and background_works():
@@ -195,8 +198,7 @@ class LeveldbStore(Store):
             self._drop_writer()
             raise _error(exc, f"writing to {self._dir}") from exc
         finally:
-            if log is not None:
-                release_reserve(log)
+            _release(log)
 
     def _flush(self, db: plyvel.DB) -> None:
         """Write the memory table to a table file (LevelDB fsyncs it and its manifest) and start a new log."""
@@ -320,6 +322,15 @@ class LeveldbStore(Store):
         if len(blobs) != stop - start:
             raise CorruptStoreError(f"{self.path}: image {start + len(blobs)} is committed but missing")
         return blobs, labels
+
+
+def _release(log: Path | None) -> None:
+    """Give back a log's unused reserved blocks; a log a flush deleted took them with it."""
+    if log is not None:
+        try:
+            release_reserve(log)
+        except FileNotFoundError:
+            pass
 
 
 def _key(number: int) -> bytes:
