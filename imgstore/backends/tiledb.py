@@ -50,6 +50,13 @@ def context() -> tiledb.Ctx:
     if _context is None or _context[0] != os.getpid():
         if _context is not None:
             _inherited.append(_context[1])
+        # tiledb-py's first context replaces os.fork, for the whole process, with one that warns on
+        # every fork (a DataLoader's workers, any library's children). imgstore's handles never use a
+        # parent's TileDB objects in a child (it makes its own context: the DataLoader tests fork,
+        # spawn and forkserver), so the warning would only be noise in the user's other forks.
+        tiledb_ctx = getattr(tiledb, "ctx", None)
+        if getattr(tiledb_ctx, "_needs_fork_wrapper", None) is True:
+            tiledb_ctx._needs_fork_wrapper = False  # type: ignore[union-attr]
         _context = (os.getpid(), tiledb.Ctx())
     return _context[1]
 
@@ -73,10 +80,12 @@ class TileDBStore(Store):
     damage_errors = (tiledb.TileDBError, OSError, ValueError, KeyError, IndexError)
     files = ("tiledb",)
     readers = ("tiledb-py: tiledb.open(path)[0:count] (attributes image, label)",)
-    caveats = ("tiledb.open sees a killed write's records (read [0:count])", "TileDB warns at fork")
+    caveats = ("tiledb.open sees a killed write's records (read [0:count])",)
 
     def _open(self, create: bool) -> None:
-        self._uri = str(self.file("tiledb"))
+        # Absolute: TileDB resolves a relative URI against the working directory of its first use in
+        # the process, so after a chdir it would write into another directory.
+        self._uri = os.path.abspath(self.file("tiledb"))
         self._array: Any = None
         # The direct-read index (built on first read); False: the fragments need TileDB's queries.
         self._direct: tiledb_direct.DirectIndex | bool | None = None

@@ -292,6 +292,22 @@ class StoreConformance(EncodedConformance):
             assert len(store) == 8
             check_records(store, records + records)
 
+    def test_relative_paths_follow_the_working_directory(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A store opened by a relative path is where the path says, also after a chdir (no library may
+        resolve it against the directory of its first use), and nothing is written outside it."""
+        records = self.records(5)
+        for name in ("one", "two"):
+            (path / name).mkdir(parents=True)
+            monkeypatch.chdir(path / name)
+            with open_store("s", self.backend, "w", **self.layout.store_kwargs(), **self.options) as store:
+                records.put(store)
+            with open_store("s", mode="a") as store:
+                records.put(store)
+        for name in ("one", "two"):
+            assert sorted(p.name for p in (path / name).iterdir()) == ["s"], name
+            with open_store(path / name / "s") as store:
+                check_records(store, records + records)
+
     def test_write_mode_replaces_an_existing_store(self, filled: Filled) -> None:
         path, _ = filled
         records = self.records(3, seed=9)
