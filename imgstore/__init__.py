@@ -25,7 +25,7 @@ from imgstore.errors import (
     StoreNotFoundError,
 )
 from imgstore.opening import open_store
-from imgstore.registry import available_backends, get_backend, register_backend
+from imgstore.registry import available_backends, get_backend, installed_backends, register_backend
 from imgstore.store import Store
 
 __version__ = "0.1.0"
@@ -51,6 +51,7 @@ __all__ = [
     "StoreIndexError",
     "StoreNotFoundError",
     "available_backends",
+    "installed_backends",
     "get_backend",
     "open_store",
     "register_backend",

@@ -93,6 +93,18 @@ def available_backends() -> list[str]:
     return list(_registry) + sorted(set(_entry_point_specs()) - set(_registry))
 
 
+def installed_backends() -> list[str]:
+    """The registered backends whose libraries import here (the others name the extra to install)."""
+    installed = []
+    for name in available_backends():
+        try:
+            get_backend(name)
+        except MissingDependencyError:
+            continue
+        installed.append(name)
+    return installed
+
+
 def get_backend(name: str) -> type[Store]:
     """The store class registered as ``name``, imported now (once per process)."""
     if not isinstance(name, str):

@@ -143,6 +143,8 @@ def test_missing_dependency_names_the_install_command(tmp_path: Path, monkeypatc
     imgstore.register_backend("fancy", "needs_missing_dep:FancyStore", "pip install 'imgstore-ml[fancy]'")
     with pytest.raises(imgstore.MissingDependencyError, match=r"a_package_nobody_installed.*imgstore-ml\[fancy\]"):
         open_store(tmp_path / "s", "fancy", "w")
+    assert "fancy" in imgstore.available_backends() and "fancy" not in imgstore.installed_backends()
+    assert {"png", "lmdb", "hdf5"} <= set(imgstore.installed_backends())
 
 
 def test_third_party_backend_via_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
