@@ -389,7 +389,9 @@ def _as_path(path: Any) -> Path:
         raise InvalidOptionError(f"a store path is a str or os.PathLike, got {type(path).__name__}") from None
     if "\0" in str(store_path):
         raise InvalidOptionError(f"a store path cannot hold a NUL character: {str(store_path)!r}")
-    return store_path
+    # Absolute from the start: a handle keeps writing to the store it opened after a chdir (zarr
+    # would make ./store anew in the new directory, TileDB resolves against its first directory).
+    return Path(os.path.abspath(store_path))
 
 
 def _make_directory(path: Path) -> None:

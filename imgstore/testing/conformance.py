@@ -307,6 +307,16 @@ class StoreConformance(EncodedConformance):
             assert sorted(p.name for p in (path / name).iterdir()) == ["s"], name
             with open_store(path / name / "s") as store:
                 check_records(store, records + records)
+        # A handle opened by a relative path keeps its store after a chdir (a write lands there).
+        monkeypatch.chdir(path / "one")
+        with open_store("s", mode="a") as store:
+            monkeypatch.chdir(path / "two")
+            records.put(store)
+        with open_store(path / "one" / "s") as store:
+            check_records(store, records + records + records)
+        with open_store(path / "two" / "s") as store:
+            check_records(store, records + records)
+        assert sorted(p.name for p in (path / "two").iterdir()) == ["s"]
 
     def test_write_mode_replaces_an_existing_store(self, filled: Filled) -> None:
         path, _ = filled
