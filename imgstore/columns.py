@@ -17,6 +17,7 @@ import numpy as np
 from xxhash import xxh3_64_intdigest
 
 from imgstore.errors import CorruptStoreError
+from imgstore.fileio import open_regular
 
 
 def write_at(path: Path, index: int, width: int, data: bytes, *, sync: bool) -> None:
@@ -45,7 +46,7 @@ def _write_file_at(path: Path, offset: int, data: bytes, *, sync: bool) -> None:
 def read_column(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     """The first ``count`` entries of a fixed-width column file; a short file is damage."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             # Never ask for more than the file holds: a tampered count may not allocate terabytes.
             size = min(count * dtype.itemsize, os.fstat(f.fileno()).st_size)
             values = np.frombuffer(f.read(size - size % dtype.itemsize), dtype=dtype)
@@ -129,7 +130,7 @@ class TextColumn:
         lo = int(self.ends[index - 1]) if index else 0
         hi = int(self.ends[index])
         try:
-            with open(self.data, "rb") as f:
+            with open_regular(self.data) as f:
                 raw = os.pread(f.fileno(), hi - lo, lo)
         except OSError as exc:
             raise CorruptStoreError(f"{self.data} cannot be read: {exc}") from None
@@ -140,7 +141,7 @@ class TextColumn:
     def check_all(self) -> None:
         """Check every record's text (``verify``)."""
         try:
-            with open(self.data, "rb") as f:
+            with open_regular(self.data) as f:
                 data = f.read(int(self.ends[-1]) if len(self.ends) else 0)
         except OSError as exc:
             raise CorruptStoreError(f"{self.data} cannot be read: {exc}") from None

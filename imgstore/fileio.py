@@ -6,8 +6,10 @@ import ctypes
 import errno
 import os
 import resource
+import stat
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 if not sys.platform.startswith("linux"):  # pragma: no cover - the package metadata says Linux only
     raise ImportError(
@@ -17,6 +19,23 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - the package metad
 _FALLOC_FL_KEEP_SIZE = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them (find_library runs ldconfig)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def open_regular(path: Path | str) -> BinaryIO:
+    """``open(path, "rb")`` of a regular file only: a FIFO or device put in a store's place would block
+    a reader forever or never end (opened non-blocking, so the check itself cannot hang)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+        os.set_blocking(fd, True)
+        return open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def disk_usage(path: Path) -> int:

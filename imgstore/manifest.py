@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from imgstore.errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
-from imgstore.fileio import fsync_dir
+from imgstore.fileio import fsync_dir, open_regular
 
 MANIFEST_NAME = "imgstore.json"
 WRITER_LOCK_NAME = "writer.lock"
@@ -125,7 +125,7 @@ def read_manifest(store_path: Path) -> Manifest:
     """The store's manifest; :class:`CorruptStoreError` for anything that is not a valid one."""
     path = manifest_path(store_path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             raw = f.read(_MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise StoreNotFoundError(f"no imgstore store at {store_path} (no {MANIFEST_NAME})") from None

@@ -500,3 +500,25 @@ def test_odd_indices_are_imgstore_errors(tmp_path: Path) -> None:
             with pytest.raises(imgstore.InvalidOptionError):
                 store.iter_batches(size)  # type: ignore[arg-type]
 
+
+
+@pytest.mark.parametrize("which", ["imgstore.json", "checksums", "groups"])
+def test_a_fifo_in_place_of_a_store_file_is_an_error_not_a_hang(tmp_path: Path, which: str) -> None:
+    """A FIFO (or device) where a store file should be would block a reader forever: it is damage."""
+    import glob
+    import subprocess
+    import sys
+
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "lmdb", "w") as store:
+        store.put_many(*random_images(300, (8, 8, 3), seed=1))
+    file = glob.glob(str(path / (which if "." in which else f"{which}-*")))[0]
+    os.unlink(file)
+    os.mkfifo(file)
+    script = (
+        "import imgstore\n"
+        f"try:\n    s = imgstore.open_store({str(path)!r}); s.get(0); s.get_many(range(300)); print('read')\n"
+        "except imgstore.CorruptStoreError as exc:\n    print('CorruptStoreError', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("CorruptStoreError") and "not a regular file" in result.stdout, result
