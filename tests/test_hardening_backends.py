@@ -109,3 +109,25 @@ def test_tar_the_largest_label_still_reads(tmp_path: Path) -> None:
         assert store.get(0)[1] == INT64_MAX
         assert store.get_many(range(2))[1].tolist() == [INT64_MAX, 0]
         assert store.get_many([1, 0])[1].tolist() == [0, INT64_MAX]
+
+
+# ---------------------------------------------------------------------- zarr: planted links
+
+
+@pytest.mark.parametrize("array", ["images", "labels"])
+def test_zarr_a_linked_metadata_temporary_is_not_written_through(tmp_path: Path, array: str) -> None:
+    path = tmp_path / "s"
+    images = np.arange(2 * 48, dtype=np.uint8).reshape(2, 4, 4, 3)
+    with imgstore.open_store(path, "zarr", "w") as store:
+        store.put_many(images, [1, 2])
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the store's")
+    (_only(path, "zarr-*") / array / "zarr.json.tmp").symlink_to(outside)
+    with imgstore.open_store(path, mode="a") as store:  # a writer rewrites the metadata as it opens
+        store.put(images[0], 3)
+        assert len(store) == 3
+    assert outside.read_text() == "not the store's"
+    meta = _only(path, "zarr-*") / array / "zarr.json"
+    assert not meta.is_symlink() and not meta.with_name("zarr.json.tmp").exists()
+    with imgstore.open_store(path) as store:
+        assert store.get_many(range(3))[1].tolist() == [1, 2, 3]

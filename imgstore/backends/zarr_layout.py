@@ -82,9 +82,16 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
     """Replace ``path`` atomically (a reader sees the old or the new file). Not fsynced: imgstore never
     reads its metadata (the manifest holds the layout); a writer rewrites it whenever it opens."""
     tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(value, indent=2).encode()
+    tmp.unlink(missing_ok=True)  # a stale temporary, or a link planted there (unlink never follows one)
+    # O_EXCL | O_NOFOLLOW: a file of its own, never written through a link to a file elsewhere.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        tmp.write_text(json.dumps(value, indent=2))
-        os.replace(tmp, path)
+        try:
+            pwrite_all(fd, data, 0)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # replaces a link at ``path`` itself, never its target
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
