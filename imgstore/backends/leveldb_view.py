@@ -2,16 +2,18 @@
 
 LevelDB lets one process open a database at a time (an fcntl lock on its ``LOCK`` file), and has
 no read-only mode. imgstore promises readers in many processes beside a writer, so a reader never
-opens the writer's database: it opens a *view*, a directory of hard links to the database's files
-(``CURRENT``, ``MANIFEST-*``, ``*.ldb`` tables, ``*.log``), made when the handle opens and again
-when ``refresh()`` sees new commits. LevelDB never changes a file it has written except by appending
-to the newest log and manifest, and it opens a view by writing new files of its own (a manifest, a
-log, a table of the log's records), so the writer's files are never touched through a link; a
-torn last record (an append in progress) reads as the end of the file.
+opens the writer's database: it opens a *view*, made when the handle opens and again when
+``refresh()`` sees new commits. Opening a database makes LevelDB write files of its own (a table of
+the log's records, a new log, a new manifest), numbered from its manifest's next file number and
+created with ``O_TRUNC`` over any file of that name. So a view shares no file LevelDB may write:
+``CURRENT``, the manifest and the logs are copies, and only the table files its copy of the manifest
+names are hard links, all numbered below that manifest's next file number (see ``_fill``). LevelDB
+never changes a table it has written. A torn last record of a copied log or manifest (an append in
+progress) reads as the end of the file.
 
-A view is consistent if every file its manifest names was linked: LevelDB checks that when it
+A view is consistent if every table its manifest names was linked: LevelDB checks that when it
 opens ("missing files"), and the caller checks the newest committed key. A writer that compacted
-or flushed while the links were made shows as a changed file list: the view is made again.
+or flushed while the view was made shows as a changed file list: the view is made again.
 
 Views live in the store (``leveldb-views-<gen>/<pid>-<token>``); a view whose process is gone (and
 whose ``LOCK`` nobody holds) is deleted by the next reader. Where a view cannot be made in the store
@@ -29,6 +31,7 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import plyvel
@@ -36,6 +39,10 @@ import plyvel
 from imgstore.errors import CorruptStoreError, StoreIOError
 
 _DB_FILE = re.compile(r"^(CURRENT|MANIFEST-\d+|\d+\.(ldb|sst|log))$")
+_MANIFEST = re.compile(r"^MANIFEST-\d+$")
+_TABLE = re.compile(r"^\d+\.(ldb|sst)$")
+_LOG = re.compile(r"^(\d+)\.log$")
+_LOG_BLOCK = 32768  # LevelDB's log format (manifests are logs of VersionEdit records)
 _VIEW_NAME = re.compile(r"^(\d+)-[0-9a-f]+$")
 _TRIES = 8  # views made before a file list that keeps changing is taken as damage
 # Handles a forked child inherited: LevelDB's locks and threads are the parent's, so the child never
@@ -113,6 +120,10 @@ class View:
                 if not source.is_dir():
                     raise CorruptStoreError(f"{source} is missing") from exc
                 continue  # a file went while it was linked (a writer's compaction): again
+            except CorruptStoreError:
+                if _listing(source) != before:
+                    continue  # the writer replaced its manifest meanwhile
+                raise
             except OSError as exc:
                 if not in_store or exc.errno not in _NO_VIEW_HERE:
                     raise StoreIOError(f"cannot read {source}: {exc}") from exc
@@ -183,16 +194,142 @@ def _copied(source: Path) -> Path:
     return path
 
 
-def _fill(source: Path, path: Path, put: object) -> None:
-    assert callable(put)
-    # CURRENT first: the manifest it names is then linked below (or, gone, fails the open: made again).
-    put(source / "CURRENT", path / "CURRENT")
+def _fill(source: Path, path: Path, put_table: Callable[[Path, Path], object]) -> None:
+    """Make ``path`` a database of the committed state of ``source``, sharing no file LevelDB writes.
+
+    LevelDB opens a database by writing new files (a table of the log's records, a log, a manifest)
+    numbered from its manifest's next file number, and it creates them with ``O_TRUNC``, over any
+    file of that name. The writer creates a table *before* the manifest edit that names it and moves
+    the next file number past it, so a table file present in ``source`` may carry a number the view's
+    LevelDB allocates: a hard link to it would let the view truncate the writer's file. So the view
+    gets copies of ``CURRENT``, the manifest and the logs (files the writer appends to), and links to
+    exactly the tables its copy of the manifest names, all numbered below that manifest's next file
+    number: the view's own files are numbered from there on and never meet a link. ``LOCK`` and
+    ``LOG`` are the view's own.
+    """
+    shutil.copyfile(source / "CURRENT", path / "CURRENT")
+    manifest = (path / "CURRENT").read_text(errors="replace").strip()
+    if not _MANIFEST.match(manifest):
+        raise CorruptStoreError(f"{source}/CURRENT does not name a manifest")
+    shutil.copyfile(source / manifest, path / manifest)
+    state = _read_manifest(path / manifest)
+    tables = {number for number in state.tables if number < state.next_file}
+    if len(tables) != len(state.tables):
+        raise CorruptStoreError(f"{source}/{manifest} names a table past its next file number")
+    names = {int(name.partition(".")[0]): name for name in _listing(source) if _TABLE.match(name)}
+    for number in sorted(tables):
+        name = names.get(number, f"{number:06d}.ldb")  # missing: linking raises FileNotFoundError (again)
+        put_table(source / name, path / name)
     for name in _listing(source):
-        if name != "CURRENT":
+        match = _LOG.match(name)
+        if match and (int(match.group(1)) >= state.log_number or int(match.group(1)) == state.prev_log):
             try:
-                put(source / name, path / name)
+                shutil.copyfile(source / name, path / name)
             except FileNotFoundError:
-                pass  # deleted by the writer meanwhile: needed or not, LevelDB's open tells
+                pass  # the writer flushed it meanwhile: its records are in a table; the open tells
+
+
+class _ManifestState:
+    def __init__(self) -> None:
+        self.next_file = 0
+        self.log_number = 0
+        self.prev_log = 0
+        self.tables: set[int] = set()
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _manifest_records(data: bytes) -> Iterator[bytes]:
+    """The records of a LevelDB log file (32 KiB blocks of fragments); a torn tail ends it, as in LevelDB."""
+    record = bytearray()
+    at = 0
+    while at < len(data):
+        left = _LOG_BLOCK - at % _LOG_BLOCK
+        if left < 7:  # a block's trailer
+            at += left
+            continue
+        if at + 7 > len(data):
+            return
+        length, kind = int.from_bytes(data[at + 4 : at + 6], "little"), data[at + 6]
+        fragment = data[at + 7 : at + 7 + length]
+        if len(fragment) < length:
+            return  # torn tail
+        at += 7 + length
+        if kind == 0 and length == 0:
+            continue  # zero padding
+        if kind == 1:  # FULL
+            yield bytes(fragment)
+            record.clear()
+        elif kind == 2:  # FIRST
+            record[:] = fragment
+        elif kind == 3:  # MIDDLE
+            record += fragment
+        elif kind == 4:  # LAST
+            record += fragment
+            yield bytes(record)
+            record.clear()
+        else:
+            raise ValueError(f"record type {kind}")
+
+
+def _read_manifest(manifest: Path) -> _ManifestState:
+    """The next file number, log numbers and live tables of a LevelDB manifest (its VersionEdit records).
+
+    A manifest LevelDB would refuse (damage) raises CorruptStoreError here or fails LevelDB's open,
+    which checks the records' checksums, before it writes anything."""
+    state = _ManifestState()
+    try:
+        for record in _manifest_records(manifest.read_bytes()):
+            at = 0
+            while at < len(record):
+                tag, at = _varint(record, at)
+                if tag == 1:  # comparator name
+                    length, at = _varint(record, at)
+                    at += length
+                elif tag == 2:
+                    state.log_number, at = _varint(record, at)
+                elif tag == 3:
+                    state.next_file, at = _varint(record, at)
+                elif tag == 4:  # last sequence
+                    _, at = _varint(record, at)
+                elif tag == 5:  # compact pointer: level, key
+                    _, at = _varint(record, at)
+                    length, at = _varint(record, at)
+                    at += length
+                elif tag == 6:  # deleted file: level, number
+                    _, at = _varint(record, at)
+                    number, at = _varint(record, at)
+                    state.tables.discard(number)
+                elif tag == 7:  # new file: level, number, size, smallest, largest
+                    _, at = _varint(record, at)
+                    number, at = _varint(record, at)
+                    _, at = _varint(record, at)
+                    for _key in range(2):
+                        length, at = _varint(record, at)
+                        at += length
+                    state.tables.add(number)
+                elif tag == 9:
+                    state.prev_log, at = _varint(record, at)
+                else:
+                    raise ValueError(f"tag {tag}")
+                if at > len(record):
+                    raise ValueError("truncated edit")
+    except ValueError as exc:
+        raise CorruptStoreError(f"{manifest.name} is not a LevelDB manifest: {exc}") from exc
+    if not state.next_file:
+        raise CorruptStoreError(f"{manifest.name} holds no next file number")
+    return state
 
 
 def remove_dead_views(views: Path) -> None:
