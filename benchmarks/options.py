@@ -16,19 +16,24 @@ from imgstore.datasets import available_datasets, get_dataset
 
 ALL_CUTOFFS = (10, 100, 1_000, 10_000, 100_000)
 DEFAULT_CUTOFFS = "10,100,1000,10000"  # see benchmarks/README.md, "Measured"; `--cutoffs=all` adds 100 000
-# The default run (--cutoffs left as is) leaves out, at 10 000 images, the cases whose cost grows
-# with every backend and tells little more than at 1 000 (see in_default_run); any --cutoffs
-# (the gate's =1000, =all) runs the whole matrix at its sizes.
+# The default run (--cutoffs left as is) leaves out the cases whose cost grows fastest with every
+# backend (see in_default_run); any --cutoffs (the gate's =1000, =all) runs the whole matrix at its sizes.
 DEFAULT_RUN_FULL_UP_TO = 1_000
+DEFAULT_RUN_STORE_SINGLE_UP_TO = 100
 
 
 def in_default_run(subject: Subject, operation: str, n: int) -> bool:
-    """Whether the default run measures this case: everything up to 1 000 images; at 10 000, the
-    default rows on the operations other than ``store_single`` (one durable commit per image: 5-16 s
-    a round per row, half the run's time at three backends)."""
+    """Whether the default run measures this case. ``store_single`` (one durable commit per image:
+    2-16 s a round per row at 1 000 images, at 10 000 half of a three-backend run's time) up to 100
+    images; the other operations up to 1 000 for every row, and at 10 000 for the default imgstore
+    rows, the limit, and the tutorial's bulk rows (``store_many``, ``read_many``)."""
+    if operation == "store_single":
+        return n <= DEFAULT_RUN_STORE_SINGLE_UP_TO
     if n <= DEFAULT_RUN_FULL_UP_TO:
         return True
-    return operation != "store_single" and not subject.variant_kind
+    if subject.kind == "tutorial":  # its per-call reads reopen the file: seconds a round at 10 000
+        return operation in ("store_many", "read_many")
+    return not subject.variant_kind
 
 
 # The fixed-shape (CIFAR-like) dataset, then the encoded one: its rows run at --imagenet-cutoffs.
