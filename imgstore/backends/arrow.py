@@ -11,8 +11,9 @@ as it was put. Each file holds record batches of about ``batch_bytes`` of images
 
 An IPC file ends in a footer, so a committed file is never appended to: each write adds one file,
 and a write whose records would follow small fragments merges them into its file (a binary
-counter: fragments under ``merge_bytes`` are absorbed by a write at least their size), so a store
-written one image at a time holds few files, and each record is rewritten a few times at most.
+counter on the records' bytes: the last fragments are absorbed while each is in the write's
+power-of-two size class or below, and all fit in ``merge_bytes``), so a store written one image
+at a time holds about log2(N) files, and each record is rewritten about log2(N) / 2 times.
 The manifest is the commit: see :mod:`imgstore.backends.arrow_files` for what a killed write
 leaves and why readers never see it.
 
@@ -79,6 +80,7 @@ class ArrowStore(Store):
         self._dir = str(self.file(_DIR))
         self._index: _Index | None = None
         self._fragments: list[Fragment] | None = None  # None: walk the directory when next needed
+        self._swept = False  # True: the folder holds no leftover of a killed or failed write (see _append)
         if create:
             os.makedirs(self._dir, exist_ok=True)
         self._fragments = self._walk(len(self))
@@ -97,6 +99,7 @@ class ArrowStore(Store):
             else:
                 for path in strays(self._dir, fragments):
                     os.unlink(path)
+                self._swept = True
         except OSError:
             pass  # e.g. a full disk: the next write tries again (it must)
 
@@ -113,7 +116,7 @@ class ArrowStore(Store):
         self._fragments, self._index = None, None
 
     def _refresh(self, old_count: int) -> None:
-        self._fragments, self._index = self._walk(len(self)), None
+        self._fragments, self._index, self._swept = self._walk(len(self)), None, False
 
     # -------------------------------------------------------------- writing
 
@@ -128,22 +131,33 @@ class ArrowStore(Store):
         self._append(start, pa.table([blob_array, pa.array(labels, pa.int64())], schema=schema(None)))
 
     def _append(self, start: int, table: pa.Table) -> None:
-        """Write records ``start ..`` as one new fragment, merged with the small fragments before it."""
+        """Write records ``start ..`` as one new fragment, merged with the small fragments before it.
+
+        A binary counter on the records' bytes in memory (``Table.nbytes``, the same for a mapped
+        fragment and for the table given): the write absorbs the last fragment while that fragment's
+        size class (power of two) is at most the write's so far, and the two stay within ``merge_bytes``.
+        So the fragments' size classes strictly decrease from the first to the last (past those that
+        ``merge_bytes`` stopped), and a store written an image at a time holds about log2(N) files.
+        Classes rather than sizes: encoded records vary, and a slightly smaller write must still merge.
+        """
         try:
             fragments = self._fragments if self._fragments is not None else self._walk(start)
             keep = [fragment for fragment in fragments if fragment.start < start]
-            for path in strays(self._dir, keep):  # a killed write's leftovers: free their space first
-                os.unlink(path)
+            if not self._swept:  # a killed or failed write's leftovers: free their space first
+                for path in strays(self._dir, keep):
+                    os.unlink(path)
+                self._swept = True
             absorbed: list[Fragment] = []
             if keep and keep[-1].end > start:  # a killed merge's file runs past the count: rewrite it
                 absorbed.append(keep.pop())
-            size = table.nbytes + sum(fragment.nbytes for fragment in absorbed)
+            parts = [_table(absorbed[0]).slice(0, start - absorbed[0].start)] if absorbed else []
+            size = table.nbytes + sum(part.nbytes for part in parts)
             limit = self.options["merge_bytes"]
-            while keep and keep[-1].nbytes <= size and keep[-1].nbytes + size <= limit:
+            while keep and _absorbs(size, keep[-1].data_bytes, limit):
                 absorbed.insert(0, keep.pop())
-                size += absorbed[0].nbytes
+                parts.insert(0, _table(absorbed[0]))
+                size += absorbed[0].data_bytes
             first = absorbed[0].start if absorbed else start
-            parts = [pa.Table.from_batches(f.batches, f.batches[0].schema).slice(0, start - f.start) for f in absorbed]
             merged = pa.concat_tables([*parts, table]).combine_chunks() if parts else table
             path = write_fragment(
                 self._dir, first, merged, batch_rows(merged, self.options["batch_bytes"]), sync=self.sync
@@ -155,7 +169,7 @@ class ArrowStore(Store):
                 fsync_dir(self.file(_DIR))
             self._fragments = [*keep, open_fragment(path, first, self._file_shape())]
         except BaseException:
-            self._fragments = None  # the files may have changed under the list: walk them again
+            self._fragments, self._swept = None, False  # the files may have changed under the list: walk them again
             raise
         finally:
             self._index = None
@@ -211,6 +225,19 @@ class ArrowStore(Store):
 
     def _read_blob_range(self, start: int, stop: int) -> tuple[list[bytes], np.ndarray]:
         return self._read_blobs(np.arange(start, stop, dtype=np.int64))
+
+
+def _table(fragment: Fragment) -> pa.Table:
+    return pa.Table.from_batches(fragment.batches, fragment.batches[0].schema)
+
+
+def _absorbs(size: int, before: int, limit: int) -> bool:
+    """Whether a write of ``size`` bytes so far absorbs the fragment of ``before`` bytes before it.
+
+    When that fragment's size class is at most the write's (sizes in ``[2**(k-1), 2**k)`` share class
+    ``k``: it is less than twice the write), and the two fit in ``limit`` (``merge_bytes``).
+    """
+    return before.bit_length() <= size.bit_length() and before + size <= limit
 
 
 def _build_index(fragments: list[Fragment], count: int, encoded: bool) -> _Index:

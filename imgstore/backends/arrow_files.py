@@ -4,7 +4,7 @@ A fragment is one Arrow IPC file (Feather v2) ``part-<start>.arrow`` holding rec
 ``start .. start + rows - 1`` in record batches of two columns, ``image`` and ``label`` (int64).
 A committed fragment is never changed in place: a write makes a new file under a hidden temporary
 name (``.part-<start>.tmp``: ``pyarrow.dataset`` skips names starting with a dot), then renames it.
-A merge (see :func:`absorbed`) writes the rows of the last few small fragments and the new ones
+A merge (see ``ArrowStore._append``) writes the rows of the last few small fragments and the new ones
 into one file named after the first of them, replacing it; the others it absorbed are then
 deleted. So the directory can hold, besides the committed fragments:
 
@@ -64,7 +64,7 @@ class Fragment:
 
     start: int
     path: str
-    nbytes: int  # the file's size
+    data_bytes: int  # the batches' buffers: what a table of the same rows holds in memory (``Table.nbytes``)
     batches: list[pa.RecordBatch]
 
     @property
@@ -79,7 +79,6 @@ class Fragment:
 def open_fragment(path: str, start: int, shape: tuple[int, ...] | None) -> Fragment:
     """Map and check one fragment file; pyarrow's errors (ArrowException, OSError) mean damage."""
     source = pa.memory_map(path, "r")
-    size = source.size()
     reader = ipc.open_file(source)
     if not reader.schema.equals(schema(shape), check_metadata=False):
         raise CorruptStoreError(f"{path} holds columns {reader.schema.types}, not this store's image and label")
@@ -88,7 +87,7 @@ def open_fragment(path: str, start: int, shape: tuple[int, ...] | None) -> Fragm
         batch = reader.get_batch(k)
         batch.validate(full=True)  # offsets and lengths against the buffers: no read can leave them
         batches.append(batch)
-    fragment = Fragment(start, path, size, batches)
+    fragment = Fragment(start, path, sum(batch.nbytes for batch in batches), batches)
     if fragment.rows == 0:
         raise CorruptStoreError(f"{path} holds no record")
     return fragment
