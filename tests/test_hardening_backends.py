@@ -9,6 +9,9 @@ name cannot break every write.
 from __future__ import annotations
 
 import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +134,87 @@ def test_zarr_a_linked_metadata_temporary_is_not_written_through(tmp_path: Path,
     assert not meta.is_symlink() and not meta.with_name("zarr.json.tmp").exists()
     with imgstore.open_store(path) as store:
         assert store.get_many(range(3))[1].tolist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------- sqlite: forged schemas
+
+_ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c)"
+_FORGERIES = {
+    "view": [
+        "ALTER TABLE images RENAME TO t",
+        f"CREATE VIEW images AS {_ENDLESS} SELECT x AS id, 0 AS label, x'00' AS image FROM c",
+    ],
+    "trigger": [
+        "CREATE TABLE side(x)",
+        f"CREATE TRIGGER grow AFTER INSERT ON images BEGIN INSERT INTO side {_ENDLESS} SELECT x FROM c; END",
+    ],
+    "columns": ["ALTER TABLE images ADD COLUMN extra"],
+    "virtual": [
+        "ALTER TABLE images RENAME TO t",
+        "CREATE VIRTUAL TABLE images USING fts5(id, label, image)",
+    ],
+}
+
+
+def _forge_sqlite(path: Path, statements: list[str]) -> None:
+    con = sqlite3.connect(_only(path, "sqlite-*/images.sqlite"))
+    for statement in statements:
+        con.execute(statement)
+    con.commit()
+    con.close()
+
+
+def _open_in_child(path: Path, mode: str, timeout: float = 60) -> str:
+    """Open the store (and put one image) in a child process: a hang is a failure here, not a stuck suite."""
+    code = f"""
+import numpy as np, imgstore
+try:
+    with imgstore.open_store({str(path)!r}, mode={mode!r}) as store:
+        if store.writable:
+            store.put(np.zeros((4, 4, 3), np.uint8), 1)
+        store.get_many(range(len(store)))
+    print("opened")
+except imgstore.CorruptStoreError as exc:
+    print("CorruptStoreError", exc)
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "hung"
+    return done.stdout.strip() or done.stderr.strip()[-500:]
+
+
+@pytest.mark.parametrize("forgery", sorted(_FORGERIES))
+@pytest.mark.parametrize("mode", ["r", "a"])
+def test_sqlite_a_forged_schema_is_damage_at_open(tmp_path: Path, forgery: str, mode: str) -> None:
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "sqlite", "w") as store:
+        store.put_many(np.zeros((3, 4, 4, 3), np.uint8), [0, 1, 2])
+    try:
+        _forge_sqlite(path, _FORGERIES[forgery])
+    except sqlite3.OperationalError as exc:  # an SQLite built without FTS5
+        pytest.skip(str(exc))
+    assert _open_in_child(path, mode).startswith("CorruptStoreError")
+
+
+def test_sqlite_an_index_a_user_added_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "sqlite", "w") as store:
+        store.put_many(np.zeros((3, 4, 4, 3), np.uint8), [0, 1, 2])
+    _forge_sqlite(path, ["CREATE INDEX by_label ON images(label)", "ANALYZE"])
+    with imgstore.open_store(path, mode="a") as store:
+        store.put(np.ones((4, 4, 3), np.uint8), 7)
+        assert store.get_many(range(4))[1].tolist() == [0, 1, 2, 7]
+
+
+def test_sqlite_a_query_at_open_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the schema check (were it to miss a forgery), the queries at open are cut off, never endless."""
+    from imgstore.backends.sqlite import SqliteStore
+
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "sqlite", "w") as store:
+        store.put_many(np.zeros((3, 4, 4, 3), np.uint8), [0, 1, 2])
+    _forge_sqlite(path, _FORGERIES["view"])
+    monkeypatch.setattr(SqliteStore, "_check_schema", lambda self: None)
+    with pytest.raises(imgstore.CorruptStoreError, match="did not end"):
+        imgstore.open_store(path)

@@ -13,7 +13,8 @@ store of one shape (C order), or the record's bytes in an encoded store (the JPE
 imgstore's raw record with its shape header). Any SQLite client reads it, e.g.
 ``sqlite3 sqlite-<gen>/images.sqlite "SELECT label, length(image) FROM images WHERE id < 10"``; the
 committed count is the manifest's (``imgstore.json``): rows at ``id >= count`` are leftovers of a
-killed write (the next write deletes them).
+killed write (the next write deletes them). At open, ``images`` must be that table, with no trigger
+and not a view (a forged file could otherwise hang a query or a write): else ``CorruptStoreError``.
 
 Commits: one SQLite transaction per ``put``/``put_many`` call, ``synchronous=FULL`` (the WAL is
 fsynced at each commit) when the store syncs, ``OFF`` otherwise; then the manifest commits.
@@ -56,6 +57,7 @@ _SCAN = "SELECT id, label, image FROM images WHERE id >= ? AND id < ? ORDER BY i
 _SQLITE_FULL, _SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN = 13, 10, 8, 14
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _WAL_BYTES = 1 << 20
+_OPEN_STEPS = 50_000_000  # SQLite VM steps a query at open may take (~0.2 s); imgstore's own take a few hundred
 _SQLITE_IOERR_SHMSIZE = _SQLITE_IOERR | (19 << 8)  # the -shm file could not grow: a full disk
 
 
@@ -110,6 +112,7 @@ class SqliteStore(Store):
             return
         self._connect(create=False)
         try:
+            self._check_schema()
             self._check_rows()
         except BaseException:
             self._close()
@@ -164,13 +167,52 @@ class SqliteStore(Store):
             and not os.access(self._path.parent, os.W_OK)
         )
 
+    def _check_schema(self) -> None:
+        """``images`` is the table imgstore made, and nothing runs when it is written: else damage, at open.
+
+        ``trusted_schema=OFF`` keeps a forged schema from calling functions, not from running SQL: a
+        view named ``images`` (a recursive CTE that never ends) would hang the first query, a trigger
+        on it every write. Indexes a user added are kept (they only cost writes).
+        """
+        objects = self._bounded(
+            "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'images' COLLATE NOCASE "
+            "OR name = 'images' COLLATE NOCASE"
+        )
+        tables = [row for row in objects if row[0] == "table" and row[1] == "images"]
+        if not tables or " ".join(str(tables[0][2]).split()) != _SCHEMA:
+            raise CorruptStoreError(f"{self._path}: 'images' is not the table imgstore made ({_SCHEMA})")
+        others = [f"{kind} {name}" for kind, name, _ in objects if kind not in ("table", "index")]
+        if others:
+            raise CorruptStoreError(f"{self._path}: the images table has {', '.join(others)[:200]}, not imgstore's")
+
     def _check_rows(self) -> None:
         """A table that ends before the committed count is damage: say so at open, not at a read."""
         count = len(self)
         if count:
-            last = self._cursor().execute("SELECT max(id) FROM images").fetchone()
+            self._cursor()  # the handle's read transaction
+            last = self._bounded("SELECT max(id) FROM images")[0]
             if last is None or not isinstance(last[0], int) or last[0] < count - 1:
                 raise CorruptStoreError(f"{self._path} holds fewer images than its manifest commits")
+
+    def _bounded(self, query: str) -> list[Any]:
+        """The rows of a query at open, cut off (damage) past _OPEN_STEPS of SQLite's steps: never a hang."""
+        assert self._con is not None
+        steps = [0]
+
+        def progress() -> int:
+            steps[0] += 1
+            return steps[0] > _OPEN_STEPS // 1000
+
+        self._con.set_progress_handler(progress, 1000)
+        try:
+            rows = self._cur.execute(query).fetchall()
+        except sqlite3.OperationalError as exc:
+            if steps[0] > _OPEN_STEPS // 1000:
+                raise CorruptStoreError(f"{self._path}: a query at open did not end (a forged schema?)") from exc
+            raise
+        finally:
+            self._con.set_progress_handler(None, 0)
+        return rows
 
     def _close(self) -> None:
         con, self._con = self._con, None
