@@ -47,7 +47,8 @@ class LeveldbStore(Store):
     readers = ("plyvel.DB on the closed store's leveldb-<gen>/ (key: block or index, 8 bytes big-endian)",)
     caveats = (
         "plyvel sees a killed write's keys until a writer opens the store",
-        "each reader opens a private view (hard links; a temporary copy on read-only media or a full disk)",
+        "each reader opens a private view (hard links to the tables, copies of the log and manifest)",
+        "on read-only media or a full disk each reader copies the whole database to $TMPDIR at open",
     )
 
     def _open(self, create: bool) -> None:

@@ -30,7 +30,9 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +46,8 @@ _TABLE = re.compile(r"^\d+\.(ldb|sst)$")
 _LOG = re.compile(r"^(\d+)\.log$")
 _LOG_BLOCK = 32768  # LevelDB's log format (manifests are logs of VersionEdit records)
 _VIEW_NAME = re.compile(r"^(\d+)-[0-9a-f]+$")
+_TEMP_PREFIX = "imgstore-leveldb-view-"  # a temporary copy: <prefix><pid>-<mkdtemp's letters>
+_TEMP_NAME = re.compile(rf"^{_TEMP_PREFIX}(\d+)-[A-Za-z0-9_]+$")
 _TRIES = 8  # views made before a file list that keeps changing is taken as damage
 # Handles a forked child inherited: LevelDB's locks and threads are the parent's, so the child never
 # uses, closes or frees them (a destructor could wait forever for a background thread that is not there).
@@ -93,29 +97,28 @@ def set_aside(db: plyvel.DB | None) -> None:
 
 
 class View:
-    """A private database a reader opens: hard links in the store, or a temporary copy."""
+    """A private database a reader opens: hard links in the store, or a temporary copy.
+
+    Its folder is deleted at ``close()``, at the exit of the interpreter (a reader that never
+    closes), or, after a kill, by the next reader (``remove_dead_views``)."""
 
     def __init__(self, source: Path, views: Path, must_hold: bytes | None) -> None:
         self.pid = os.getpid()
         self.temporary = False
-        self.path, self.db = self._make(source, views, must_hold)
+        place, self.db = self._make(source, views, must_hold)
+        self.path = place.path
+        self._finalizer = weakref.finalize(self, _close_view, self.db, place, self.pid)
 
     def close(self) -> None:
-        if os.getpid() != self.pid:
-            set_aside(self.db)  # a forked child's copy: the parent's view, not the child's to close
-            return
-        try:
-            self.db.close()
-        finally:
-            shutil.rmtree(self.path, ignore_errors=True)
+        self._finalizer()
 
-    def _make(self, source: Path, views: Path, must_hold: bytes | None) -> tuple[Path, plyvel.DB]:
+    def _make(self, source: Path, views: Path, must_hold: bytes | None) -> tuple[_Place, plyvel.DB]:
         in_store = True
         remove_dead_views(views)
         for _ in range(_TRIES):
             before = _listing(source)
             try:
-                path = _linked(source, views) if in_store else _copied(source)
+                place = _linked(source, views) if in_store else _copied(source)
             except FileNotFoundError as exc:
                 if not source.is_dir():
                     raise CorruptStoreError(f"{source} is missing") from exc
@@ -130,9 +133,9 @@ class View:
                 in_store = False
                 continue
             try:
-                db = open_db(path)
+                db = open_db(place.path)
             except plyvel.Error as exc:
-                shutil.rmtree(path, ignore_errors=True)
+                place.remove()
                 if _listing(source) != before:
                     continue  # the writer flushed or compacted meanwhile
                 if in_store and isinstance(exc, plyvel.IOError) and _no_room(str(exc)):
@@ -142,23 +145,79 @@ class View:
             try:
                 held = must_hold is None or db.get(must_hold) is not None
             except plyvel.Error as exc:
-                _discard(db, path)
+                _discard(db, place)
                 raise CorruptStoreError(f"{source} is damaged: {exc}") from exc
             if not held:
-                _discard(db, path)
+                _discard(db, place)
                 if _listing(source) != before:
                     continue
                 raise CorruptStoreError(f"{source} does not hold the newest committed record")
             self.temporary = not in_store
-            return path, db
+            return place, db
         raise CorruptStoreError(f"{source}: its files kept changing while a view of them was made")
 
 
-def _discard(db: plyvel.DB, path: Path) -> None:
+def _close_view(db: plyvel.DB, place: _Place, pid: int) -> None:
+    """Close a view and delete its folder (once: at close, when it is collected, or at exit)."""
+    if os.getpid() != pid:
+        set_aside(db)  # a forked child's copy: the parent's view, not the child's to close
+        return
+    _discard(db, place)
+
+
+def _discard(db: plyvel.DB, place: _Place) -> None:
     try:
         db.close()
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        place.remove()
+
+
+class _Place:
+    """A view's folder ``parent/name``; ``parent`` is the real directory (not a symbolic link) ``ident`` names."""
+
+    def __init__(self, parent: Path, name: str, ident: tuple[int, int]) -> None:
+        self.parent, self.name, self.ident = parent, name, ident
+        self.path = parent / name
+
+    def remove(self) -> None:
+        try:
+            fd = _open_dir(self.parent)
+        except OSError:
+            return
+        try:
+            if _ident(os.fstat(fd)) == self.ident:  # never a folder put in its parent's place
+                _remove_at(fd, self.name)
+        finally:
+            os.close(fd)
+
+
+def _ident(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+def _remove_at(parent_fd: int, name: str) -> None:
+    """Delete the folder ``name`` of the directory ``parent_fd`` and what it holds, following no symbolic link."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except OSError:
+        return  # gone, or not a real directory
+    try:
+        for entry in os.listdir(fd):
+            try:
+                os.unlink(entry, dir_fd=fd)  # a symbolic link goes itself, never what it names
+            except IsADirectoryError:
+                _remove_at(fd, entry)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=parent_fd)
+
+
+def _open_dir(path: Path) -> int:
+    """A descriptor of the directory ``path``; OSError (ELOOP, ENOTDIR) if it is a symbolic link or no directory."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def _no_room(message: str) -> bool:
@@ -172,26 +231,47 @@ def _listing(source: Path) -> list[str]:
         return []
 
 
-def _linked(source: Path, views: Path) -> Path:
-    views.mkdir(exist_ok=True)
-    path = views / f"{os.getpid()}-{secrets.token_hex(6)}"
-    path.mkdir()
+def _linked(source: Path, views: Path) -> _Place:
+    """A view in the store's views folder, which must be a real directory there (never a symbolic link)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(views)
     try:
-        _fill(source, path, os.link)
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        fd = _open_dir(views)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            message = f"{views} is not a directory (a symbolic link?): views are made in the store only"
+            raise CorruptStoreError(message) from exc
         raise
-    return path
+    try:
+        ident = _ident(os.fstat(fd))
+        name = f"{os.getpid()}-{secrets.token_hex(6)}"
+        os.mkdir(name, 0o700, dir_fd=fd)
+        place = _Place(views, name, ident)
+        if _ident(os.lstat(views)) != ident or not stat.S_ISDIR(os.lstat(place.path).st_mode):
+            place.remove()
+            raise CorruptStoreError(f"{views} was replaced while a view was made in it")
+    finally:
+        os.close(fd)
+    try:
+        _fill(source, place.path, os.link)
+    except BaseException:
+        place.remove()
+        raise
+    return place
 
 
-def _copied(source: Path) -> Path:
-    path = Path(tempfile.mkdtemp(prefix="imgstore-leveldb-view-"))
+def _copied(source: Path) -> _Place:
+    """A view copied to a private temporary folder (read-only media, a full disk)."""
+    temp = Path(tempfile.gettempdir())
+    remove_dead_views(temp, _TEMP_NAME)
+    path = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-"))
+    place = _Place(path.parent, path.name, _ident(os.stat(path.parent)))
     try:
         _fill(source, path, shutil.copyfile)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        place.remove()
         raise
-    return path
+    return place
 
 
 def _fill(source: Path, path: Path, put_table: Callable[[Path, Path], object]) -> None:
@@ -332,18 +412,31 @@ def _read_manifest(manifest: Path) -> _ManifestState:
     return state
 
 
-def remove_dead_views(views: Path) -> None:
-    """Delete the views of processes that are gone (killed readers, e.g. DataLoader workers)."""
+def remove_dead_views(parent: Path, pattern: re.Pattern[str] | None = None) -> None:
+    """Delete the views of processes that are gone (killed readers, e.g. DataLoader workers).
+
+    ``parent`` is a store's views folder, or the temporary directory (``pattern``: imgstore's copies,
+    those of this user only). Only real directories named by imgstore, of a dead process, whose LevelDB
+    lock nobody holds, are deleted; nothing is followed through a symbolic link."""
     try:
-        names = os.listdir(views)
+        fd = _open_dir(parent)
     except OSError:
-        return
-    for name in names:
-        match = _VIEW_NAME.match(name)
-        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
-            continue
-        if _lock_free(views / name / "LOCK"):
-            shutil.rmtree(views / name, ignore_errors=True)
+        return  # missing, or not a real directory: nothing of ours to delete there
+    try:
+        for name in os.listdir(fd):
+            match = (pattern or _VIEW_NAME).match(name)
+            if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+                continue
+            try:
+                info = os.lstat(name, dir_fd=fd)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(info.st_mode) or (pattern is not None and info.st_uid != os.geteuid()):
+                continue
+            if _lock_free(fd, name):
+                _remove_at(fd, name)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -356,14 +449,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _lock_free(lock: Path) -> bool:
+def _lock_free(parent_fd: int, name: str) -> bool:
     """Whether no process holds the view's LevelDB lock (a process of another PID namespace might)."""
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        view = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except OSError:
+        return False
+    try:
+        fd = os.open("LOCK", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=view)
     except FileNotFoundError:
         return True
     except OSError:
         return False
+    finally:
+        os.close(view)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
