@@ -218,3 +218,31 @@ def test_sqlite_a_query_at_open_is_bounded(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(SqliteStore, "_check_schema", lambda self: None)
     with pytest.raises(imgstore.CorruptStoreError, match="did not end"):
         imgstore.open_store(path)
+
+
+# ---------------------------------------------------------------------- tiledb: stray file names
+
+_UUID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f"__99999999999999999999999_99999999999999999999999_{_UUID}_22.wrt",  # past 2**64
+        f"__{1 << 63}_{1 << 63}_{_UUID}_22.wrt",  # past int64
+        f"__1_{(1 << 63) - 1}_{_UUID}_22.wrt",  # no timestamp after it
+    ],
+)
+def test_tiledb_an_impossible_timestamp_in_a_file_name_is_damage(tmp_path: Path, name: str) -> None:
+    pytest.importorskip("tiledb")
+    path = tmp_path / "s"
+    images = np.arange(2 * 48, dtype=np.uint8).reshape(2, 4, 4, 3)
+    with imgstore.open_store(path, "tiledb", "w") as store:
+        store.put_many(images, [0, 1])
+    (_only(path, "tiledb-*") / "__commits" / name).touch()
+    with imgstore.open_store(path, mode="a") as store:
+        with pytest.raises(imgstore.CorruptStoreError, match=name):
+            store.put_many(images, [2, 3])
+        assert len(store) == 2
+    with imgstore.open_store(path) as store:
+        assert store.get_many(range(2))[1].tolist() == [0, 1]

@@ -40,6 +40,7 @@ from imgstore.options import Option
 from imgstore.store import Store
 
 _DOMAIN_HIGH = 2**62 - 1  # dense domains are fixed at creation: this bound is never reached
+_TIMESTAMP_LIMIT = 2**63 - 1  # a fragment's timestamp is below it, and so is the next one imgstore gives
 _context: tuple[int, tiledb.Ctx] | None = None
 _inherited: list[Any] = []  # a forked child's copies of the parent's TileDB objects: never freed
 
@@ -162,9 +163,15 @@ class TileDBStore(Store):
             except FileNotFoundError:
                 continue
             for name in names:
-                parts = name.split("_")
-                if len(parts) > 3 and parts[3].isdigit():  # "__<t1>_<t2>_<uuid>..."
-                    newest = max(newest, int(parts[3]))
+                parts = name.split("_")  # "__<t1>_<t2>_<uuid>..."
+                for part in parts[2:4] if len(parts) > 3 else ():
+                    if not part.isdigit():
+                        continue
+                    if not part.isascii() or int(part) >= _TIMESTAMP_LIMIT:
+                        # TileDB's timestamps are uint64; one past this could make no later timestamp.
+                        where = os.path.join(self._uri, sub, name)
+                        raise CorruptStoreError(f"{where}: an impossible timestamp (2**63 - 1 or more) in a file name")
+                    newest = max(newest, int(part))
         return max(int(time.time() * 1000), newest + 1)
 
     def _put(self, start: int, stop: int, data: dict[str, np.ndarray]) -> None:
