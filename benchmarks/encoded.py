@@ -142,7 +142,7 @@ class EncodedStoreSubject(EncodedSubject):
     def __init__(self, backend: str, codec: str, decoder: str | None = None, fastest: bool = True) -> None:
         """``decoder`` None: the store_many row. ``fastest``: the decoder "auto" picks (measured on every read)."""
         label, self.options = CODECS[codec]
-        self.backend, self.codec, self.decoder = backend, codec, decoder
+        self.backend, self.codec, self.decoder, self.fastest = backend, codec, decoder, fastest
         self.variant = f"{label}-{decoder}" if decoder else label
         self.name = f"imgstore-{backend}-{self.variant}"
         self._store_key = f"imgstore-{backend}-{label}"  # every decoder's rows read one store

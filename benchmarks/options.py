@@ -19,16 +19,20 @@ DEFAULT_CUTOFFS = "10,100,1000,10000"  # see benchmarks/README.md, "Measured"; `
 # The default run (--cutoffs left as is) leaves out the cases whose cost grows fastest with every
 # backend (see in_default_run); any --cutoffs (the gate's =1000, =all) runs the whole matrix at its sizes.
 DEFAULT_RUN_FULL_UP_TO = 1_000
-DEFAULT_RUN_STORE_SINGLE_UP_TO = 100
+DEFAULT_RUN_STORE_SINGLE_UP_TO = 10
+DEFAULT_RUN_ALL_DECODERS = ("lmdb", "hdf5", "png")  # the targets' backends, and the one-file-per-image folder
 
 
 def in_default_run(subject: Subject, operation: str, n: int) -> bool:
     """Whether the default run measures this case. ``store_single`` (one durable commit per image:
-    2-16 s a round per row at 1 000 images, at 10 000 half of a three-backend run's time) up to 100
-    images; the other operations up to 1 000 for every row, and at 10 000 for the default imgstore
+    1-4 s a round per row at 100 images, at 10 000 half of a three-backend run's time) up to 10
+    images; the imagenet-like rows of the slower decoders for lmdb, hdf5 and png only; the other operations up to 1 000 for every row, and at 10 000 for the default imgstore
     rows, the limit, and the tutorial's bulk rows (``store_many``, ``read_many``)."""
     if operation == "store_single":
         return n <= DEFAULT_RUN_STORE_SINGLE_UP_TO
+    if getattr(subject, "decoder", None) and not getattr(subject, "fastest", True):
+        # imagenet-like rows of the slower decoders: for the backends the own-images targets name only
+        return subject.backend in DEFAULT_RUN_ALL_DECODERS
     if n <= DEFAULT_RUN_FULL_UP_TO:
         return True
     if subject.kind == "tutorial":  # its per-call reads reopen the file: seconds a round at 10 000

@@ -186,7 +186,7 @@ def test_targets_pass_and_miss_on_their_thresholds() -> None:
 
 
 def test_the_default_run_leaves_out_the_dear_cases_at_10000_and_named_cutoffs_keep_them() -> None:
-    """No --cutoffs: store_single stops at 100, variant and tutorial per-call rows at 1 000; named: all."""
+    """No --cutoffs: store_single stops at 10, variant and tutorial per-call rows at 1 000; named: all."""
     default = _pytest("--collect-only", "--dataset=synthetic", timeout=300)
     named = _pytest("--collect-only", "--dataset=synthetic", "--cutoffs=10,100,1000,10000", timeout=300)
     assert default.returncode == 0 and named.returncode == 0, default.stdout[-2000:] + named.stdout[-2000:]
@@ -194,11 +194,11 @@ def test_the_default_run_leaves_out_the_dear_cases_at_10000_and_named_cutoffs_ke
     named_ids = {line for line in named.stdout.splitlines() if "test_storage[" in line}
     assert ids < named_ids
     left_out = named_ids - ids
-    assert left_out and all("-10000-" in case or "store_single-1000-" in case for case in left_out)
+    assert left_out and all("-10000-" in case or "store_single-" in case for case in left_out)
     assert any("store_single-10000" in case for case in left_out)
     assert any("-nosync-" in case for case in left_out) and any("-noverify-" in case for case in left_out)
     assert not any("store_single-10000" in case for case in ids)
     assert any("imgstore-lmdb-read_many-10000" in case for case in ids)  # the default rows stay at 10 000
-    assert not any("store_single-1000-" in case for case in ids) and any("store_single-100-" in case for case in ids)
+    assert not any("store_single-100-" in case for case in ids) and any("store_single-10-" in case for case in ids)
     assert any("tutorial-lmdb-read_many-10000" in case for case in ids)
     assert not any("tutorial-lmdb-read_random-10000" in case for case in ids)
