@@ -5,19 +5,18 @@ protocol, record checksums (checked on every read), index handling, batching, it
 and reopening after ``fork()``. A backend subclasses it in one file and implements a few primitives
 (``_open``, ``_write``, ``_read_into``, ``_close``; optionally faster ``_read_range_into`` and
 ``_read_one``; ``_write_blobs`` and ``_read_blobs`` for encoded stores, see :mod:`imgstore.encoded`),
-then is registered by name in :mod:`imgstore.registry`. Opening, creating and
-replacing stores is :mod:`imgstore.opening`.
+declared with the backend's class attributes in :mod:`imgstore.primitives`, then is registered by
+name in :mod:`imgstore.registry`. Opening, creating and replacing stores is :mod:`imgstore.opening`.
 """
 
 from __future__ import annotations
 
-import abc
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -37,7 +36,6 @@ from imgstore.arguments import (
 from imgstore.checksums import Checksums
 from imgstore.errors import (
     CorruptStoreError,
-    ImgStoreError,
     InvalidImageError,
     InvalidLabelError,
     InvalidOptionError,
@@ -45,12 +43,11 @@ from imgstore.errors import (
     StoreBusyError,
     StoreClosedError,
     StoreIndexError,
-    StoreIOError,
 )
 from imgstore.fileio import disk_usage
 from imgstore.locking import WriterLock
 from imgstore.manifest import Manifest, generation_name, read_manifest
-from imgstore.options import Option
+from imgstore.primitives import BackendPrimitives
 
 if TYPE_CHECKING:
     from imgstore.encoded import EncodedRecords, PreparedRecord
@@ -58,32 +55,13 @@ if TYPE_CHECKING:
 Mode = Literal["r", "w", "a"]
 
 
-class Store(abc.ABC):
+class Store(BackendPrimitives):
     """A store of same-shaped uint8 images, each with an integer label, addressed 0 .. len-1.
 
     Open one with :func:`imgstore.open_store`. Every returned array is owned, writable and
     C-contiguous. Writes are committed per ``put``/``put_many`` call. Every read checks what it
     returns against the record's checksum unless the store was opened with ``verify_reads=False``.
     """
-
-    #: The name the backend is registered under, kept in every store's manifest.
-    name: ClassVar[str]
-    #: Exceptions of the backend's library that mean its files are damaged (become CorruptStoreError).
-    damage_errors: ClassVar[tuple[type[BaseException], ...]] = ()
-    #: The backend's options: types, ranges, defaults, and which are part of the store's layout.
-    option_specs: ClassVar[Mapping[str, Option]] = {}
-    #: Named sets of those options whose trade-off a user should see (the benchmarks measure each).
-    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
-    #: A verified scan reads this many bytes, then checks them while they are still in the CPU cache;
-    #: None reads the whole range at once (where reading is dear per image, e.g. decoding, pieces
-    #: gain nothing and would break up the backend's own parallel batches).
-    scan_piece_bytes: ClassVar[int | None] = 1 << 18
-    #: The entries the backend keeps in the store directory (named per generation: see :meth:`file`).
-    files: ClassVar[tuple[str, ...]] = ()
-    #: What reads the store's files besides imgstore (the benchmark verdict's "readable by other tools").
-    readers: ClassVar[tuple[str, ...]] = ()
-    #: Where the backend's guarantees differ from the README's (its Guarantees table), in a few words each.
-    caveats: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -113,59 +91,13 @@ class Store(abc.ABC):
             self._encoded = EncodedRecords(self, decoder)
 
     # ------------------------------------------------------------------ backend primitives
-
-    @classmethod
-    def check_shape(cls, shape: tuple[int, ...]) -> None:
-        """Raise :class:`InvalidImageError` if the backend cannot hold images of this shape."""
-
-    @abc.abstractmethod
-    def _open(self, create: bool) -> None:
-        """Open (``create``: make) the backend's files and keep the handles for later calls."""
-
-    @abc.abstractmethod
-    def _write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
-        """Write records ``start .. start + len(images) - 1``, durably if ``self.sync``.
-
-        Records at ``start`` and beyond may already exist from a write that crashed before its
-        commit: overwrite them. Nothing here is visible until the manifest is committed.
-        """
-
-    @abc.abstractmethod
-    def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
-        """Fill ``images[k], labels[k]`` with record ``indices[k]`` (int64, in range, any order, repeats allowed)."""
-
-    @abc.abstractmethod
-    def _close(self) -> None:
-        """Release the backend's handles."""
-
-    def _write_blobs(self, start: int, blobs: Sequence[bytes], labels: np.ndarray) -> None:
-        """Encoded stores: write variable-length records ``start ..`` (bytes as given), like :meth:`_write`."""
-        raise InvalidOptionError(f"the {self.name} backend cannot hold encoded or varied-shape images")
-
-    def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-        """Encoded stores: the bytes (owned ``bytes``) and labels (int64) of records ``indices`` (any order)."""
-        raise InvalidOptionError(f"the {self.name} backend cannot hold encoded or varied-shape images")
-
-    def _read_blob_range(self, start: int, stop: int) -> tuple[list[bytes], np.ndarray]:
-        """Encoded stores: records ``start .. stop - 1``; override where a scan beats a gather."""
-        return self._read_blobs(np.arange(start, stop, dtype=np.int64))
-
-    def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
-        """Fill the arrays with records ``start .. stop - 1``; override where a scan beats a gather."""
-        self._read_into(np.arange(start, stop, dtype=np.int64), images, labels)
+    # (the others, and the backend's class attributes: imgstore.primitives)
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         """One record; override where a single lookup beats a one-element gather."""
         images, labels = self._batch(1, None)
         self._read_into(np.array([index], dtype=np.int64), images, labels)
         return images[0], int(labels[0])
-
-    def _refresh(self, old_count: int) -> None:
-        """The manifest now commits more records than when the handle last looked: drop stale caches."""
-
-    def _reopen_after_fork(self) -> None:
-        """Handles inherited through ``fork()`` are not safe to use: open new ones, never touch the old."""
-        self._open(create=False)
 
     # ------------------------------------------------------------------ properties
 
@@ -407,19 +339,6 @@ class Store(abc.ABC):
         contiguous = as_contiguous_range(indices, count)
         return self._encoded.read(contiguous if contiguous is not None else checked_indices(indices, count))
 
-    def _damaged(self, exc: BaseException) -> ImgStoreError:
-        if isinstance(exc, PermissionError):  # not damage: keep the built-in's meaning
-            return StoreIOError(f"{self.path}: {exc}")
-        if isinstance(exc, FileNotFoundError) and self._replaced():
-            return CorruptStoreError(f"{self.path} was replaced (mode 'w') under this handle; open it again")
-        return CorruptStoreError(f"{self.path} is damaged: {type(exc).__name__}: {exc}")
-
-    def _replaced(self) -> bool:
-        try:
-            return read_manifest(self.path).generation != self._manifest.generation
-        except ImgStoreError:
-            return True
-
     def refresh(self) -> int:
         """See what writers committed since this handle opened (or last refreshed); returns the new length.
 
@@ -475,10 +394,6 @@ class Store(abc.ABC):
         if size is not None:
             raise InvalidOptionError("size= resizes encoded images; this store holds raw pixels of one shape")
         return fixed.iter_batches(self, batch_size)
-
-    def _read_ahead(self) -> int:
-        """Images per backend read worth batching up in iter_batches (0: just the batch)."""
-        return 0
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
         for images, labels in self.iter_batches():

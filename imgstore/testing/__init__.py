@@ -54,6 +54,7 @@ _MODULES = (
     "encoded_conformance",
     "faults",
     "fuzz",
+    "input_conformance",
     "layouts",
     "robustness",
 )

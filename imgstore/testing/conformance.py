@@ -4,6 +4,7 @@ Every test runs on the class's layout (raw pixels of one shape by default; see
 :class:`~imgstore.testing.BackendTest`). The tests of what only encoded stores have (``size=``,
 ``get_encoded``, ``put_encoded_many``, source paths) are in ``encoded_conformance.py``, a base of
 :class:`StoreConformance`; in raw classes they check that those calls are refused, or skip, saying so.
+The tests of bad input (refused before anything is written) are in ``input_conformance.py``, another base.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 import imgstore
 from imgstore import Store, open_store
-from imgstore.errors import CorruptStoreError, ImgStoreError, InvalidImageError, InvalidLabelError, InvalidOptionError
+from imgstore.errors import CorruptStoreError, InvalidImageError, InvalidOptionError
 from imgstore.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from imgstore.testing.checks import (
     ImportOnUnpickle,
@@ -31,7 +32,8 @@ from imgstore.testing.checks import (
     check_records,
 )
 from imgstore.testing.encoded_conformance import EncodedConformance, Filled
-from imgstore.testing.layouts import Images, Records, take
+from imgstore.testing.input_conformance import InputConformance
+from imgstore.testing.layouts import Images, take
 
 
 def _read_in_child(_: None, store: Store, indices: list[int], queue: multiprocessing.Queue[Any]) -> None:
@@ -51,10 +53,11 @@ def _each(images: Any) -> list[np.ndarray]:
     return [images] if isinstance(images, np.ndarray) else list(images)
 
 
-class StoreConformance(EncodedConformance):
+class StoreConformance(EncodedConformance, InputConformance):
     """Behaviour every backend must show. Subclasses set ``backend`` (and optionally ``options`` and a layout).
 
-    The tests of what encoded stores add are inherited from :class:`EncodedConformance`.
+    The tests of what encoded stores add are inherited from :class:`EncodedConformance`, those of
+    bad input from :class:`InputConformance`.
     """
 
     #: image shapes this backend holds; others must raise InvalidImageError before writing
@@ -347,82 +350,6 @@ class StoreConformance(EncodedConformance):
         store.close()  # closing twice is harmless
         with pytest.raises(imgstore.StoreClosedError):
             store.get(0)
-
-    # ------------------------------------------------------------------ invalid input
-
-    def bad_puts(self, records: Records) -> list[tuple[Any, Any, type[ImgStoreError]]]:
-        """(images or files, labels, the error) of put calls this layout's store must refuse before writing."""
-        items, labels = records.items, records.labels
-        bad_labels: list[tuple[Any, Any, type[ImgStoreError]]] = [
-            (items[:2], labels[:3], InvalidLabelError),
-            (items[:2], [1, -1], InvalidLabelError),
-            (items[:2], [1, 2**64], InvalidLabelError),
-            (items[:2], [1.0, 2.0], InvalidLabelError),
-            (items[:2], [True, False], InvalidLabelError),
-            (items[:2], np.array([[1, 2]]), InvalidLabelError),
-        ]
-        if records.blobs is not None:
-            return bad_labels  # bad files: test_put_encoded_many_checks_each_header
-        arrays = records.arrays
-        assert arrays is not None
-        if not self.layout.encoded:
-            assert isinstance(arrays, np.ndarray)
-            return [
-                (arrays[:2].astype(np.float32), labels[:2], InvalidImageError),
-                (arrays[:2].astype(bool), labels[:2], InvalidImageError),
-                (arrays[:2].astype(np.int16), labels[:2], InvalidImageError),
-                (arrays[:2, :16], labels[:2], InvalidImageError),
-                (arrays[:2].transpose(0, 3, 1, 2), labels[:2], InvalidImageError),  # CHW given to an HWC store
-                (arrays[0], labels[:1], InvalidImageError),  # one image where a batch is expected
-                *bad_labels,
-            ]
-        first = arrays[0]
-        bad: list[tuple[Any, Any, type[ImgStoreError]]] = [
-            ([first.astype(np.float32)], labels[:1], InvalidImageError),
-            ([first, first.astype(bool)], labels[:2], InvalidImageError),
-            ([first.astype(np.int16)], labels[:1], InvalidImageError),
-            ([np.zeros((0, 5, 3), np.uint8)], labels[:1], InvalidImageError),  # an empty image
-            ([np.zeros((2, 2, 2, 2), np.uint8)], labels[:1], InvalidImageError),  # 3-D: not an image
-            ([np.zeros(7, np.uint8)], labels[:1], InvalidImageError),
-            (first[:, :, 0] if first.ndim == 3 else first[:, 0], labels[:1], InvalidImageError),  # not a batch
-        ]
-        unencodable = {"png": 5, "jpeg": 4, "webp": 1}.get(self.codec)  # a channel count the codec cannot encode
-        if unencodable is not None:
-            bad.append(([first, np.zeros((4, 4, unencodable), np.uint8)], labels[:2], InvalidImageError))
-        if not self.layout.varied:  # one shape: any other is refused
-            assert isinstance(arrays, np.ndarray)
-            bad += [
-                (arrays[:2, :16], labels[:2], InvalidImageError),
-                (arrays[:2].transpose(0, 3, 1, 2), labels[:2], InvalidImageError),
-                (arrays[0], [1] * len(arrays[0]), InvalidImageError),  # one image where a batch is expected
-            ]
-        return [*bad, *bad_labels]
-
-    def test_invalid_input_raises_and_writes_nothing(self, filled: Filled) -> None:
-        path, records = filled
-        with open_store(path, mode="a") as store:
-            for k, (bad_items, bad_labels, error) in enumerate(self.bad_puts(records)):
-                with pytest.raises(error):
-                    if records.blobs is not None:
-                        store.put_encoded_many(bad_items, bad_labels)
-                    else:
-                        store.put_many(bad_items, bad_labels)
-                assert issubclass(error, ImgStoreError) and issubclass(error, ValueError)
-                assert len(store) == len(records), f"bad call {k} stored something"
-            with pytest.raises(InvalidLabelError):
-                records.put_one(store, 0, -3)
-            with pytest.raises(InvalidLabelError):
-                records.put_one(store, 0, 2.5)
-            with pytest.raises(InvalidImageError):
-                store.put(np.zeros((4, 4, 3), np.float64), 1)
-            assert len(store) == len(records)
-        with open_store(path) as store:
-            check_records(store, records)
-
-    def test_unknown_option_is_refused(self, path: Path) -> None:
-        with pytest.raises(InvalidOptionError, match="no option"):
-            open_store(path, self.backend, "w", not_an_option=1, **self.layout.store_kwargs())
-        assert not (path / MANIFEST_NAME).exists()
 
     # ------------------------------------------------------------------ processes
 
