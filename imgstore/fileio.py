@@ -123,3 +123,14 @@ def release_reserve(path: Path) -> None:
         os.ftruncate(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts): a leftover named after a dead pid may go."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

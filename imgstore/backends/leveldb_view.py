@@ -39,6 +39,7 @@ from pathlib import Path
 import plyvel
 
 from imgstore.errors import CorruptStoreError, StoreIOError
+from imgstore.fileio import pid_alive
 
 _DB_FILE = re.compile(r"^(CURRENT|MANIFEST-\d+|\d+\.(ldb|sst|log))$")
 _MANIFEST = re.compile(r"^MANIFEST-\d+$")
@@ -425,7 +426,7 @@ def remove_dead_views(parent: Path, pattern: re.Pattern[str] | None = None) -> N
     try:
         for name in os.listdir(fd):
             match = (pattern or _VIEW_NAME).match(name)
-            if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            if match is None or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
                 continue
             try:
                 info = os.lstat(name, dir_fd=fd)
@@ -437,16 +438,6 @@ def remove_dead_views(parent: Path, pattern: re.Pattern[str] | None = None) -> N
                 _remove_at(fd, name)
     finally:
         os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _lock_free(parent_fd: int, name: str) -> bool:

@@ -1,0 +1,253 @@
+"""Reading a sharded dataset: one global index over its shards, the shards opened (and fetched) as needed.
+
+A :class:`ShardedDataset` reads the manifest once: it sees the dataset as it was committed then,
+whatever is appended later (shards are never changed or deleted), until :meth:`refresh`. Remote
+shards are fetched whole into a :class:`ShardCache` and opened there; local ones in place. At most
+``open_shards`` shards are held open (and pinned in the cache) at once, least recently used closed
+first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreClosedError, StoreIndexError, StoreNotFoundError
+from imgstore.opening import open_store
+from imgstore.sharded.cache import Pin, ShardCache
+from imgstore.sharded.location import Location
+from imgstore.sharded.manifest import DatasetManifest, ShardInfo, hash_file
+from imgstore.sharded.writing import read_committed
+from imgstore.store import Store
+
+DEFAULT_CACHE_BYTES = 10 << 30
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgstore-shards"
+
+
+def open_sharded(
+    url: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    storage_options: Mapping[str, Any] | None = None,
+    open_shards: int = 4,
+    verify_reads: bool = True,
+) -> ShardedDataset:
+    """Open the sharded dataset at ``url`` (a local path or an fsspec URL) for reading.
+
+    Remote shards are fetched into ``cache_dir`` (default ``~/.cache/imgstore-shards``), kept under
+    ``cache_bytes`` by evicting the least recently used. ``storage_options`` go to fsspec (for
+    s3fs: ``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``, ``retries``...).
+    """
+    location = Location(url, storage_options)
+    manifest = read_committed(location)
+    if manifest.revision == 0:
+        raise StoreNotFoundError(f"no sharded dataset at {url} (no manifest)")
+    cache = None
+    if location.local is None:
+        cache = ShardCache(cache_dir if cache_dir is not None else default_cache_dir(), cache_bytes)
+    return ShardedDataset(location, manifest, cache, open_shards, verify_reads)
+
+
+class ShardedDataset:
+    """Records ``0 .. len - 1`` across the shards in manifest order: ``get``, ``get_many``, ``len``, shards."""
+
+    def __init__(
+        self,
+        location: Location,
+        manifest: DatasetManifest,
+        cache: ShardCache | None,
+        open_shards: int = 4,
+        verify_reads: bool = True,
+    ) -> None:
+        if type(open_shards) is not int or open_shards < 1:
+            raise InvalidOptionError(f"open_shards must be a positive integer, got {open_shards!r}")
+        self.location, self.cache = location, cache
+        self.open_shards, self.verify_reads = open_shards, verify_reads
+        self._open: OrderedDict[int, tuple[Store, Pin | None]] = OrderedDict()
+        self._closed = False
+        self._use(manifest)
+
+    def _use(self, manifest: DatasetManifest) -> None:
+        self.manifest = manifest
+        self.offsets = np.concatenate([[0], np.cumsum([s.count for s in manifest.shards], dtype=np.int64)])
+
+    @property
+    def shards(self) -> tuple[ShardInfo, ...]:
+        return self.manifest.shards
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __repr__(self) -> str:
+        return f"ShardedDataset({self.url!r}, {len(self)} records in {len(self.shards)} shards)"
+
+    def refresh(self) -> int:
+        """See shards committed since this handle read the manifest; returns the new length."""
+        self._check_open()
+        manifest = read_committed(self.location)
+        if manifest.shards[: len(self.shards)] != self.shards:
+            raise CorruptStoreError(f"{self.url}: the committed shards changed under this handle; open it again")
+        self._use(manifest)
+        return len(self)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, index in that shard) of global record ``index``."""
+        n = len(self)
+        if not -n <= index < n:
+            raise StoreIndexError(f"index {index} is out of range for a dataset of {n} records")
+        index %= n
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return shard, index - int(self.offsets[shard])
+
+    def shard(self, k: int) -> Store:
+        """Shard ``k``'s store, open read-only (fetched into the cache first if remote).
+
+        The handle belongs to the dataset: it stays valid until ``open_shards`` other shards have
+        been used since, or the dataset is closed.
+        """
+        self._check_open()
+        if not 0 <= k < len(self.shards):
+            raise StoreIndexError(f"shard {k} is out of range ({len(self.shards)} shards)")
+        held = self._open.get(k)
+        if held is not None:
+            self._open.move_to_end(k)
+            return held[0]
+        while len(self._open) >= self.open_shards:
+            _k, (old, old_pin) = self._open.popitem(last=False)
+            _release(old, old_pin)
+        store, pin = self._open_shard(self.shards[k])
+        self._open[k] = (store, pin)
+        return store
+
+    def _open_shard(self, info: ShardInfo) -> tuple[Store, Pin | None]:
+        pin = None
+        if self.cache is not None:
+            pin = self.cache.acquire(self.location, info)
+            path = pin.path
+        else:
+            path = self.location.shard_path(info.name)
+            _check_sizes(path, info)
+        try:
+            store = open_store(path, verify_reads=self.verify_reads)
+            if len(store) != info.count or store.backend != info.backend:
+                raise CorruptStoreError(
+                    f"{path} holds {len(store)} {store.backend} records; the manifest says {info.count} {info.backend}"
+                )
+        except BaseException:
+            if pin is not None:
+                pin.release()
+            raise
+        return store, pin
+
+    def get(self, index: int) -> tuple[Any, int]:
+        k, local = self.locate(index)
+        return self.shard(k).get(local)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.get(index)
+
+    def get_many(self, indices: Any) -> tuple[Any, np.ndarray]:
+        """Images and labels of global ``indices``, in the order given (one array if the shapes agree, else a list)."""
+        self._check_open()
+        where = np.asarray(
+            indices if not isinstance(indices, range) else np.arange(indices.start, indices.stop, indices.step),
+            dtype=np.int64,
+        ).reshape(-1)
+        n = len(self)
+        if where.size and (where.min() < -n or where.max() >= n):
+            raise StoreIndexError(f"an index is out of range for a dataset of {n} records")
+        where = where % n if n else where
+        shard_of = np.searchsorted(self.offsets, where, side="right") - 1
+        labels = np.empty(len(where), np.int64)
+        parts: list[tuple[np.ndarray, Any]] = []
+        for k in np.unique(shard_of).tolist():  # shard by shard, each read in one get_many
+            positions = np.flatnonzero(shard_of == k)
+            images, shard_labels = self.shard(k).get_many(where[positions] - self.offsets[k])
+            labels[positions] = shard_labels
+            parts.append((positions, images))
+        return _gather(parts, len(where)), labels
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        for k in range(len(self.shards)):
+            for batch, labels in self.shard(k).iter_batches(1024):
+                yield from zip(batch, labels.tolist(), strict=True)
+
+    def verify(self) -> None:
+        """Check every shard: its files against the manifest (remote ones when fetched), its records' checksums."""
+        for k, info in enumerate(self.shards):
+            if self.cache is None:
+                root = self.location.shard_path(info.name)
+                for f in info.files:
+                    if hash_file(root / f.path) != (f.bytes, f.xxh3_128):
+                        raise CorruptStoreError(f"{root / f.path} differs from its entry in the manifest")
+            self.shard(k).verify()
+
+    def close(self) -> None:
+        while self._open:
+            _k, (store, pin) = self._open.popitem()
+            _release(store, pin)
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self!r} is closed")
+
+    def __enter__(self) -> ShardedDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _release(store: Store, pin: Pin | None) -> None:
+    try:
+        store.close()
+    finally:
+        if pin is not None:
+            pin.release()
+
+
+def _check_sizes(path: Path, info: ShardInfo) -> None:
+    """A local shard's files are there with the sizes the manifest says (a cheap check; verify() hashes)."""
+    for f in info.files:
+        try:
+            size = os.lstat(path / f.path).st_size
+        except FileNotFoundError:
+            raise CorruptStoreError(f"{path}: {f.path} is missing (the manifest lists it)") from None
+        if size != f.bytes:
+            raise CorruptStoreError(f"{path / f.path} is {size} bytes; the manifest says {f.bytes}")
+
+
+def _gather(parts: list[tuple[np.ndarray, Any]], n: int) -> Any:
+    if all(isinstance(images, np.ndarray) for _p, images in parts):
+        shapes = {images.shape[1:] for _p, images in parts}
+        if len(shapes) == 1:
+            first = parts[0][1] if parts else np.empty((0,), np.uint8)
+            out = np.empty((n, *first.shape[1:]), first.dtype)
+            for positions, images in parts:
+                out[positions] = images
+            return out
+    listed: list[Any] = [None] * n
+    for positions, images in parts:
+        for p, image in zip(positions.tolist(), images, strict=True):
+            listed[p] = image
+    return listed

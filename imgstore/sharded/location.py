@@ -1,0 +1,136 @@
+"""Where a sharded dataset lives: a local directory, or any fsspec URL (``s3://bucket/prefix``, ``gs://``...).
+
+A local path (or ``file://`` URL) is used in place: shards are read where they are and the manifest
+is committed by a rename. Anything else goes through fsspec (the ``[remote]`` extra): shards are
+uploaded file by file, then the manifest is written as one object (object stores replace an object
+whole, so a reader gets the old manifest or the new one). Errors of the transport (a refused
+connection, a reset, a timeout: fsspec and its backends retry those themselves first) become
+:class:`StoreIOError`; a missing object is :class:`StoreNotFoundError`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from imgstore.errors import ImgStoreError, MissingDependencyError, StoreIOError, StoreNotFoundError
+from imgstore.fileio import fsync_dir, open_regular
+from imgstore.sharded.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+
+INSTALL_HINT = "pip install 'imgstore-ml[remote]'"
+
+
+def _fsspec() -> Any:
+    try:
+        import fsspec
+    except ImportError as exc:
+        raise MissingDependencyError(f"a dataset at a URL needs fsspec (and s3fs for s3://): {INSTALL_HINT}") from exc
+    return fsspec
+
+
+def is_local(url: str | os.PathLike[str]) -> bool:
+    text = os.fspath(url)
+    return "://" not in text or text.startswith("file://")
+
+
+class Location:
+    """A dataset root: read the manifest, put a shard's files, commit a manifest, fetch a shard's files."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> None:
+        text = os.fspath(url)
+        self.url = text
+        self.local: Path | None = None
+        self.fs: Any = None
+        if is_local(text):
+            self.local = Path(text.removeprefix("file://")).absolute()
+            return
+        try:
+            self.fs, self.root = _fsspec().core.url_to_fs(text, **dict(storage_options or {}))
+        except ImportError as exc:  # fsspec is there, but not the protocol's package (s3fs, gcsfs...)
+            raise MissingDependencyError(f"{text}: {exc} ({INSTALL_HINT})") from exc
+        self.root = self.root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def shard_path(self, name: str) -> Path:
+        """A shard's store directory (local datasets only)."""
+        assert self.local is not None
+        return self.local / "shards" / name
+
+    # ------------------------------------------------------------------ the manifest
+
+    def read_manifest(self) -> bytes | None:
+        """The manifest's bytes, or None when there is none (no dataset yet)."""
+        if self.local is not None:
+            try:
+                with open_regular(self.local / MANIFEST_NAME) as f:
+                    return f.read(MAX_MANIFEST_BYTES + 1)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise StoreIOError(f"{self.local / MANIFEST_NAME}: {exc}") from exc
+        with self._transport(MANIFEST_NAME):
+            try:
+                raw: bytes = self.fs.cat_file(self._remote(MANIFEST_NAME))
+            except FileNotFoundError:
+                return None
+        return raw
+
+    def write_manifest(self, data: bytes) -> None:
+        """Commit: replace the manifest whole (temp file, fsync, rename locally; one PUT remotely)."""
+        if self.local is not None:
+            path = self.local / MANIFEST_NAME
+            tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with open(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException as exc:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                if isinstance(exc, OSError):
+                    raise StoreIOError(f"{path}: the manifest could not be committed: {exc}") from exc
+                raise
+            fsync_dir(self.local)
+            return
+        with self._transport(MANIFEST_NAME):
+            self.fs.pipe_file(self._remote(MANIFEST_NAME), data)
+
+    # ------------------------------------------------------------------ shards
+
+    def upload_shard(self, name: str, local_dir: Path, files: list[str]) -> None:
+        """Put a sealed shard's files under ``shards/<name>/`` (remote datasets only)."""
+        for rel in files:
+            with self._transport(f"shards/{name}/{rel}"):
+                self.fs.put_file(str(local_dir / rel), self._remote(f"shards/{name}/{rel}"))
+
+    def download(self, name: str, rel: str, dest: Path) -> None:
+        """Fetch one file of a shard into ``dest`` (a new file; remote datasets only)."""
+        with self._transport(f"shards/{name}/{rel}"):
+            self.fs.get_file(self._remote(f"shards/{name}/{rel}"), str(dest))
+
+    @contextmanager
+    def _transport(self, rel: str) -> Iterator[None]:
+        """Errors of the remote file system, as imgstore's (after fsspec's and the backend's own retries)."""
+        where = f"{self.url.rstrip('/')}/{rel}"
+        try:
+            yield
+        except ImgStoreError:
+            raise
+        except FileNotFoundError as exc:
+            raise StoreNotFoundError(f"{where} is not there: {exc}") from exc
+        except Exception as exc:  # s3fs/botocore/aiohttp raise their own types for a dead connection
+            raise StoreIOError(f"{where}: {type(exc).__name__}: {exc}"[:500]) from exc

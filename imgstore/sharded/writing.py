@@ -1,0 +1,225 @@
+"""Writing a sharded dataset: one call writes and seals one shard; one commit makes shards part of the dataset.
+
+:func:`write_shard` is self-contained (a Dask task can run it anywhere the dataset's URL is
+reachable) and returns a :class:`ShardInfo`; :func:`commit_shards` appends shard infos to the
+manifest. :class:`ShardedWriter` does both for a stream of images.
+
+A shard is written with the normal Store API into a fresh directory (locally: ``shards/.<name>.tmp``
+then renamed to ``shards/<name>``; remotely: a local staging directory, uploaded file by file),
+then sealed: its files are made read-only, listed and hashed. Only then may a manifest name it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgstore.errors import InvalidOptionError, StoreBusyError, StoreExistsError, StoreIOError
+from imgstore.opening import open_store
+from imgstore.sharded.location import Location
+from imgstore.sharded.manifest import (
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    DatasetManifest,
+    ShardFile,
+    ShardInfo,
+    list_files,
+    parse_manifest,
+    shard_checksum,
+)
+from imgstore.store import Store
+
+Fill = Callable[[Store], None]
+
+
+def write_shard(
+    dest: str | os.PathLike[str],
+    images: np.ndarray | Sequence[np.ndarray] | None = None,
+    labels: Sequence[int] | np.ndarray | None = None,
+    *,
+    backend: str,
+    fill: Fill | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    **store_options: Any,
+) -> ShardInfo:
+    """Write one shard of the dataset at ``dest`` and seal it; the dataset does not show it until committed.
+
+    Give ``images`` and ``labels`` (``put_many``), or ``fill``: a function that writes into the new
+    store (e.g. ``lambda s: s.put_encoded_many(blobs, labels)``). ``store_options`` go to
+    :func:`imgstore.open_store` (``codec=``, ``shape=``, the backend's options).
+    """
+    if (fill is None) == (images is None):
+        raise InvalidOptionError("give images and labels, or fill=, to write a shard")
+    if images is not None and labels is None:
+        raise InvalidOptionError("labels are needed with images")
+    location = Location(dest, storage_options)
+    name = f"shard-{secrets.token_hex(8)}"
+    if location.local is not None:
+        shards = location.local / SHARDS_DIR
+        shards.mkdir(parents=True, exist_ok=True)
+        staging = shards / f".{name}.tmp"
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f"imgstore-{name}-")) / "store"
+    try:
+        with open_store(staging, backend, "w", **store_options) as store:
+            if fill is not None:
+                fill(store)
+            else:
+                store.put_many(images, labels)  # type: ignore[arg-type]
+            count, codec, shape = len(store), store.codec, store.shape
+        files = seal(staging)
+        info = ShardInfo(name, count, backend, codec, shape, files, shard_checksum(files))
+        if location.local is not None:
+            os.rename(staging, location.shard_path(name))
+        else:
+            location.upload_shard(name, staging, [f.path for f in files])
+    except BaseException:
+        shutil.rmtree(staging.parent if location.local is None else staging, ignore_errors=True)
+        raise
+    if location.local is None:
+        shutil.rmtree(staging.parent, ignore_errors=True)  # our own staging directory
+    return info
+
+
+def seal(store_dir: Path) -> tuple[ShardFile, ...]:
+    """Make a written store's files read-only and return their listing (path, size, XXH3-128)."""
+    for dirpath, _dirs, filenames in os.walk(store_dir):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    return list_files(store_dir)
+
+
+def read_committed(location: Location) -> DatasetManifest:
+    raw = location.read_manifest()
+    if raw is None:
+        return DatasetManifest()
+    return parse_manifest(raw, f"{location.url}/{MANIFEST_NAME}")
+
+
+def commit_shards(
+    dest: str | os.PathLike[str] | Location,
+    shards: Sequence[ShardInfo],
+    *,
+    expect_revision: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> DatasetManifest:
+    """Append sealed shards to the dataset's manifest (the commit point) and return the new manifest.
+
+    ``expect_revision``: refuse (:class:`StoreBusyError`) if another writer committed since that
+    revision was read, rather than drop its shards. Locally, commits are serialised by a lock file;
+    on object storage one writer commits at a time (the last manifest written wins).
+    """
+    location = dest if isinstance(dest, Location) else Location(dest, storage_options)
+    if location.local is not None:
+        location.local.mkdir(parents=True, exist_ok=True)
+        fd = os.open(location.local / ".imgstore-sharded.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return _commit(location, shards, expect_revision)
+        finally:
+            os.close(fd)
+    return _commit(location, shards, expect_revision)
+
+
+def _commit(location: Location, shards: Sequence[ShardInfo], expect_revision: int | None) -> DatasetManifest:
+    old = read_committed(location)
+    if expect_revision is not None and old.revision != expect_revision:
+        raise StoreBusyError(
+            f"{location.url}: another writer committed (revision {old.revision}, expected {expect_revision})"
+        )
+    if location.local is not None:
+        missing = [s.name for s in shards if not location.shard_path(s.name).is_dir()]
+        if missing:
+            raise StoreIOError(f"{location.url}: shard {missing[0]} was not written there; nothing committed")
+    new = old.appended(shards)
+    location.write_manifest(new.to_json())
+    return new
+
+
+class ShardedWriter:
+    """Append images to a sharded dataset, ``shard_size`` records a shard; :meth:`commit` publishes them.
+
+    ``mode="w"`` needs a place with no dataset yet (:class:`StoreExistsError` otherwise); ``"a"``
+    appends to an existing one or creates it. Shards are written as they fill; nothing is visible
+    to readers until :meth:`commit` (closing the writer as a context manager commits; an exception
+    inside the ``with`` block commits nothing, and its written shards stay unreferenced).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        backend: str,
+        shard_size: int = 5000,
+        mode: str = "a",
+        storage_options: Mapping[str, Any] | None = None,
+        **store_options: Any,
+    ) -> None:
+        if type(shard_size) is not int or shard_size < 1:
+            raise InvalidOptionError(f"shard_size must be a positive integer, got {shard_size!r}")
+        if mode not in ("w", "a"):
+            raise InvalidOptionError(f"mode must be 'w' or 'a', got {mode!r}")
+        self.location = Location(url, storage_options)
+        self.storage_options = dict(storage_options or {})
+        self.backend, self.shard_size, self.store_options = backend, shard_size, store_options
+        base = read_committed(self.location)
+        if mode == "w" and base.revision:
+            raise StoreExistsError(f"{url} already holds a sharded dataset; open it with mode='a' to append")
+        self.base_revision = base.revision
+        self.written: list[ShardInfo] = []
+        self._images: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._pending = 0
+
+    def add(self, images: np.ndarray | Sequence[np.ndarray], labels: Sequence[int] | np.ndarray) -> None:
+        """Buffer images; every full ``shard_size`` is written and sealed as a shard."""
+        batch = np.asarray(images) if not isinstance(images, np.ndarray) else images
+        label_array = np.asarray(labels, dtype=np.int64)
+        if len(batch) != len(label_array):
+            raise InvalidOptionError(f"{len(batch)} images but {len(label_array)} labels")
+        self._images.append(batch)
+        self._labels.append(label_array)
+        self._pending += len(batch)
+        while self._pending >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int) -> None:
+        images, labels = np.concatenate(self._images), np.concatenate(self._labels)
+        self.written.append(
+            write_shard(
+                self.location.url,
+                images[:n],
+                labels[:n],
+                backend=self.backend,
+                storage_options=self.storage_options,
+                **self.store_options,
+            )
+        )
+        self._images, self._labels = ([images[n:]], [labels[n:]]) if n < len(images) else ([], [])
+        self._pending = len(images) - n
+
+    def commit(self) -> DatasetManifest:
+        """Write what is buffered as a last (shorter) shard, then commit every shard written."""
+        if self._pending:
+            self._flush(self._pending)
+        manifest = commit_shards(self.location, self.written, expect_revision=self.base_revision)
+        self.base_revision, self.written = manifest.revision, []
+        return manifest
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()

@@ -1,0 +1,266 @@
+"""Sharded datasets on a local disk (and memory:// for the cache's logic): manifest, commit, global index, cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgstore
+from imgstore.sharded import ShardCache, ShardedWriter, commit_shards, open_sharded, read_committed, write_shard
+from imgstore.sharded.location import Location
+from imgstore.sharded.manifest import MANIFEST_NAME, _body_hash, parse_manifest
+from imgstore.testing import random_images
+
+IMAGES, LABELS = random_images(100, (8, 8, 3), seed=5)
+
+
+def _write(path: Path | str, backend: str = "lmdb", shard_size: int = 40, **options: object) -> None:
+    with ShardedWriter(path, backend=backend, shard_size=shard_size, mode="w", **options) as writer:
+        writer.add(IMAGES[:30], LABELS[:30])  # batches that straddle shard boundaries
+        writer.add(IMAGES[30:], LABELS[30:])
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5", "png", "sqlite"])
+def test_round_trip_and_global_index(tmp_path: Path, backend: str) -> None:
+    _write(tmp_path / "ds", backend)
+    with open_sharded(tmp_path / "ds") as data:
+        assert len(data) == 100 and [s.count for s in data.shards] == [40, 40, 20]
+        assert {s.backend for s in data.shards} == {backend}
+        order = np.random.default_rng(0).permutation(100)
+        images, labels = data.get_many(order)
+        assert np.array_equal(images, IMAGES[order]) and np.array_equal(labels, LABELS[order])
+        image, label = data.get(79)  # the last record of shard 1
+        assert np.array_equal(image, IMAGES[79]) and label == LABELS[79]
+        image, label = data[-1]
+        assert np.array_equal(image, IMAGES[99]) and label == LABELS[99]
+        assert data.locate(40) == (1, 0) and data.locate(99) == (2, 19)
+        with pytest.raises(imgstore.StoreIndexError):
+            data.get(100)
+        with pytest.raises(imgstore.StoreIndexError):
+            data.get_many([0, 100])
+        assert np.array_equal(np.stack([image for image, _label in data]), IMAGES)
+        data.verify()
+
+
+def test_shards_are_sealed_and_listed(tmp_path: Path) -> None:
+    _write(tmp_path / "ds")
+    manifest = read_committed(Location(tmp_path / "ds"))
+    for info in manifest.shards:
+        root = tmp_path / "ds" / "shards" / info.name
+        on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+        unlisted = on_disk - {f.path for f in info.files}  # what readers make or change: not content
+        assert {p.split("/")[-1] for p in unlisted} == {"writer.lock", "lock.mdb"}
+        assert {f.path for f in info.files} <= on_disk
+        assert sum(f.bytes for f in info.files) == info.bytes > 0
+        for f in info.files:
+            assert not os.stat(root / f.path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    assert not [p for p in (tmp_path / "ds" / "shards").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_write_shard_then_commit_mixed_backends_and_codecs(tmp_path: Path) -> None:
+    """The Dask path: each task writes one shard; one commit publishes them all, in the order given."""
+    dest = tmp_path / "ds"
+    a = write_shard(dest, IMAGES[:50], LABELS[:50], backend="hdf5")
+    b = write_shard(dest, IMAGES[50:], LABELS[50:], backend="png", codec="png")
+    with pytest.raises(imgstore.StoreNotFoundError):
+        open_sharded(dest)  # written, not committed: no dataset yet
+    commit_shards(dest, [a, b])
+    with open_sharded(dest) as data:
+        assert [s.codec for s in data.shards] == ["raw", "png"]
+        images, labels = data.get_many(range(100))
+        assert np.array_equal(np.stack(images), IMAGES) and np.array_equal(labels, LABELS)
+    with pytest.raises(imgstore.CorruptStoreError):
+        commit_shards(dest, [a])  # a shard is committed once
+
+
+def test_a_reader_keeps_its_manifest_across_an_append(tmp_path: Path) -> None:
+    _write(tmp_path / "ds")
+    old = open_sharded(tmp_path / "ds")
+    more, more_labels = random_images(30, (8, 8, 3), seed=6)
+    with ShardedWriter(tmp_path / "ds", backend="hdf5", shard_size=25) as writer:
+        writer.add(more, more_labels)
+    assert len(old) == 100 and len(old.shards) == 3
+    assert np.array_equal(old.get_many(range(100))[0], IMAGES)
+    with pytest.raises(imgstore.StoreIndexError):
+        old.get(100)
+    with open_sharded(tmp_path / "ds") as new:
+        assert len(new) == 130 and [s.count for s in new.shards] == [40, 40, 20, 25, 5]
+        assert np.array_equal(new.get_many(range(100, 130))[0], more)
+    assert old.refresh() == 130 and np.array_equal(old.get(129)[0], more[-1])
+    old.close()
+
+
+def test_nothing_is_visible_until_commit(tmp_path: Path) -> None:
+    _write(tmp_path / "ds")
+    before = (tmp_path / "ds" / MANIFEST_NAME).read_bytes()
+    with pytest.raises(RuntimeError), ShardedWriter(tmp_path / "ds", backend="lmdb", shard_size=10) as writer:
+        writer.add(IMAGES[:25], LABELS[:25])  # two shards written and sealed...
+        raise RuntimeError("the job died")  # ...never committed
+    assert (tmp_path / "ds" / MANIFEST_NAME).read_bytes() == before
+    with open_sharded(tmp_path / "ds") as data:
+        assert len(data) == 100
+
+
+def test_concurrent_writers_do_not_drop_each_others_shards(tmp_path: Path) -> None:
+    _write(tmp_path / "ds")
+    first = ShardedWriter(tmp_path / "ds", backend="lmdb", shard_size=10)
+    second = ShardedWriter(tmp_path / "ds", backend="lmdb", shard_size=10)
+    first.add(IMAGES[:10], LABELS[:10])
+    second.add(IMAGES[10:20], LABELS[10:20])
+    first.commit()
+    with pytest.raises(imgstore.StoreBusyError):
+        second.commit()
+    assert len(open_sharded(tmp_path / "ds")) == 110
+    with pytest.raises(imgstore.StoreExistsError):
+        ShardedWriter(tmp_path / "ds", backend="lmdb", mode="w")
+
+
+def _rewrite(path: Path, edit: object) -> None:
+    data = json.loads(path.read_bytes())
+    edit(data)  # type: ignore[operator]
+    data.pop("xxh3_64")
+    path.write_bytes(_signed(data))
+
+
+def _signed(body: dict[str, object]) -> bytes:
+    body["xxh3_64"] = _body_hash(body)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["shards"][0].update(name="../../etc"),
+        lambda d: d["shards"][0]["files"][0].__setitem__(0, "../outside"),
+        lambda d: d["shards"][0]["files"][0].__setitem__(0, "/etc/passwd"),
+        lambda d: d["shards"][0].update(count=-1),
+        lambda d: d["shards"][0].update(bytes=1),
+        lambda d: d["shards"][0]["files"][0].__setitem__(1, 7),  # a size that no longer matches the checksum
+        lambda d: d.update(count=99),
+        lambda d: d["shards"].append(d["shards"][0]),
+        lambda d: d.update(shards={"a": 1}),
+    ],
+)
+def test_forged_manifest_values_are_refused(tmp_path: Path, edit: object) -> None:
+    _write(tmp_path / "ds")
+    _rewrite(tmp_path / "ds" / MANIFEST_NAME, edit)
+    with pytest.raises(imgstore.CorruptStoreError):
+        open_sharded(tmp_path / "ds")
+
+
+def test_damaged_manifest_and_versions(tmp_path: Path) -> None:
+    _write(tmp_path / "ds")
+    path = tmp_path / "ds" / MANIFEST_NAME
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b'"count": 40', b'"count": 41', 1))
+    with pytest.raises(imgstore.CorruptStoreError, match="checksum"):
+        open_sharded(tmp_path / "ds")
+    path.write_bytes(good[:-10])
+    with pytest.raises(imgstore.CorruptStoreError):
+        open_sharded(tmp_path / "ds")
+    path.write_bytes(_signed({**json.loads(good), "version": 99}))
+    with pytest.raises(imgstore.FormatVersionError):
+        open_sharded(tmp_path / "ds")
+    with pytest.raises(imgstore.CorruptStoreError):
+        parse_manifest(b"\x80\x04pickle", "x")  # JSON only: a pickle is just not a manifest
+
+
+def test_a_damaged_local_shard_is_found(tmp_path: Path) -> None:
+    _write(tmp_path / "ds", "hdf5")
+    manifest = read_committed(Location(tmp_path / "ds"))
+    info = manifest.shards[1]
+    victim = tmp_path / "ds" / "shards" / info.name / max(info.files, key=lambda f: f.bytes).path
+    os.chmod(victim, 0o644)
+    with open(victim, "r+b") as f:  # same size, one byte flipped inside the pixels
+        f.seek(os.path.getsize(victim) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with open_sharded(tmp_path / "ds") as data, pytest.raises(imgstore.CorruptStoreError):
+        data.verify()
+    with open(victim, "ab") as f:
+        f.write(b"x")
+    with open_sharded(tmp_path / "ds") as data:
+        assert np.array_equal(data.get(0)[0], IMAGES[0])  # other shards still read
+        with pytest.raises(imgstore.CorruptStoreError, match="bytes"):
+            data.get(40)
+
+
+# ---------------------------------------------------------------------- the cache's logic (memory://)
+
+
+@pytest.fixture
+def memory_dataset() -> str:
+    pytest.importorskip("fsspec")
+    url = f"memory://imgstore-test-{os.getpid()}-{np.random.default_rng().integers(1 << 30)}"
+    _write(url, "lmdb", shard_size=25)
+    return url
+
+
+def _entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if p.name != "IMGSTORE-CACHE")
+
+
+def test_cache_fetches_checks_and_evicts_least_recently_used(memory_dataset: str, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with open_sharded(memory_dataset, cache_dir=cache, cache_bytes=1 << 30) as data:
+        shard_bytes = max(s.bytes for s in data.shards)
+    bound = int(2.5 * shard_bytes)
+    with open_sharded(memory_dataset, cache_dir=cache, cache_bytes=bound, open_shards=1) as data:
+        names = [f"{s.checksum}-{s.bytes}" for s in data.shards]
+        for k in (0, 1, 2):
+            assert np.array_equal(data.get(25 * k)[0], IMAGES[25 * k])
+        assert _entries(cache) == sorted(names[1:3])  # shard 0 went first
+        data.get(25)  # shard 1 used again: shard 2 is now the oldest
+        data.get(75)
+        assert _entries(cache) == sorted([names[1], names[3]])
+        assert data.cache is not None and data.cache.used_bytes() <= bound
+
+
+def test_a_pinned_shard_is_not_evicted(memory_dataset: str, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with open_sharded(memory_dataset, cache_dir=cache, cache_bytes=1 << 30) as data:
+        shard_bytes = max(s.bytes for s in data.shards)
+    holder = open_sharded(memory_dataset, cache_dir=cache, cache_bytes=shard_bytes, open_shards=4)
+    store = holder.shard(0)  # pinned while open
+    other = open_sharded(memory_dataset, cache_dir=cache, cache_bytes=shard_bytes, open_shards=1)
+    for k in (1, 2, 3):
+        assert np.array_equal(other.get(25 * k)[0], IMAGES[25 * k])
+    assert np.array_equal(store.get_many(range(25))[0], IMAGES[:25])  # still readable
+    assert f"{holder.shards[0].checksum}-{holder.shards[0].bytes}" in _entries(cache)
+    holder.close()
+    other.get(0)  # unpinned now: shard 0 replaces shard 3 in a cache of one shard
+    assert len(_entries(cache)) == 1
+    other.close()
+
+
+def test_cache_refuses_a_foreign_directory_and_deletes_nothing_else(memory_dataset: str, tmp_path: Path) -> None:
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    with pytest.raises(imgstore.StoreExistsError):
+        open_sharded(memory_dataset, cache_dir=foreign)
+    cache = tmp_path / "cache"
+    ShardCache(cache, 1)
+    (cache / "notes.txt").write_text("not an entry")
+    with open_sharded(memory_dataset, cache_dir=cache, cache_bytes=1 << 30, open_shards=1) as data:
+        bound = max(s.bytes for s in data.shards)
+    with open_sharded(memory_dataset, cache_dir=cache, cache_bytes=bound, open_shards=1) as data:
+        data.get_many(range(100))
+    assert (cache / "notes.txt").read_text() == "not an entry" and (foreign / "thesis.tex").exists()
+    with (
+        pytest.raises(imgstore.InvalidOptionError, match="cache_bytes"),
+        open_sharded(memory_dataset, cache_dir=cache, cache_bytes=100) as data,
+    ):
+        data.get(0)
+
+
+def test_a_url_without_its_filesystem_package_names_the_extra() -> None:
+    pytest.importorskip("fsspec")
+    with pytest.raises(imgstore.MissingDependencyError, match=r"imgstore-ml\[remote\]"):
+        open_sharded("gs://bucket/x")  # gcsfs is not installed here (nor in the extras)
