@@ -78,7 +78,13 @@ def missing_requirement(cls: type[EpochLoader]) -> str | None:
 
 
 # The peers: name -> "module:Class", imported only when their row runs.
-PEERS: dict[str, str] = {}
+PEERS: dict[str, str] = {
+    "imagefolder": "benchmarks.loaders.peer_imagefolder:ImageFolderPeer",
+    "webdataset": "benchmarks.loaders.peer_webdataset:WebDatasetPeer",
+    "mosaicml-streaming": "benchmarks.loaders.peer_streaming:StreamingPeer",
+    "litdata": "benchmarks.loaders.peer_litdata:LitDataPeer",
+    "hf-datasets": "benchmarks.loaders.peer_hf:HFDatasetsPeer",
+}
 
 
 def load_peer(name: str) -> type[EpochLoader]:
