@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from imgstore.errors import ImgStoreError, MissingDependencyError, StoreIOError, StoreNotFoundError
+from imgstore.errors import ImgStoreError, InvalidOptionError, MissingDependencyError, StoreIOError, StoreNotFoundError
 from imgstore.fileio import fsync_dir, open_regular
 from imgstore.sharded.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
@@ -132,5 +132,7 @@ class Location:
             raise
         except FileNotFoundError as exc:
             raise StoreNotFoundError(f"{where} is not there: {exc}") from exc
+        except TypeError as exc:  # not the network: storage_options the file system does not take
+            raise InvalidOptionError(f"{where}: storage_options: {exc}") from exc
         except Exception as exc:  # s3fs/botocore/aiohttp raise their own types for a dead connection
             raise StoreIOError(f"{where}: {type(exc).__name__}: {exc}"[:500]) from exc

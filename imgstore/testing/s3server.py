@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -85,14 +87,14 @@ class MotoServer:
             pass
         return f"s3://{name}"
 
-    def storage_options(self, *, retries: int = 5, attempts: int | None = None) -> dict[str, Any]:
-        """s3fs options for this server; ``attempts`` caps botocore's own tries per request (to fail fast)."""
+    def storage_options(self, *, attempts: int | None = None, endpoint: str | None = None) -> dict[str, Any]:
+        """s3fs options for this server (or ``endpoint``, a relay to it); ``attempts`` caps botocore's own
+        tries per request (its retry of a refused connection; to fail fast). s3fs's own retries (5, a
+        class attribute) are left as they are."""
         options: dict[str, Any] = {
             "key": "testing",
             "secret": "testing",
-            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
-            "retries": retries,
-            "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": endpoint or self.endpoint, "region_name": "us-east-1"},
         }
         if attempts is not None:
             options["config_kwargs"] = {"retries": {"max_attempts": attempts, "mode": "standard"}}
@@ -103,6 +105,66 @@ class MotoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FlakyProxy:
+    """A TCP relay in front of a server that resets the first ``cuts`` connections once they have relayed
+    ``cut_after`` bytes from the server: a real mid-transfer network fault, which clients may retry."""
+
+    def __init__(self, target_port: int, *, cut_after: int = 1 << 20, cuts: int = 1) -> None:
+        self.target_port, self.cut_after, self.cuts_left, self.cut = target_port, cut_after, cuts, 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _addr = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
+        relayed = 0
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+                relayed += len(data)
+                if from_server and relayed >= self.cut_after and self._take_cut():
+                    # SO_LINGER 0: close sends a RST, as a dropped connection does
+                    sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    break
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def _take_cut(self) -> bool:
+        with self._lock:
+            if self.cuts_left <= 0:
+                return False
+            self.cuts_left -= 1
+            self.cut += 1
+            return True
+
+    def close(self) -> None:
+        self._listener.close()
 
 
 def _free_port() -> int:
