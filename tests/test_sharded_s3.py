@@ -251,3 +251,23 @@ def test_reader_processes_share_one_cache(server: MotoServer, url: str, tmp_path
     assert [reader.returncode for reader in readers] == [0, 0] and outputs == [expected, expected]
     assert not _leftovers(cache)
     assert sum(int(name.rsplit("-", 1)[1]) for name in _entries(cache)) <= bound + 2 * max(s.bytes for s in shards)
+
+
+def test_the_readme_example_runs(server: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("### Sharded datasets (local or object storage)")
+    code = re.search(r"```python\n(.*?)```", readme[start:], re.S)
+    assert code is not None
+    source = code.group(1).replace("http://127.0.0.1:9000", server.endpoint)
+    source = source.replace("/scratch/shards", str(tmp_path / "cache")).replace("s3://bucket/", "s3://readme/")
+    server.make_bucket("readme")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    images, labels = random_images(12_000, (4, 4, 3), seed=14)
+    names: dict[str, Any] = {"images": images, "labels": labels}
+    exec(compile(source, "README.md", "exec"), names)
+    assert np.array_equal(names["batch"], images[5000:10000]) and names["label"] == labels[123]
+    assert names["store"].backend == "lmdb" and names["data"].shards[1].count == 5000
