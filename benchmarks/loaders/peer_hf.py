@@ -41,7 +41,13 @@ class HFDatasetsPeer(EpochLoader):
             column = [{"bytes": data, "path": None} for data in source.images]
         features = datasets.Features({"image": image, "label": datasets.Value("int64")})
         table = datasets.Dataset.from_dict({"image": column, "label": source.labels}, features=features)
-        table.save_to_disk(str(root))
+        enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # save_to_disk's bar would fill the benchmark's output
+        try:
+            table.save_to_disk(str(root))
+        finally:
+            if enabled:
+                datasets.enable_progress_bars()
 
     def files(self) -> list[Path]:
         return files_under(self.root)

@@ -5,9 +5,10 @@ As its documentation shows for local data: ``MDSWriter(out=..., columns=...)`` t
 ``DataLoader`` (Streaming partitions the samples between the workers itself). Encoded records are
 the JPEG bytes, decoded with Pillow in the workers.
 
-Not runnable beside this project today: mosaicml-streaming 0.13 requires numpy<2.2 and
-transformers<5 (so huggingface-hub<1.0, which datasets>=4 cannot share) and imports transformers at
-its top level, plus torchvision for its vision module; the row is then skipped with that note.
+Not runnable beside this project today (checked with 0.13.0, the newest): ``import streaming`` imports
+``streaming.vision``, which imports torchvision at its top level (PyPI's torchvision needs another
+torch than the CPU one here), and ``streaming.base`` imports transformers<5 (so huggingface-hub<1.0,
+which datasets>=4 cannot share); it also requires numpy<2.2. The row is then skipped with that note.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class StreamingPeer(EpochLoader):
     kind = "peer"
     requires = ("streaming",)
     install = (
-        "pip install mosaicml-streaming (it needs numpy<2.2, transformers<5 and torchvision: "
-        "not installable beside this project's numpy, datasets and CPU torch)"
+        "pip install mosaicml-streaming (it imports torchvision and needs numpy<2.2 and transformers<5: "
+        "not installable beside this project's CPU torch, numpy and datasets)"
     )
 
     def build(self, source: EpochSource, root: Path) -> None:
