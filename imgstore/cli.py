@@ -261,6 +261,72 @@ def _run_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------- history
+
+HISTORY_HELP = """\
+Every saved pytest-benchmark run under the folders on one timeline, per machine, and the change
+points of each benchmark's series.
+
+The runs are grouped by machine (machine_info: node and CPU), ordered by commit time
+(commit_info.time; a run without one by the time it ran, with a note), and the runs of one commit
+make one point: the median of their fastest rounds.  Change points are found by ruptures (binary
+segmentation, l1 cost, a penalty calibrated on noise) and each is confirmed on the runs: a
+Mann-Whitney test of the runs before against after (Bonferroni over the benchmarks), a bootstrap
+interval of the ratio of medians that excludes 1, and a change of at least --min-change.  Each is
+reported with the last commit before it, the first after, the ratio and its interval.
+Needs the [history] extra: pip install 'imgstore-ml[history]'.
+exit status: 0 (1 with --fail-on-slowdown when an imgstore row got slower), 2 bad input.
+"""
+
+
+def _add_history(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "history",
+        help="every saved benchmark run on a timeline: series and change points per benchmark",
+        description=HISTORY_HELP,
+        epilog=WORKFLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("folders", nargs="+", metavar="DIR", help="folders of saved runs (searched recursively)")
+    parser.add_argument(
+        "--format", choices=("table", "markdown"), default="table", help="what to print (default: table)"
+    )
+    parser.add_argument("--html", metavar="FILE", type=Path, help="also write a self-contained HTML report to FILE")
+    parser.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=0.99,
+        help="confidence of the test and interval of each change point (Bonferroni over the benchmarks; default 0.99)",
+    )
+    parser.add_argument(
+        "--min-change",
+        type=_threshold,
+        default=0.05,
+        metavar="PERCENT",
+        help="smallest change reported, e.g. 5%% (default: 5%%)",
+    )
+    parser.add_argument(
+        "--fail-on-slowdown", action="store_true", help="exit 1 if an imgstore benchmark has a confirmed slowdown"
+    )
+    parser.set_defaults(handler=_run_history, command="history")
+
+
+def _run_history(args: argparse.Namespace) -> int:
+    from imgstore.analysis import history, history_html, history_report
+
+    timeline = history.load_history(args.folders, confidence=args.confidence, min_change=args.min_change)
+    if args.format == "markdown":
+        print(history_report.format_history_markdown(timeline), end="")
+    else:
+        print(history_report.format_history_table(timeline), end="")
+    if args.html is not None:
+        try:
+            args.html.write_text(history_html.format_history_html(timeline), encoding="utf-8")
+        except OSError as exc:
+            raise ImgStoreError(f"{args.html}: cannot write: {exc.strerror or exc}") from None
+    return EXIT_FAILED if args.fail_on_slowdown and timeline.slowdowns() else EXIT_OK
+
+
 # ------------------------------------------------------------------------------ convert, info, verify
 
 
@@ -278,6 +344,7 @@ Subcommands = argparse._SubParsersAction  # argparse's own name for what add_sub
 COMMANDS: tuple[Callable[[Subcommands[argparse.ArgumentParser]], None], ...] = (
     _add_compare,
     _add_plot,
+    _add_history,
     _add_data_commands,
 )
 

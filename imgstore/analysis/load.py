@@ -78,6 +78,11 @@ class Run:
     benchmarks: dict[str, Benchmark]
     datetime: str | None = None
     commit: str | None = None
+    # For ``imgstore history``: the commit's time (commit_info.time, ISO 8601), whether the tree was
+    # dirty, and the machine (machine_info.node and the CPU's name), when the file has them.
+    commit_time: str | None = None
+    dirty: bool = False
+    machine: str | None = None
 
 
 def load_run(path: str | Path) -> Run:
@@ -118,6 +123,8 @@ def _parse_run(doc: object, path: str) -> Run:
     datetime = _optional(doc, "datetime", str, "a string")
     commit_info = doc.get("commit_info") or {}
     commit = _optional(commit_info, "id", str, "a string", "commit_info.id")
+    commit_time = _optional(commit_info, "time", str, "a string", "commit_info.time")
+    dirty = _optional(commit_info, "dirty", bool, "true or false", "commit_info.dirty") or False
 
     benchmarks: dict[str, Benchmark] = {}
     for index, raw in enumerate(doc["benchmarks"]):
@@ -125,7 +132,25 @@ def _parse_run(doc: object, path: str) -> Run:
         if bench.fullname in benchmarks:
             raise MalformedRunError(f"benchmark {short(bench.fullname)} appears twice")
         benchmarks[bench.fullname] = bench
-    return Run(path=path, benchmarks=benchmarks, datetime=datetime, commit=commit)
+    return Run(
+        path=path,
+        benchmarks=benchmarks,
+        datetime=datetime,
+        commit=commit,
+        commit_time=commit_time,
+        dirty=dirty,
+        machine=_machine(doc.get("machine_info") or {}),
+    )
+
+
+def _machine(info: dict[str, Any]) -> str | None:
+    """``node (CPU name)`` from pytest-benchmark's machine_info; None if it has neither."""
+    node = info.get("node") if isinstance(info.get("node"), str) else None
+    cpu = info.get("cpu")
+    brand = cpu.get("brand_raw") if isinstance(cpu, dict) and isinstance(cpu.get("brand_raw"), str) else None
+    if node and brand:
+        return f"{node} ({brand})"
+    return node or brand
 
 
 def _parse_benchmark(raw: object, where: str) -> Benchmark:
