@@ -185,8 +185,8 @@ def test_commands_are_listed_in_one_place() -> None:
     # Adding a command = writing _add_<name> and listing it here.
     parser = cli.build_parser()
     choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert list(choices) == ["compare", "plot", "convert", "info", "verify"]
-    assert len(cli.COMMANDS) == 3  # compare, plot, and the data commands' group (imgstore.data_commands)
+    assert list(choices) == ["compare", "plot", "history", "convert", "info", "verify"]
+    assert len(cli.COMMANDS) == 4  # compare, plot, history, and the data commands' group (imgstore.data_commands)
 
 
 def test_only_file_that_is_not_utf8_exits_2(runs: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
