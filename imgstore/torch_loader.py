@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from imgstore.errors import InvalidOptionError
 from imgstore.opening import open_store
 from imgstore.store import Store
+from imgstore.torch_ring import Ring, RingLoader, SlotSampler
 from imgstore.torch_samplers import BlockShuffleSampler, RandomBatchSampler, SequentialBatchSampler
 
 Layout = Literal["hwc", "chw"]
 Order = Literal["random", "block", "sequential"]
+Handoff = Literal["torch", "shared"]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: make_loader's default block for order="block": about this many bytes of records.
@@ -106,6 +108,7 @@ class StoreBatches(ProcessStore, Dataset[Batch]):
         self.size = size
         self.decoder = decoder
         self.transform = transform
+        self.ring: Ring | None = None  # handoff="shared": batches go into its slots
         if transform is not None and not callable(transform):
             raise InvalidOptionError(f"transform must be callable, got {transform!r}")
         with open_store(self.path, verify_reads=verify_reads, decoder=decoder) as store:
@@ -119,6 +122,9 @@ class StoreBatches(ProcessStore, Dataset[Batch]):
                 )
             # raw stores of one shape are read straight into shared memory in a worker
             self._shape = store.shape if store.codec == "raw" and not store.varied else None
+            channels = {"RGB": 3, "L": 1}.get(store.image_mode or "")
+            # the shape of every image a read gives, where it is known before reading
+            self.image_shape = self._shape if size is None or channels is None else (*size, channels)
             self.record_bytes = self._record_bytes(store)
 
     @staticmethod
@@ -130,12 +136,14 @@ class StoreBatches(ProcessStore, Dataset[Batch]):
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, indices: Sequence[int] | np.ndarray) -> Batch:
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.ndim != 1:
-            raise InvalidOptionError(f"StoreBatches takes a 1-D batch of indices, got shape {idx.shape}")
-        if len(idx) and (int(idx.min()) < -self._length or int(idx.max()) >= self._length):
-            raise IndexError(f"an index of the batch is out of range for a dataset of {self._length} images")
+    def __getitem__(self, indices: Sequence[int] | np.ndarray | tuple[int, np.ndarray]) -> Any:
+        if isinstance(indices, tuple):  # (slot, indices) of a ring: the batch goes into the slot
+            slot, idx = indices[0], self._checked(indices[1])
+            assert self.ring is not None
+            arrays = self.ring.arrays(slot, len(idx))
+            self.store.get_many(idx, out=arrays, size=self.size)
+            return slot, len(idx)
+        idx = self._checked(indices)
         store = self.store
         out = self._shared_out(len(idx)) if self._shape is not None and get_worker_info() is not None else None
         if out is not None:
@@ -148,6 +156,17 @@ class StoreBatches(ProcessStore, Dataset[Batch]):
         if self.transform is not None:
             images = self.transform(images)
         return images, labels
+
+    def _checked(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise InvalidOptionError(f"StoreBatches takes a 1-D batch of indices, got shape {idx.shape}")
+        if len(idx) and (int(idx.min()) < -self._length or int(idx.max()) >= self._length):
+            raise IndexError(f"an index of the batch is out of range for a dataset of {self._length} images")
+        return idx
+
+    def arrange_batch(self, images: torch.Tensor) -> torch.Tensor:
+        return arrange(images, self.layout, batched=True)
 
     def _shared_out(self, n: int) -> Batch:
         """Images and labels in one new shared-memory segment: a worker's batch goes to the training
@@ -186,6 +205,7 @@ def make_loader(
     size: tuple[int, int] | None = None,
     decoder: str = "auto",
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    handoff: Handoff = "torch",
     **dataloader_kwargs: Any,
 ) -> DataLoader[Batch]:
     """A ``DataLoader`` over the store at ``path`` yielding ``(images, labels)`` batches.
@@ -207,6 +227,13 @@ def make_loader(
     index order. The length is the store's when the loader was made. Other keyword arguments
     (``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``multiprocessing_context``,
     ...) go to the ``DataLoader``.
+
+    ``handoff="shared"`` (opt-in): workers write each batch into a ring of shared buffers made
+    once (:mod:`imgstore.torch_ring`) instead of handing over a new shared tensor per batch, which
+    saves the training process most of its CPU per batch. A batch is then valid only until the
+    next batch is taken: ``.clone()`` what you keep longer. Needs images of a shape known before
+    reading (raw stores of one shape; encoded ones with ``size`` and an RGB or L image mode), and
+    no ``transform`` or ``pin_memory``.
     """
     for name in _RESERVED:
         if name in dataloader_kwargs:
@@ -221,6 +248,8 @@ def make_loader(
         raise InvalidOptionError(f"order must be 'random', 'block' or 'sequential', got {order!r}")
     if (order == "sequential") == shuffle:
         raise InvalidOptionError(f"order={order!r} contradicts shuffle={shuffle}")
+    if handoff not in ("torch", "shared"):
+        raise InvalidOptionError(f"handoff must be 'torch' or 'shared', got {handoff!r}")
     if block_size is not None and order != "block":
         raise InvalidOptionError("block_size= applies to order='block' only")
     dataset = StoreBatches(
@@ -238,6 +267,27 @@ def make_loader(
         )
     else:
         sampler = SequentialBatchSampler(n, batch_size, seed=seed, drop_last=drop_last)
-    return DataLoader(
-        dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_as_is, **dataloader_kwargs
+    if handoff == "torch":
+        return DataLoader(
+            dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_as_is, **dataloader_kwargs
+        )
+    if transform is not None or dataloader_kwargs.get("pin_memory"):
+        raise InvalidOptionError("handoff='shared' delivers the ring's own buffers: no transform, no pin_memory")
+    if dataset.image_shape is None:
+        raise InvalidOptionError(
+            "handoff='shared' needs every image's shape before reading: a raw store of one shape, or size= "
+            "with an RGB or L image mode"
+        )
+    prefetch = dataloader_kwargs.get("prefetch_factor") or 2
+    ring = Ring(prefetch * max(1, num_workers) + 2, batch_size, dataset.image_shape)
+    dataset.ring = ring
+    loader = RingLoader(
+        dataset,
+        batch_size=None,
+        sampler=SlotSampler(sampler, ring.slots),
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        **dataloader_kwargs,
     )
+    loader.ring = ring
+    return loader

@@ -244,3 +244,44 @@ def test_bad_store_and_epoch(tmp_path: Path, raw_stores: dict[str, tuple[Path, n
     loader = make_loader(raw_stores["lmdb"][0])
     with pytest.raises(InvalidOptionError, match="epoch"):
         loader.sampler.set_epoch(-1)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shared_handoff_ring(raw_stores: dict[str, tuple[Path, np.ndarray]], workers: int) -> None:
+    path, images = raw_stores["lmdb"]
+    loader = make_loader(
+        path, batch_size=BATCH, num_workers=workers, seed=2, handoff="shared", persistent_workers=workers > 0
+    )
+    plain = make_loader(path, batch_size=BATCH, num_workers=0, seed=2)
+    first, second = _epoch(loader, images), _epoch(loader, images)  # each batch checked before the next is taken
+    assert sorted(first) == sorted(second) == list(range(N)) and first != second
+    assert first == _epoch(plain, images)  # the same order as the default hand-off
+    kept = [(batch.clone(), labels.clone()) for batch, labels in loader]  # clones outlive the ring's reuse
+    for batch, labels in kept:
+        np.testing.assert_array_equal(batch.numpy(), images[labels.numpy()])
+    chw = make_loader(path, batch_size=BATCH, num_workers=workers, layout="chw", handoff="shared")
+    assert sorted(_epoch(chw, images, "chw")) == list(range(N))
+
+
+def test_shared_handoff_of_decoded_images(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    arrays = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in rng.integers(20, 50, (40, 2))]
+    path = tmp_path / "jpeg"
+    with imgstore.open_store(path, "hdf5", "w", codec="jpeg", shape=None, image_mode="RGB") as store:
+        store.put_many(arrays, np.arange(40))
+        expected, _ = store.get_many(range(40), size=(12, 16))
+    loader = make_loader(path, batch_size=16, num_workers=2, size=(12, 16), handoff="shared")
+    assert sorted(_epoch(loader, expected)) == list(range(40))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"handoff": "pipes"}, "handoff"),
+        ({"handoff": "shared", "transform": lambda x: x}, "transform"),
+        ({"handoff": "shared", "pin_memory": True}, "pin_memory"),
+    ],
+)
+def test_bad_handoff(raw_stores: dict[str, tuple[Path, np.ndarray]], kwargs: dict, match: str) -> None:
+    with pytest.raises(InvalidOptionError, match=match):
+        make_loader(raw_stores["lmdb"][0], **kwargs)

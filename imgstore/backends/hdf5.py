@@ -73,6 +73,7 @@ from imgstore.backends.hdf5_files import (
     with_errno,
     write_all,
 )
+from imgstore.backends.mapped_rows import MappedRows
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
 from imgstore.options import Option
@@ -101,6 +102,7 @@ class Hdf5Store(Store):
         self._ends: Any = None
         self._index: ReadIndex | None = None
         self._blob_index: BlobIndex | None = None
+        self._mapped: MappedRows | None = None  # shuffled reads of raw records, out of a map of the file
         self._file_shape: tuple[int, ...] | None = None  # image shape of the file's datasets (None: none yet)
         if create:
             self._install(self._build(self._empty_layout(), None, durable=self.sync), durable=self.sync)
@@ -142,7 +144,7 @@ class Hdf5Store(Store):
             file.close()
             os.close(fd)
             raise
-        self._file, self._fd, self._index = file, fd, None
+        self._file, self._fd, self._index, self._mapped = file, fd, None, None
         if images is not None and labels is not None and images.dtype == np.uint8 and labels.dtype == np.int64:
             self._images, self._labels, self._file_shape = images, labels, shape
         else:
@@ -264,7 +266,7 @@ class Hdf5Store(Store):
     def _forget_handles(self) -> None:
         """Drop the h5py objects and read indexes (not closing anything)."""
         self._file = self._images = self._labels = self._blobs = self._ends = None
-        self._index = self._blob_index = None
+        self._index = self._blob_index = self._mapped = None
         self._fd = -1
 
     def _release(self) -> None:
@@ -415,8 +417,12 @@ class Hdf5Store(Store):
                 self._images.read_direct(images, source_sel=np.s_[indices[k]], dest_sel=np.s_[k])
             return
         chunks, rows = np.divmod(indices, ix.rows)
-        positions = (ix.offsets[chunks] + rows * ix.image_nbytes).tolist()
-        for k, position in enumerate(positions):
+        positions = ix.offsets[chunks] + rows * ix.image_nbytes
+        if self._mapped is None:
+            self._mapped = MappedRows(self._fd)
+        if self._mapped.gather(positions, ix.image_nbytes, images.reshape(len(indices), -1)):
+            return
+        for k, position in enumerate(positions.tolist()):  # the file is short: pread says where
             self._pread_into(images[k], position)
 
     def _check_extent(self, stop: int) -> None:

@@ -1,0 +1,45 @@
+"""Records of one size gathered out of a read-only memory map of a store file, by byte offset.
+
+A shuffled batch read as one ``pread`` per record costs a system call and a Python loop turn per
+image (~3-5 µs a CIFAR image on a busy 2-core machine); one NumPy gather over a map of the file
+costs what the limit's ``.npy`` gather costs (~1-2 µs). The map is this handle's own, of the file's
+size when it was made, and grows (a new map) when a read needs bytes past it; a read past the
+file's end is refused (the caller reports the damage), never a SIGBUS. As with every memory map,
+a file cut short by another program while it is mapped could still kill the reader with SIGBUS on
+a later read; imgstore never shrinks a store file below a committed record.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+
+
+class MappedRows:
+    """Gathers ``nbytes``-byte records at given file offsets from the file open as ``fd`` (not owned)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._bytes: np.ndarray | None = None  # the whole map, uint8
+
+    def gather(self, offsets: np.ndarray, nbytes: int, out: np.ndarray) -> bool:
+        """Copy the records at ``offsets`` (int64, ascending or not) into ``out`` ``[n, nbytes]``;
+        False, copying nothing, if the file does not hold them all."""
+        if not len(offsets):
+            return True
+        need = int(offsets.max()) + nbytes
+        if int(offsets.min()) < 0:
+            return False
+        if self._bytes is None or len(self._bytes) < need:
+            size = os.fstat(self._fd).st_size
+            if size < need:
+                return False
+            self._bytes = np.frombuffer(mmap.mmap(self._fd, size, prot=mmap.PROT_READ), dtype=np.uint8)
+        # every nbytes-long window of the file as one row: the gather is one fancy index
+        windows = np.lib.stride_tricks.as_strided(
+            self._bytes, shape=(len(self._bytes) - nbytes + 1, nbytes), strides=(1, 1), writeable=False
+        )
+        out[...] = windows[offsets]
+        return True
