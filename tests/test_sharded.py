@@ -264,3 +264,30 @@ def test_a_url_without_its_filesystem_package_names_the_extra() -> None:
     pytest.importorskip("fsspec")
     with pytest.raises(imgstore.MissingDependencyError, match=r"imgstore-ml\[remote\]"):
         open_sharded("gs://bucket/x")  # gcsfs is not installed here (nor in the extras)
+
+
+def _read_in_child(data: object) -> bytes:
+    images, labels = data.get_many(range(len(data)))  # type: ignore[attr-defined]
+    return bytes(images.tobytes() + labels.tobytes())
+
+
+def test_a_dataset_pickles_as_its_view_for_worker_processes(memory_dataset: str, tmp_path: Path) -> None:
+    """A worker process reopens it (same cache, same manifest snapshot), as a DataLoader worker would."""
+    import multiprocessing
+    import pickle
+
+    local = tmp_path / "ds"
+    _write(local)
+    data = open_sharded(local)
+    more, more_labels = random_images(5, (8, 8, 3), seed=9)
+    with ShardedWriter(local, backend="lmdb") as writer:
+        writer.add(more, more_labels)  # appended after the parent opened: the pickle keeps 100
+    copy = pickle.loads(pickle.dumps(data))
+    assert len(copy) == 100 and copy.shards == data.shards
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # arguments go to the worker pickled
+        assert pool.apply(_read_in_child, (data,)) == IMAGES.tobytes() + LABELS.astype(np.int64).tobytes()
+    data.close()
+    remote = open_sharded(memory_dataset, cache_dir=tmp_path / "cache", cache_bytes=1 << 20)
+    copy = pickle.loads(pickle.dumps(remote))
+    assert copy.cache is not None and copy.cache.dir == tmp_path / "cache" and copy.cache.max_bytes == 1 << 20
+    assert np.array_equal(copy.get_many(range(100))[0], IMAGES)

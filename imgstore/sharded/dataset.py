@@ -21,7 +21,7 @@ from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreClosedEr
 from imgstore.opening import open_store
 from imgstore.sharded.cache import Pin, ShardCache
 from imgstore.sharded.location import Location
-from imgstore.sharded.manifest import DatasetManifest, ShardInfo, hash_file
+from imgstore.sharded.manifest import DatasetManifest, ShardInfo, hash_file, parse_manifest
 from imgstore.sharded.writing import read_committed
 from imgstore.store import Store
 
@@ -75,6 +75,19 @@ class ShardedDataset:
         self._open: OrderedDict[int, tuple[Store, Pin | None]] = OrderedDict()
         self._closed = False
         self._use(manifest)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickles as how to reopen it (for worker processes): the URL, options, and this handle's manifest,
+        so a worker reads the same dataset as its parent even if shards were appended since."""
+        cache = (str(self.cache.dir), self.cache.max_bytes) if self.cache is not None else (None, 0)
+        return _reopen, (
+            self.url,
+            self.location.storage_options,
+            *cache,
+            self.open_shards,
+            self.verify_reads,
+            self.manifest.to_json(),
+        )
 
     def _use(self, manifest: DatasetManifest) -> None:
         self.manifest = manifest
@@ -216,6 +229,20 @@ class ShardedDataset:
             self.close()
         except Exception:
             pass
+
+
+def _reopen(
+    url: str,
+    storage_options: dict[str, Any],
+    cache_dir: str | None,
+    cache_bytes: int,
+    open_shards: int,
+    verify_reads: bool,
+    manifest: bytes,
+) -> ShardedDataset:
+    location = Location(url, storage_options)
+    cache = ShardCache(cache_dir, cache_bytes) if cache_dir is not None else None
+    return ShardedDataset(location, parse_manifest(manifest, url), cache, open_shards, verify_reads)
 
 
 def _release(store: Store, pin: Pin | None) -> None:

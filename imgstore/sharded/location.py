@@ -43,6 +43,7 @@ class Location:
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> None:
         text = os.fspath(url)
         self.url = text
+        self.storage_options = dict(storage_options or {})
         self.local: Path | None = None
         self.fs: Any = None
         if is_local(text):

@@ -154,6 +154,8 @@ class ShardedWriter:
     appends to an existing one or creates it. Shards are written as they fill; nothing is visible
     to readers until :meth:`commit` (closing the writer as a context manager commits; an exception
     inside the ``with`` block commits nothing, and its written shards stay unreferenced).
+    ``add`` takes arrays of one shape; for encoded files write shards with :func:`write_shard`'s
+    ``fill=`` and commit them with :func:`commit_shards`.
     """
 
     def __init__(
@@ -178,9 +180,8 @@ class ShardedWriter:
             raise StoreExistsError(f"{url} already holds a sharded dataset; open it with mode='a' to append")
         self.base_revision = base.revision
         self.written: list[ShardInfo] = []
-        self._images: list[np.ndarray] = []
+        self._images: list[np.ndarray] = []  # buffered, fewer than shard_size in all between calls
         self._labels: list[np.ndarray] = []
-        self._pending = 0
 
     def add(self, images: np.ndarray | Sequence[np.ndarray], labels: Sequence[int] | np.ndarray) -> None:
         """Buffer images; every full ``shard_size`` is written and sealed as a shard."""
@@ -190,29 +191,33 @@ class ShardedWriter:
             raise InvalidOptionError(f"{len(batch)} images but {len(label_array)} labels")
         self._images.append(batch)
         self._labels.append(label_array)
-        self._pending += len(batch)
-        while self._pending >= self.shard_size:
-            self._flush(self.shard_size)
+        if sum(len(b) for b in self._images) < self.shard_size:
+            return
+        # One concatenation per call, then slices: a big batch is not copied once per shard it fills.
+        all_images, all_labels = np.concatenate(self._images), np.concatenate(self._labels)
+        full = len(all_images) - len(all_images) % self.shard_size
+        for start in range(0, full, self.shard_size):
+            self._write(all_images[start : start + self.shard_size], all_labels[start : start + self.shard_size])
+        rest = len(all_images) - full
+        self._images, self._labels = ([all_images[full:].copy()], [all_labels[full:].copy()]) if rest else ([], [])
 
-    def _flush(self, n: int) -> None:
-        images, labels = np.concatenate(self._images), np.concatenate(self._labels)
+    def _write(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.written.append(
             write_shard(
                 self.location.url,
-                images[:n],
-                labels[:n],
+                images,
+                labels,
                 backend=self.backend,
                 storage_options=self.storage_options,
                 **self.store_options,
             )
         )
-        self._images, self._labels = ([images[n:]], [labels[n:]]) if n < len(images) else ([], [])
-        self._pending = len(images) - n
 
     def commit(self) -> DatasetManifest:
         """Write what is buffered as a last (shorter) shard, then commit every shard written."""
-        if self._pending:
-            self._flush(self._pending)
+        if self._images:
+            self._write(np.concatenate(self._images), np.concatenate(self._labels))
+            self._images, self._labels = [], []
         manifest = commit_shards(self.location, self.written, expect_revision=self.base_revision)
         self.base_revision, self.written = manifest.revision, []
         return manifest
