@@ -233,7 +233,7 @@ def make_loader(
     saves the training process most of its CPU per batch. A batch is then valid only until the
     next batch is taken: ``.clone()`` what you keep longer. Needs images of a shape known before
     reading (raw stores of one shape; encoded ones with ``size`` and an RGB or L image mode), and
-    no ``transform`` or ``pin_memory``.
+    no ``transform`` or ``pin_memory``. Without workers it changes nothing.
     """
     for name in _RESERVED:
         if name in dataloader_kwargs:
@@ -267,19 +267,20 @@ def make_loader(
         )
     else:
         sampler = SequentialBatchSampler(n, batch_size, seed=seed, drop_last=drop_last)
-    if handoff == "torch":
-        return DataLoader(
-            dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_as_is, **dataloader_kwargs
-        )
-    if transform is not None or dataloader_kwargs.get("pin_memory"):
+    if handoff == "shared" and (transform is not None or dataloader_kwargs.get("pin_memory")):
         raise InvalidOptionError("handoff='shared' delivers the ring's own buffers: no transform, no pin_memory")
-    if dataset.image_shape is None:
+    if handoff == "shared" and dataset.image_shape is None:
         raise InvalidOptionError(
             "handoff='shared' needs every image's shape before reading: a raw store of one shape, or size= "
             "with an RGB or L image mode"
         )
+    if handoff == "torch" or num_workers == 0:  # no workers: nothing to hand off, batches are the caller's own
+        return DataLoader(
+            dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_as_is, **dataloader_kwargs
+        )
+    assert dataset.image_shape is not None  # checked above
     prefetch = dataloader_kwargs.get("prefetch_factor") or 2
-    ring = Ring(prefetch * max(1, num_workers) + 2, batch_size, dataset.image_shape)
+    ring = Ring(prefetch * num_workers + 2, batch_size, dataset.image_shape)
     dataset.ring = ring
     loader = RingLoader(
         dataset,

@@ -33,6 +33,14 @@ class Ring:
     def __init__(self, slots: int, batch_size: int, shape: tuple[int, ...]) -> None:
         self.images = torch.empty((slots, batch_size, *shape), dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]
         self.labels = torch.empty((slots, batch_size), dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+        self._whole = [(self.images[k], self.labels[k]) for k in range(slots)]  # full batches: no slicing per batch
+
+    def __getstate__(self) -> dict[str, torch.Tensor]:
+        return {"images": self.images, "labels": self.labels}  # a worker needs the buffers only
+
+    def __setstate__(self, state: dict[str, torch.Tensor]) -> None:
+        self.images, self.labels = state["images"], state["labels"]
+        self._whole = [(self.images[k], self.labels[k]) for k in range(len(self.images))]
 
     @property
     def slots(self) -> int:
@@ -43,7 +51,8 @@ class Ring:
         return self.images[slot, :count].numpy(), self.labels[slot, :count].numpy()
 
     def batch(self, slot: int, count: int) -> Batch:
-        return self.images[slot, :count], self.labels[slot, :count]
+        images, labels = self._whole[slot]
+        return (images, labels) if count == len(images) else (images[:count], labels[:count])
 
 
 class SlotSampler(Sampler[tuple[int, np.ndarray]]):
