@@ -28,18 +28,22 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 WORKFLOW = """\
 workflow:
-  1. save a run on the base branch, with every round's time:
-       pytest --benchmark-only --benchmark-save=base --benchmark-save-data
-  2. save a run the same way on your branch (--benchmark-save=head);
-  3. compare the two files pytest-benchmark wrote under .benchmarks/<machine>/:
-       imgstore compare .benchmarks/*/*_base.json .benchmarks/*/*_head.json
-  4. draw a run:
-       imgstore plot .benchmarks/*/*_head.json --out figures/
+  1. save runs of the base branch and of your branch, alternating, each side in its own folder
+     (one run a side cannot tell a benchmark's drift between runs from a change):
+       git switch main      && pytest --benchmark-only --benchmark-json=runs/base/1.json
+       git switch my-change && pytest --benchmark-only --benchmark-json=runs/head/1.json
+       ... and again: runs/base/2.json, runs/head/2.json
+  2. compare the folders (exit 1 on a regression):
+       imgstore compare runs/base runs/head --threshold 10%
+  3. draw a run:
+       imgstore plot runs/head/1.json --out figures/
+  4. every saved run on a timeline, change points per benchmark:
+       imgstore history .benchmarks/ --html history.html
   To gate a change (what CI does), from the repository root with the change in the working tree:
        .ci/bench-gate origin/main
   runs base and head twice each, interleaved, on the gated matrix, compares the two directories of
   runs (exit 1 on a regression) and settles "slower? (rerun)" rows with two more runs a side.
-  (pytest --benchmark-json=FILE writes the same format, rounds included.)
+  (--benchmark-save=NAME --benchmark-save-data folders work too; a folder is searched recursively.)
 """
 
 COMPARE_HELP = """\
@@ -103,7 +107,8 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         type=_threshold,
         default=0.10,
         metavar="PERCENT",
-        help="smallest slowdown worth failing over, in percent, e.g. 10%% (default: 10%%)",
+        help="smallest slowdown worth failing over: a percentage (10%%) or a fraction below 1 (0.10); "
+        "a bare number of 1 or more is refused as ambiguous (default: 10%%)",
     )
     parser.add_argument(
         "--confidence",
@@ -165,7 +170,8 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     print(report.format_table(rows, args.columns))
     print()
-    print(f"{report.summary(rows)} (threshold {args.threshold:.0%}, confidence {args.confidence:g})")
+    shown = verdict.format_threshold(args.threshold)
+    print(f"{report.summary(rows)} (threshold {shown}, confidence {args.confidence:g})")
     for note in notes:
         print(f"  {note}")
     if args.markdown is not None:
@@ -258,6 +264,15 @@ def _run_plot(args: argparse.Namespace) -> int:
         )
     for path in written:
         print(path)
+    sizes = {point.images for point in plot.extract_points(run)}
+    if len(sizes) == 1:
+        # Every line is one point: a column of dots. Say what would draw a curve.
+        print(
+            f"imgstore plot: note: the run has one size ({sizes.pop():,} images), so each series is a single "
+            "point; save a run with several --cutoffs (e.g. --cutoffs=100,1000,10000) to see time against size, "
+            "or use imgstore history for time against commit",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -303,7 +318,7 @@ def _add_history(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         type=_threshold,
         default=0.05,
         metavar="PERCENT",
-        help="smallest change reported, e.g. 5%% (default: 5%%)",
+        help="smallest change reported: a percentage (5%%) or a fraction (0.05) (default: 5%%)",
     )
     parser.add_argument(
         "--fail-on-slowdown", action="store_true", help="exit 1 if an imgstore benchmark has a confirmed slowdown"

@@ -69,7 +69,7 @@ def test_help_explains_the_workflow(capsys: Any) -> None:
     out = capsys.readouterr().out
     for command in ("compare", "plot"):
         assert command in out
-    assert "--benchmark-save=base --benchmark-save-data" in out
+    assert "imgstore compare runs/base runs/head" in out and "--benchmark-save-data" in out
     assert ".benchmarks/" in out
     assert ".ci/bench-gate origin/main" in out
 
@@ -164,6 +164,14 @@ def test_plot_command(runs: dict[str, Path], tmp_path: Path, capsys: Any) -> Non
     assert main(["plot", str(runs["base"]), "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out.split()
     assert [Path(p).name for p in printed] == ["store_read.png", "disk_usage.png"]
+
+
+def test_plot_of_a_run_of_one_size_says_so(tmp_path: Path, capsys: Any) -> None:
+    pytest.importorskip("matplotlib")
+    one_size = sorted((REPO / "tests" / "data" / "history").rglob("*.json"))[0]  # a real run at 1 000 images
+    assert main(["plot", str(one_size), "--out", str(tmp_path / "figs")]) == 0
+    err = capsys.readouterr().err
+    assert "one size (1,000 images)" in err and "--cutoffs" in err
 
 
 def test_plot_requires_out(runs: dict[str, Path], capsys: Any) -> None:

@@ -491,15 +491,28 @@ def test_machine_drift_widens_intervals_unless_normalized() -> None:
     assert normalized[0].verdict is Verdict.REGRESSION
 
 
-@pytest.mark.parametrize("text,value", [("10%", 0.10), ("10", 0.10), (" 2.5 % ", 0.025), ("0%", 0.0)])
+@pytest.mark.parametrize(
+    "text,value",
+    [("10%", 0.10), ("0.10", 0.10), ("0.1", 0.10), ("0.1%", 0.001), (" 2.5 % ", 0.025), ("0%", 0.0), ("0", 0.0)],
+)
 def test_parse_threshold(text: str, value: float) -> None:
     assert verdict.parse_threshold(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("text", ["", "abc", "-5%", "nan", "inf%"])
+@pytest.mark.parametrize("text", ["", "abc", "-5%", "nan", "inf%", "10", "1", "-0.1"])
 def test_parse_threshold_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         verdict.parse_threshold(text)
+
+
+def test_ambiguous_threshold_says_how_to_write_it() -> None:
+    with pytest.raises(ValueError, match="write 10% for a percentage, or a fraction below 1 such as 0.1"):
+        verdict.parse_threshold("10")
+
+
+@pytest.mark.parametrize("threshold,shown", [(0.10, "10%"), (0.001, "0.1%"), (0.025, "2.5%"), (0.0, "0%")])
+def test_threshold_is_printed_as_given(threshold: float, shown: str) -> None:
+    assert verdict.format_threshold(threshold) == shown
 
 
 def test_format_seconds() -> None:
@@ -707,11 +720,45 @@ def test_missing_file_exits_2(tmp_path: Path, capsys: Any) -> None:
     assert "nope.json" in err and "cannot read" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("option", [["--threshold", "ten"], ["--confidence", "1.5"], ["--confidence", "nan"]])
+@pytest.mark.parametrize(
+    "option", [["--threshold", "ten"], ["--threshold", "10"], ["--confidence", "1.5"], ["--confidence", "nan"]]
+)
 def test_bad_options_exit_2(option: list[str], tmp_path: Path, capsys: Any) -> None:
     good = str(write_run(tmp_path / "good.json", [bench_json("m::t", [1.0] * 10)]))
     assert main(["compare", good, good, *option]) == 2
     assert option[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "given,shown", [("0.1", "threshold 10%"), ("10%", "threshold 10%"), ("0.1%", "threshold 0.1%")]
+)
+def test_threshold_as_fraction_or_percent(given: str, shown: str, tmp_path: Path, capsys: Any) -> None:
+    good = str(write_run(tmp_path / "good.json", [bench_json("m::t", [1.0] * 10)]))
+    assert main(["compare", good, good, "--threshold", given]) == 0
+    assert shown in capsys.readouterr().out
+
+
+def test_one_run_a_side_says_it_cannot_tell_drift_from_a_change(tmp_path: Path, capsys: Any) -> None:
+    # One benchmark 2x slower in the second file: with one run a side it is a regression (exit 1),
+    # and the output says that one run a side cannot tell that from drift, and what can.
+    base = write_run(
+        tmp_path / "a.json", [bench_json(f"m::t{i}", [1.0 + 0.01 * k for k in range(20)]) for i in range(5)]
+    )
+    rounds = [2.0 + 0.02 * k for k in range(20)]
+    head = write_run(
+        tmp_path / "b.json",
+        [bench_json(f"m::t{i}", rounds if i == 0 else [1.0 + 0.01 * k for k in range(20)]) for i in range(5)],
+    )
+    assert main(["compare", str(base), str(head)]) == 1
+    out = capsys.readouterr().out.lower()
+    assert "one run a side cannot tell" in out and "several runs a side" in out
+    (tmp_path / "base").mkdir()
+    (tmp_path / "head").mkdir()
+    for side, path in (("base", base), ("head", head)):
+        for i in (1, 2):
+            (tmp_path / side / f"{i}.json").write_text(path.read_text())
+    main(["compare", str(tmp_path / "base"), str(tmp_path / "head")])
+    assert "one run a side cannot tell" not in capsys.readouterr().out.lower()
 
 
 def test_unwritable_markdown_exits_2(tmp_path: Path, capsys: Any) -> None:

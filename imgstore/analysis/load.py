@@ -220,11 +220,14 @@ def _check_seconds(value: object, what: str, smallest: float) -> None:
 
 
 def load_runs(path: str | Path) -> Run:
-    """A JSON file, or a directory whose ``*.json`` files are repeated runs of the same code (merged)."""
+    """A JSON file, or a directory whose ``*.json`` files are repeated runs of the same code (merged).
+
+    The directory is searched recursively, so a ``--benchmark-storage`` folder
+    (``<folder>/<machine>/NNNN_<name>.json``) is taken as it is."""
     path = Path(path)
     if not path.is_dir():
         return load_run(path)
-    files = sorted(path.glob("*.json"))
+    files = sorted(file for file in path.rglob("*.json") if file.is_file())
     if not files:
         raise ImgStoreError(f"{path}: a directory with no *.json run in it")
     return merge_runs([load_run(file) for file in files])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from imgstore.analysis.load import Run
 from imgstore.analysis.stats import Drift, rounds_needed
-from imgstore.analysis.verdict import Comparison, Verdict, has_regression
+from imgstore.analysis.verdict import Comparison, Verdict, format_threshold, has_regression
 
 __all__ = [
     "COLUMNS",
@@ -187,6 +187,14 @@ def notes(
         )
     regressions = [row for row in comparisons if row.verdict is Verdict.REGRESSION]
     repeated = [row for row in tested if _repeated(row)]
+    if tested and not repeated:
+        # Rounds show the noise within a run only; a neighbour can slow one benchmark for a whole run.
+        lines.append(
+            "One run a side cannot tell a benchmark that drifted between two runs of "
+            "the same code from a change (seen here: x2.0, interval [1.66, 2.38], on identical code). "
+            "For a verdict that can, save several runs a side, alternating, and compare the folders "
+            '(imgstore compare base/ head/, or .ci/bench-gate: README, "Saving and comparing runs").'
+        )
     if regressions and not repeated:
         # A neighbour can slow one benchmark for a whole run; a second run is the only cure.
         ids = " ".join(f"'{row.fullname}'" for row in regressions)
@@ -255,7 +263,7 @@ def format_markdown(
     if baseline is not None and candidate is not None:
         lines += [f"Baseline {_describe(baseline)} → candidate {_describe(candidate)}.", ""]
     lines += [
-        f"A regression is a benchmark slower than the {threshold:.0%} threshold at "
+        f"A regression is a benchmark slower than the {format_threshold(threshold)} threshold at "
         f"{confidence:.4g} confidence, and significantly slower for the suite as a whole.",
         "",
     ]

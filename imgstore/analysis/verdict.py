@@ -111,6 +111,7 @@ __all__ = [
     "Verdict",
     "compare_runs",
     "has_regression",
+    "format_threshold",
     "parse_threshold",
     "unsure",
 ]
@@ -337,12 +338,32 @@ def has_regression(comparisons: Iterable[Comparison]) -> bool:
 
 
 def parse_threshold(text: str) -> float:
-    """'10%' or '10' -> 0.10: a threshold is always given in percent, to avoid 0.1 vs 10 mix-ups."""
-    number = text.strip().removesuffix("%").strip()
+    """A threshold as a fraction, from '10%' (percent: a '%' sign) or '0.10' (a fraction, below 1).
+
+    '10%' and '0.10' are both 10%; '0.1%' is 0.1%.  A bare number of 1 or more ('10') is refused:
+    it reads as 10% to some and as 1000% to others, and '0.1' was once taken as 0.1%.
+    """
+    stripped = text.strip()
+    percent = stripped.endswith("%")
+    number = stripped.removesuffix("%").strip()
     try:
-        percent = float(number)
+        value = float(number)
     except ValueError:
-        raise ValueError(f"threshold must be a percentage such as 10%, not {text!r}") from None
-    if not math.isfinite(percent) or percent < 0:
-        raise ValueError(f"threshold must be a non-negative percentage, not {text!r}")
-    return percent / 100
+        raise ValueError(
+            f"threshold must be a percentage such as 10% or a fraction such as 0.10, not {text!r}"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"threshold must be a non-negative percentage (10%) or fraction (0.10), not {text!r}")
+    if percent:
+        return value / 100
+    if value >= 1:
+        raise ValueError(
+            f"threshold {text!r} is ambiguous: write {value:g}% for a percentage, or a fraction below 1 "
+            f"such as {value / 100:g}"
+        )
+    return value
+
+
+def format_threshold(threshold: float) -> str:
+    """A threshold as people wrote it: 0.1 -> '10%', 0.001 -> '0.1%' (never rounded to 0%)."""
+    return f"{threshold * 100:.4g}%"
