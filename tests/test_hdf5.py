@@ -273,6 +273,27 @@ def test_writer_beside_a_reader_of_the_same_process(tmp_path: Path) -> None:
             check_store_content(reader, images, labels)
     with imgstore.open_store(path) as store:
         store.verify()
+
+
+@pytest.mark.parametrize("mode", ["r", "a"])
+def test_h5py_open_in_the_same_process_is_busy_not_damage(tmp_path: Path, mode: str) -> None:
+    """h5py's default (locking) open of the store's file makes HDF5 refuse imgstore's (no locking):
+    nothing is damaged, so the error says busy and how to get out of it."""
+    path = tmp_path / "store"
+    images, labels = records(10)
+    with imgstore.open_store(path, "hdf5", "w") as store:
+        store.put_many(images, labels)
+    (file,) = path.glob("images-*.h5")
+    with h5py.File(file, "r"):
+        with pytest.raises(imgstore.StoreBusyError, match="this process.*locking=False") as caught:
+            imgstore.open_store(path, mode=mode)
+        assert not isinstance(caught.value, imgstore.CorruptStoreError)
+    with h5py.File(file, "r", locking=False) as f:  # the way out the message gives
+        with imgstore.open_store(path) as store:
+            check_store_content(store, images, labels)
+            assert f["images"].shape[0] == len(images)
+    with imgstore.open_store(path, mode=mode) as store:  # once h5py let go
+        store.verify()
         check_store_content(store, images, labels)
 
 

@@ -442,3 +442,28 @@ def test_reading_threads_while_another_process_grows_the_store(tmp_path: Path) -
             thread.join()
     assert writer.exitcode == 0
     assert not errors, f"{len(errors)} failed reads, e.g. {errors[:3]}"
+
+
+# ---------------------------------------------------------------------- py-lmdb beside a handle in one process
+
+
+@pytest.mark.parametrize("mode", ["r", "a"])
+def test_py_lmdb_open_in_the_same_process_is_busy_not_damage(tmp_path: Path, mode: str) -> None:
+    """py-lmdb opens an environment once per process: imgstore's open beside it is busy, not damage."""
+    import lmdb
+
+    path = tmp_path / "store"
+    images, labels = random_images(10, (8, 8, 3))
+    with imgstore.open_store(path, "lmdb", "w") as store:
+        store.put_many(images, labels)
+    (env_dir,) = path.glob("lmdb-*")
+    env = lmdb.open(str(env_dir), readonly=True, lock=False)
+    try:
+        with pytest.raises(imgstore.StoreBusyError, match="(?i)this process.*close") as caught:
+            imgstore.open_store(path, mode=mode)
+        assert not isinstance(caught.value, imgstore.CorruptStoreError)
+    finally:
+        env.close()
+    with imgstore.open_store(path, mode=mode) as store:  # once py-lmdb let go
+        store.verify()
+        assert store.get_many(range(10))[1].tolist() == labels.tolist()

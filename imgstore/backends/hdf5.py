@@ -65,6 +65,7 @@ from imgstore.backends.hdf5_files import (
     ReadIndex,
     copy_images,
     discard,
+    open_error,
     open_for_reading,
     open_h5,
     opened,
@@ -74,7 +75,7 @@ from imgstore.backends.hdf5_files import (
     write_all,
 )
 from imgstore.backends.mapped_rows import MappedRows
-from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
+from imgstore.errors import CorruptStoreError, ImgStoreError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
 from imgstore.options import Option
 from imgstore.store import Store
@@ -175,15 +176,8 @@ class Hdf5Store(Store):
         try:
             return open_h5(path, h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE)
         except OSError as exc:
-            reason = str(exc)
-        if "already open for read-only" in reason or "access flag not the same" in reason:
-            raise StoreBusyError(
-                f"{path} is open for reading by a handle in this process, and HDF5 opens a file only one way "
-                "per process: close this process's read handles of the store before opening it for writing "
-                "(other processes may go on reading)"
-            )
-        if "already open for write" not in reason:
-            raise CorruptStoreError(f"{path} cannot be opened as HDF5: {reason}")
+            if "already open for write" not in str(exc):
+                raise open_error(path, exc) from exc
         # The file carries a writer's mark, and this handle holds the store's writer lock: that writer
         # died. HDF5 has no API to clear the mark (only its h5clear tool), so the committed records are
         # copied into a new file that replaces this one.

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 from h5py import h5f, h5i, h5p
 
-from imgstore.errors import CorruptStoreError, ImgStoreError
+from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import reserve
 
 LABEL_CHUNK = 1 << 14
@@ -63,6 +63,26 @@ def open_h5(path: Path, flags: int) -> tuple[h5py.File, int]:
     return h5py.File(fid), fd
 
 
+# HDF5 opens a file once per process and refuses a second open whose flags differ from the first's:
+# these say the file is open in this process already (h5py's default open locks; imgstore's does
+# not), which is no damage.
+_OPEN_IN_PROCESS = ("file locking flag values don't match", "already open for read-only", "access flag not the same")
+
+
+def open_error(path: Path, exc: OSError) -> ImgStoreError:
+    """What an HDF5 open's failure means: the file is busy in this process, or damaged."""
+    reason = str(exc)
+    if any(words in reason for words in _OPEN_IN_PROCESS):
+        return StoreBusyError(
+            f"{path} is already open in this process, by an imgstore handle or by another library (h5py), and "
+            f"HDF5 opens a file only once per process, one way ({reason}); nothing is damaged. Close the other "
+            "open first (this process's imgstore readers, before opening the store for writing), or open the "
+            "file in h5py with h5py.File(path, 'r', locking=False) beside imgstore's readers, or use one handle "
+            "per process"
+        )
+    return CorruptStoreError(f"{path} cannot be opened as HDF5: {reason}")
+
+
 def open_for_reading(path: Path) -> tuple[h5py.File, int]:
     """Plain read when no writer has the file; SWMR read when one has (or one died with it open).
 
@@ -74,12 +94,12 @@ def open_for_reading(path: Path) -> tuple[h5py.File, int]:
         return open_h5(path, h5f.ACC_RDONLY)
     except OSError as exc:
         if "already open for write" not in str(exc):
-            raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
+            raise open_error(path, exc) from exc
     try:
         return open_h5(path, h5f.ACC_RDONLY | h5f.ACC_SWMR_READ)
     except OSError as exc:
         if "not already open for SWMR writing" not in str(exc):
-            raise CorruptStoreError(f"{path} cannot be opened as HDF5: {exc}") from exc
+            raise open_error(path, exc) from exc
     # A plain "open for write" mark, which both kinds of HDF5 readers refuse: a writer that had the
     # file open without SWMR died (imgstore before this design). h5py's Python file-object driver
     # does not check marks, and no writer can be changing the file (it would be in SWMR mode).

@@ -25,6 +25,7 @@ import lmdb
 
 from imgstore.arguments import io_error
 from imgstore.backends.lmdb_pages import Snapshot, SnapshotMoved
+from imgstore.errors import StoreBusyError
 from imgstore.fileio import back_with_blocks
 
 try:  # py-lmdb >= 3 identifies an open environment by its files (see _registry_keys)
@@ -92,8 +93,10 @@ class SharedEnv:
                         max_readers=_MAX_READERS,
                         lock=self.lock,
                     )
-                except BaseException:
+                except BaseException as exc:
                     self.keys = ()
+                    if isinstance(exc, lmdb.Error) and "already open in this process" in str(exc):
+                        raise _open_elsewhere(self.path) from exc
                     raise
                 if not self.readonly and self.lock:
                     try:  # free reader slots that exited processes (e.g. short-lived DataLoader workers) left
@@ -128,6 +131,15 @@ class SharedEnv:
                         del self.snapshots[min(self.snapshots)]
                     self.snapshots[txnid] = pages
         return pages
+
+
+def _open_elsewhere(path: str) -> StoreBusyError:
+    # py-lmdb refuses a second environment on one directory in a process: not damage, a busy store.
+    return StoreBusyError(
+        f"{path} is already open in this process by another library (py-lmdb's lmdb.open), and LMDB opens "
+        "an environment only once per process; nothing is damaged. Close the other environment first, "
+        "or read the store with py-lmdb in another process (one open per process)"
+    )
 
 
 _shared: dict[str, SharedEnv] = {}
