@@ -101,20 +101,24 @@ class EncodedRecords:
         self._check_takes_files()
         if isinstance(blobs, (bytes, bytearray, memoryview, str)):
             raise InvalidImageError("put_encoded_many takes a sequence of encoded images (bytes), not one")
-        checked = [self._checked_blob(f"image {k}", blob) for k, blob in enumerate(blobs)]
+        texts = None if paths is None else self._checked_paths(paths, len(blobs))
+        # A bad file is named by its path when the caller gave one (the index alone means little in a folder).
+        checked = [
+            self._checked_blob(f"image {k}" if texts is None else f"image {k} ({texts[k]!r})", blob)
+            for k, blob in enumerate(blobs)
+        ]
         if len(checked) != len(labels):
             from imgstore.errors import InvalidLabelError
 
             raise InvalidLabelError(f"got {len(checked)} images but {len(labels)} labels")
-        texts = None if paths is None else self._checked_paths(paths, len(checked))
         hwc = [self._decoded_hwc((info.height, info.width, info.channels)) for _, info in checked]
         return self.put_blobs([blob for blob, _ in checked], labels, np.array(hwc, "<u4").reshape(-1, 3), texts)
 
     def prepare(self, blob: Any, label: int, path: Any) -> PreparedRecord:
         """What :meth:`put_encoded` checks and computes for one file, without writing (thread-safe)."""
         self._check_takes_files()
-        data, info = self._checked_blob("", blob)
         text = "" if path is None else self._checked_paths([path], 1)[0]
+        data, info = self._checked_blob(repr(text) if text else "", blob)
         checksum = int(self.store._checksums.of_blobs([data], np.array([label], np.int64))[0])
         hwc = self._decoded_hwc((info.height, info.width, info.channels))
         return PreparedRecord(data, label, hwc, text, checksum, self.store._checksums.blob_seed)

@@ -286,3 +286,23 @@ def test_lmdb_values_are_raw_pixels_and_label_not_pickles(tmp_path: Path) -> Non
         value = txn.get((0).to_bytes(8, "big"))  # block 0: the three images' pixels, then their labels
     env.close()
     assert value == images.tobytes() + labels.astype("<i8").tobytes()
+
+
+def test_a_bad_file_is_named_by_its_path_when_given(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(random_images(1, (8, 8, 3))[0][0]).save(buffer, "PNG")
+    good, bad = buffer.getvalue(), b"GIF89a not really"
+    with open_store(tmp_path / "s", "png", "w", codec="keep") as store:
+        with pytest.raises(errors.InvalidImageError, match=r"^image 1 \('cats/b\.gif'\): "):
+            store.put_encoded_many([good, bad], [0, 1], paths=["cats/a.png", "cats/b.gif"])
+        with pytest.raises(errors.InvalidImageError, match=r"^image 1: "):  # no paths: the index
+            store.put_encoded_many([good, bad], [0, 1])
+        with pytest.raises(errors.InvalidImageError, match=r"^'cats/b\.gif': "):
+            store.prepare_encoded(bad, 1, path=Path("cats/b.gif"))
+        assert len(store) == 0
+        store.put_prepared([store.prepare_encoded(good, 0, path="cats/a.png")])
+        assert store.source_path(0) == "cats/a.png"
