@@ -111,6 +111,7 @@ def convert(
     codec: str | None = None,
     quality: int | None = None,
     image_mode: str | None = "auto",
+    shape: tuple[int, ...] | None = None,
     workers: int | None = None,
     on_error: OnError = "fail",
     resume: bool = False,
@@ -128,7 +129,9 @@ def convert(
 
     ``codec``: None is the source's default (a folder or an encoded dataset: ``keep``, arrays: ``raw``,
     a store: its own); ``image_mode``: ``"auto"`` (the source's: ``"RGB"`` for a folder, as
-    torchvision's loader), ``"RGB"``, ``"L"`` or None (as stored). ``workers``: the pool's size
+    torchvision's loader), ``"RGB"``, ``"L"`` or None (as stored). ``shape``: ``(H, W)`` or ``(H, W, C)``,
+    the one shape of every image (a store of one shape; another shape is a bad file), None: the
+    source's (files decoded one by one may vary: a raw store of varied shapes). ``workers``: the pool's size
     (default: every core; 0 works in this thread). ``on_error``: ``"fail"`` raises
     :class:`BadFileError` at the first bad file, after committing the records before it; ``"skip"``
     goes on and lists it in ``ConvertResult.skipped``. ``resume``: continue into a store a stopped
@@ -142,7 +145,8 @@ def convert(
     options = _Options(on_error, batch_images, batch_bytes, progress, resume, overwrite, sync)
     src = source if isinstance(source, Source) else sources.open_source(source, split=split)
     try:
-        target = sources.make_target(src, codec, quality, image_mode, full_check)
+        target = sources.make_target(src, codec, quality, image_mode, full_check, shape)
+        _check_backend_holds(backend, target)
         if on_error == "skip" and (src.origin != "folder" or not target.keeps_paths):
             raise ConvertError(
                 "--on-error skip needs a folder converted to an encoded codec: a dataset, a store or raw pixels "
@@ -180,6 +184,25 @@ def _check_arguments(
         raise ConvertError(f"executor takes one of {', '.join(EXECUTORS)}, not {executor!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConvertError(f"workers must be an integer >= 0 (0: in this thread), not {workers!r}")
+
+
+def _check_backend_holds(backend: str, target: Target) -> None:
+    """A backend of raw pixels of one shape (memmap) and a target it cannot hold: say what to pass, in CLI terms."""
+    from imgstore.registry import get_backend
+
+    cls = get_backend(backend)
+    if not target.encoded or cls._write_blobs is not Store._write_blobs:
+        return
+    if target.codec != "raw":
+        raise ConvertError(
+            f"the {backend} backend holds raw pixels of one shape, not {target.codec} files: convert with "
+            "--codec raw --shape HxWxC (convert(codec='raw', shape=(H, W, C)))"
+        )
+    raise ConvertError(
+        f"the {backend} backend holds raw pixels of one shape, and files decoded one by one may vary in shape: "
+        "give it with --shape HxWxC or HxW, e.g. --shape 32x32x3 (convert(shape=(32, 32, 3))); a file of "
+        "another shape is then a bad file"
+    )
 
 
 def _open_dest(path: Path, backend: str, target: Target, options: _Options, backend_options: dict[str, Any]) -> Store:

@@ -62,6 +62,13 @@ def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         choices=("RGB", "L", "none"),
         help="what the images decode to: RGB, L (PIL's convert), none (as stored); default: the source's",
     )
+    parser.add_argument(
+        "--shape",
+        type=_shape,
+        metavar="HxWxC",
+        help="every image's shape, HxWxC or HxW (e.g. 32x32x3): a store of one shape, as memmap needs; "
+        "a file of another shape is a bad file (default: the source's; files may vary)",
+    )
     parser.add_argument("--workers", type=int, help="reader/encoder threads (default: one per core; 0: none)")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="on a bad file (default: fail)")
     parser.add_argument("--resume", action="store_true", help="continue a stopped conversion into DEST")
@@ -85,6 +92,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             codec=args.codec,
             quality=args.quality,
             image_mode="auto" if args.image_mode is None else None if args.image_mode == "none" else args.image_mode,
+            shape=args.shape,
             workers=args.workers,
             on_error=args.on_error,
             resume=args.resume,
@@ -103,6 +111,13 @@ def _run_convert(args: argparse.Namespace) -> int:
         return 130
     print(format_summary(result))
     return EXIT_OK
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:  # the sizes' count and range: convert checks them
+        return tuple(int(size) for size in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxWxC or HxW (e.g. 32x32x3)") from None
 
 
 def format_summary(result: ConvertResult) -> str:

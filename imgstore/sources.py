@@ -14,6 +14,7 @@ sorted, whose lower-cased name ends with one of :data:`IMG_EXTENSIONS`.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -298,7 +299,14 @@ class Target:
         return self.codec != "raw"  # raw pixels go in by put_many, which keeps no source paths
 
 
-def make_target(src: Source, codec: str | None, quality: int | None, image_mode: Any, full_check: bool) -> Target:
+def make_target(
+    src: Source,
+    codec: str | None,
+    quality: int | None,
+    image_mode: Any,
+    full_check: bool,
+    shape: tuple[int, ...] | None = None,
+) -> Target:
     name = src.default_codec if codec is None else codec
     params: dict[str, Any] = dict(src.default_params) if name == src.default_codec and quality is None else {}
     if quality is not None:
@@ -309,13 +317,32 @@ def make_target(src: Source, codec: str | None, quality: int | None, image_mode:
         raise ConvertError(f"image_mode takes 'RGB', 'L' or None, not {image_mode!r}")
     if src.kind == "array" and name == "raw" and mode is not None:
         raise ConvertError("a dataset of arrays stored as raw pixels keeps them as they are: no image mode")
-    shape: tuple[int, ...] | None | Literal["auto"]
-    if name == "raw":
-        shape = src.shape if src.kind == "array" else None  # decoded files vary in shape
+    fixed = checked_shape(shape)
+    if fixed is not None and src.kind == "array" and src.shape is not None and fixed != src.shape:
+        raise ConvertError(f"{src.description} holds images of shape {src.shape}, not {fixed}: leave out the shape")
+    store_shape: tuple[int, ...] | None | Literal["auto"]
+    if fixed is not None:  # the caller's: images of another shape are bad items
+        store_shape = fixed
+    elif name == "raw":
+        store_shape = src.shape if src.kind == "array" else None  # decoded files vary in shape
     else:  # the source's fixed shape where the images decode as they did
-        shape = src.shape if src.shape is not None and mode == src.default_image_mode else "auto"
+        store_shape = src.shape if src.shape is not None and mode == src.default_image_mode else "auto"
     store_mode = None if name == "raw" else mode
-    return Target(name, resolved, store_mode, src.classes, shape, Plan(name, resolved, mode, full_check))
+    plan = Plan(name, resolved, mode, full_check, fixed)
+    return Target(name, resolved, store_mode, src.classes, store_shape, plan)
+
+
+def checked_shape(shape: Any) -> tuple[int, ...] | None:
+    """A conversion's fixed image shape: (H, W) or (H, W, C) of positive sizes, or None (the source's)."""
+    if shape is None:
+        return None
+    try:
+        sizes = tuple(operator.index(size) for size in shape)
+    except TypeError:
+        sizes = ()
+    if len(sizes) not in (2, 3) or min(sizes) < 1:
+        raise ConvertError(f"shape must be (H, W) or (H, W, C) of positive sizes (--shape HxW or HxWxC), not {shape!r}")
+    return sizes
 
 
 # ---------------------------------------------------------------------- preparing records (in the workers)
@@ -329,6 +356,7 @@ class Plan:
     params: dict[str, Any]
     mode: str | None  # decode to this Pillow mode (None: as stored)
     full_check: bool  # keep: decode every file (else: its header, and decode only files not visibly whole)
+    shape: tuple[int, ...] | None = None  # every decoded image must be of this shape (else: the store checks)
 
 
 class Prepared(NamedTuple):
@@ -365,6 +393,10 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
                 decode(data, mode=plan.mode)
             return Prepared(data, read, None)
         array = decode(data, mode=plan.mode)
+        if plan.shape is not None:
+            if array.shape[:2] != plan.shape[:2] or array.size != int(np.prod(plan.shape)):
+                return Prepared(None, read, f"it decodes to shape {array.shape}, not the store's {plan.shape}")
+            array = array.reshape(plan.shape)  # [H, W, 1] of a grey image as an [H, W] store holds it
         return Prepared(array if plan.codec == "raw" else codec.encode(array), read, None)
     except InvalidImageError as exc:
         return Prepared(None, read, str(exc))
