@@ -190,19 +190,12 @@ def _check_backend_holds(backend: str, target: Target) -> None:
     """A backend of raw pixels of one shape (memmap) and a target it cannot hold: say what to pass, in CLI terms."""
     from imgstore.registry import get_backend
 
-    cls = get_backend(backend)
-    if not target.encoded or cls._write_blobs is not Store._write_blobs:
-        return
-    if target.codec != "raw":
+    if target.encoded and not get_backend(backend).has_encoded_primitives():
         raise ConvertError(
-            f"the {backend} backend holds raw pixels of one shape, not {target.codec} files: convert with "
-            "--codec raw --shape HxWxC (convert(codec='raw', shape=(H, W, C)))"
+            f"the {backend} backend holds raw pixels of one shape, and files decoded one by one may vary in shape: "
+            "convert with --codec raw --shape HxWxC (or HxW), e.g. --shape 32x32x3 (convert(codec='raw', "
+            "shape=(32, 32, 3))); a file of another shape is then a bad file"
         )
-    raise ConvertError(
-        f"the {backend} backend holds raw pixels of one shape, and files decoded one by one may vary in shape: "
-        "give it with --shape HxWxC or HxW, e.g. --shape 32x32x3 (convert(shape=(32, 32, 3))); a file of "
-        "another shape is then a bad file"
-    )
 
 
 def _open_dest(path: Path, backend: str, target: Target, options: _Options, backend_options: dict[str, Any]) -> Store:

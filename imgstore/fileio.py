@@ -38,6 +38,31 @@ def open_regular(path: Path | str) -> BinaryIO:
         raise
 
 
+def find_link(root: Path, depth: int | None = None) -> Path | None:
+    """The first symbolic link at or under ``root``, looking ``depth`` levels of folders down (None: all).
+
+    imgstore and the libraries of its backends make no links in a store: one there was planted, and
+    a library that opens files by path would follow it, reading or writing outside the store.
+    """
+    if root.is_symlink():
+        return root
+    if depth == 0 or not root.is_dir():
+        return None
+    folders = [(str(root), 1)]
+    while folders:
+        folder, level = folders.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        return Path(entry.path)
+                    if (depth is None or level < depth) and entry.is_dir(follow_symlinks=False):
+                        folders.append((entry.path, level + 1))
+        except FileNotFoundError:  # a temporary folder a writer just removed
+            continue
+    return None
+
+
 def disk_usage(path: Path) -> int:
     """Bytes allocated on disk under ``path`` (blocks, as ``du`` counts them; links not followed)."""
     return sum(

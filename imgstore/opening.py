@@ -35,6 +35,7 @@ from imgstore.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
+from imgstore.fileio import find_link
 from imgstore.locking import WriterLock, lock_for_writing
 from imgstore.manifest import (
     IMAGE_MODES,
@@ -227,7 +228,7 @@ def _checked_layout(
 
 def _check_kind(cls: type[Store], layout: _Layout) -> None:
     """A backend without the encoded primitives (memmap) holds raw pixels of one shape: refuse others up front."""
-    if not layout.encoded or cls._write_blobs is not Store._write_blobs:
+    if not layout.encoded or cls.has_encoded_primitives():
         return
     if layout.codec != "raw":
         raise InvalidOptionError(
@@ -302,6 +303,7 @@ def _open_existing(
         raise
     store._lock = lock
     try:
+        _refuse_links(store)
         store._load_checksums()
         store._open(create=False)
     except cls.damage_errors as exc:
@@ -311,6 +313,16 @@ def _open_existing(
             raise
         raise CorruptStoreError(f"{path} cannot be opened: {exc}") from exc
     return store
+
+
+def _refuse_links(store: Store) -> None:
+    for name in store.files:
+        link = find_link(store.file(name), store.link_check_depth)
+        if link is not None:
+            raise CorruptStoreError(
+                f"{link} is a symbolic link: imgstore never makes one in a store, and its backend's library would "
+                "follow it out of the store; remove it (or open a copy of the store without it)"
+            )
 
 
 def _with_legacy_files(manifest: Manifest, cls: type[Store]) -> Manifest:

@@ -41,6 +41,9 @@ class BackendPrimitives(abc.ABC):
     readers: ClassVar[tuple[str, ...]] = ()
     #: Where the backend's guarantees differ from the README's (its Guarantees table), in a few words each.
     caveats: ClassVar[tuple[str, ...]] = ()
+    #: How many levels of the backend's folders opening looks through for planted links (None: all);
+    #: a backend of very many files (png) names its folders only.
+    link_check_depth: ClassVar[int | None] = None
 
     # Set by Store.__init__; used here to name the store in errors.
     path: Path
@@ -49,6 +52,11 @@ class BackendPrimitives(abc.ABC):
     @classmethod
     def check_shape(cls, shape: tuple[int, ...]) -> None:
         """Raise :class:`InvalidImageError` if the backend cannot hold images of this shape."""
+
+    @classmethod
+    def has_encoded_primitives(cls) -> bool:
+        """Whether the backend holds encoded or varied-shape images (else: raw pixels of one shape only)."""
+        return cls._write_blobs is not BackendPrimitives._write_blobs
 
     @abc.abstractmethod
     def _open(self, create: bool) -> None:

@@ -246,3 +246,48 @@ def test_tiledb_an_impossible_timestamp_in_a_file_name_is_damage(tmp_path: Path,
         assert len(store) == 2
     with imgstore.open_store(path) as store:
         assert store.get_many(range(2))[1].tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------------- every backend: linked folders
+
+_FOLDERS = {  # a backend's folders, as found in a store of 5 raw images: each replaced by a link in turn
+    "tar": ["tar-*"],
+    "zarr": ["zarr-*", "zarr-*/images", "zarr-*/images/c/0", "zarr-*/labels"],
+    "png": ["png-*", "png-*/00000"],
+    "lmdb": ["lmdb-*"],
+    "leveldb": ["leveldb-[0-9a-f]*", "leveldb-views-*"],
+    "tiledb": ["tiledb-*", "tiledb-*/__fragments", "tiledb-*/__fragments/*", "tiledb-*/__commits", "tiledb-*/__schema"],
+    "arrow": ["arrow-*"],
+    "sqlite": ["sqlite-*"],
+}
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else b"" for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    ("backend", "folder"),
+    [pytest.param(b, f, id=f"{b}-{f}") for b, folders in _FOLDERS.items() for f in folders],
+)
+def test_a_linked_folder_is_damage_and_never_written_through(tmp_path: Path, backend: str, folder: str) -> None:
+    if backend not in imgstore.available_backends():
+        pytest.skip(f"{backend} is not installed")
+    path = tmp_path / "s"
+    images = np.arange(5 * 48, dtype=np.uint8).reshape(5, 4, 4, 3)
+    with imgstore.open_store(path, backend, "w") as store:
+        store.put_many(images, [0, 1, 2, 3, 4])
+    target = _only(path, folder)
+    outside = tmp_path / "outside"
+    os.replace(target, outside)
+    target.symlink_to(outside, target_is_directory=True)
+    before = _tree(outside)
+    for mode in ("r", "a"):  # a reader refuses it; a writer writes nothing through it
+        with pytest.raises(imgstore.CorruptStoreError, match="link"):
+            with imgstore.open_store(path, mode=mode) as store:
+                store.put(images[0], 1) if store.writable else store.get_many(range(5))
+        assert _tree(outside) == before, mode
+    with imgstore.open_store(path, backend, "w") as store:  # replacing the store deletes the link, not its target
+        store.put_many(images, [0, 1, 2, 3, 4])
+    assert _tree(outside) == before
+    assert not any(p.is_symlink() for p in path.rglob("*"))

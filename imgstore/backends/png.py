@@ -58,6 +58,7 @@ class PngStore(Store):
     name = "png"
     damage_errors = (OSError,)  # e.g. the labels file is missing
     files = ("png", "labels.i64")
+    link_check_depth = 1  # its folders, not the files in them (a million of them: a walk would cost seconds)
     readers = ("any image viewer or loader: one PNG/JPEG/WebP file per image", "torchvision ImageFolder-style tools")
     caveats = ()
     scan_piece_bytes = None  # decoding is the cost: check a scan after one read, decoded on every core
