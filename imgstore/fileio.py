@@ -38,14 +38,15 @@ def open_regular(path: Path | str) -> BinaryIO:
         raise
 
 
-def find_link(root: Path, depth: int | None = None) -> Path | None:
-    """The first symbolic link at or under ``root``, looking ``depth`` levels of folders down (None: all).
+def find_linked_folder(root: Path, depth: int | None = None) -> Path | None:
+    """The first symbolic link to a folder at or under ``root``, looking ``depth`` levels down (None: all).
 
-    imgstore and the libraries of its backends make no links in a store: one there was planted, and
-    a library that opens files by path would follow it, reading or writing outside the store.
+    imgstore and the libraries of its backends make no links in a store: one to a folder was planted,
+    and a library that opens files by path would follow it, reading or writing outside the store.
+    (Links to files are the backends' own to refuse or replace: they open their files O_NOFOLLOW.)
     """
     if root.is_symlink():
-        return root
+        return root if root.is_dir() else None
     if depth == 0 or not root.is_dir():
         return None
     folders = [(str(root), 1)]
@@ -54,7 +55,7 @@ def find_link(root: Path, depth: int | None = None) -> Path | None:
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.is_symlink():
+                    if entry.is_symlink() and entry.is_dir():
                         return Path(entry.path)
                     if (depth is None or level < depth) and entry.is_dir(follow_symlinks=False):
                         folders.append((entry.path, level + 1))

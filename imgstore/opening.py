@@ -35,7 +35,7 @@ from imgstore.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from imgstore.fileio import find_link
+from imgstore.fileio import find_linked_folder
 from imgstore.locking import WriterLock, lock_for_writing
 from imgstore.manifest import (
     IMAGE_MODES,
@@ -317,11 +317,11 @@ def _open_existing(
 
 def _refuse_links(store: Store) -> None:
     for name in store.files:
-        link = find_link(store.file(name), store.link_check_depth)
+        link = find_linked_folder(store.file(name), store.link_check_depth)
         if link is not None:
             raise CorruptStoreError(
-                f"{link} is a symbolic link: imgstore never makes one in a store, and its backend's library would "
-                "follow it out of the store; remove it (or open a copy of the store without it)"
+                f"{link} is a symbolic link to a folder: imgstore never makes one in a store, and its backend's "
+                "library would follow it out of the store; remove it (or open a copy of the store without it)"
             )
 
 
