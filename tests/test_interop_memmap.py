@@ -123,3 +123,18 @@ def test_a_header_read_while_it_is_rewritten_is_still_ours(tmp_path: Path) -> No
     damaged[old.index(b"32")] = ord("4")
     with pytest.raises(imgstore.CorruptStoreError):
         check_header(tmp_path, bytes(damaged), SHAPE, "|u1")
+
+
+def test_an_empty_store_without_a_shape_is_empty_arrays_numpy_reads(tmp_path: Path) -> None:
+    """No shape yet: images.npy is an empty 1-D uint8 array until the first write gives it its shape."""
+    path = tmp_path / "store"
+    imgstore.open_store(path, "memmap", "w").close()
+    images_file, labels_file = _files(path)
+    images, labels = (np.load(file, mmap_mode="r", allow_pickle=False) for file in (images_file, labels_file))
+    assert images.shape == (0,) and images.dtype == np.uint8
+    assert labels.shape == (0,) and labels.dtype == np.int64
+    with imgstore.open_store(path, mode="a") as store:
+        assert len(store) == 0 and store.shape is None
+        store.put_many(np.full((2, *SHAPE), 7, np.uint8), [3, 4])
+    images, labels = _numpy_sees(path)
+    assert images.shape == (2, *SHAPE) and (images == 7).all() and labels.tolist() == [3, 4]

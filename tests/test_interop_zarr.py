@@ -101,3 +101,19 @@ def test_zarr_sees_a_killed_writes_records_until_a_writer_opens(tmp_path: Path) 
         store.put_many(pixels[250:260], labels[250:260])
     group = zarr_group(path)
     assert np.array_equal(group["images"][200:], pixels[250:260])
+
+
+@pytest.mark.parametrize("shape", [None, (4, 4, 3)])
+def test_zarr_reads_an_empty_store(tmp_path: Path, shape: tuple[int, ...] | None) -> None:
+    """An empty store is an empty group of empty arrays; without a shape, images is 1-D until the first write."""
+    path = tmp_path / "empty"
+    imgstore.open_store(path, "zarr", "w", **({"shape": shape} if shape else {})).close()
+    (root,) = path.glob("zarr-*")
+    for group in (zarr_group(path), zarr.open(str(root), mode="r")):
+        assert group["images"].shape == ((0, *shape) if shape else (0,)) and group["images"].dtype == np.uint8
+        assert group["labels"].shape == (0,) and group["labels"].dtype == np.int64
+        assert group["images"][:].size == 0 and group["labels"][:].size == 0
+    with imgstore.open_store(path, mode="a") as store:
+        store.put_many(images(3, 5)[:, :4, :4], [1, 2, 3])
+    group = zarr_group(path)
+    assert group["images"].shape == (3, 4, 4, 3) and group["labels"][:].tolist() == [1, 2, 3]

@@ -139,11 +139,10 @@ class MemmapStore(Store):
         if create:
             for name, shape, descr in self._layouts():
                 fd = os.open(self.file(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-                try:
-                    if shape is not None:  # an empty array np.load reads; else empty until the first write
-                        _pwrite_all(fd, memoryview(make_header(0, shape, descr)), 0)
-                        if self.sync:
-                            os.fsync(fd)
+                try:  # an empty array np.load reads (1-D until the first write gives the images a shape)
+                    _pwrite_all(fd, memoryview(make_header(0, shape, descr)), 0)
+                    if self.sync:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
             return
@@ -151,9 +150,8 @@ class MemmapStore(Store):
         if self.writable and len(self):
             self._publish(len(self))  # a writer killed before its headers were rewritten left them behind
 
-    def _layouts(self) -> list[tuple[str, tuple[int, ...] | None, str]]:
-        shape = self.shape
-        return [(_IMAGES, shape, "|u1"), (_LABELS, () if shape is not None else None, _LABEL_DESCR)]
+    def _layouts(self) -> list[tuple[str, tuple[int, ...], str]]:
+        return [(_IMAGES, self.shape or (), "|u1"), (_LABELS, (), _LABEL_DESCR)]
 
     def _mapped(self) -> tuple[np.ndarray, np.ndarray]:
         """Images and labels of the committed records, mapped now if the handle has not yet seen them all."""

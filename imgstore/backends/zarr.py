@@ -120,15 +120,15 @@ class ZarrStore(Store):
         return fd
 
     def _write_meta(self, count: int) -> None:
-        """The arrays' zarr.json for ``count`` records (none yet while a raw store has no shape)."""
+        """The arrays' zarr.json for ``count`` records (a raw store without a shape yet: empty, 1-D images)."""
         shard = self._shard
         if self._manifest.encoded:
             data = array_meta((count,), "variable_length_bytes", (shard,), (1,))
         elif self.shape is not None:
             shape = self.shape
             data = array_meta((count, *shape), "uint8", (shard, *shape), (1, *shape))
-        else:
-            return
+        else:  # zarr readers see an empty array; the first write gives it its shape
+            data = array_meta((0,), "uint8", (shard,), None)
         for name, meta in ((self._data_array, data), ("labels", array_meta((count,), "int64", (shard,), None))):
             (self._root / name).mkdir(exist_ok=True)
             write_json(self._root / name / "zarr.json", meta)
