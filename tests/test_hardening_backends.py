@@ -12,12 +12,14 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import imgstore
+import imgstore.manifest
 
 INT64_MAX = (1 << 63) - 1
 
@@ -291,3 +293,38 @@ def test_a_linked_folder_is_damage_and_never_written_through(tmp_path: Path, bac
         store.put_many(images, [0, 1, 2, 3, 4])
     assert _tree(outside) == before
     assert not any(p.is_symlink() for p in path.rglob("*"))
+
+
+def _date_in_the_future(path: Path, newest_only: bool) -> None:
+    """Rename fragments (and their commit files) as if written 30 years from now (a forger, a clock set back)."""
+    root = _only(path, "tiledb-*")
+    future = str(int(time.time() * 1000) + 30 * 365 * 86_400_000)
+    commits = sorted(os.listdir(root / "__commits"), key=lambda name: int(name.split("_")[3]))
+    for commit in commits[-1:] if newest_only else commits:
+        fragment = commit.rsplit(".", 1)[0]
+        renamed = "_".join(["", "", future, future, *fragment.split("_")[4:]])
+        os.rename(root / "__fragments" / fragment, root / "__fragments" / renamed)
+        os.rename(root / "__commits" / commit, root / "__commits" / f"{renamed}.wrt")
+
+
+@pytest.mark.parametrize("newest_only", [True, False])
+def test_tiledb_a_fragment_dated_in_the_future_is_damage_and_hides_no_write(tmp_path: Path, newest_only: bool) -> None:
+    """TileDB reads fragments up to the present: a later write would get a later date still, and stay
+    invisible; so a fragment dated in the future is damage, found at open, before anything is written."""
+    pytest.importorskip("tiledb")
+    path = tmp_path / "s"
+    images = np.arange(4 * 48, dtype=np.uint8).reshape(4, 4, 4, 3)
+    with imgstore.open_store(path, "tiledb", "w", consolidate_every=100) as store:
+        store.put_many(images[:2], [0, 1])
+        store.put_many(images[2:], [2, 3])
+    _date_in_the_future(path, newest_only)
+    commits = sorted(os.listdir(_only(path, "tiledb-*") / "__commits"))
+    with imgstore.open_store(path, mode="a") as store:
+        with pytest.raises(imgstore.CorruptStoreError, match="future"):
+            store.put_many(images[:1], [9])  # refused before writing: it would be dated later still
+        assert len(store) == 4
+    assert imgstore.manifest.read_manifest(path).count == 4
+    assert sorted(os.listdir(_only(path, "tiledb-*") / "__commits")) == commits  # no fragment was written
+    with imgstore.open_store(path) as store:  # what the dates hide is damage to a reader
+        with pytest.raises(imgstore.CorruptStoreError, match="in no fragment"):
+            store.get_many(range(4))

@@ -41,6 +41,7 @@ from imgstore.store import Store
 
 _DOMAIN_HIGH = 2**62 - 1  # dense domains are fixed at creation: this bound is never reached
 _TIMESTAMP_LIMIT = 2**63 - 1  # a fragment's timestamp is below it, and so is the next one imgstore gives
+_CLOCK_SLACK_MS = 60_000  # a fragment dated further ahead than this is damage (clocks of writers may differ a little)
 _context: tuple[int, tiledb.Ctx] | None = None
 _inherited: list[Any] = []  # a forked child's copies of the parent's TileDB objects: never freed
 
@@ -156,7 +157,16 @@ class TileDBStore(Store):
 
     def _next_timestamp(self) -> int:
         """Later than every fragment's and metadata's (TileDB's order of fragments is by timestamp)."""
-        newest = 0
+        return max(int(time.time() * 1000), self._newest_timestamp() + 1)
+
+    def _newest_timestamp(self) -> int:
+        """The latest date (ms) in the array's fragment, commit and metadata names; damage if in the future.
+
+        TileDB reads the fragments dated up to the present, and a write after one dated later would
+        be dated later still: a forged date (or a clock set back by more than ``_CLOCK_SLACK_MS``)
+        would hide every later write, so writing is refused (a read of what it hides fails: no fragment).
+        """
+        newest, newest_name, now = 0, "", int(time.time() * 1000)
         for sub in ("__commits", "__fragments", "__meta"):
             try:
                 names = os.listdir(os.path.join(self._uri, sub))
@@ -171,8 +181,14 @@ class TileDBStore(Store):
                         # TileDB's timestamps are uint64; one past this could make no later timestamp.
                         where = os.path.join(self._uri, sub, name)
                         raise CorruptStoreError(f"{where}: an impossible timestamp (2**63 - 1 or more) in a file name")
-                    newest = max(newest, int(part))
-        return max(int(time.time() * 1000), newest + 1)
+                    if int(part) > newest:
+                        newest, newest_name = int(part), os.path.join(self._uri, sub, name)
+        if newest > now + _CLOCK_SLACK_MS:
+            raise CorruptStoreError(
+                f"{newest_name} is dated {(newest - now) / 86_400_000:.1f} days in the future: TileDB would not "
+                "read it, nor any write after it, before then (a forged name, or a clock set back)"
+            )
+        return newest
 
     def _put(self, start: int, stop: int, data: dict[str, np.ndarray]) -> None:
         before = set(_listdir(Path(self._uri) / "__commits"))
