@@ -387,8 +387,9 @@ def _prepare(store: Store | None, batch: sources.Batch, target: Target) -> list[
             path = batch.paths[k] if batch.paths else None
             try:
                 made[k] = item._replace(record=store.prepare_encoded(item.record, int(batch.labels[k]), path=path))
-            except InvalidImageError as exc:
-                made[k] = item._replace(record=None, error=str(exc))
+            except InvalidImageError as exc:  # named by its path in the summary already: the reason alone
+                reason = str(exc).removeprefix(f"{path!r}: ") if path else str(exc)
+                made[k] = item._replace(record=None, error=reason)
     return made
 
 

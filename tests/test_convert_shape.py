@@ -1,4 +1,5 @@
-"""``imgstore convert --shape``: a folder of files into a store of one shape (memmap holds nothing else)."""
+"""``imgstore convert --shape``: a folder of files into a store of one shape (memmap holds nothing else);
+and the summary's line for a bad file the store refuses."""
 
 from __future__ import annotations
 
@@ -74,3 +75,12 @@ def test_a_grey_store_of_two_dimensions(tmp_path: Path) -> None:
         assert store.shape == (8, 8)
         expected = [np.asarray(Image.fromarray(image).convert("L")) for image in images]
         np.testing.assert_array_equal(store.get_many(range(2))[0], np.stack(expected))
+
+
+def test_a_file_the_store_refuses_is_named_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder(tmp_path / "src", [(12, 10)] * 2)
+    Image.new("L", (20000, 20000)).save(tmp_path / "src" / "a" / "bomb.png")  # past Pillow's pixel limit
+    args = ["convert", str(tmp_path / "src"), str(tmp_path / "dest"), "--backend", "lmdb", "--on-error", "skip"]
+    assert main(args) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "bomb.png" in line)
+    assert line.strip().startswith("a/bomb.png: a PNG file of 20000x20000") and line.count("bomb.png") == 1, line
