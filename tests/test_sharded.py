@@ -39,6 +39,7 @@ def test_round_trip_and_global_index(tmp_path: Path, backend: str) -> None:
         image, label = data[-1]
         assert np.array_equal(image, IMAGES[99]) and label == LABELS[99]
         assert data.locate(40) == (1, 0) and data.locate(99) == (2, 19)
+        assert data.get_many([])[0].shape == (0, 8, 8, 3)
         with pytest.raises(imgstore.StoreIndexError):
             data.get(100)
         with pytest.raises(imgstore.StoreIndexError):

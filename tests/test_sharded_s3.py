@@ -108,6 +108,21 @@ def test_a_reader_opened_before_an_append_keeps_its_view(server: MotoServer, url
     old.close()
 
 
+def test_a_commit_racing_another_is_refused_not_lost(server: MotoServer, url: str) -> None:
+    """The manifest's PUT is conditional on the ETag read (S3's If-Match), checked by the server."""
+    options = _options(server)
+    _write(url, options)
+    slow = Location(url, options)
+    seen = read_committed(slow)  # this writer read the manifest...
+    fast = ShardedWriter(url, backend="lmdb", storage_options=options)
+    fast.add(IMAGES[:10], LABELS[:10])
+    fast.commit()  # ...then another committed
+    mine = write_shard(url, IMAGES[10:20], LABELS[10:20], backend="lmdb", storage_options=options)
+    with pytest.raises(imgstore.StoreBusyError):
+        slow.write_manifest(seen.appended([mine]).to_json())
+    assert [s.count for s in read_committed(Location(url, options)).shards] == [40, 40, 20, 10]
+
+
 def test_the_cache_stays_within_its_bound_evicting_least_recently_used(
     server: MotoServer, url: str, tmp_path: Path
 ) -> None:

@@ -191,6 +191,8 @@ class ShardedDataset:
             images, shard_labels = self.shard(k).get_many(where[positions] - self.offsets[k])
             labels[positions] = shard_labels
             parts.append((positions, images))
+        if not parts and self.shards and self.shards[0].shape is not None:  # no index: an empty batch
+            return np.empty((0, *self.shards[0].shape), np.uint8), labels
         return _gather(parts, len(where)), labels
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:

@@ -3,7 +3,9 @@
 A local path (or ``file://`` URL) is used in place: shards are read where they are and the manifest
 is committed by a rename. Anything else goes through fsspec (the ``[remote]`` extra): shards are
 uploaded file by file, then the manifest is written as one object (object stores replace an object
-whole, so a reader gets the old manifest or the new one). Errors of the transport (a refused
+whole, so a reader gets the old manifest or the new one); on S3 the write is conditional on the
+manifest's ETag when it was read (``If-Match``, or ``If-None-Match: *`` for the first), so two
+writers never drop each other's shards. Errors of the transport (a refused
 connection, a reset, a timeout: fsspec and its backends retry those themselves first) become
 :class:`StoreIOError`; a missing object is :class:`StoreNotFoundError`.
 """
@@ -17,7 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from imgstore.errors import ImgStoreError, InvalidOptionError, MissingDependencyError, StoreIOError, StoreNotFoundError
+from imgstore.errors import (
+    ImgStoreError,
+    InvalidOptionError,
+    MissingDependencyError,
+    StoreBusyError,
+    StoreIOError,
+    StoreNotFoundError,
+)
 from imgstore.fileio import fsync_dir, open_regular
 from imgstore.sharded.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
@@ -46,6 +55,7 @@ class Location:
         self.storage_options = dict(storage_options or {})
         self.local: Path | None = None
         self.fs: Any = None
+        self.manifest_etag: str | None = None  # of the manifest last read (object stores)
         if is_local(text):
             self.local = Path(text.removeprefix("file://")).absolute()
             return
@@ -78,37 +88,71 @@ class Location:
                 return None
             except OSError as exc:
                 raise StoreIOError(f"{self.local / MANIFEST_NAME}: {exc}") from exc
+        path = self._remote(MANIFEST_NAME)
         with self._transport(MANIFEST_NAME):
-            try:
-                raw: bytes = self.fs.cat_file(self._remote(MANIFEST_NAME))
-            except FileNotFoundError:
-                return None
-        return raw
+            for _ in range(10):  # the ETag before and after the read agree: it is this content's
+                try:
+                    before = self._etag(path)
+                    raw: bytes = self.fs.cat_file(path)
+                    if self._etag(path) == before:
+                        self.manifest_etag = before
+                        return raw
+                except FileNotFoundError:
+                    self.manifest_etag = None
+                    return None
+        raise StoreBusyError(f"{self.url}: the manifest changed during every read of it")
+
+    def _etag(self, path: str) -> str | None:
+        tag = self.fs.info(path, refresh=True).get("ETag") if self._conditional else None
+        return str(tag) if tag is not None else None
+
+    @property
+    def _conditional(self) -> bool:
+        """S3 (and S3-compatible stores) replace an object only if its ETag is still the one read."""
+        protocol = self.fs.protocol
+        return "s3" in (protocol if isinstance(protocol, tuple | list) else (protocol,))
 
     def write_manifest(self, data: bytes) -> None:
         """Commit: replace the manifest whole (temp file, fsync, rename locally; one PUT remotely)."""
         if self.local is not None:
-            path = self.local / MANIFEST_NAME
-            tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            local = self.local / MANIFEST_NAME
+            tmp = local.with_name(f".{MANIFEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 with open(fd, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, path)
+                os.replace(tmp, local)
             except BaseException as exc:
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
                 if isinstance(exc, OSError):
-                    raise StoreIOError(f"{path}: the manifest could not be committed: {exc}") from exc
+                    raise StoreIOError(f"{local}: the manifest could not be committed: {exc}") from exc
                 raise
             fsync_dir(self.local)
             return
-        with self._transport(MANIFEST_NAME):
-            self.fs.pipe_file(self._remote(MANIFEST_NAME), data)
+        path = self._remote(MANIFEST_NAME)
+        condition: dict[str, str] = {}
+        if self._conditional:  # no other writer may have committed since our read (S3 conditional writes)
+            tag = self.manifest_etag
+            condition = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+        try:
+            with self._transport(MANIFEST_NAME):
+                self.fs.pipe_file(path, data, **condition)
+        except StoreIOError:
+            if condition and self._current_etag(path) != self.manifest_etag:
+                raise StoreBusyError(f"{self.url}: another writer committed since this one read the manifest") from None
+            raise
+
+    def _current_etag(self, path: str) -> str | None:
+        try:
+            with self._transport(MANIFEST_NAME):
+                return self._etag(path)
+        except StoreNotFoundError:
+            return None
 
     # ------------------------------------------------------------------ shards
 

@@ -118,7 +118,8 @@ def commit_shards(
 
     ``expect_revision``: refuse (:class:`StoreBusyError`) if another writer committed since that
     revision was read, rather than drop its shards. Locally, commits are serialised by a lock file;
-    on object storage one writer commits at a time (the last manifest written wins).
+    on S3 the manifest's PUT is conditional on its ETag as read (:class:`StoreBusyError` if another
+    writer committed in between); on other object stores one writer must commit at a time.
     """
     location = dest if isinstance(dest, Location) else Location(dest, storage_options)
     if location.local is not None:
