@@ -4,8 +4,9 @@
 Synthetic CIFAR images, written once to moto's S3 server on 127.0.0.1 (its own process; s3fs over
 HTTP) and once to a local directory. Each round, interleaved: *fetch* (every shard into an empty
 cache: download, XXH3-128 check, rename in: MB/s), *cold* (open with an empty cache, read every
-shard with one ``get_many``, in a shuffled shard order: images/s, downloads included), *warm* (the
-same with the cache full), *local* (the local copy, no cache). Medians of the rounds.
+shard with one ``get_many``, in a shuffled shard order: images/s, downloads included),
+*cold+prefetch* (the same, fetching the next shard in the background while one is read), *warm*
+(the cache full), *local* (the local copy, no cache). Medians of the rounds.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from imgstore.sharded import ShardedDataset, ShardedWriter, open_sharded
 from imgstore.testing.s3server import MotoServer
 
 
-def _read_all(data: ShardedDataset, seed: int) -> int:
+def _read_all(data: ShardedDataset, seed: int, prefetch: bool = False) -> int:
     count = 0
-    for k in np.random.default_rng(seed).permutation(len(data.shards)).tolist():
+    order = np.random.default_rng(seed).permutation(len(data.shards)).tolist()
+    for position, k in enumerate(order):
+        if prefetch:
+            data.prefetch(order[position + 1 : position + 2])  # the next shard downloads while this one is read
         start = int(data.offsets[k])
         images, _labels = data.get_many(range(start, start + data.shards[k].count))
         count += len(images)
@@ -38,7 +42,7 @@ def main(argv: list[str]) -> None:
     backend = argv[2] if len(argv) > 2 else "lmdb"
     rounds = int(argv[3]) if len(argv) > 3 else 3
     images, labels = load_dataset("synthetic", n)
-    times: dict[str, list[float]] = {"fetch": [], "cold": [], "warm": [], "local": []}
+    times: dict[str, list[float]] = {"fetch": [], "cold": [], "cold+prefetch": [], "warm": [], "local": []}
     with MotoServer() as server, tempfile.TemporaryDirectory() as tmp:
         url = server.make_bucket("bench") + "/cifar"
         options = server.storage_options()
@@ -58,11 +62,16 @@ def main(argv: list[str]) -> None:
                 for info in data.shards:
                     data.cache.acquire(data.location, info).release()
                 times["fetch"].append(time.perf_counter() - start)
-            cache = Path(tmp) / f"cold-{r}"
-            for kind, where in (("cold", url), ("warm", url), ("local", str(Path(tmp) / "local"))):
+            local = str(Path(tmp) / "local")
+            for kind, where, cache in (
+                ("cold+prefetch", url, Path(tmp) / f"prefetch-{r}"),
+                ("cold", url, Path(tmp) / f"cold-{r}"),
+                ("warm", url, Path(tmp) / f"cold-{r}"),
+                ("local", local, None),
+            ):
                 with open_sharded(where, cache_dir=cache, storage_options=options, open_shards=2) as data:
                     start = time.perf_counter()
-                    assert _read_all(data, r) == n
+                    assert _read_all(data, r, prefetch=kind == "cold+prefetch") == n
                     times[kind].append(time.perf_counter() - start)
     print(
         f"{n} images, {n // shard_size} {backend} shards of {shard_size}, {total_bytes / 1e6:.1f} MB; "
@@ -72,7 +81,7 @@ def main(argv: list[str]) -> None:
         f"fetch: {total_bytes / 1e6 / statistics.median(times['fetch']):.0f} MB/s "
         f"(runs: {', '.join(f'{total_bytes / 1e6 / t:.0f}' for t in times['fetch'])})"
     )
-    for kind in ("cold", "warm", "local"):
+    for kind in ("cold", "cold+prefetch", "warm", "local"):
         rates = [n / t for t in times[kind]]
         print(f"{kind}: {statistics.median(rates):,.0f} images/s (runs: {', '.join(f'{r:,.0f}' for r in rates)})")
 

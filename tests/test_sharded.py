@@ -292,3 +292,20 @@ def test_a_dataset_pickles_as_its_view_for_worker_processes(memory_dataset: str,
     copy = pickle.loads(pickle.dumps(remote))
     assert copy.cache is not None and copy.cache.dir == tmp_path / "cache" and copy.cache.max_bytes == 1 << 20
     assert np.array_equal(copy.get_many(range(100))[0], IMAGES)
+
+
+def test_prefetch_fills_the_cache_in_the_background(memory_dataset: str, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with open_sharded(memory_dataset, cache_dir=cache, cache_bytes=1 << 30) as data:
+        data.prefetch([2, 3])
+        assert np.array_equal(data.get(50)[0], IMAGES[50])  # shard 2: waits for its prefetch, then opens it
+        data.close()  # waits for shard 3's download
+        assert len(_entries(cache)) == 2 and not [p for p in cache.iterdir() if p.name.startswith(".")]
+    with pytest.raises(imgstore.StoreClosedError):
+        data.prefetch([0])
+    local = tmp_path / "ds"
+    _write(local)
+    with open_sharded(local) as data:
+        data.prefetch([0, 1])  # nothing to fetch on a local disk
+        with pytest.raises(imgstore.StoreIndexError):
+            data.prefetch([3])

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ class ShardedDataset:
         self.open_shards, self.verify_reads = open_shards, verify_reads
         self._open: OrderedDict[int, tuple[Store, Pin | None]] = OrderedDict()
         self._closed = False
+        self._fetcher: ThreadPoolExecutor | None = None  # prefetch's one background thread
+        self._fetching: dict[int, Future[None]] = {}
         self._use(manifest)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
@@ -141,9 +144,39 @@ class ShardedDataset:
         while len(self._open) >= self.open_shards:
             _k, (old, old_pin) = self._open.popitem(last=False)
             _release(old, old_pin)
+        pending = self._fetching.pop(k, None)
+        if pending is not None:
+            wait([pending])  # its outcome does not matter: acquire finds the entry, or fetches (and raises)
         store, pin = self._open_shard(self.shards[k])
         self._open[k] = (store, pin)
         return store
+
+    def prefetch(self, shards: Iterable[int]) -> None:
+        """Start fetching these shards into the cache in a background thread (remote datasets; else nothing).
+
+        A reader going through shards in a known order prefetches the next while it reads one, so
+        downloads overlap reading. A failed prefetch is not reported: opening the shard fetches it
+        again, and raises then. Prefetched shards are not pinned: a cache too small for them evicts them.
+        """
+        self._check_open()
+        wanted = list(shards)
+        bad = [k for k in wanted if not 0 <= k < len(self.shards)]
+        if bad:
+            raise StoreIndexError(f"shard {bad[0]} is out of range ({len(self.shards)} shards)")
+        if self.cache is None:
+            return
+        if self._fetcher is None:
+            self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="imgstore-prefetch")
+        for k in wanted:
+            if k not in self._open and k not in self._fetching:
+                self._fetching[k] = self._fetcher.submit(self._fetch, self.shards[k])
+
+    def _fetch(self, info: ShardInfo) -> None:
+        assert self.cache is not None
+        try:
+            self.cache.acquire(self.location, info).release()
+        except Exception:
+            pass  # reported when the shard is opened (it is fetched again then)
 
     def _open_shard(self, info: ShardInfo) -> tuple[Store, Pin | None]:
         pin = None
@@ -211,6 +244,9 @@ class ShardedDataset:
             self.shard(k).verify()
 
     def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=True, cancel_futures=True)  # no download outlives the handle
+            self._fetcher, self._fetching = None, {}
         while self._open:
             _k, (store, pin) = self._open.popitem()
             _release(store, pin)
