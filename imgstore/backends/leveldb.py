@@ -27,6 +27,7 @@ import numpy as np
 import plyvel
 
 from imgstore.backends.leveldb_view import View, background_works, may_start_background, open_db, set_aside
+from imgstore.backends.pixel_blocks import copy_rows, one_record, records_in
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreFullError, StoreIOError
 from imgstore.fileio import fsync_dir, release_reserve, reserve
 from imgstore.options import Option
@@ -238,11 +239,7 @@ class LeveldbStore(Store):
 
     def _records(self, value: bytes | None, block: int, size: int, per_block: int) -> int:
         """How many records ``value`` holds, after checking its length."""
-        count = len(value) // (size + 8) if value is not None else 0
-        if value is None or len(value) != count * (size + 8) or not 1 <= count <= per_block:
-            found = "nothing" if value is None else f"{len(value)} bytes"
-            raise CorruptStoreError(f"{self.path}: block {block} of the LevelDB store holds {found}")
-        return count
+        return records_in(value, block, size, per_block, f"{self.path}: block {block} of the LevelDB store")
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         size = images[0].nbytes
@@ -277,9 +274,7 @@ class LeveldbStore(Store):
             lo, hi = done - block * per_block, min(stop, block * per_block + count)
             if hi <= done:
                 break  # a short block: the records after it are missing
-            view, end = memoryview(value), hi - block * per_block
-            pixels[(done - start) * size : (hi - start) * size] = view[lo * size : end * size]
-            label_bytes[(done - start) * 8 : (hi - start) * 8] = view[count * size + lo * 8 : count * size + end * 8]
+            copy_rows(memoryview(value), count, size, lo, hi - block * per_block, pixels, label_bytes, done - start)
             done = hi
             if done == stop or count < per_block:
                 break
@@ -295,10 +290,7 @@ class LeveldbStore(Store):
         count = self._records(value, block, size, per_block)
         if row >= count:
             raise CorruptStoreError(f"{self.path}: image {index} is committed but missing")
-        view = memoryview(value)  # checked by _records
-        image.data.cast("B")[:] = view[row * size : (row + 1) * size]
-        at = count * size + 8 * row
-        return image, int.from_bytes(view[at : at + 8], "little", signed=True)
+        return image, one_record(memoryview(value), count, size, row, image)  # value: checked by _records
 
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         labels = np.empty(len(indices), dtype=np.int64)

@@ -25,6 +25,7 @@ import numpy as np
 
 from imgstore.backends.lmdb_env import acquire, release, start_data_file
 from imgstore.backends.lmdb_pages import Snapshot
+from imgstore.backends.pixel_blocks import copy_rows, one_record, records_in
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
 from imgstore.fileio import release_reserve, reserve
 from imgstore.options import Option
@@ -256,11 +257,7 @@ class LmdbStore(Store):
 
     def _records(self, value: bytes | memoryview | None, block: int, size: int, per_block: int) -> int:
         """How many records ``value`` holds, after checking its length."""
-        count = len(value) // (size + 8) if value is not None else 0
-        if value is None or len(value) != count * (size + 8) or not 1 <= count <= per_block:
-            found = "nothing" if value is None else f"{len(value)} bytes"
-            raise CorruptStoreError(f"{self.path}: block {block} of the LMDB store holds {found}")
-        return count
+        return records_in(value, block, size, per_block, f"{self.path}: block {block} of the LMDB store")
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         # The loop of a shuffled batch: every image is one get, so the checks of _records are
@@ -302,11 +299,7 @@ class LmdbStore(Store):
                 hi = min(stop, first + count)
                 if hi <= done:
                     break  # a short block: the records after it are missing
-                lo = done - first
-                pixels[(done - start) * size : (hi - start) * size] = value[lo * size : (hi - first) * size]
-                label_bytes[(done - start) * 8 : (hi - start) * 8] = value[
-                    count * size + lo * 8 : count * size + (hi - first) * 8
-                ]
+                copy_rows(value, count, size, done - first, hi - first, pixels, label_bytes, done - start)
                 done, block = hi, block + 1
                 if done == stop or count < per_block:
                     break
@@ -329,9 +322,7 @@ class LmdbStore(Store):
                 self._records(value, block, size, per_block)
                 raise CorruptStoreError(f"{self.path}: image {index} is committed but missing")
             # value is not None here (count > row >= 0); typing cannot see it, and a check costs.
-            image.data.cast("B")[:] = value[row * size : (row + 1) * size]  # type: ignore[index]
-            at = count * size + 8 * row
-            return image, int.from_bytes(value[at : at + 8], "little")  # type: ignore[index]
+            return image, one_record(value, count, size, row, image)  # type: ignore[arg-type]
 
 
 def _key(block: int) -> bytes:
