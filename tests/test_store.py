@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import textwrap
 from pathlib import Path
 
@@ -306,3 +307,26 @@ def test_a_bad_file_is_named_by_its_path_when_given(tmp_path: Path) -> None:
         assert len(store) == 0
         store.put_prepared([store.prepare_encoded(good, 0, path="cats/a.png")])
         assert store.source_path(0) == "cats/a.png"
+
+
+def _get_first_in_child(store: imgstore.Store, index: int, conn: object) -> None:
+    image, label = store.get(index)  # the child's first call: get's hot path must not take the parent's handles
+    conn.send((image, label, store._pid == os.getpid()))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("backend", ["memmap", "sqlite"])
+def test_get_first_in_a_forked_child_opens_the_childs_own_handles(tmp_path: Path, backend: str) -> None:
+    images, labels = random_images(6, (4, 5, 3), seed=3)
+    with open_store(tmp_path / "s", backend, "w") as store:
+        store.put_many(images, labels)
+    with open_store(tmp_path / "s") as store:
+        store.get(2)  # the parent's handles are live at the fork
+        receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+        child = multiprocessing.get_context("fork").Process(target=_get_first_in_child, args=(store, 4, send))
+        child.start()
+        image, label, reopened = receive.recv()
+        child.join(30)
+        assert child.exitcode == 0 and reopened
+        np.testing.assert_array_equal(image, images[4])
+        assert label == labels[4]
+        assert store.get(5)[1] == labels[5]  # the parent's handle still reads

@@ -233,7 +233,7 @@ class MemmapStore(Store):
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         images, labels = self._mapped()
-        return images[index].copy(), int(labels[index])
+        return images[index].copy(), labels.item(index)  # item: a Python int without a NumPy scalar
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         mapped_images, mapped_labels = self._mapped()
