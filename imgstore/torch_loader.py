@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from imgstore import torch_ring
 from imgstore.errors import InvalidOptionError
 from imgstore.opening import open_store
 from imgstore.store import Store
@@ -28,7 +29,7 @@ from imgstore.torch_samplers import BlockShuffleSampler, RandomBatchSampler, Seq
 
 Layout = Literal["hwc", "chw"]
 Order = Literal["random", "block", "sequential"]
-Handoff = Literal["torch", "shared"]
+Handoff = Literal["auto", "torch", "shared"]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: make_loader's default block for order="block": about this many bytes of records.
@@ -136,14 +137,17 @@ class StoreBatches(ProcessStore, Dataset[Batch]):
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, indices: Sequence[int] | np.ndarray | tuple[int, np.ndarray]) -> Any:
-        if isinstance(indices, tuple):  # (slot, indices) of a ring: the batch goes into the slot
-            slot, idx = indices[0], self._checked(indices[1])
-            assert self.ring is not None
-            arrays = self.ring.arrays(slot, len(idx))
-            self.store.get_many(idx, out=arrays, size=self.size)
-            return slot, len(idx)
-        idx = self._checked(indices)
+    def __getitem__(self, key: Sequence[int] | np.ndarray | tuple[int | None, np.ndarray]) -> Any:
+        """A batch ``(images, labels)``; given ``(slot, indices)`` by a ring's sampler, the batch goes
+        into that slot and ``(slot, count)`` is returned (slot None: no slot was free)."""
+        if isinstance(key, tuple):
+            slot, idx = key[0], self._checked(key[1])
+            if slot is not None:
+                assert self.ring is not None
+                self.store.get_many(idx, out=self.ring.arrays(slot, len(idx)), size=self.size)
+                return slot, len(idx)
+        else:
+            idx = self._checked(key)
         store = self.store
         out = self._shared_out(len(idx)) if self._shape is not None and get_worker_info() is not None else None
         if out is not None:
@@ -182,6 +186,17 @@ class StoreBatches(ProcessStore, Dataset[Batch]):
         return images, labels
 
 
+def _ring_blocker(dataset: StoreBatches, transformed: bool) -> str | None:
+    """Why handoff='shared' cannot apply, or None."""
+    if transformed:
+        return "a transform or pin_memory"
+    if dataset.image_shape is None:
+        return "images of a shape unknown before reading (give size= with an RGB or L image mode)"
+    if not torch_ring.available():
+        return "a torch without storage use counts"
+    return None
+
+
 def _as_is(batch: Any) -> Any:
     return batch  # a module-level function: DataLoader pickles its collate_fn for spawned workers
 
@@ -205,7 +220,7 @@ def make_loader(
     size: tuple[int, int] | None = None,
     decoder: str = "auto",
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    handoff: Handoff = "torch",
+    handoff: Handoff = "auto",
     **dataloader_kwargs: Any,
 ) -> DataLoader[Batch]:
     """A ``DataLoader`` over the store at ``path`` yielding ``(images, labels)`` batches.
@@ -228,12 +243,15 @@ def make_loader(
     (``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``multiprocessing_context``,
     ...) go to the ``DataLoader``.
 
-    ``handoff="shared"`` (opt-in): workers write each batch into a ring of shared buffers made
-    once (:mod:`imgstore.torch_ring`) instead of handing over a new shared tensor per batch, which
-    saves the training process most of its CPU per batch. A batch is then valid only until the
-    next batch is taken: ``.clone()`` what you keep longer. Needs images of a shape known before
-    reading (raw stores of one shape; encoded ones with ``size`` and an RGB or L image mode), and
-    no ``transform`` or ``pin_memory``. Without workers it changes nothing.
+    ``handoff``: how a worker's batch reaches the training process. ``"shared"``: workers write
+    batches into a ring of shared buffers made once (:mod:`imgstore.torch_ring`) and send back a
+    slot number, which saves the training process most of its CPU per batch; a slot is reused only
+    once nothing refers to the batch in it (torch's reference count of its memory), so a batch
+    stays valid as long as it is used, and a loop that keeps many batches gets torch's hand-off
+    for the next ones. It needs images of a shape known before reading (raw stores of one shape;
+    encoded ones with ``size`` and an RGB or L image mode), no ``transform`` and no
+    ``pin_memory``. ``"torch"``: torch's own (a new shared segment per batch). ``"auto"``
+    (default): ``"shared"`` where it applies, else ``"torch"``. Without workers there is no hand-off.
     """
     for name in _RESERVED:
         if name in dataloader_kwargs:
@@ -248,8 +266,8 @@ def make_loader(
         raise InvalidOptionError(f"order must be 'random', 'block' or 'sequential', got {order!r}")
     if (order == "sequential") == shuffle:
         raise InvalidOptionError(f"order={order!r} contradicts shuffle={shuffle}")
-    if handoff not in ("torch", "shared"):
-        raise InvalidOptionError(f"handoff must be 'torch' or 'shared', got {handoff!r}")
+    if handoff not in ("auto", "torch", "shared"):
+        raise InvalidOptionError(f"handoff must be 'auto', 'torch' or 'shared', got {handoff!r}")
     if block_size is not None and order != "block":
         raise InvalidOptionError("block_size= applies to order='block' only")
     dataset = StoreBatches(
@@ -267,25 +285,22 @@ def make_loader(
         )
     else:
         sampler = SequentialBatchSampler(n, batch_size, seed=seed, drop_last=drop_last)
-    if handoff == "shared" and (transform is not None or dataloader_kwargs.get("pin_memory")):
-        raise InvalidOptionError("handoff='shared' delivers the ring's own buffers: no transform, no pin_memory")
-    if handoff == "shared" and dataset.image_shape is None:
-        raise InvalidOptionError(
-            "handoff='shared' needs every image's shape before reading: a raw store of one shape, or size= "
-            "with an RGB or L image mode"
-        )
-    if handoff == "torch" or num_workers == 0:  # no workers: nothing to hand off, batches are the caller's own
+    ring_blocker = _ring_blocker(dataset, transform is not None or bool(dataloader_kwargs.get("pin_memory")))
+    if handoff == "shared" and ring_blocker is not None:
+        raise InvalidOptionError(f"handoff='shared' delivers batches in shared buffers; it cannot take {ring_blocker}")
+    if handoff == "torch" or ring_blocker is not None or num_workers == 0:
         return DataLoader(
             dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_as_is, **dataloader_kwargs
         )
     assert dataset.image_shape is not None  # checked above
     prefetch = dataloader_kwargs.get("prefetch_factor") or 2
-    ring = Ring(prefetch * num_workers + 2, batch_size, dataset.image_shape)
+    # the batches a DataLoader has asked for ahead, the one the loop holds, and a few more it keeps
+    ring = Ring(prefetch * num_workers + 4, batch_size, dataset.image_shape)
     dataset.ring = ring
     loader = RingLoader(
         dataset,
         batch_size=None,
-        sampler=SlotSampler(sampler, ring.slots),
+        sampler=SlotSampler(sampler, ring),
         num_workers=num_workers,
         collate_fn=_as_is,
         **dataloader_kwargs,

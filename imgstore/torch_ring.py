@@ -1,22 +1,23 @@
-"""``make_loader(..., handoff="shared")``: workers write batches into a ring of shared buffers.
+"""``make_loader``'s shared hand-off: workers write batches into a ring of shared buffers.
 
 torch hands each batch from a worker to the training process as a new shared-memory segment: the
 worker pickles its tensor, the training process receives a file descriptor over a socket, maps it
-and rebuilds a tensor (~1-2 ms of the training process's CPU per batch on a busy 2-core machine;
+and rebuilds a tensor (~1-2 ms of the training process's CPU per batch on a busy 2-core machine:
 several µs per CIFAR image). Here the buffers are made once, in the training process, before the
-workers start: ``slots`` batches of images and labels in shared memory. Batch ``k`` of the loader's
-life is written into slot ``k % slots`` and the worker sends back only ``(slot, count)``; the
-training process returns views of that slot. ``slots`` is ``prefetch_factor * num_workers + 2``:
-a DataLoader has at most ``prefetch_factor * num_workers`` batches requested beyond the one it
-last returned, so a batch's slot is written again only once two more batches have been taken
-after it.
+workers start: ``slots`` batches of images and labels, one shared segment per slot. When the
+DataLoader asks for a batch, the training process picks a free slot and the worker reads the batch
+straight into it and sends back only ``(slot, count)``; the training process returns new views of
+the slot.
 
-The lifetime contract: a batch is valid until the next batch is taken from the loader (``next``);
-``.clone()`` what you keep longer. One iteration of the loader at a time.
+A slot is free when nothing but the ring refers to its memory: torch counts the references to a
+storage (every tensor, view, or NumPy array made from the batch holds one), and a batch on its way
+holds one too. So a batch stays valid for as long as anything refers to it, whatever the loop
+does; when no slot is free (a loop that keeps many batches) the batch takes torch's own hand-off.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,64 +26,107 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+_ALIGN = 64
+# References to a storage (torch's C++ use count): private, so the ring is used only where it exists.
+_use_count: Any = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def available() -> bool:
+    return _use_count is not None
+
+
+class _Flight:
+    """The slots one pass of the sampler has handed to workers and the loop has not taken yet; each
+    holds a reference to its slot, so a slot being written is never free. Dropped with the pass."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, torch.Tensor] = {}
 
 
 class Ring:
     """``slots`` batches of ``batch_size`` images of ``shape`` (uint8) and their labels, in shared memory."""
 
     def __init__(self, slots: int, batch_size: int, shape: tuple[int, ...]) -> None:
-        self.images = torch.empty((slots, batch_size, *shape), dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]
-        self.labels = torch.empty((slots, batch_size), dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
-        self._whole = [(self.images[k], self.labels[k]) for k in range(slots)]  # full batches: no slicing per batch
+        image_bytes = batch_size * int(np.prod(shape))
+        label_at = -(-image_bytes // _ALIGN) * _ALIGN
+        self.images: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self._cdata: list[int] = []
+        for _ in range(slots):
+            storage = torch.UntypedStorage._new_shared(label_at + 8 * batch_size)  # type: ignore[no-untyped-call]
+            whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self.images.append(whole[:image_bytes].view(batch_size, *shape))
+            self.labels.append(whole[label_at : label_at + 8 * batch_size].view(torch.int64))
+            self._cdata.append(storage._cdata)
+        del storage, whole  # the ring's own references are its views only
+        self._own = [_use_count(cdata) for cdata in self._cdata] if available() else []
+        self._flights: weakref.WeakSet[_Flight] = weakref.WeakSet()
+        self._next = 0
 
-    def __getstate__(self) -> dict[str, torch.Tensor]:
+    def __getstate__(self) -> dict[str, Any]:
         return {"images": self.images, "labels": self.labels}  # a worker needs the buffers only
 
-    def __setstate__(self, state: dict[str, torch.Tensor]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.images, self.labels = state["images"], state["labels"]
-        self._whole = [(self.images[k], self.labels[k]) for k in range(len(self.images))]
 
     @property
     def slots(self) -> int:
         return len(self.images)
 
+    def take(self, flight: _Flight) -> int | None:
+        """A slot nothing refers to, now held by ``flight`` until :meth:`batch` hands it out; or None."""
+        for k in range(self._next, self._next + self.slots):
+            slot = k % self.slots
+            if _use_count(self._cdata[slot]) == self._own[slot]:
+                flight.tokens[slot] = self.labels[slot][:0]
+                self._next = slot + 1
+                return slot
+        return None
+
+    def flight(self) -> _Flight:
+        flight = _Flight()
+        self._flights.add(flight)
+        return flight
+
     def arrays(self, slot: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The slot's first ``count`` images and labels, as arrays to read into."""
-        return self.images[slot, :count].numpy(), self.labels[slot, :count].numpy()
+        """The slot's first ``count`` images and labels, as arrays to read into (in a worker)."""
+        return self.images[slot][:count].numpy(), self.labels[slot][:count].numpy()
 
     def batch(self, slot: int, count: int) -> Batch:
-        images, labels = self._whole[slot]
-        return (images, labels) if count == len(images) else (images[:count], labels[:count])
+        """New views of the slot's batch (they keep it from reuse), and the slot's token let go."""
+        batch = self.images[slot][:count], self.labels[slot][:count]
+        for flight in list(self._flights):
+            flight.tokens.pop(slot, None)
+        return batch
 
 
-class SlotSampler(Sampler[tuple[int, np.ndarray]]):
-    """Yields ``(slot, indices)``: the batches of ``sampler``, each with the ring slot it goes to.
+class SlotSampler(Sampler[tuple[int | None, np.ndarray]]):
+    """Yields ``(slot, indices)``: the batches of ``sampler``, each with a free ring slot (or None:
+    torch's hand-off). ``set_epoch`` and the other attributes are ``sampler``'s."""
 
-    Slots follow one counter over the loader's whole life (epochs and broken-off passes included),
-    so consecutive batches never share a slot. ``set_epoch`` and the other attributes are ``sampler``'s.
-    """
-
-    def __init__(self, sampler: Sampler[np.ndarray], slots: int) -> None:
+    def __init__(self, sampler: Sampler[np.ndarray], ring: Ring) -> None:
         self.sampler = sampler
-        self.slots = slots
-        self._next = 0
+        self.ring = ring
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[int | None, np.ndarray]]:
+        # The DataLoader's iterator owns this generator; a new pass drops it, and with it the
+        # tokens of batches never taken, only after the old workers are done (persistent workers
+        # are drained first; others are shut down with their iterator).
+        flight = self.ring.flight()
         for indices in self.sampler:
-            slot, self._next = self._next % self.slots, self._next + 1
-            yield slot, indices
+            yield self.ring.take(flight), indices
 
     def __getattr__(self, name: str) -> Any:
-        if name == "sampler":  # not set yet (unpickling): no recursion
+        if name in ("sampler", "ring"):  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.sampler, name)
 
 
 class RingLoader(DataLoader[Batch]):
-    """A ``DataLoader`` whose workers return ``(slot, count)``; iterating it gives the slot's batch."""
+    """A ``DataLoader`` whose workers return ``(slot, count)`` (or a batch); iterating it gives batches."""
 
     ring: Ring
 
@@ -98,8 +142,10 @@ class _RingIterator:
         return self
 
     def __next__(self) -> Batch:
-        slot, count = next(self._inner)
-        images, labels = self._ring.batch(slot, count)
+        first, second = next(self._inner)
+        if isinstance(first, torch.Tensor):
+            return first, second  # no slot was free: torch's hand-off, arranged in the worker
+        images, labels = self._ring.batch(first, second)
         return (self._arrange(images) if self._arrange is not None else images), labels
 
     def __len__(self) -> int:

@@ -21,6 +21,7 @@ from imgstore.torch import (  # noqa: E402
     StoreDataset,
     make_loader,
 )
+from imgstore.torch_ring import RingLoader  # noqa: E402
 from imgstore.torch_samplers import same_block_fraction  # noqa: E402
 
 N = 300  # not a multiple of the batch size: the last batch is short
@@ -46,6 +47,11 @@ def _epoch(loader: torch.utils.data.DataLoader, images: np.ndarray, layout: str 
         np.testing.assert_array_equal(hwc.numpy(), expected.reshape(hwc.shape))
         seen.extend(labels.tolist())
     return seen
+
+
+def _order(loader: torch.utils.data.DataLoader) -> object:
+    """The loader's batch sampler (with the shared hand-off it is wrapped: loader.sampler.sampler)."""
+    return loader.sampler.sampler if isinstance(loader, RingLoader) else loader.sampler
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_order_is_a_function_of_seed_and_epoch(raw_stores: dict[str, tuple[Path,
     loader = make_loader(path, batch_size=BATCH, num_workers=0, seed=5)
     first, second = _epoch(loader, images), _epoch(loader, images)  # iterating again: the next epoch
     assert first != second and sorted(first) == sorted(second)
-    sampler = loader.sampler
+    sampler = _order(loader)
     assert isinstance(sampler, RandomBatchSampler)
     sampler.set_epoch(1)
     assert _epoch(loader, images) == second
@@ -129,16 +135,16 @@ def test_block_order_covers_every_index_sequential_within_blocks() -> None:
 def test_block_order_through_the_loader(raw_stores: dict[str, tuple[Path, np.ndarray]]) -> None:
     path, images = raw_stores["hdf5"]
     loader = make_loader(path, batch_size=BATCH, num_workers=2, order="block", block_size=32, seed=1)
-    assert isinstance(loader.sampler, BlockShuffleSampler)
+    assert isinstance(_order(loader), BlockShuffleSampler)
     assert sorted(_epoch(loader, images)) == list(range(N))
     default = make_loader(path, order="block")
-    assert isinstance(default.sampler, BlockShuffleSampler) and default.sampler.block_size >= 1
+    assert isinstance(_order(default), BlockShuffleSampler) and _order(default).block_size >= 1
 
 
 def test_sequential_order(raw_stores: dict[str, tuple[Path, np.ndarray]]) -> None:
     path, images = raw_stores["lmdb"]
     loader = make_loader(path, batch_size=BATCH, shuffle=False, num_workers=0)
-    assert isinstance(loader.sampler, SequentialBatchSampler)
+    assert isinstance(_order(loader), SequentialBatchSampler)
     assert _epoch(loader, images) == list(range(N))
 
 
@@ -272,6 +278,24 @@ def test_shared_handoff_of_decoded_images(tmp_path: Path) -> None:
         expected, _ = store.get_many(range(40), size=(12, 16))
     loader = make_loader(path, batch_size=16, num_workers=2, size=(12, 16), handoff="shared")
     assert sorted(_epoch(loader, expected)) == list(range(40))
+
+
+def test_shared_handoff_keeps_every_batch_held(raw_stores: dict[str, tuple[Path, np.ndarray]]) -> None:
+    path, images = raw_stores["lmdb"]
+    loader = make_loader(path, batch_size=16, num_workers=2, seed=1)  # handoff="auto": the ring
+    assert isinstance(loader, RingLoader)
+    held = list(loader)  # 19 batches kept, more than the ring has slots: the rest take torch's hand-off
+    assert len(held) > loader.ring.slots
+    for batch, labels in held:
+        np.testing.assert_array_equal(batch.numpy(), images[labels.numpy()])
+    assert sorted(label for _, labels in held for label in labels.tolist()) == list(range(N))
+    del held, batch, labels
+    slots = {images.data_ptr() for images in loader.ring.images}
+    for batch, labels in loader:  # a loop that lets each batch go is served from the ring's slots
+        assert batch.data_ptr() in slots
+        np.testing.assert_array_equal(batch.numpy(), images[labels.numpy()])
+    assert isinstance(make_loader(path, handoff="torch"), torch.utils.data.DataLoader)
+    assert not isinstance(make_loader(path, handoff="torch"), RingLoader)
 
 
 @pytest.mark.parametrize(
