@@ -31,7 +31,7 @@ class LitDataPeer(EpochLoader):
     kind = "peer"
     requires = ("litdata",)
     # Not in the extra: litdata requires torchvision, which pulls another (CUDA) torch from PyPI.
-    install = "pip install 'imgstore-ml[peers]' && pip install --no-deps litdata"
+    install = "pip install 'imgstore-ml[peers]' && pip install --no-deps 'litdata>=0.2.76'"
 
     def build(self, source: EpochSource, root: Path) -> None:
         import litdata
@@ -61,7 +61,13 @@ class LitDataPeer(EpochLoader):
         import litdata
 
         transform = None if self.size is None else partial(_decode_record, size=self.size)
-        dataset = litdata.StreamingDataset(str(self.root), shuffle=True, seed=seed, transform=transform)
+        # LitData 0.2.76's default batch_decode="auto" decodes windows of records together: 1.2x faster at
+        # 0 workers here, but 5x slower with 2 (50 000 CIFAR, batch 256: 2 000 images/s against 10 000 per
+        # record), so with workers the row uses its documented per-record decoding (batch_decode=0).
+        batch_decode: int | str = "auto" if num_workers == 0 else 0
+        dataset = litdata.StreamingDataset(
+            str(self.root), shuffle=True, seed=seed, transform=transform, batch_decode=batch_decode
+        )
         return litdata.StreamingDataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_records
         )
