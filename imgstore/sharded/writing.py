@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from imgstore.errors import InvalidOptionError, StoreBusyError, StoreExistsError, StoreIOError
+from imgstore.fileio import fsync_dir
 from imgstore.opening import open_store
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import (
@@ -80,6 +81,7 @@ def write_shard(
         info = ShardInfo(name, count, backend, codec, shape, files, shard_checksum(files))
         if location.local is not None:
             os.rename(staging, location.shard_path(name))
+            fsync_dir(staging.parent)  # the shard is in place on disk before any manifest names it
         else:
             location.upload_shard(name, staging, [f.path for f in files])
     except BaseException:
