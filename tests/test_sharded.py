@@ -309,3 +309,10 @@ def test_prefetch_fills_the_cache_in_the_background(memory_dataset: str, tmp_pat
         data.prefetch([0, 1])  # nothing to fetch on a local disk
         with pytest.raises(imgstore.StoreIndexError):
             data.prefetch([3])
+
+
+def test_a_file_url_is_the_local_path(tmp_path: Path) -> None:
+    _write(f"file://{tmp_path / 'ds'}")
+    assert (tmp_path / "ds" / MANIFEST_NAME).is_file()
+    with open_sharded(tmp_path / "ds") as data:
+        assert data.cache is None and np.array_equal(data.get_many(range(100))[0], IMAGES)
