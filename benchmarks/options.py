@@ -26,8 +26,9 @@ DEFAULT_RUN_ALL_DECODERS = ("lmdb", "hdf5", "png")  # the targets' backends, and
 def in_default_run(subject: Subject, operation: str, n: int) -> bool:
     """Whether the default run measures this case. ``store_single`` (one durable commit per image:
     1-4 s a round per row at 100 images, at 10 000 half of a three-backend run's time) up to 10
-    images; the imagenet-like rows of the slower decoders for lmdb, hdf5 and png only; the other operations up to 1 000 for every row, and at 10 000 for the default imgstore
-    rows, the limit, and the tutorial's bulk rows (``store_many``, ``read_many``)."""
+    images; the imagenet-like rows of the slower decoders for lmdb, hdf5 and png only; the other
+    operations up to 1 000 for every row, and at 10 000 for the default imgstore rows, the limit,
+    and the tutorial's bulk rows (``store_many``, ``read_many``)."""
     if operation == "store_single":
         return n <= DEFAULT_RUN_STORE_SINGLE_UP_TO
     if getattr(subject, "decoder", None) and not getattr(subject, "fastest", True):
