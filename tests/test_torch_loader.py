@@ -309,3 +309,22 @@ def test_shared_handoff_keeps_every_batch_held(raw_stores: dict[str, tuple[Path,
 def test_bad_handoff(raw_stores: dict[str, tuple[Path, np.ndarray]], kwargs: dict, match: str) -> None:
     with pytest.raises(InvalidOptionError, match=match):
         make_loader(raw_stores["lmdb"][0], **kwargs)
+
+
+def test_shared_handoff_across_broken_and_concurrent_passes(raw_stores: dict[str, tuple[Path, np.ndarray]]) -> None:
+    path, images = raw_stores["hdf5"]
+    persistent = make_loader(path, batch_size=16, num_workers=2, seed=3, persistent_workers=True)
+    for _ in range(3):  # a pass broken off after two batches: its workers' batches in flight are drained
+        for count, (batch, labels) in enumerate(persistent):
+            np.testing.assert_array_equal(batch.numpy(), images[labels.numpy()])
+            if count == 1:
+                break
+    assert sorted(_epoch(persistent, images)) == list(range(N))
+    loader = make_loader(path, batch_size=16, num_workers=2, seed=3)
+    first, second = iter(loader), iter(loader)  # two passes at once, each with its own workers
+    seen: list[int] = []
+    for (a, a_labels), (b, b_labels) in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.numpy(), images[a_labels.numpy()])
+        np.testing.assert_array_equal(b.numpy(), images[b_labels.numpy()])
+        seen.extend(b_labels.tolist())
+    assert sorted(seen) == list(range(N))
