@@ -24,6 +24,7 @@ import lmdb
 import numpy as np
 
 from imgstore.backends.lmdb_env import acquire, release, start_data_file
+from imgstore.backends.lmdb_mapped import MappedBlocks
 from imgstore.backends.lmdb_pages import Snapshot
 from imgstore.backends.pixel_blocks import copy_rows, one_record, records_in
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError
@@ -58,6 +59,7 @@ class LmdbStore(Store):
             start_data_file(path / "data.mdb")
         shared = self._shared = acquire(os.path.realpath(path), self.writable, self.sync, _INITIAL_MAP_SIZE)
         self._per_block = 0  # records per block, known once the image shape is
+        self._mapped: MappedBlocks | None = None  # shuffled batches out of a map of data.mdb
         if self.writable and shared.readonly:
             self._close()
             raise StoreBusyError(f"{path} is open read-only in this process; close those handles to write")
@@ -74,6 +76,8 @@ class LmdbStore(Store):
             raise CorruptStoreError(f"{path} cannot be opened as LMDB: {exc}") from exc
 
     def _close(self) -> None:
+        if getattr(self, "_mapped", None) is not None:
+            self._mapped.close()  # type: ignore[union-attr]
         release(self._shared)
 
     def _reopen_after_fork(self) -> None:
@@ -269,6 +273,11 @@ class LmdbStore(Store):
         txn, pages = self._begin()
         with txn:
             pages.check_keys(blocks)
+            if self._mapped is None:
+                self._mapped = MappedBlocks(str(self.file("lmdb") / "data.mdb"), self._env.stat()["psize"])
+            flat = images.reshape(len(indices), size)
+            if self._mapped.gather(txn, self._env, blocks, rows, size, per_block, flat, labels):
+                return
             get = txn.get
             at = 0
             for block, row in zip(blocks.tolist(), rows.tolist(), strict=True):
