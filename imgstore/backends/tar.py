@@ -132,7 +132,7 @@ class TarStore(Store):
         tail = bytearray(end - at - image.nbytes)
         if os.preadv(self._fd(shards[index]), [image.data, tail], at) != end - at:
             raise CorruptStoreError(f"{self.path}: image {index} is committed but its shard is cut short")
-        return image, fmt.parse_label(bytes(tail[-label_lens[index] :]), self.path)
+        return image, fmt.parse_label(tail[-label_lens[index] :], self.path)
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         shard, offset, _, end = self._spans(indices)
@@ -142,7 +142,7 @@ class TarStore(Store):
             tail = bytearray(e - o - nbytes)
             if os.preadv(self._fd(s), [images[k].data, tail], o) != e - o:
                 raise CorruptStoreError(f"{self.path}: image {int(indices[k])} is committed but its shard is cut short")
-            labels[k] = fmt.parse_label(bytes(tail[-label_len[k] :]), self.path)
+            labels[k] = fmt.parse_label(tail[-label_len[k] :], self.path)
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         # Records of one shard lie one after another, each ``stride`` bytes: pieces of about _PIECE_BYTES are

@@ -105,7 +105,7 @@ def label_digits(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return text, lengths
 
 
-def parse_label(text: bytes, where: object) -> int:
+def parse_label(text: bytes | bytearray, where: object) -> int:
     if not text.isdigit() or not text.isascii():
         raise CorruptStoreError(f"{where}: a label is not a decimal number")
     value = int(text)
