@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 import imgstore
+from imgstore.backends import tar_format
 from imgstore.datasets import synthetic_cifar10
 
 wds = pytest.importorskip("webdataset")  # the [test] extra has it; the backend itself does not need it
@@ -164,3 +165,25 @@ def test_a_killed_append_never_leaves_a_shard_tar_or_webdataset_cannot_read(tmp_
         pytest.fail("the append never finished")
     assert kill_at > 4, "the append made too few writes to test"
     assert (50, 50) in outcomes  # killed before the records became visible to tar
+
+
+@pytest.mark.parametrize("text", [b"x", b"-"])
+def test_a_damaged_label_text_is_a_corrupt_store_on_every_read(tmp_path: Path, text: bytes) -> None:
+    """What webdataset reads as the label (``KEY.cls``) is what a get parses: damage there is CorruptStoreError."""
+    images, labels = synthetic_cifar10(3, seed=2)
+    with imgstore.open_store(tmp_path / "s", "tar", "w") as store:
+        store.put_many(images, labels)
+    entry = np.fromfile(next((tmp_path / "s").glob("tarindex-*.bin")), dtype=tar_format.ENTRY)[1]
+    end = int(tar_format.label_ends(*(np.array([entry[k]], np.int64) for k in ("offset", "length", "label_len")))[0])
+    at = end - int(entry["label_len"])  # record 1's label text, as webdataset reads it (KEY.cls)
+    shard = Path(shards(tmp_path / "s")[0])
+    data = shard.read_bytes()
+    assert int(data[at:end]) == labels[1] == int(samples(tmp_path / "s")[1]["cls"])
+    shard.write_bytes(data[:at] + text * (end - at) + data[end:])
+    for verify in (True, False):
+        with imgstore.open_store(tmp_path / "s", verify_reads=verify) as store:
+            assert store.get(0)[1] == labels[0]
+            with pytest.raises(imgstore.CorruptStoreError):
+                store.get(1)
+            with pytest.raises(imgstore.CorruptStoreError):
+                store.get_many([1, 0])
