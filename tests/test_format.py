@@ -180,3 +180,42 @@ def test_pinned_varied_stores_read_back_bit_exact(
         for image, want in zip(images, arrays, strict=True):
             np.testing.assert_array_equal(image.reshape(want.shape), want)
         store.verify()
+
+
+# ---------------------------------------------------------------------- format 3: TileDB's S<nbytes> cells
+
+PINNED_TILEDB = DATA / "format3" / "tiledb"  # format 3's records, as imgstore wrote raw TileDB stores before 2026-11
+
+
+def test_pinned_tiledb_s_cells_read_back_and_take_appends_of_random_images(
+    tmp_path: Path, expected_v3: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Its ``image`` is ``S6912``: TileDB keeps each tile's min/max cell in the fragment metadata and
+    refused a write of 83 tiles of random pixels (GZip bound, TileDB #5775); now split in fragments."""
+    tiledb = pytest.importorskip("tiledb")
+    path = tmp_path / "tiledb"
+    shutil.copytree(PINNED_TILEDB, path)
+    with imgstore.open_store(path) as store:
+        check_store_content(store, *expected_v3)
+        store.verify()
+    more, more_labels = random_images(743 + 8 * 20, (48, 48, 3), seed=9)
+    with imgstore.open_store(path, mode="a", sync=False) as store:
+        store.put_many(more[:743], more_labels[:743])  # records 40 .. 782: tiles 4 .. 86
+        for start in range(743, len(more), 20):  # merges
+            store.put_many(more[start : start + 20], more_labels[start : start + 20])
+    images, labels = np.concatenate([expected_v3[0], more]), np.concatenate([expected_v3[1], more_labels])
+    with imgstore.open_store(path) as store:
+        check_store_content(store, images, labels)
+        store.verify()
+    (array_path,) = path.glob("tiledb-*")
+    with tiledb.open(str(array_path)) as array:
+        assert array.schema.attr("image").dtype == np.dtype("S6912")  # the layout stays
+        got = array[0 : len(images)]
+        np.testing.assert_array_equal(np.ascontiguousarray(got["image"]).view(np.uint8).reshape(images.shape), images)
+        np.testing.assert_array_equal(got["label"], labels)
+
+
+@pytest.fixture
+def expected_v3() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(DATA / "format3" / "expected.npz") as saved:
+        return saved["images"], saved["labels"]

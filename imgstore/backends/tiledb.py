@@ -1,10 +1,19 @@
 """TileDB backend: one dense TileDB array, dimension ``index``, attributes ``image`` and ``label``.
 
-Raw stores of one shape keep each image as one fixed-size cell (``image``: ``S<nbytes>``, the
+Raw stores of one shape keep each image as one fixed-size cell (``image``: ``nbytes`` uint8 values, the
 pixels in C order; ``A.meta["image_shape"]`` holds the shape) and its ``label`` (int64), tiled
 along ``index`` in tiles of about ``tile_bytes``. Encoded stores (and raw ones of varied shapes)
 keep each record's bytes in a variable-length ``image`` attribute (uint8). So
 ``tiledb.open(path)[0:10]`` gives images and labels.
+
+Stores written before imgstore 2026-11 keep an ``S<nbytes>`` (TileDB ``CHAR``) ``image`` attribute, for
+which TileDB keeps every tile's smallest and largest cell in the fragment metadata; TileDB 2.30
+compresses that metadata with GZip into a buffer a few bytes too small for incompressible data
+(``GZip::overhead`` in ``tiledb/sm/compressors/gzip_compressor.cc`` divides by 16834 for 16384,
+fixed upstream in TileDB #5775), so a write of random-looking pixels could fail. A uint8 attribute of
+``nbytes`` values per cell has no min/max metadata (``TileMetadataGenerator::has_min_max_metadata``:
+only single-value cells and strings do). The ``label`` attribute (int64) still has it, so a write
+TileDB refuses this way is split at a tile boundary and written as two fragments (both layouts).
 
 Every ``put_many`` is one TileDB fragment, written with a timestamp later than every fragment
 before it, so a write over a crashed write's leftovers (records past the committed count) wins.
@@ -42,6 +51,7 @@ from imgstore.store import Store
 _DOMAIN_HIGH = 2**62 - 1  # dense domains are fixed at creation: this bound is never reached
 _TIMESTAMP_LIMIT = 2**63 - 1  # a fragment's timestamp is below it, and so is the next one imgstore gives
 _CLOCK_SLACK_MS = 60_000  # a fragment dated further ahead than this is damage (clocks of writers may differ a little)
+_GZIP_BOUND = "Cannot compress with GZIP; output buffer too small"  # TileDB #5775 (module docstring)
 _context: tuple[int, tiledb.Ctx] | None = None
 _inherited: list[Any] = []  # a forked child's copies of the parent's TileDB objects: never freed
 
@@ -190,17 +200,41 @@ class TileDBStore(Store):
             )
         return newest
 
-    def _put(self, start: int, stop: int, data: dict[str, np.ndarray]) -> None:
+    def _put(self, start: int, images: np.ndarray, labels: np.ndarray, split: bool = True) -> None:
+        """Write records ``start ..``: ``images`` uint8 ``[N, nbytes]`` (raw) or an object array of uint8 arrays.
+
+        ``split``: a write TileDB refuses for its GZip bound (module docstring) is written as two
+        fragments, split at a tile boundary; without it that is :class:`_GZipBound`.
+        """
         before = set(_listdir(Path(self._uri) / "__commits"))
         try:
-            with tiledb.open(self._uri, "w", timestamp=self._next_timestamp(), ctx=context()) as array:
-                array[start:stop] = data
-        except tiledb.TileDBError as exc:
-            raise _os_error(exc) from exc
+            self._put_fragments(start, images, labels, split)
         finally:
             self._forget()
         if self.sync:
             self._sync_new(before)
+
+    def _put_fragments(self, start: int, images: np.ndarray, labels: np.ndarray, split: bool) -> None:
+        stop = start + len(images)
+        try:
+            with tiledb.open(self._uri, "w", timestamp=self._next_timestamp(), ctx=context()) as array:
+                if images.dtype != object:  # this array's cell dtype: uint8 values, or S<nbytes> in older stores
+                    images = images.view(array.schema.attr("image").dtype).reshape(len(images))
+                array[start:stop] = {"image": images, "label": labels}
+        except tiledb.TileDBError as exc:
+            if _GZIP_BOUND not in str(exc):
+                raise _os_error(exc) from exc
+            tile = self._stored_tile()
+            middle = (start + stop) // 2 // tile * tile
+            middle = middle if middle > start else (start // tile + 1) * tile
+            if not split or middle >= stop:  # within one tile the metadata is a few dozen bytes: never seen
+                raise _GZipBound(
+                    f"TileDB could not write records {start} .. {stop - 1} of {self._uri} (its GZip bound, "
+                    f"TileDB #5775): {exc}. Copy the store into a new one: python -m imgstore.cli convert "
+                    "SOURCE DEST --backend tiledb"
+                ) from exc
+            self._put_fragments(start, images[: middle - start], labels[: middle - start], split)
+            self._put_fragments(middle, images[middle - start :], labels[middle - start :], split)
 
     def _sync_new(self, before: set[str]) -> None:
         """fsync the new fragment's files, its commit file and the folders naming them."""
@@ -243,18 +277,19 @@ class TileDBStore(Store):
         except tiledb_direct.Unreadable:
             return  # not laid out as expected: leave the fragments to TileDB
         try:
-            every = np.arange(low, stop, dtype=np.int64)
             if cell is None:
-                blobs, labels = index.read_blobs(every)
-                data = {"image": _cells(blobs), "label": labels}
+                blobs, labels = index.read_blobs(np.arange(low, stop, dtype=np.int64))
+                images = _cells(blobs)
             else:
                 images = np.empty((stop - low, cell), np.uint8)
                 labels = np.empty(stop - low, np.int64)
                 index.read_range_into(low, stop, images, labels)
-                data = {"image": images.view(f"S{cell}").reshape(-1), "label": labels}
         finally:
             index.close()
-        self._put(low, stop, data)
+        try:
+            self._put(low, images, labels, split=False)
+        except _GZipBound:
+            return  # a merge is only an optimisation: the fragments stay as they are (the next merge differs)
         root = Path(self._uri)
         for _, _, _, uri in merged:
             name = os.path.basename(tiledb_direct._path(uri).rstrip("/"))
@@ -267,10 +302,12 @@ class TileDBStore(Store):
         if start == 0:
             tile = self._tile(nbytes)
             chunk = tiledb.FilterList([], chunksize=tile * nbytes, ctx=context())  # one chunk per tile
-            attr = tiledb.Attr("image", dtype=np.dtype(f"S{nbytes}"), filters=chunk, ctx=context())
+            # nbytes uint8 values a cell (tiledb-py: a record dtype of nbytes uint8 fields): no min/max
+            # metadata, unlike S<nbytes> (module docstring).
+            values = np.dtype([("", np.uint8)] * nbytes)
+            attr = tiledb.Attr("image", dtype=values, filters=chunk, ctx=context())
             self._create_array(attr, tile, images.shape[1:])
-        cells = images.reshape(len(images), nbytes).view(f"S{nbytes}").reshape(len(images))
-        self._put(start, start + len(images), {"image": cells, "label": labels})
+        self._put(start, images.reshape(len(images), nbytes), labels)
         self._merge(start + len(images))
 
     def _write_blobs(self, start: int, blobs: Sequence[bytes], labels: np.ndarray) -> None:
@@ -279,7 +316,7 @@ class TileDBStore(Store):
             whole = tiledb.FilterList([], chunksize=(1 << 32) - 1, ctx=ctx)  # a tile is one chunk
             attr = tiledb.Attr("image", dtype=np.uint8, var=True, filters=whole, ctx=ctx)
             self._create_array(attr, self._tile(1 << 14), None)
-        self._put(start, start + len(blobs), {"image": _cells(blobs), "label": labels})
+        self._put(start, _cells(blobs), labels)
         self._merge(start + len(blobs))
 
     # -------------------------------------------------------------- reading
@@ -336,7 +373,7 @@ class TileDBStore(Store):
             return
         cells, where = self._gather(indices)
         self._check_count(cells["label"], int(where.max()) + 1)
-        images.reshape(len(images), -1).view(cells["image"].dtype)[:, 0] = cells["image"][where]
+        images.reshape(len(images), -1)[:] = _pixels(cells["image"])[where]
         labels[:] = cells["label"][where]
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
@@ -346,7 +383,7 @@ class TileDBStore(Store):
             return
         cells = self._query([(start, stop - 1)])
         self._check_count(cells["label"], stop - start)
-        images.reshape(len(images), -1).view(cells["image"].dtype)[:, 0] = cells["image"]
+        images.reshape(len(images), -1)[:] = _pixels(cells["image"])
         labels[:] = cells["label"]
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
@@ -372,6 +409,18 @@ class TileDBStore(Store):
         cells = self._query([(start, stop - 1)])
         self._check_count(cells["label"], stop - start)
         return [bytes(cell) for cell in cells["image"]], cells["label"].astype(np.int64)
+
+
+class _GZipBound(OSError):
+    """TileDB refused a write for its GZip bound (module docstring) and it was not to be split."""
+
+
+def _pixels(cells: np.ndarray) -> np.ndarray:
+    """Fixed-size ``image`` cells as uint8 rows: a byte view, whatever the dtype (uint8 values or S<nbytes>).
+
+    (Assigning record arrays copies field by field: 1 s for 50 images of 224x224x3.)
+    """
+    return np.ascontiguousarray(cells).view(np.uint8).reshape(len(cells), -1)
 
 
 def _cells(blobs: Sequence[bytes]) -> np.ndarray:
