@@ -19,9 +19,10 @@ import imgstore
 from benchmarks.data import ENCODED_DATASETS, BenchData, comma_list, cutoffs_for, selected_datasets
 from benchmarks.data import load as load_data
 from benchmarks.encoded import make_encoded_subjects
+from benchmarks.epoch_report import is_epoch, write_epoch_group, write_epoch_targets
 from benchmarks.folder import STATUS_QUO_BACKEND
 from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation
-from benchmarks.options import IMAGENET_CODECS, add_options, in_default_run
+from benchmarks.options import IMAGENET_CODECS, add_options, epoch_in_default_run, in_default_run
 from benchmarks.subjects import KINDS, make_subjects
 from benchmarks.targets import write_encoded_group, write_targets
 from benchmarks.verdict import write_verdict
@@ -47,8 +48,8 @@ def selected_operations(config: pytest.Config) -> list[str]:
     return [op for op in NAMES if op in ops]
 
 
-def selected_subjects(config: pytest.Config, dataset: str) -> list[Subject]:
-    """The rows of ``dataset``: the fixed-shape suite's (subjects.py), or an encoded dataset's (encoded.py)."""
+def selected_backends(config: pytest.Config) -> list[str]:
+    """The imgstore backends asked for (--backends), default every installed one."""
     value = config.getoption("backends")
     registered = imgstore.available_backends()
     backends = comma_list(value) if value else imgstore.installed_backends()  # a missing library: not a row
@@ -57,6 +58,18 @@ def selected_subjects(config: pytest.Config, dataset: str) -> list[Subject]:
         raise pytest.UsageError(
             f"--backends: no imgstore backend {', '.join(sorted(unknown))}; registered: {', '.join(registered)}"
         )
+    return backends
+
+
+def selected_caches(config: pytest.Config) -> list[str]:
+    """--cache: the page-cache states of the operations that have a cold row."""
+    value = config.getoption("cache")
+    return ["warm", "cold"] if value == "both" else [value]
+
+
+def selected_subjects(config: pytest.Config, dataset: str) -> list[Subject]:
+    """The rows of ``dataset``: the fixed-shape suite's (subjects.py), or an encoded dataset's (encoded.py)."""
+    backends = selected_backends(config)
     if dataset not in ENCODED_DATASETS:
         return make_subjects(backends)
     codecs = comma_list(config.getoption("imagenet_codecs"))
@@ -76,24 +89,61 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Cases per dataset (the fixed-shape one first), cutoff, operation, subject: a group's rows run back to back."""
+    if "loader_name" in metafunc.fixturenames:
+        epoch_cases(metafunc)
+        return
     if "subject_name" not in metafunc.fixturenames:
         return
     config = metafunc.config
     cases = []
     trimmed = config.getoption("cutoffs") is None  # the default run: what stays affordable
+    caches = selected_caches(config)
     for dataset in selected_datasets(config):
         subjects = selected_subjects(config, dataset)
         cases += [
-            (subject.name, op, n, dataset)
+            (subject.name, op, n, dataset, cache)
             for n in cutoffs_for(config, dataset)
             for op in selected_operations(config)
+            for cache in (caches if get_operation(op).cold else ["warm"])
             for subject in subjects
             if op in subject.operations and (not trimmed or in_default_run(subject, op, n))
         ]
     metafunc.parametrize(
-        "subject_name,operation,cutoff,dataset_name",
+        "subject_name,operation,cutoff,dataset_name,cache",
         cases,
-        ids=[f"{name}-{op}-{n}-{dataset}" for name, op, n, dataset in cases],  # the saved runs' names: never change
+        # the saved runs' names: never change (a cold row adds "-cold")
+        ids=[f"{name}-{op}-{n}-{dataset}" + _cold_id(cache) for name, op, n, dataset, cache in cases],
+    )
+
+
+def _cold_id(cache: str) -> str:
+    return "-cold" if cache == "cold" else ""
+
+
+def epoch_cases(metafunc: pytest.Metafunc) -> None:
+    """The epoch rows: dataset, cutoff, cache, workers, loader (benchmarks/epoch.py; the default run's: options.py)."""
+    from benchmarks.epoch import WORKERS, loader_classes
+
+    config = metafunc.config
+    cases = []
+    if "epoch" in selected_operations(config):
+        trimmed = config.getoption("cutoffs") is None
+        for dataset in selected_datasets(config):
+            encoded = dataset in ENCODED_DATASETS
+            classes = loader_classes(selected_backends(config), encoded)
+            cases += [
+                (cls.name, workers, n, dataset, cache)
+                for n in cutoffs_for(config, dataset)
+                for cache in selected_caches(config)
+                for workers in WORKERS
+                for cls in classes
+                if not trimmed
+                or (cache == "warm" and epoch_in_default_run(cls.kind, getattr(cls, "backend", ""), encoded, n))
+            ]
+    metafunc.parametrize(
+        "loader_name,workers,cutoff,dataset_name,cache",
+        cases,
+        ids=[f"{name}-epoch-w{w}-{n}-{dataset}" + _cold_id(cache) for name, w, n, dataset, cache in cases],
     )
 
 
@@ -209,8 +259,8 @@ def fill_ratios(benchmarks: list[Any]) -> None:
     status_quo: dict[tuple, float] = {}
     by_subject: dict[tuple, float] = {}  # every median, by (dataset, operation, images, subject)
     for bench, record in rows:
-        key = (record.dataset, record.operation, record.images)
-        by_subject[(*key, bench.params["subject_name"])] = bench.stats.median
+        key = _reference_key(bench, record)
+        by_subject[(*key, _row_name(bench))] = bench.stats.median
         if record.kind == "limit" and record.backend == "raw":
             limit[key] = bench.stats.median
         if record.kind == "tutorial":
@@ -218,11 +268,11 @@ def fill_ratios(benchmarks: list[Any]) -> None:
             if record.backend == STATUS_QUO_BACKEND:
                 status_quo[key] = bench.stats.median
     for bench, record in rows:
-        key = (record.dataset, record.operation, record.images)
+        key = _reference_key(bench, record)
         median = bench.stats.median
         to_limit, to_tutorial = limit.get(key), tutorial.get((*key, record.backend)) or status_quo.get(key)
         over = get_operation(record.operation).speedup_over
-        single = by_subject.get((record.dataset, over, record.images, bench.params["subject_name"])) if over else None
+        single = by_subject.get((record.dataset, over, record.images, *key[3:], _row_name(bench))) if over else None
         filled = dataclasses.replace(
             record,
             ratio_to_limit=median / to_limit if to_limit else None,
@@ -230,6 +280,16 @@ def fill_ratios(benchmarks: list[Any]) -> None:
             speedup_over_single=single / median if single else None,
         )
         bench.extra_info.update(filled.to_extra_info())
+
+
+def _reference_key(bench: Any, record: ResultRecord) -> tuple:
+    """Rows compared with each other: same dataset, operation, N, page cache and (epoch) workers."""
+    info = bench.extra_info
+    return (record.dataset, record.operation, record.images, info.get("cache", "warm"), info.get("workers"))
+
+
+def _row_name(bench: Any) -> str:
+    return str(bench.params.get("subject_name") or bench.params.get("loader_name"))
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list[Any], output_json: dict) -> None:
@@ -240,13 +300,16 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list[Any], o
 
 
 def _group_order(name: str | None) -> tuple:
-    """Groups "<operation> n=<cutoff>[ <encoded dataset>]": the fixed-shape dataset's first, each dataset's
-    in the order of the operations' table, then by cutoff as a number."""
+    """Groups "<operation> n=<cutoff>[ w=<workers>][ <encoded dataset>][ cold]": the fixed-shape dataset's first,
+    each dataset's in the order of the operations' table, then by cutoff as a number, workers, warm before cold."""
     operation, _, rest = (name or "").partition(" n=")
-    n, _, dataset = rest.partition(" ")
+    n, *words = rest.split(" ")
+    cold = "cold" in words
+    workers = next((int(w[2:]) for w in words if w.startswith("w=") and w[2:].isdigit()), -1)
+    dataset = " ".join(w for w in words if w != "cold" and not w.startswith("w="))
     if operation in NAMES and n.isdigit():
-        return (dataset, NAMES.index(operation), int(n), "")
-    return ("~", len(NAMES), 0, name or "")
+        return (dataset, NAMES.index(operation), int(n), workers, cold, "")
+    return ("~", len(NAMES), 0, 0, False, name or "")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -295,6 +358,9 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
     for bench in rows:
         groups.setdefault(bench.group, []).append(bench)
     for group in sorted(groups, key=_group_order):
+        if is_epoch(groups[group][0]):
+            write_epoch_group(tr, group, groups[group])
+            continue
         ordered = sorted(
             groups[group],
             key=lambda b: (KINDS.index(b.extra_info["kind"]), b.extra_info["backend"], b.params["subject_name"]),
@@ -319,4 +385,5 @@ def _write_summary(tr: Any, benchmarks: list[Any]) -> None:
                 + (f"{_ratio(info['speedup_over_single']):>9}" if many else "")
             )
     write_targets(tr, rows)
+    write_epoch_targets(tr, rows)
     write_verdict(tr, rows)

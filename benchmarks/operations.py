@@ -86,7 +86,8 @@ Where = int | slice | list[int]  # an index into the dataset's images and labels
 @dataclass(frozen=True)
 class Operation:
     name: str  # method name on a subject, test id part, group "<name> n=<N>", extra_info["operation"]; never renamed
-    kind: Literal["read", "write"]
+    # "epoch": measured on the training loaders (benchmarks/loaders, benchmarks/test_epoch.py), not on subjects
+    kind: Literal["read", "write", "epoch"]
     title: str  # the summary's heading of its groups
     definition: str  # what is timed, for people (``--ops`` help, README)
     # Read bodies only: "count" -> (reader, n); "order" -> (reader, random_order(n)).
@@ -101,10 +102,12 @@ class Operation:
     # Variant rows measured on it besides every subject's default row: "nosync" (writes without
     # fsync), "noverify" (reads without checksum checks), "preset" (a backend's named option sets).
     variants: tuple[str, ...] = ()
+    # Also measured with the files evicted from the page cache first (--cache cold|both): a "-cold" row.
+    cold: bool = False
 
     def __post_init__(self) -> None:  # a wrong record fails at import, with its name
-        if self.kind not in ("read", "write") or self.takes not in ("count", "order"):
-            raise ValueError(f"operation {self.name!r}: kind must be read/write and takes count/order")
+        if self.kind not in ("read", "write", "epoch") or self.takes not in ("count", "order"):
+            raise ValueError(f"operation {self.name!r}: kind must be read/write/epoch and takes count/order")
         if (self.kind == "read") != (self.last_at is not None):
             raise ValueError(f"operation {self.name!r}: a read operation, and only one, says where its last result is")
         unknown = set(self.variants) - set(VARIANT_KINDS)
@@ -159,12 +162,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "read_many", "read", "Reading many images at once",
         "one call get_many(range(N)), handle open; allocating the result is part of it",
-        last_at=lambda n: slice(0, n), variants=("noverify", "preset"),
+        last_at=lambda n: slice(0, n), variants=("noverify", "preset"), cold=True,
     ),
     Operation(
         "read_random", "read", "Reading images in random order",
         "every image once by get, in a shuffled order (seed 0): a shuffled epoch",
-        takes="order", last_at=lambda order: order[-1], variants=("noverify",),
+        takes="order", last_at=lambda order: order[-1], variants=("noverify",), cold=True,
     ),
     Operation(
         "read_random_many", "read", "Reading shuffled batches",
@@ -177,8 +180,16 @@ OPERATIONS: tuple[Operation, ...] = (
         f"one full pass iter_batches({BATCH_SIZE}) in index order, handle open",
         last_at=_last_batch,
     ),
+    Operation(
+        "epoch", "epoch", "One shuffled training epoch through a DataLoader",
+        f"iter() of a torch DataLoader (batch {BATCH_SIZE}, shuffled, num_workers 0 or 2) to its last batch: "
+        "every record once, as uint8 [B, H, W, C] and int64 [B] tensors (benchmarks/loaders: LIMIT, imgstore, peers)",
+        cold=True,
+    ),
 )  # fmt: skip
 
+# The operations measured on subjects (benchmarks/test_storage.py); "epoch" is measured on loaders.
+STORAGE_OPERATIONS: tuple[Operation, ...] = tuple(op for op in OPERATIONS if op.kind != "epoch")
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 if len(NAMES) != len(OPERATIONS):

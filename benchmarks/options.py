@@ -41,6 +41,20 @@ def in_default_run(subject: Subject, operation: str, n: int) -> bool:
     return not subject.variant_kind
 
 
+# The epoch rows of the default run: warm, the fixed-shape dataset at 10 000 images, 0 and 2 workers,
+# the LIMIT, these imgstore backends and every installed peer (~1 min); the rest behind the options.
+DEFAULT_RUN_EPOCH_CUTOFF = 10_000
+DEFAULT_RUN_EPOCH_BACKENDS = ("lmdb", "hdf5")
+CACHES = ("warm", "cold", "both")
+
+
+def epoch_in_default_run(kind: str, backend: str, encoded: bool, n: int) -> bool:
+    """Whether the default run measures this epoch row (warm rows only: cold needs --cache)."""
+    if encoded or n != DEFAULT_RUN_EPOCH_CUTOFF:
+        return False
+    return kind != "imgstore" or backend in DEFAULT_RUN_EPOCH_BACKENDS
+
+
 # The fixed-shape (CIFAR-like) dataset, then the encoded one: its rows run at --imagenet-cutoffs.
 DEFAULT_DATASETS = "synthetic,imagenet-like"
 # imagenet-like rows at 1 000 images (~0.1 GB of JPEGs) in the default run: a round decodes ~0.5 GB
@@ -63,6 +77,13 @@ def add_options(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--backends", default=None, help="comma list of imgstore backends to benchmark; default every registered one"
+    )
+    group.addoption(
+        "--cache",
+        default="warm",
+        choices=CACHES,
+        help="page cache of the read rows that have a cold variant (read_many, read_random, epoch): warm (default), "
+        "cold (each round's files evicted with posix_fadvise and checked gone with mincore: '-cold' rows) or both",
     )
     group.addoption("--ops", default=None, help=f"comma list of operations; default all: {','.join(NAMES)}")
     group.addoption(

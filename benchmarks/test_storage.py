@@ -49,12 +49,42 @@ def with_injected_slowdown(body: Callable[..., Any], fraction: float) -> Callabl
     return slowed
 
 
+def _cold_rounds(
+    benchmark: Any, subject: Subject, op: Any, body: Callable[..., Any], path: Path, argument: Any,
+    shape: tuple[int, ...], cutoff: int,
+) -> Any:
+    """Timed rounds that each start with the store's files out of the page cache (checked), reader opened after."""
+    import pytest
+
+    from benchmarks.pagecache import StillCachedError, files_under, make_cold
+
+    readers: list[Any] = []
+    files = files_under(path)
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        while readers:  # the last round's reader maps the files: closed before they are evicted
+            subject.close_reader(readers.pop())
+        try:
+            make_cold(files)
+        except StillCachedError as exc:
+            pytest.skip(f"cold {subject.name}: {exc}")
+        readers.append(subject.open_reader(path, shape))  # untimed; reads the store's header, as a cold start does
+        return (readers[-1], argument), {}
+
+    try:
+        return benchmark.pedantic(body, setup=setup, rounds=subject.timed_rounds(op, cutoff), iterations=1)
+    finally:
+        while readers:
+            subject.close_reader(readers.pop())
+
+
 def test_storage(
     benchmark: Any,
     subject_name: str,
     operation: str,
     cutoff: int,
     dataset_name: str,
+    cache: str,
     subjects: dict[str, dict[str, Subject]],
     bench_data: BenchDataSet,
     read_stores: ReadStores,
@@ -66,7 +96,7 @@ def test_storage(
     data = bench_data.get(dataset_name)
     images, labels = data.images[:cutoff], data.labels[:cutoff]
     op = get_operation(operation)
-    benchmark.group = data.group(op.name, cutoff)
+    benchmark.group = data.group(op.name, cutoff) + (" cold" if cache == "cold" else "")
     body = subject.body(op.name)
     if injected_slowdown and injected_slowdown[:2] == (subject.name, operation):
         body = with_injected_slowdown(body, injected_slowdown[2])
@@ -86,16 +116,19 @@ def test_storage(
     else:
         path, disk_bytes, stored_bytes = read_stores.get(data, subject, cutoff)
         argument = op.argument(cutoff)  # n, or the shuffled order
-        reader = subject.open_reader(path, data.shape)
-        args = (reader, argument)
-        try:
-            # The untimed warmup round touches the store (and the result memory) right before timing:
-            # page cache and memory left idle are partly reclaimed by the host on this machine class.
-            warm = warm_up(body, args, subject.warmups) if subject.warmups else None
-            rounds = subject.timed_rounds(op, cutoff, warm)
-            last = benchmark.pedantic(body, args=args, rounds=rounds, iterations=1)
-        finally:
-            subject.close_reader(reader)
+        if cache == "cold":
+            last = _cold_rounds(benchmark, subject, op, body, path, argument, data.shape, cutoff)
+        else:
+            reader = subject.open_reader(path, data.shape)
+            args = (reader, argument)
+            try:
+                # The untimed warmup round touches the store (and the result memory) right before timing:
+                # page cache and memory left idle are partly reclaimed by the host on this machine class.
+                warm = warm_up(body, args, subject.warmups) if subject.warmups else None
+                rounds = subject.timed_rounds(op, cutoff, warm)
+                last = benchmark.pedantic(body, args=args, rounds=rounds, iterations=1)
+            finally:
+                subject.close_reader(reader)
         subject.check_last(op, last, argument, data)
 
     if benchmark.stats is None:  # --benchmark-disable: the case ran once, as a smoke test
@@ -103,6 +136,7 @@ def test_storage(
     # The result record: defined once, in imgstore.analysis.schema, which every reader parses.
     from imgstore.analysis.schema import ResultRecord
 
+    benchmark.extra_info["cache"] = cache
     record = ResultRecord(
         kind=subject.kind,
         backend=subject.backend,

@@ -16,7 +16,15 @@ import imgstore
 
 pytest.importorskip("pytest_benchmark")
 
-from benchmarks.operations import BATCH_SIZE, OPERATIONS, VARIANT_KINDS, Operation, Subject, get_operation  # noqa: E402
+from benchmarks.operations import (  # noqa: E402
+    BATCH_SIZE,
+    OPERATIONS,
+    STORAGE_OPERATIONS,
+    VARIANT_KINDS,
+    Operation,
+    Subject,
+    get_operation,
+)
 from benchmarks.subjects import make_subjects  # noqa: E402
 from benchmarks.verdict import NEEDS  # noqa: E402
 
@@ -40,14 +48,32 @@ def test_every_group_has_the_references_and_every_backend(run: dict[str, Any]) -
     groups: dict[str, set[str]] = {}
     for bench in run["doc"]["benchmarks"]:
         info = bench["extra_info"]
-        if info["dataset"] == "synthetic":
+        if info["dataset"] == "synthetic" and info["operation"] != "epoch":  # epoch: test_epoch_groups
             groups.setdefault(bench["group"], set()).add(f"{info['kind']}-{info['backend']}")
-    assert len(groups) == len(OPERATIONS)  # one per operation at the one cutoff
+    assert len(groups) == len(STORAGE_OPERATIONS)  # one per operation at the one cutoff
     for group, rows in groups.items():
         assert "limit-raw" in rows, group
         for backend in imgstore.available_backends():
             assert f"imgstore-{backend}" in rows, group
             assert f"tutorial-{backend}" in rows or backend not in ("png", "lmdb", "hdf5"), group
+
+
+def test_epoch_groups(run: dict[str, Any]) -> None:
+    """Each epoch group: the LIMIT and every backend, named by workers; its figures in extra_info."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for bench in run["doc"]["benchmarks"]:
+        if bench["extra_info"]["operation"] == "epoch":
+            groups.setdefault(bench["group"], {})[bench["extra_info"]["loader"]] = bench
+    assert set(groups) == {"epoch n=10 w=0", "epoch n=10 w=2"}
+    for group, rows in groups.items():
+        assert {"limit", *(f"imgstore-{b}" for b in imgstore.installed_backends())} <= set(rows), group
+        for name, bench in rows.items():
+            info = bench["extra_info"]
+            assert bench["name"] == f"test_epoch[{name}-epoch-w{info['workers']}-10-synthetic]"
+            assert info["cache"] == "warm" and info["workers"] == int(group[-1])
+            assert 0 < info["first_batch_seconds"] <= bench["stats"]["max"]
+            assert 0 < info["main_cpu_seconds_per_image"] and info["exact_epoch"] in (True, False)
+            assert info["ratio_to_limit"] > 0
 
 
 def test_extra_info_and_ratios_are_filled(run: dict[str, Any]) -> None:
@@ -62,7 +88,8 @@ def test_extra_info_and_ratios_are_filled(run: dict[str, Any]) -> None:
         if info["kind"] == "imgstore":
             assert info["ratio_to_limit"] > 0
             # a backend the tutorial has a row for (the others have no reference of their own)
-            assert (info["ratio_to_tutorial"] or 0) > 0 if info["backend"] in tutorials else True
+            has_tutorial = info["backend"] in tutorials and info["operation"] != "epoch"
+            assert (info["ratio_to_tutorial"] or 0) > 0 if has_tutorial else True
         many = get_operation(info["operation"]).speedup_over is not None
         assert (info["speedup_over_single"] is not None) == many, bench["name"]
 
@@ -70,7 +97,7 @@ def test_extra_info_and_ratios_are_filled(run: dict[str, Any]) -> None:
 def test_variants_are_measured_where_they_matter(run: dict[str, Any]) -> None:
     operations: dict[str, set[str]] = {}
     for bench in run["doc"]["benchmarks"]:
-        if bench["extra_info"]["dataset"] != "synthetic":
+        if bench["extra_info"]["dataset"] != "synthetic" or bench["extra_info"]["operation"] == "epoch":
             continue
         operations.setdefault(bench["params"]["subject_name"], set()).add(bench["extra_info"]["operation"])
     on = {kind: {op.name for op in OPERATIONS if kind in op.variants} for kind in VARIANT_KINDS}
@@ -78,7 +105,7 @@ def test_variants_are_measured_where_they_matter(run: dict[str, Any]) -> None:
     assert all(get_operation(name).kind == "write" for name in on["nosync"])
     assert all(get_operation(name).kind == "read" for name in on["noverify"])
     for backend in imgstore.available_backends():
-        assert operations[f"imgstore-{backend}"] == {op.name for op in OPERATIONS}
+        assert operations[f"imgstore-{backend}"] == {op.name for op in STORAGE_OPERATIONS}
         assert operations[f"imgstore-{backend}-nosync"] == on["nosync"]
         assert operations[f"imgstore-{backend}-noverify"] == on["noverify"]
         for preset in imgstore.get_backend(backend).presets:
@@ -90,7 +117,7 @@ def test_variants_are_measured_where_they_matter(run: dict[str, Any]) -> None:
 def test_benchmark_names_are_the_saved_runs_names(run: dict[str, Any]) -> None:
     # Saved runs compare by name: "test_storage[<subject>-<operation>-<N>-<dataset>]", group "<operation> n=<N>".
     names = {bench["name"]: bench for bench in run["doc"]["benchmarks"]}
-    for op in OPERATIONS:
+    for op in STORAGE_OPERATIONS:
         bench = names[f"test_storage[imgstore-lmdb-{op.name}-10-synthetic]"]
         assert bench["group"] == f"{op.name} n=10"
         assert bench["extra_info"]["operation"] == op.name
@@ -102,8 +129,10 @@ def test_benchmark_names_are_the_saved_runs_names(run: dict[str, Any]) -> None:
 
 def test_summary_prints_every_group(run: dict[str, Any]) -> None:
     out = run["stdout"]
-    for op in OPERATIONS:
+    for op in STORAGE_OPERATIONS:
         assert f"{op.name} n=10 (synthetic): {op.title}" in out
+    for workers in (0, 2):
+        assert f"epoch n=10 w={workers} (synthetic): {get_operation('epoch').title}" in out
     assert "xsingle" in out
 
 

@@ -64,7 +64,11 @@ class EpochLoader(ABC):
         """A fresh iterable over one shuffled epoch (its own shuffling, seeded)."""
 
     def close(self) -> None:
-        """Release what ``build`` or ``loader`` opened (worker pools, handles)."""
+        """Release what ``build`` or ``loader`` opened (worker pools, handles, maps).
+
+        Also called before every cold round (a page mapped by a process cannot leave the page
+        cache), so ``loader`` must work again after it. ``loader`` may return the same iterable
+        each call: a new ``iter()`` is a new epoch, as in a training loop."""
 
 
 def missing_requirement(cls: type[EpochLoader]) -> str | None:

@@ -1,0 +1,156 @@
+"""The ``epoch`` benchmark: one shuffled epoch of a training loader, warm or cold (see benchmarks/epoch.py).
+
+Only the epoch is timed: from ``iter(loader)`` to its last batch. Building the loader's files (once a
+session), making the loader object, evicting the files for a cold round and checking the epoch are
+untimed (``benchmark.pedantic``'s per-round setup checks the round before).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from benchmarks.epoch import SEED, EpochCheck, EpochRow, epoch_rounds, epoch_source, release, run_epoch
+from benchmarks.loaders import EpochLoader, load_peer, missing_requirement
+from benchmarks.operations import BATCH_SIZE
+from benchmarks.pagecache import StillCachedError, make_cold
+from imgstore.fileio import disk_usage, file_bytes
+
+if TYPE_CHECKING:
+    from benchmarks.conftest import BenchDataSet
+
+
+def loader_class(name: str) -> type[EpochLoader]:
+    from benchmarks.loaders.imgstore_rows import imgstore_loader
+    from benchmarks.loaders.limit import LimitLoader
+
+    if name == LimitLoader.name:
+        return LimitLoader
+    if name.startswith("imgstore-"):
+        return imgstore_loader(name.removeprefix("imgstore-"))
+    return load_peer(name)
+
+
+class EpochRows:
+    """Each (dataset, loader, N) built once a session, shared by its workers and cache rows; closed at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[tuple[str, str, int], EpochRow] = {}
+        self.checks: dict[tuple[str, int], EpochCheck] = {}
+
+    def get(self, data: Any, name: str, n: int) -> EpochRow:
+        key = (data.name, name, n)
+        if key not in self.built:
+            source = epoch_source(data.name, data.images[:n], data.labels[:n])
+            check = self.checks.setdefault((data.name, n), EpochCheck(source))
+            loader = loader_class(name)()
+            root = self.root / f"{data.name}-{name}-{n}"
+            loader.build(source, root)
+            self.built[key] = EpochRow(loader, root, check)
+        return self.built[key]
+
+    def close(self) -> None:
+        for row in self.built.values():
+            row.loader.close()
+
+
+@pytest.fixture(scope="session")
+def epoch_rows(work_dir: Path) -> Iterator[EpochRows]:
+    rows = EpochRows(work_dir / "epoch")
+    yield rows
+    rows.close()
+
+
+def test_epoch(
+    benchmark: Any,
+    loader_name: str,
+    workers: int,
+    cutoff: int,
+    dataset_name: str,
+    cache: str,
+    bench_data: BenchDataSet,
+    epoch_rows: EpochRows,
+    bench_results: list,
+) -> None:
+    cls = loader_class(loader_name)
+    missing = missing_requirement(cls)
+    if missing:
+        pytest.skip(missing)
+    data = bench_data.get(dataset_name)
+    cold = cache == "cold"
+    benchmark.group = (
+        f"epoch n={cutoff} w={workers}" + (f" {data.name}" if data.encoded else "") + (" cold" if cold else "")
+    )
+    row = epoch_rows.get(data, loader_name, cutoff)
+    first_batch: list[float] = []
+    cpu: list[float] = []
+    delivered: list[list[Any]] = []
+    notes: list[str] = []
+
+    def check_last_round() -> None:
+        if delivered:
+            problem = row.check.problems(delivered.pop())
+            if problem and cls.exact_epoch:
+                raise AssertionError(f"{loader_name} w={workers}: {problem}")
+            if problem:
+                notes.append(problem)
+        release()
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        check_last_round()  # untimed: the round before
+        if cold:
+            row.loader.close()  # its maps pin pages in the cache
+            release()
+            try:
+                make_cold(row.loader.files())
+            except StillCachedError as exc:
+                pytest.skip(f"cold {loader_name}: {exc}")
+        delivered.append([])
+        loader = row.loader.loader(batch_size=BATCH_SIZE, num_workers=workers, seed=SEED)
+        return (loader, delivered[-1], first_batch, cpu), {}
+
+    # One untimed epoch first (imports, decoder checks, first touches), checked like the others.
+    run_epoch(*setup()[0])
+    first_batch.clear()
+    cpu.clear()
+    rounds = epoch_rounds(cutoff, data.encoded)
+    benchmark.pedantic(run_epoch, setup=setup, rounds=rounds, iterations=1)
+    check_last_round()
+
+    if benchmark.stats is None:  # --benchmark-disable: ran once, checked
+        return
+    from imgstore.analysis.schema import ResultRecord
+
+    median = benchmark.stats.stats.median
+    record = ResultRecord(
+        kind=cls.kind,
+        backend="raw" if cls.kind == "limit" else getattr(cls, "backend", "") or cls.name,
+        variant="",
+        operation="epoch",
+        images=cutoff,
+        dataset=data.name,
+        disk_bytes=int(disk_usage(row.root)),
+        file_bytes=int(file_bytes(row.root)),
+        images_per_second=cutoff / median,
+        ratio_to_limit=None,  # filled at the end of the session
+        ratio_to_tutorial=None,
+        speedup_over_single=None,
+    )
+    benchmark.extra_info.update(record.to_extra_info())
+    benchmark.extra_info.update(
+        {
+            "cache": cache,
+            "workers": workers,
+            "loader": loader_name,
+            "first_batch_seconds": statistics.median(first_batch),
+            "main_cpu_seconds_per_image": statistics.median(cpu) / cutoff,
+            "exact_epoch": not notes,
+            "epoch_note": notes[-1] if notes else "",
+        }
+    )
+    bench_results.append(benchmark.stats)
