@@ -130,13 +130,12 @@ def epoch_cases(metafunc: pytest.Metafunc) -> None:
         trimmed = config.getoption("cutoffs") is None
         for dataset in selected_datasets(config):
             encoded = dataset in ENCODED_DATASETS
-            classes = loader_classes(selected_backends(config), encoded)
             cases += [
                 (cls.name, workers, n, dataset, cache)
                 for n in cutoffs_for(config, dataset)
                 for cache in selected_caches(config)
                 for workers in WORKERS
-                for cls in classes
+                for cls in loader_classes(selected_backends(config), encoded, n)
                 if not trimmed
                 or (cache == "warm" and epoch_in_default_run(cls.kind, getattr(cls, "backend", ""), encoded, n))
             ]

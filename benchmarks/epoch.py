@@ -39,20 +39,31 @@ DECODE_SIZE = (160, 160)
 MAX_THUMB_ERROR = 16.0  # mean absolute difference of 8x8 block means, in levels of 255
 THUMB_SAMPLE = 8  # images compared with their file's decode, per round
 SEED = 0
+SMOKE_BELOW = 1_000  # fewer images: a smoke run (see loader_classes)
+SMOKE_BACKENDS = ("lmdb", "hdf5")
 
 
 def epoch_rounds(n: int, encoded: bool) -> int:
     """Timed rounds of an epoch row at ``n`` images (after one untimed warmup epoch): a round with workers
-    costs their start (~0.3 s here) even at 10 images, so few; 2 where an epoch takes seconds."""
+    costs their start (~0.3 s here) even at 10 images, so few; 2 where an epoch takes seconds, or is a
+    smoke test (below SMOKE_BELOW images: one batch or a few)."""
+    if n < SMOKE_BELOW:
+        return 2
     if encoded:
         return 3 if n <= 1_000 else 2
     return 3 if n <= 50_000 else 2
 
 
-def loader_classes(backends: list[str], encoded: bool) -> list[type[EpochLoader]]:
-    """The rows of a dataset: the LIMIT, imgstore per backend that holds it, then every peer."""
+def loader_classes(backends: list[str], encoded: bool, n: int) -> list[type[EpochLoader]]:
+    """The rows of a dataset at ``n`` images: the LIMIT, imgstore per backend that holds it, then every peer.
+
+    Below SMOKE_BELOW images (a smoke run) the imgstore rows are those of SMOKE_BACKENDS asked for: an epoch
+    of a few batches measures nothing, and every backend's DataLoader path is tested in tests/test_torch.py.
+    """
     from benchmarks.encoded import supports_encoded
 
+    if n < SMOKE_BELOW:
+        backends = [b for b in backends if b in SMOKE_BACKENDS] or backends[:1]
     stores = [imgstore_loader(b) for b in backends if not encoded or supports_encoded(b)]
     return [LimitLoader, *stores, *(load_peer(name) for name in PEERS)]
 
@@ -67,7 +78,10 @@ def epoch_source(name: str, images: Any, labels: np.ndarray) -> EpochSource:
 def _keys(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """One uint64 per record: XXH3 of the image's bytes, seeded with its label."""
     flat = np.ascontiguousarray(images).reshape(len(images), -1)
-    keys = [xxhash.xxh3_64_intdigest(memoryview(row), seed=int(label)) for row, label in zip(flat, labels.tolist(), strict=True)]
+    keys = [
+        xxhash.xxh3_64_intdigest(memoryview(row), seed=int(label))
+        for row, label in zip(flat, labels.tolist(), strict=True)
+    ]
     return np.sort(np.asarray(keys, dtype=np.uint64))
 
 

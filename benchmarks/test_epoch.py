@@ -99,7 +99,6 @@ def test_epoch(
                 raise AssertionError(f"{loader_name} w={workers}: {problem}")
             if problem:
                 notes.append(problem)
-        release()
 
     def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
         check_last_round()  # untimed: the round before
@@ -111,7 +110,8 @@ def test_epoch(
             except StillCachedError as exc:
                 pytest.skip(f"cold {loader_name}: {exc}")
         delivered.append([])
-        loader = row.loader.loader(batch_size=BATCH_SIZE, num_workers=workers, seed=SEED)
+        # a new seed a round: a peer that makes its DataLoader anew still shuffles each epoch differently
+        loader = row.loader.loader(batch_size=BATCH_SIZE, num_workers=workers, seed=SEED + len(delivered))
         return (loader, delivered[-1], first_batch, cpu), {}
 
     # One untimed epoch first (imports, decoder checks, first touches), checked like the others.

@@ -66,7 +66,8 @@ def test_epoch_groups(run: dict[str, Any]) -> None:
             groups.setdefault(bench["group"], {})[bench["extra_info"]["loader"]] = bench
     assert set(groups) == {"epoch n=10 w=0", "epoch n=10 w=2"}
     for group, rows in groups.items():
-        assert {"limit", *(f"imgstore-{b}" for b in imgstore.installed_backends())} <= set(rows), group
+        # a smoke run's epoch: the LIMIT and lmdb, hdf5 (every backend from 1 000 images: benchmarks/epoch.py)
+        assert {"limit", "imgstore-lmdb", "imgstore-hdf5"} <= set(rows), group
         for name, bench in rows.items():
             info = bench["extra_info"]
             assert bench["name"] == f"test_epoch[{name}-epoch-w{info['workers']}-10-synthetic]"
@@ -84,7 +85,7 @@ def test_extra_info_and_ratios_are_filled(run: dict[str, Any]) -> None:
         if info["dataset"] != "synthetic":
             continue  # the imagenet-like rows: tests/test_benchmarks_imagenet.py
         assert info["images"] == 10 and info["disk_bytes"] > 0 and info["file_bytes"] > 0
-        assert len(bench["stats"]["data"]) == bench["stats"]["rounds"] >= 5
+        assert len(bench["stats"]["data"]) == bench["stats"]["rounds"] >= (2 if info["operation"] == "epoch" else 5)
         if info["kind"] == "imgstore":
             assert info["ratio_to_limit"] > 0
             # a backend the tutorial has a row for (the others have no reference of their own)
