@@ -8,11 +8,13 @@ there) to the last batch. Beside the time, each round records the time to the fi
 CPU seconds the main process spent (``time.process_time``: what a training loop loses to loading).
 
 The check, untimed, after every round: the batches are ``uint8 [B, H, W, C]`` and ``int64 [B]``, and
-the epoch delivered every record exactly once. Raw pixels: the multiset of (label, XXH3 of the
-image's bytes) equals the source's. Decoded files (imagenet-like): each record carries its index as
+the epoch delivered every record exactly once. Raw pixels: the multiset of (label, XXH3 of 64
+bytes sampled across the image) equals the source's. Decoded files (imagenet-like): each record carries its index as
 its label (an int64 like a class label), so the labels must be exactly ``0 .. N-1``, and a sample of
 images must look like the decode of the file their label names (8x8 block means within
 :data:`MAX_THUMB_ERROR` levels: every decoder and resize filter passes, another image does not).
+The timed loop keeps only copies of what the check needs (:func:`keep`: the labels, 64 bytes spread
+over each image, a batch's first image): never the batches, whose memory a loader may reuse.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
@@ -75,18 +77,54 @@ def epoch_source(name: str, images: Any, labels: np.ndarray) -> EpochSource:
     return EpochSource(name, images, np.asarray(labels, dtype=np.int64))
 
 
-def _keys(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """One uint64 per record: XXH3 of the image's bytes, seeded with its label."""
-    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+class Kept(NamedTuple):
+    """What the timed loop keeps of a batch for the check: copies of a few bytes, never the batch itself
+    (a loader may reuse a batch's memory once it is dropped, as a training loop drops it)."""
+
+    images_type: str
+    dtype: Any
+    shape: tuple[int, ...]
+    labels: Any  # a copy
+    sample: np.ndarray | Any  # [B, ~SAMPLED_BYTES]: every step-th byte of each image, a copy
+    first: Any  # the batch's first image, a copy (imagenet-like: compared with its file's decode)
+
+
+def keep(images: Any, labels: Any) -> Kept:
+    """The cheap copies :class:`EpochCheck` needs (a few microseconds a batch)."""
+    flat = images.reshape(len(images), -1)
+    return Kept(
+        type(images).__name__,
+        images.dtype,
+        tuple(images.shape),
+        _copy(labels),
+        _copy(flat[:, :: _step(flat.shape[1])]),
+        _copy(images[0]),
+    )
+
+
+SAMPLED_BYTES = 64  # bytes of each image the check compares, spread over the whole image
+
+
+def _step(image_bytes: int) -> int:
+    return max(1, image_bytes // SAMPLED_BYTES)
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if hasattr(value, "clone") else np.array(value, copy=True)
+
+
+def _keys(sample: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One uint64 per record: XXH3 of its sampled bytes, seeded with its label (sorted: a multiset)."""
+    rows = np.ascontiguousarray(sample, dtype=np.uint8)
     keys = [
-        xxhash.xxh3_64_intdigest(memoryview(row), seed=int(label))
-        for row, label in zip(flat, labels.tolist(), strict=True)
+        xxhash.xxh3_64_intdigest(row.tobytes(), seed=int(label))
+        for row, label in zip(rows, labels.tolist(), strict=True)
     ]
     return np.sort(np.asarray(keys, dtype=np.uint64))
 
 
 class EpochCheck:
-    """Whether a list of batches is one exact epoch of ``source`` (module doc)."""
+    """Whether the batches kept of one round (:func:`keep`) are one exact epoch of ``source`` (module doc)."""
 
     def __init__(self, source: EpochSource) -> None:
         self.source = source
@@ -99,52 +137,49 @@ class EpochCheck:
             return (*self.source.size, 3)
         return tuple(self.source.images.shape[1:])
 
-    def problems(self, batches: list[tuple[Any, Any]]) -> str | None:
+    def problems(self, batches: list[Kept]) -> str | None:
         """None if the batches are one exact epoch, else what is wrong (one line)."""
         import torch
 
         n, shape = len(self.source), self._shape()
-        for images, labels in batches:
-            if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
-                return f"images are {type(images).__name__} {getattr(images, 'dtype', '')}, not uint8 tensors"
-            if tuple(images.shape[1:]) != shape or images.ndim != len(shape) + 1:
-                return f"a batch of images is shaped {tuple(images.shape)}, not [B, {', '.join(map(str, shape))}]"
+        for batch in batches:
+            if batch.images_type != "Tensor" or batch.dtype != torch.uint8:
+                return f"images are {batch.images_type} {batch.dtype}, not uint8 tensors"
+            if batch.shape[1:] != shape:
+                return f"a batch of images is shaped {batch.shape}, not [B, {', '.join(map(str, shape))}]"
+            labels = batch.labels
             if not (
-                isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
+                isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == batch.shape[:1]
             ):
                 what = f"{type(labels).__name__} {getattr(labels, 'dtype', '')} {tuple(getattr(labels, 'shape', ()))}"
                 return f"labels are {what}, not int64 [B]"
-        count = sum(len(labels) for _, labels in batches)
-        all_labels = np.concatenate([labels.numpy() for _, labels in batches]) if batches else np.zeros(0, np.int64)
+        count = sum(len(batch.labels) for batch in batches)
+        all_labels = np.concatenate([b.labels.numpy() for b in batches]) if batches else np.zeros(0, np.int64)
         if isinstance(self.source.images, list):
             got = np.sort(all_labels)
             if count != n or not np.array_equal(got, np.arange(n)):
                 return _difference(got, np.arange(n), count, n)
             return self._thumb_problem(batches)
         if self._expected is None:
-            self._expected = _keys(self.source.images, self.source.labels)
-        got = _keys(
-            np.concatenate([images.numpy() for images, _ in batches]) if batches else np.zeros((0, *shape), np.uint8),
-            all_labels,
-        )
+            flat = self.source.images.reshape(n, -1)
+            self._expected = _keys(flat[:, :: _step(flat.shape[1])], self.source.labels)
+        samples = [np.asarray(b.sample) for b in batches]
+        got = _keys(np.concatenate(samples) if samples else np.zeros((0, 1), np.uint8), all_labels)
         if count != n or not np.array_equal(got, self._expected):
             return _difference(got, self._expected, count, n)
         return None
 
-    def _thumb_problem(self, batches: list[tuple[Any, Any]]) -> str | None:
+    def _thumb_problem(self, batches: list[Kept]) -> str | None:
         from imgstore.codecs import decode
 
-        rng = np.random.default_rng(len(self._thumbs))
-        picks = rng.choice(len(batches), size=min(THUMB_SAMPLE, len(batches)), replace=True)
-        for b in picks.tolist():
-            images, labels = batches[b]
-            row = int(rng.integers(len(labels)))
-            index = int(labels[row])
+        step = max(1, len(batches) // THUMB_SAMPLE)
+        for batch in batches[::step]:
+            index = int(batch.labels[0])
             if index not in self._thumbs:
                 files = self.source.images
                 assert isinstance(files, list)
                 self._thumbs[index] = _thumb(decode(files[index], mode="RGB", size=self.source.size, decoder="pillow"))
-            error = float(np.abs(_thumb(images[row].numpy()) - self._thumbs[index]).mean())
+            error = float(np.abs(_thumb(np.asarray(batch.first)) - self._thumbs[index]).mean())
             if error > MAX_THUMB_ERROR:
                 return f"the image labelled {index} is not the decode of file {index} (8x8 means differ by {error:.1f})"
         return None
@@ -176,14 +211,15 @@ class EpochRow:
     notes: list[str] = field(default_factory=list)
 
 
-def run_epoch(loader: Any, out: list[Any], first_batch: list[float], cpu: list[float]) -> None:
-    """The timed body: iterate one epoch, keeping each batch (checked later) and the round's figures."""
+def run_epoch(loader: Any, out: list[Kept], first_batch: list[float], cpu: list[float]) -> None:
+    """The timed body: iterate one epoch, keeping a few bytes of each batch (checked later) and the figures."""
     cpu_start, start = time.process_time(), time.perf_counter()
     first = None
     for batch in loader:
         if first is None:
             first = time.perf_counter() - start
-        out.append(batch)
+        out.append(keep(*batch))
+        del batch  # dropped, as a training step drops it (a loader may reuse its memory)
     cpu.append(time.process_time() - cpu_start)
     first_batch.append(first if first is not None else time.perf_counter() - start)
 

@@ -50,6 +50,7 @@ class EpochRows:
             check = self.checks.setdefault((data.name, n), EpochCheck(source))
             loader = loader_class(name)()
             root = self.root / f"{data.name}-{name}-{n}"
+            root.mkdir(parents=True)  # build() writes under an empty folder
             loader.build(source, root)
             self.built[key] = EpochRow(loader, root, check)
         return self.built[key]

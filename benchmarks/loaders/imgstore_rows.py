@@ -22,14 +22,10 @@ def make_torch_loader(
     path: Path, *, batch_size: int, num_workers: int, seed: int, size: tuple[int, int] | None
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """imgstore's recommended training loader over the store at ``path`` (the fastest decoder for files)."""
-    from torch.utils.data import DataLoader
+    from imgstore.torch import make_loader
 
-    from imgstore.torch import StoreDataset
-
-    # Until imgstore.torch.make_loader lands: the plain DataLoader over StoreDataset.
-    dataset = StoreDataset(path, size=size)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=generator)
+    options = {"size": size} if size else {}
+    return make_loader(path, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed, **options)
 
 
 class ImgstoreLoader(EpochLoader):
