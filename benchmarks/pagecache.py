@@ -69,7 +69,7 @@ def resident_bytes(path: Path) -> int:
                 raise OSError(errno, f"mincore failed on {path}: {os.strerror(errno)}")
         finally:
             del view  # the map cannot close while an array holds it
-        resident = int(np.count_nonzero(np.frombuffer(vector, dtype=np.uint8) & 1))
+        resident = int(np.count_nonzero(np.ctypeslib.as_array(vector) & 1))
     return min(resident * PAGE, size)
 
 

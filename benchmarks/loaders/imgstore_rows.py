@@ -24,8 +24,7 @@ def make_torch_loader(
     """imgstore's recommended training loader over the store at ``path`` (the fastest decoder for files)."""
     from imgstore.torch import make_loader
 
-    options = {"size": size} if size else {}
-    return make_loader(path, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed, **options)
+    return make_loader(path, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed, size=size)
 
 
 class ImgstoreLoader(EpochLoader):
@@ -56,9 +55,9 @@ class ImgstoreLoader(EpochLoader):
 
     def close(self) -> None:
         for loader in self._loaders.values():
-            dataset = getattr(loader, "dataset", None)
-            if hasattr(dataset, "close"):
-                dataset.close()  # the main process's store handle (num_workers=0)
+            close = getattr(getattr(loader, "dataset", None), "close", None)
+            if callable(close):
+                close()  # the main process's store handle (num_workers=0): its map pins pages
         self._loaders.clear()
 
 

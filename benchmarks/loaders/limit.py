@@ -48,7 +48,7 @@ class _Gather(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self._open()[1])
 
-    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         order = np.sort(np.asarray(indices, dtype=np.int64))
         maps = self._open()
         if self.size is None:
