@@ -62,7 +62,7 @@ def test_epoch_groups(run: dict[str, Any]) -> None:
     """Each epoch group: the LIMIT and every backend, named by workers; its figures in extra_info."""
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for bench in run["doc"]["benchmarks"]:
-        if bench["extra_info"]["operation"] == "epoch":
+        if bench["extra_info"]["operation"] == "epoch" and bench["extra_info"]["dataset"] == "synthetic":
             groups.setdefault(bench["group"], {})[bench["extra_info"]["loader"]] = bench
     assert set(groups) == {"epoch n=10 w=0", "epoch n=10 w=2"}
     for group, rows in groups.items():
