@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -78,12 +79,55 @@ def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--full-check", action="store_true", help="keep: decode every file as a check (default: headers and ends)"
     )
     parser.add_argument("--split", choices=("train", "test"), default="train", help="a dataset's split")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        help="write a sharded dataset of N shards at DEST (a path or fsspec URL) from an ImageFolder SOURCE, "
+        "files kept as they are (imgstore.sharded.building)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "dask"),
+        default="local",
+        help="with --shards: local threads (default), or one task per shard on Dask distributed",
+    )
+    parser.add_argument(
+        "--scheduler", metavar="ADDRESS", help="with --engine dask: an existing cluster (default: a LocalCluster)"
+    )
     parser.set_defaults(handler=_run_convert, command="convert")
+
+
+def _run_sharded(args: argparse.Namespace) -> int:
+    from imgstore.sharded.building import convert_sharded
+
+    started = time.perf_counter()
+    try:
+        manifest = convert_sharded(
+            args.source,
+            args.dest,
+            shards=args.shards,
+            backend=args.backend,
+            engine=args.engine,
+            scheduler=args.scheduler,
+            workers=args.workers,
+        )
+    except _FAILURES as exc:
+        return _error("convert", exc, EXIT_FAILED)
+    count = sum(s.count for s in manifest.shards)
+    print(
+        f"converted {count} images into {len(manifest.shards)} {args.backend} shards at {args.dest} "
+        f"({args.engine}) in {time.perf_counter() - started:.2f} s"
+    )
+    return EXIT_OK
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from imgstore.convert import BadFileError, convert
 
+    if args.shards is not None:
+        return _run_sharded(args)
+    if args.engine != "local" or args.scheduler is not None:
+        return _error("convert", ValueError("--engine and --scheduler go with --shards"), EXIT_USAGE)
     try:
         result = convert(
             args.source,

@@ -1,0 +1,115 @@
+"""Building a sharded dataset from an ImageFolder: `convert --shards`, locally and on a real Dask LocalCluster."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imgstore
+from imgstore.cli import main
+from imgstore.sharded import open_sharded
+from imgstore.sharded.building import convert_sharded
+
+
+def _folder(root: Path, n: int = 12) -> list[np.ndarray]:
+    """``n`` PNGs in two classes, in ImageFolder order; returns their pixels in that order."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(n):
+        image = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+        path = root / ("a" if i < n // 2 else "b") / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        images.append(image)
+    return images
+
+
+def _check(dest: Path, images: list[np.ndarray], shards: int) -> None:
+    with open_sharded(dest) as data:
+        assert len(data) == len(images) and len(data.shards) == shards
+        got, labels = data.get_many(range(len(images)))
+        assert np.array_equal(got, np.stack(images))
+        assert labels.tolist() == [0] * (len(images) // 2) + [1] * (len(images) - len(images) // 2)
+        data.verify()
+
+
+def test_convert_shards_locally_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = _folder(tmp_path / "src")
+    argv = ["convert", str(tmp_path / "src"), str(tmp_path / "ds"), "--backend", "lmdb", "--shards", "5"]
+    assert main(argv) == 0
+    assert "converted 12 images into 5 lmdb shards" in capsys.readouterr().out
+    _check(tmp_path / "ds", images, 5)
+    assert main(argv) == 2  # a dataset is there already: refused, not appended to
+    with pytest.raises(imgstore.InvalidOptionError):
+        convert_sharded(tmp_path / "src", tmp_path / "other", shards=13)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "x"), "--backend", "lmdb", "--engine", "dask"]) == 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_dask_worker_killed_mid_task_has_its_shard_rewritten(tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    images = _folder(tmp_path / "src")
+    # The last file is a FIFO: the task of the last shard blocks opening it until the test writes it.
+    blocker = tmp_path / "src" / "b" / "11.png"
+    png = blocker.read_bytes()
+    blocker.unlink()
+    os.mkfifo(blocker)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            outcome: list[object] = []
+
+            def run() -> None:
+                try:
+                    outcome.append(
+                        convert_sharded(
+                            tmp_path / "src", tmp_path / "ds", shards=3, engine="dask", scheduler=cluster.scheduler_address
+                        )
+                    )
+                except BaseException as exc:  # reported by the assertion below
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while True:  # until the two other shards are done and only the blocked task runs
+                busy = {w: keys for w, keys in client.processing().items() if keys}
+                done = list((tmp_path / "ds" / "shards").glob("shard-*"))
+                if len(done) == 2 and sum(map(len, busy.values())) == 1:
+                    break
+                assert time.monotonic() < deadline, "the conversion did not reach the blocked task"
+                time.sleep(0.2)
+            (address,) = busy
+            pid = client.run(os.getpid, workers=[address])[address]  # on its event loop: the task blocks a thread
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):  # a reader blocked in open() counts as the FIFO's reader until it is gone
+                assert time.monotonic() < deadline + 30, "the killed worker did not exit"
+                time.sleep(0.05)
+            while True:  # the task runs again elsewhere and opens the FIFO: give it the file
+                try:
+                    fd = os.open(blocker, os.O_WRONLY | os.O_NONBLOCK)
+                    break
+                except OSError as exc:
+                    assert exc.errno == errno.ENXIO, exc  # no reader yet
+                assert time.monotonic() < deadline + 60, "the killed worker's task was not run again"
+                time.sleep(0.1)
+            os.write(fd, png)
+            os.close(fd)
+            thread.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], imgstore.sharded.DatasetManifest), outcome
+    _check(tmp_path / "ds", images, 3)
+    # The killed task's unsealed staging directory is left, never named by the manifest.
+    assert len(list((tmp_path / "ds" / "shards").glob(".shard-*.tmp"))) == 1
