@@ -74,10 +74,9 @@ def test_dask_worker_killed_mid_task_has_its_shard_rewritten(tmp_path: Path) -> 
 
             def run() -> None:
                 try:
+                    address = cluster.scheduler_address
                     outcome.append(
-                        convert_sharded(
-                            tmp_path / "src", tmp_path / "ds", shards=3, engine="dask", scheduler=cluster.scheduler_address
-                        )
+                        convert_sharded(tmp_path / "src", tmp_path / "ds", shards=3, scheduler=address, engine="dask")
                     )
                 except BaseException as exc:  # reported by the assertion below
                     outcome.append(exc)
