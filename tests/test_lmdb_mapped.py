@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import struct
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 import imgstore
@@ -29,4 +32,31 @@ def test_mapped_batches_follow_new_snapshots(tmp_path: Path) -> None:
             batch = np.sort(every[start : start + 128])
             got, labels = reader.get_many(batch)
             np.testing.assert_array_equal(got, images[batch])
+            assert labels.tolist() == batch.tolist()
+
+
+def test_a_damaged_overflow_page_number_is_not_trusted(tmp_path: Path) -> None:
+    """liblmdb never reads an overflow page's own page number; the mapped gather must not send a
+    batch to the pages a damaged one names (another block's records, returned as good unverified)."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (100, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "lmdb", "w", block_bytes=4096) as store:  # 20 images a block
+        store.put_many(images, np.arange(100))
+    env = lmdb.open(str(next(path.glob("lmdb-*"))), readonly=True, lock=False)
+    with env.begin(buffers=True) as txn:  # the first page of block 2's value, from liblmdb itself
+        psize, value = env.stat()["psize"], txn.get((2).to_bytes(8, "big"))
+        page = np.frombuffer(value, np.uint8).ctypes.data - 16
+        pgno = struct.unpack("<Q", ctypes.string_at(page, 8))[0]
+        other = struct.unpack("<Q", ctypes.string_at(page - 2 * psize, 8))[0]  # block 1's page
+    env.close()
+    assert other == pgno - 2
+    with open(next(path.glob("lmdb-*")) / "data.mdb", "r+b") as file:
+        file.seek(pgno * psize)
+        file.write(struct.pack("<Q", other))  # block 2's header names block 1's pages
+    batch = np.array([55, 41, 59, 40])  # block 2 only: the first value learned in the snapshot
+    for verify in (True, False):
+        with imgstore.open_store(path, verify_reads=verify) as reader:
+            got, labels = reader.get_many(batch)
+            np.testing.assert_array_equal(got, images[batch])  # as txn.get reads them
             assert labels.tolist() == batch.tolist()

@@ -88,7 +88,8 @@ class MappedBlocks:
             count = len(value) // record
             if len(value) != count * record or not 1 <= count <= per_block:
                 return False
-            address = np.frombuffer(value, dtype=np.uint8).ctypes.data
+            array = np.frombuffer(value, dtype=np.uint8)
+            address = array.ctypes.data
             pgno, flags, pages = _PAGE_HEADER.unpack(ctypes.string_at(address - HEADER, _PAGE_HEADER.size))
             base = address - HEADER - pgno * psize
             if (
@@ -96,6 +97,9 @@ class MappedBlocks:
                 or pages != -(-(len(value) + HEADER) // psize)
                 or base % mmap.PAGESIZE  # liblmdb's map starts on a page
                 or (self._base and base != self._base)
+                # liblmdb never reads an overflow page's own page number: a damaged one could name
+                # another value's pages, so the file must hold this value's bytes where it says
+                or not self._rows.holds(pgno * psize + HEADER, array)
             ):
                 return False  # a value in a leaf page, or a header that disagrees: no offsets
             self._base = base

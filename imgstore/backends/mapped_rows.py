@@ -24,19 +24,29 @@ class MappedRows:
         self._fd = fd
         self._bytes: np.ndarray | None = None  # the whole map, uint8
 
-    def gather(self, offsets: np.ndarray, nbytes: int, out: np.ndarray) -> bool:
-        """Copy the records at ``offsets`` (int64, ascending or not) into ``out`` ``[n, nbytes]``;
-        False, copying nothing, if the file does not hold them all."""
-        if not len(offsets):
-            return True
-        need = int(offsets.max()) + nbytes
-        if int(offsets.min()) < 0:
+    def holds(self, offset: int, value: np.ndarray) -> bool:
+        """Whether the file holds the bytes ``value`` (uint8) at ``offset``."""
+        if offset < 0 or not self._cover(offset + len(value)):
             return False
+        return bool(np.array_equal(self._bytes[offset : offset + len(value)], value))  # type: ignore[index]
+
+    def _cover(self, need: int) -> bool:
+        """Map the file anew if the map ends before ``need``; False if the file does."""
         if self._bytes is None or len(self._bytes) < need:
             size = os.fstat(self._fd).st_size
             if size < need:
                 return False
             self._bytes = np.frombuffer(mmap.mmap(self._fd, size, prot=mmap.PROT_READ), dtype=np.uint8)
+        return True
+
+    def gather(self, offsets: np.ndarray, nbytes: int, out: np.ndarray) -> bool:
+        """Copy the records at ``offsets`` (int64, ascending or not) into ``out`` ``[n, nbytes]``;
+        False, copying nothing, if the file does not hold them all."""
+        if not len(offsets):
+            return True
+        if int(offsets.min()) < 0 or not self._cover(int(offsets.max()) + nbytes):
+            return False
+        assert self._bytes is not None
         # every nbytes-long window of the file as one row: the gather is one fancy index
         windows = np.lib.stride_tricks.as_strided(
             self._bytes, shape=(len(self._bytes) - nbytes + 1, nbytes), strides=(1, 1), writeable=False
