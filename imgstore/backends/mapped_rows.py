@@ -4,9 +4,9 @@ A shuffled batch read as one ``pread`` per record costs a system call and a Pyth
 image (~3-5 µs a CIFAR image on a busy 2-core machine); one NumPy gather over a map of the file
 costs what the limit's ``.npy`` gather costs (~1-2 µs). The map is this handle's own, of the file's
 size when it was made, and grows (a new map) when a read needs bytes past it; a read past the
-file's end is refused (the caller reports the damage), never a SIGBUS. As with every memory map,
-a file cut short by another program while it is mapped could still kill the reader with SIGBUS on
-a later read; imgstore never shrinks a store file below a committed record.
+file's end (the file's size at each read) is refused (the caller reports the damage), never a
+SIGBUS. Only a file cut short by another program during a read itself could still kill the reader
+with SIGBUS; imgstore never shrinks a store file below a committed record.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ class MappedRows:
 
     def _cover(self, need: int) -> bool:
         """Map the file anew if the map ends before ``need``; False if the file does."""
+        # The file's size now, at every read: a file cut short since it was mapped (another program
+        # copying over it) must not be read through the old map's pages past its end (SIGBUS).
+        size = os.fstat(self._fd).st_size
+        if size < need:
+            return False
         if self._bytes is None or len(self._bytes) < need:
-            size = os.fstat(self._fd).st_size
-            if size < need:
-                return False
             self._bytes = np.frombuffer(mmap.mmap(self._fd, size, prot=mmap.PROT_READ), dtype=np.uint8)
         return True
 

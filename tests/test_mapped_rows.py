@@ -1,0 +1,45 @@
+"""Shuffled batches out of a read-only map of a store file (imgstore/backends/mapped_rows.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import imgstore
+
+# In a child process: a read through pages of a map past the file's end is SIGBUS, which kills it.
+_READ_AFTER_TRUNCATION = """
+import os, sys
+import numpy as np
+import imgstore
+from imgstore.errors import CorruptStoreError
+
+path, data_file = sys.argv[1:]
+with imgstore.open_store(path) as reader:
+    batch = np.random.default_rng(0).permutation(len(reader))[:256]
+    reader.get_many(batch)  # the file is mapped now
+    os.truncate(data_file, os.path.getsize(data_file) // 2)  # another program copies over it
+    try:
+        reader.get_many(batch)
+    except CorruptStoreError as exc:
+        print("CorruptStoreError", exc)
+"""
+
+
+def test_a_file_cut_short_after_it_was_mapped_is_damage_not_sigbus(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (3000, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "hdf5", "w") as store:
+        store.put_many(images, np.arange(3000))
+    (data_file,) = path.glob("*.h5")
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_AFTER_TRUNCATION, str(path), str(data_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("CorruptStoreError"), done.stdout
