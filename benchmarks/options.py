@@ -102,6 +102,12 @@ def add_options(parser: pytest.Parser) -> None:
     )
     group.addoption("--cifar10-dir", default=None, help="deprecated alias of --dataset-root")
     group.addoption(
+        "--sharded",
+        action="store_true",
+        help="also run the sharded rows (benchmarks/test_sharded_rows.py): reads from a local S3 server, cold and "
+        "warm cache, by shard size; convert --shards on 1 and 2 Dask workers (about 2 min; off by default)",
+    )
+    group.addoption(
         "--imagenet-cutoffs",
         default="auto",
         help="image counts of the imagenet-like rows (comma list), or 'none'; default 'auto': "
