@@ -17,6 +17,7 @@ does; when no slot is free (a loop that keeps many batches) the batch takes torc
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -52,14 +53,18 @@ class Ring:
         self.images: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self._cdata: list[int] = []
+        # torch keeps one Python object per storage and hands it out again (tensor.untyped_storage(),
+        # .storage()), and it holds no use count: the ring keeps it, and counts references to it too.
+        self._storages: list[torch.UntypedStorage] = []
         for _ in range(slots):
             storage = torch.UntypedStorage._new_shared(label_at + 8 * batch_size)  # type: ignore[no-untyped-call]
             whole = torch.empty(0, dtype=torch.uint8).set_(storage)
             self.images.append(whole[:image_bytes].view(batch_size, *shape))
             self.labels.append(whole[label_at : label_at + 8 * batch_size].view(torch.int64))
             self._cdata.append(storage._cdata)
-        del storage, whole  # the ring's own references are its views only
-        self._own = [_use_count(cdata) for cdata in self._cdata] if available() else []
+            self._storages.append(storage)
+        del storage, whole  # the ring's own references are its views and storages only
+        self._own = [self._references(slot) for slot in range(slots)] if available() else []
         self._flights: weakref.WeakSet[_Flight] = weakref.WeakSet()
         self._next = 0
 
@@ -77,11 +82,14 @@ class Ring:
         """A slot nothing refers to, now held by ``flight`` until :meth:`batch` hands it out; or None."""
         for k in range(self._next, self._next + self.slots):
             slot = k % self.slots
-            if _use_count(self._cdata[slot]) == self._own[slot]:
+            if self._references(slot) == self._own[slot]:
                 flight.tokens[slot] = self.labels[slot][:0]
                 self._next = slot + 1
                 return slot
         return None
+
+    def _references(self, slot: int) -> tuple[int, int]:
+        return _use_count(self._cdata[slot]), sys.getrefcount(self._storages[slot])
 
     def flight(self) -> _Flight:
         flight = _Flight()

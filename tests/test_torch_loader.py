@@ -328,3 +328,17 @@ def test_shared_handoff_across_broken_and_concurrent_passes(raw_stores: dict[str
         np.testing.assert_array_equal(b.numpy(), images[b_labels.numpy()])
         seen.extend(b_labels.tolist())
     assert sorted(seen) == list(range(N))
+
+
+def test_shared_handoff_keeps_a_batch_held_by_its_storage_alone(raw_stores: dict[str, tuple[Path, np.ndarray]]) -> None:
+    # torch's Python storage object (tensor.untyped_storage(), .storage()) holds no use count of it
+    path, images = raw_stores["lmdb"]
+    loader = make_loader(path, batch_size=16, num_workers=2, seed=5)
+    assert isinstance(loader, RingLoader)
+    held = [(batch.untyped_storage(), batch.shape, labels.clone()) for batch, labels in loader]
+    for storage, shape, labels in held:
+        batch = torch.empty(0, dtype=torch.uint8).set_(storage)[: int(np.prod(shape))].view(shape)
+        np.testing.assert_array_equal(batch.numpy(), images[labels.numpy()])
+    del held, storage, batch
+    slots = {images.data_ptr() for images in loader.ring.images}
+    assert all(batch.data_ptr() in slots for batch, _ in loader)  # dropped storages free their slots
