@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import threading
 from pathlib import Path
 
 import lmdb
@@ -60,3 +61,42 @@ def test_a_damaged_overflow_page_number_is_not_trusted(tmp_path: Path) -> None:
             got, labels = reader.get_many(batch)
             np.testing.assert_array_equal(got, images[batch])  # as txn.get reads them
             assert labels.tolist() == batch.tolist()
+
+
+def test_threads_sharing_a_handle_across_new_snapshots(tmp_path: Path) -> None:
+    """Reading threads of one handle while commits make new snapshots: one thread learning a new
+    snapshot's offsets must not pull the arrays from under another (an IndexError)."""
+    images = np.random.default_rng(2).integers(0, 256, (3400, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "lmdb", "w", block_bytes=4096) as store:  # 20 images a block
+        store.put_many(images[:3000], np.arange(3000))
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read(reader: imgstore.Store, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not done.is_set():
+            batch = rng.choice(int(rng.integers(1, 3000)), 10)  # few blocks, of varied reach
+            try:
+                got, labels = reader.get_many(batch)
+                np.testing.assert_array_equal(got, images[batch])
+                assert labels.tolist() == batch.tolist()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+                return
+
+    with imgstore.open_store(path, verify_reads=False) as reader:
+        threads = [threading.Thread(target=read, args=(reader, seed)) for seed in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            with imgstore.open_store(path, mode="a", sync=False) as writer:
+                for start in range(3000, 3400, 2):  # each commit a new snapshot
+                    writer.put_many(images[start : start + 2], np.arange(start, start + 2))
+                    if errors:
+                        break
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join()
+    assert not errors, errors[0]

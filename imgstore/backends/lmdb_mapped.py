@@ -17,6 +17,8 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
+import weakref
 
 import lmdb
 import numpy as np
@@ -25,6 +27,15 @@ from imgstore.backends.lmdb_layout import HEADER, P_OVERFLOW
 from imgstore.backends.mapped_rows import MappedRows
 
 _PAGE_HEADER = struct.Struct("<Q2xHI")  # an overflow page's mp_pgno, (pad), mp_flags, mp_pages
+_instances: weakref.WeakSet[MappedBlocks] = weakref.WeakSet()
+
+
+def _new_locks() -> None:
+    for mapped in list(_instances):  # a fork while another thread held a lock: the child's is free
+        mapped._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks)
 
 
 class MappedBlocks:
@@ -38,6 +49,8 @@ class MappedBlocks:
         self._offsets = np.empty(0, dtype=np.int64)  # per block; -1: not known yet
         self._counts = np.empty(0, dtype=np.int64)
         self._base = 0  # the address of page 0 in liblmdb's map that every value implies
+        self._lock = threading.Lock()
+        _instances.add(self)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -57,8 +70,28 @@ class MappedBlocks:
     ) -> bool:
         """Records ``(blocks, rows)`` into ``images`` [n, size] and ``labels`` (int64) inside ``txn``;
         False, with nothing promised about the output, where the caller must read them itself."""
-        if self._fd < 0:
+        with self._lock:  # threads share a handle: one of them may be learning another snapshot
+            found = self._locate(txn, env, blocks, rows, (size, per_block))
+        if found is None:
             return False
+        offsets, counts = found
+        return self._rows.gather(offsets + rows * size, size, images) and self._rows.gather(
+            offsets + counts * size + 8 * rows, 8, labels.view(np.uint8).reshape(len(labels), 8)
+        )
+
+    def _locate(
+        self,
+        txn: lmdb.Transaction,
+        env: lmdb.Environment,
+        blocks: np.ndarray,
+        rows: np.ndarray,
+        layout: tuple[int, int],
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The file offsets and record counts of ``blocks`` in ``txn``'s snapshot, or None; ``layout``:
+        (image bytes, records per block)."""
+        size, per_block = layout
+        if self._fd < 0:
+            return None
         key = (os.getpid(), id(env), txn.id())
         if key != self._key:
             self._key, self._base = key, 0
@@ -71,13 +104,11 @@ class MappedBlocks:
             self._counts = np.concatenate([self._counts, np.zeros(grow - len(self._counts), np.int64)])
         unknown = blocks[self._offsets[blocks] < 0]
         if len(unknown) and not self._learn(txn, np.unique(unknown), size + 8, per_block):
-            return False
+            return None
         offsets, counts = self._offsets[blocks], self._counts[blocks]
         if not np.all(rows < counts):
-            return False
-        return self._rows.gather(offsets + rows * size, size, images) and self._rows.gather(
-            offsets + counts * size + 8 * rows, 8, labels.view(np.uint8).reshape(len(labels), 8)
-        )
+            return None
+        return offsets, counts
 
     def _learn(self, txn: lmdb.Transaction, blocks: np.ndarray, record: int, per_block: int) -> bool:
         get, psize = txn.get, self._psize
