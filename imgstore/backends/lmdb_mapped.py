@@ -130,6 +130,7 @@ class MappedBlocks:
                 or (self._base and base != self._base)
                 # liblmdb never reads an overflow page's own page number: a damaged one could name
                 # another value's pages, so the file must hold this value's bytes where it says
+                # (its first pixels, on the page whose header was just read)
                 or not self._rows.holds(pgno * psize + HEADER, array)
             ):
                 return False  # a value in a leaf page, or a header that disagrees: no offsets

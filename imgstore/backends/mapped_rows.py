@@ -24,11 +24,12 @@ class MappedRows:
         self._fd = fd
         self._bytes: np.ndarray | None = None  # the whole map, uint8
 
-    def holds(self, offset: int, value: np.ndarray) -> bool:
-        """Whether the file holds the bytes ``value`` (uint8) at ``offset``."""
+    def holds(self, offset: int, value: np.ndarray, sample: int = 64) -> bool:
+        """Whether the file holds ``value`` (uint8) at ``offset``, judged by its first ``sample``
+        bytes (comparing more would fault in the pages of ``value``'s own mapping: ~0.5 µs a page)."""
         if offset < 0 or not self._cover(offset + len(value)):
             return False
-        return bool(np.array_equal(self._bytes[offset : offset + len(value)], value))  # type: ignore[index]
+        return self._bytes[offset : offset + sample].tobytes() == value[:sample].tobytes()  # type: ignore[index]
 
     def _cover(self, need: int) -> bool:
         """Map the file anew if the map ends before ``need``; False if the file does."""
