@@ -317,7 +317,8 @@ def _open_existing(
 
 def _refuse_links(store: Store) -> None:
     for name in store.files:
-        link = find_linked_folder(store.file(name), store.link_check_depth)
+        depth = store.link_check_depths.get(name, store.link_check_depth)
+        link = find_linked_folder(store.file(name), depth)
         if link is not None:
             raise CorruptStoreError(
                 f"{link} is a symbolic link to a folder: imgstore never makes one in a store, and its backend's "

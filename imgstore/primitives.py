@@ -44,6 +44,8 @@ class BackendPrimitives(abc.ABC):
     #: How many levels of the backend's folders opening looks through for planted links (None: all);
     #: a backend of very many files (png) names its folders only.
     link_check_depth: ClassVar[int | None] = None
+    #: The same, per file name where one differs (0: the folder itself only).
+    link_check_depths: ClassVar[dict[str, int | None]] = {}
 
     # Set by Store.__init__; used here to name the store in errors.
     path: Path

@@ -45,6 +45,8 @@ class LeveldbStore(Store):
     option_specs = {"block_bytes": Option(1 << 14, 1, 1 << 30, fixed=True)}
     damage_errors = (plyvel.Error,)
     files = ("leveldb", "leveldb-views")
+    # Readers' private views: a dead one is removed, links in it unfollowed (leveldb_view), never refused.
+    link_check_depths = {"leveldb-views": 0}
     readers = ("plyvel.DB on the closed store's leveldb-<gen>/ (key: block or index, 8 bytes big-endian)",)
     caveats = (
         "plyvel sees a killed write's keys until a writer opens the store",
