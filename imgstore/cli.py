@@ -165,6 +165,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as exc:
             raise ImgStoreError(f"{args.only}: not a text file (not UTF-8 at byte {exc.start})") from None
         rows = [row for row in rows if row.fullname in wanted]
+    if all(row.verdict in (verdict.Verdict.ADDED, verdict.Verdict.REMOVED) for row in rows):
+        # A gate that compared nothing must not pass: benchmarks renamed, or a run that ran none.
+        raise ImgStoreError("no benchmark is in both runs: nothing was compared (renamed benchmarks, or an empty run?)")
     drift = stats.machine_drift(baseline, candidate)
     notes = report.notes(rows, drift, threshold=args.threshold, normalized=args.normalize)
 

@@ -116,6 +116,19 @@ def test_exit_codes(runs: dict[str, Path], capsys: Any) -> None:
     assert main(["compare", str(runs["base"]), str(runs["slow"]), "--threshold", "60%"]) == 0
 
 
+def test_compare_refuses_runs_with_no_benchmark_in_common(runs: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    renamed = write_run(tmp_path / "renamed.json", {"test_c": 0.010})
+    assert main(["compare", str(runs["base"]), str(renamed)]) == 2
+    assert "nothing was compared" in capsys.readouterr().err
+    assert main(["compare", str(runs["base"]), str(runs["same"]), "--only", str(_names(tmp_path, "test_z"))]) == 2
+
+
+def _names(tmp_path: Path, *names: str) -> Path:
+    path = tmp_path / "only.txt"
+    path.write_text("\n".join(names), encoding="utf-8")
+    return path
+
+
 def test_compare_table_on_stdout(runs: dict[str, Path], capsys: Any) -> None:
     main(["compare", str(runs["base"]), str(runs["slow"])])
     lines = capsys.readouterr().out.splitlines()

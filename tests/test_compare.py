@@ -463,10 +463,11 @@ def test_benchmarks_without_rounds_are_compared_on_medians_only(tmp_path: Path) 
 
 
 def test_added_and_removed_are_listed_not_failures(tmp_path: Path, capsys: Any) -> None:
-    base = write_run(tmp_path / "a.json", [bench_json("m::old", [1.0] * 10)])
-    cand = write_run(tmp_path / "b.json", [bench_json("m::new", [9.0] * 10)])
+    kept = bench_json("m::kept", [1.0] * 10)
+    base = write_run(tmp_path / "a.json", [kept, bench_json("m::old", [1.0] * 10)])
+    cand = write_run(tmp_path / "b.json", [kept, bench_json("m::new", [9.0] * 10)])
     rows = compare_runs(load_run(base), load_run(cand))
-    assert verdicts(rows) == {"m::new": Verdict.ADDED, "m::old": Verdict.REMOVED}
+    assert verdicts(rows) == {"m::kept": Verdict.UNCHANGED, "m::new": Verdict.ADDED, "m::old": Verdict.REMOVED}
     assert main(["compare", str(base), str(cand)]) == 0
     out = capsys.readouterr().out
     assert "added" in out and "removed" in out
