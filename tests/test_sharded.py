@@ -192,6 +192,19 @@ def test_a_damaged_local_shard_is_found(tmp_path: Path) -> None:
             data.get(40)
 
 
+def test_a_local_shard_replaced_by_a_link_is_refused(tmp_path: Path) -> None:
+    _write(tmp_path / "ds", "lmdb")
+    info = read_committed(Location(tmp_path / "ds")).shards[1]
+    shard = tmp_path / "ds" / "shards" / info.name
+    copy = tmp_path / "elsewhere"
+    os.rename(shard, copy)  # the same files and sizes, but outside the dataset
+    shard.symlink_to(copy, target_is_directory=True)
+    with open_sharded(tmp_path / "ds") as data:
+        assert np.array_equal(data.get(0)[0], IMAGES[0])  # other shards still read
+        with pytest.raises(imgstore.CorruptStoreError, match="symbolic link"):
+            data.get(40)
+
+
 # ---------------------------------------------------------------------- the cache's logic (memory://)
 
 

@@ -292,7 +292,13 @@ def _release(store: Store, pin: Pin | None) -> None:
 
 
 def _check_sizes(path: Path, info: ShardInfo) -> None:
-    """A local shard's files are there with the sizes the manifest says (a cheap check; verify() hashes)."""
+    """A local shard's files are there with the sizes the manifest says (a cheap check; verify() hashes).
+
+    A shard folder that is a link is refused: sealed shards are never links, and one planted could
+    point at an altered copy of the same sizes.
+    """
+    if path.is_symlink():
+        raise CorruptStoreError(f"{path} is a symbolic link: a sealed shard is a folder of the dataset")
     for f in info.files:
         try:
             size = os.lstat(path / f.path).st_size
