@@ -44,9 +44,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"doc": json.loads(out.read_text()), "stdout": result.stdout}
 
 
+def _storage_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The storage operations' rows; the training-epoch rows are checked in tests/test_benchmark_epoch.py."""
+    rows = [bench for bench in run["doc"]["benchmarks"] if bench["extra_info"].get("operation") != "epoch"]
+    assert rows
+    return rows
+
+
 def test_every_group_has_the_limit_the_status_quo_and_a_row_per_backend_and_decoder(run: dict[str, Any]) -> None:
     groups: dict[str, set[str]] = {}
-    for bench in run["doc"]["benchmarks"]:
+    for bench in _storage_rows(run):
         assert bench["extra_info"]["dataset"] == "imagenet-like"
         groups.setdefault(bench["group"], set()).add(bench["params"]["subject_name"])
     assert set(groups) == {f"{op} n=10 imagenet-like" for op in ("store_many", *READS)}
@@ -64,7 +71,7 @@ def test_every_group_has_the_limit_the_status_quo_and_a_row_per_backend_and_deco
 
 
 def test_rows_carry_their_ratios_to_the_limit_and_the_status_quo(run: dict[str, Any]) -> None:
-    for bench in run["doc"]["benchmarks"]:
+    for bench in _storage_rows(run):
         info = bench["extra_info"]
         assert info["images"] == 10 and info["file_bytes"] > 10 * 20_000  # JPEG files, not thumbnails
         assert info["ratio_to_limit"] > 0 and info["ratio_to_tutorial"] > 0, bench["name"]
