@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+# Every epoch row trains through a torch DataLoader; without torch the rest of the suite still runs.
+pytest.importorskip("torch", reason="the epoch rows need PyTorch: pip install torch (the CPU build: see the README)")
+
 from benchmarks.epoch import SEED, EpochCheck, EpochRow, epoch_rounds, epoch_source, release, run_epoch
 from benchmarks.loaders import EpochLoader, load_peer, missing_requirement
 from benchmarks.operations import BATCH_SIZE
