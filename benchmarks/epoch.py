@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import xxhash
 
-from benchmarks.loaders import PEERS, EpochLoader, EpochSource, load_peer, missing_requirement
+from benchmarks.loaders import PEERS, EpochLoader, EpochSource, load_peer
 from benchmarks.loaders.imgstore_rows import imgstore_loader
 from benchmarks.loaders.limit import LimitLoader
 
@@ -227,7 +227,3 @@ def run_epoch(loader: Any, out: list[Kept], first_batch: list[float], cpu: list[
 def release() -> None:
     """Drop what the last round left (its loader's handles and maps) so its files can leave the page cache."""
     gc.collect()
-
-
-def why_not(cls: type[EpochLoader]) -> str | None:
-    return missing_requirement(cls)
