@@ -951,3 +951,14 @@ def test_confidence_too_close_to_0_or_1_is_a_usage_error(confidence: str, tmp_pa
     assert "--confidence" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="confidence"):
         compare_runs(load.load_runs(base), load.load_runs(cand), confidence=float(confidence))
+
+
+def test_markdown_escapes_html_in_names_and_paths() -> None:
+    name = "m::t[<img src=x onerror=alert(1)>&amp]"
+    rows = compare_runs(
+        Run("a<b>`x.json", {name: Benchmark(name, name, None, 1.0, (1.0,) * 10)}),
+        Run("b.json", {name: Benchmark(name, name, None, 1.0, (1.0,) * 10)}),
+    )
+    text = report.format_markdown(rows, baseline=Run("a<b>`x.json", {}), candidate=Run("b.json", {}))
+    assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;&amp;amp" in text
+    assert "`a<b>'x.json`" in text  # inside a code span, as it is, with no backtick to end the span early

@@ -6,6 +6,7 @@ benchmark suite's summary alike.
 
 from __future__ import annotations
 
+import html
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -235,14 +236,19 @@ def _repeated(row: Comparison) -> bool:
     return bool((row.baseline and row.baseline.run_rounds) or (row.candidate and row.candidate.run_rounds))
 
 
+def _markdown_text(text: str) -> str:
+    """Text from saved runs as Markdown shows it: a '|' in a parametrize id would end the cell, and
+    '<', '&' in a name or path (anything can be in a JSON file) would be HTML in a pull request."""
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
 def _markdown_table(comparisons: Sequence[Comparison], columns: Sequence[str]) -> str:
     body = _cells(comparisons, columns)
     header = [COLUMNS[c][0] for c in columns]
     align = ["---:" if COLUMNS[c][1] else ":---" for c in columns]
 
     def line(cells: Sequence[str]) -> str:
-        # A '|' in a parametrize id would end the cell.
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+        return "| " + " | ".join(_markdown_text(cell) for cell in cells) + " |"
 
     return "\n".join([line(header), "|" + "|".join(align) + "|", *(line(c) for c in body)])
 
@@ -282,11 +288,12 @@ def format_markdown(
             "</details>",
             "",
         ]
-    lines += [f"- {note}" for note in notes]
+    lines += [f"- {_markdown_text(note)}" for note in notes]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _describe(run: Run) -> str:
     details = [detail for detail in (run.commit and run.commit[:10], run.datetime) if detail]
     suffix = f" ({', '.join(details)})" if details else ""
-    return f"`{Path(run.path).name}`{suffix}"
+    name = Path(run.path).name.replace("`", "'")  # a code span shows '<' as it is; a backtick would end it
+    return f"`{name}`{_markdown_text(suffix)}"
