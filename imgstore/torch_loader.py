@@ -159,6 +159,8 @@ class StoreBatches(ProcessStore, Dataset[Batch]):
         images = arrange(images, self.layout, batched=True)
         if self.transform is not None:
             images = self.transform(images)
+            if not isinstance(images, torch.Tensor):  # caught here, not as a puzzle in the training loop
+                raise InvalidOptionError(f"transform must return a tensor (the batch), got {type(images).__name__}")
         return images, labels
 
     def _checked(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:

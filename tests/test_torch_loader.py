@@ -342,3 +342,28 @@ def test_shared_handoff_keeps_a_batch_held_by_its_storage_alone(raw_stores: dict
     del held, storage, batch
     slots = {images.data_ptr() for images in loader.ring.images}
     assert all(batch.data_ptr() in slots for batch, _ in loader)  # dropped storages free their slots
+
+
+def _to_float(batch: torch.Tensor) -> torch.Tensor:  # module level: workers pickle it under spawn too
+    return batch.float() / 255
+
+
+def _to_numpy(batch: torch.Tensor) -> np.ndarray:
+    return batch.numpy()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_transform_runs_on_each_batch_and_must_return_a_tensor(
+    raw_stores: dict[str, tuple[Path, np.ndarray]], workers: int
+) -> None:
+    path, images = raw_stores["lmdb"]
+    loader = make_loader(path, batch_size=BATCH, shuffle=True, num_workers=workers, transform=_to_float)
+    seen = []
+    for batch, labels in loader:
+        assert batch.dtype == torch.float32
+        np.testing.assert_allclose(batch.numpy(), images[labels.numpy()] / 255, rtol=1e-6)
+        seen.extend(labels.tolist())
+    assert sorted(seen) == list(range(N))
+    bad = make_loader(path, batch_size=BATCH, num_workers=workers, transform=_to_numpy)
+    with pytest.raises(InvalidOptionError, match="transform must return a tensor .* got ndarray"):
+        next(iter(bad))
