@@ -8,12 +8,10 @@ a truncated or damaged copy on the server.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +29,14 @@ pytestmark = pytest.mark.skipif(s3_available() is not None, reason=str(s3_availa
 IMAGES, LABELS = random_images(100, (16, 16, 3), seed=11)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[MotoServer]:
-    with MotoServer() as running:
-        yield running
+@pytest.fixture
+def server(s3_server: MotoServer) -> MotoServer:
+    return s3_server  # tests/conftest.py: one server for the session
 
 
 @pytest.fixture
-def url(server: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = f"t{abs(hash(request.node.nodeid)) % 10**12}-{os.getpid()}"
-    return server.make_bucket(name) + "/cifar"
+def url(s3_url: str) -> str:
+    return s3_url
 
 
 def _options(server: MotoServer, **kw: Any) -> dict[str, Any]:

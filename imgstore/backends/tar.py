@@ -118,6 +118,18 @@ class TarStore(Store):
         offset, length = e["offset"].astype(np.int64), e["length"].astype(np.int64)
         return e["shard"].astype(np.int64), offset, length, fmt.label_ends(offset, length, e["label_len"])
 
+    def byte_spans(self, indices: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Where records ``indices`` lie: each one's tar file (relative to the store) and its first and end byte.
+
+        A span holds both of the record's members, headers included: everything a read of it touches. A
+        copy of the store holding only these bytes of the tar files reads these records as the whole
+        store does (:mod:`imgstore.sharded.ranges` fetches just them from object storage).
+        """
+        shard, offset, _, end = self._spans(np.asarray(indices, dtype=np.int64))
+        starts = offset // fmt.BLOCK * fmt.BLOCK - fmt.BLOCK  # the image member's header
+        names = {s: os.path.relpath(self._shard(s), self.path) for s in np.unique(shard).tolist()}
+        return [names[s] for s in shard.tolist()], starts, fmt.padded_all(end)
+
     # -------------------------------------------------------------- reading
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:

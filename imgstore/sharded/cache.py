@@ -17,8 +17,8 @@ entry, and a name says its size without a walk).
 - Use time is the entry directory's mtime, touched at every pin. Room is made before a download:
   unpinned entries are evicted oldest first until the new shard fits in ``max_bytes``. Only pinned
   entries can keep the cache above the bound (a reader pins the few shards it holds open).
-- Only names of those three forms are ever deleted, and only inside the cache directory
-  (``.tmp-`` and ``.evict-`` leftovers of dead processes are swept).
+- Only names of those forms are ever deleted, and only inside the cache directory (``.tmp-``,
+  ``.evict-`` and ``.ranges-`` leftovers of dead processes are swept).
 """
 
 from __future__ import annotations
@@ -29,18 +29,36 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreExistsError, StoreIOError, StoreNotFoundError
 from imgstore.fileio import pid_alive
 from imgstore.sharded.location import Location
-from imgstore.sharded.manifest import ShardInfo, hash_file
+from imgstore.sharded.manifest import ShardFile, ShardInfo, hash_file
 
 MARKER = "IMGSTORE-CACHE"
 _ENTRY = re.compile(r"([0-9a-f]{32})-([0-9]{1,16})")
-_TMP = re.compile(r"\.(?:tmp-[0-9a-f]{32}|evict)-([0-9]{1,10})-[0-9a-f]{8}")
+# ``.ranges-``: a reader's partial copies of shards read by byte ranges (imgstore.sharded.ranges)
+_TMP = re.compile(r"\.(?:tmp-[0-9a-f]{32}|evict|ranges)-([0-9]{1,10})-[0-9a-f]{8}")
 _DOWNLOAD_ATTEMPTS = 2
+
+
+def fetch_files(location: Location, name: str, files: Iterable[ShardFile], dest: Path) -> str:
+    """Download these files of shard ``name`` into ``dest``, each checked against its size and XXH3-128 in the
+    manifest and made read-only; what is wrong with the copy, or ''."""
+    for f in files:
+        path = dest / f.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        location.download(name, f.path, path)
+        size, digest = hash_file(path)
+        if size != f.bytes:
+            return f"{f.path} is {size} bytes, the manifest says {f.bytes} (truncated or replaced)"
+        if digest != f.xxh3_128:
+            return f"{f.path} does not match its checksum in the manifest (damaged)"
+        os.chmod(path, 0o444)  # sealed, like the shard it copies
+    return ""
 
 
 @dataclass
@@ -149,17 +167,7 @@ class ShardCache:
 
     def _fetch_into(self, location: Location, info: ShardInfo, tmp: Path) -> str:
         """Download every file of the shard into ``tmp``; what is wrong with the copy, or ''."""
-        for f in info.files:
-            dest = tmp / f.path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            location.download(info.name, f.path, dest)
-            size, digest = hash_file(dest)
-            if size != f.bytes:
-                return f"{f.path} is {size} bytes, the manifest says {f.bytes} (truncated or replaced)"
-            if digest != f.xxh3_128:
-                return f"{f.path} does not match its checksum in the manifest (damaged)"
-            os.chmod(dest, 0o444)  # sealed, like the shard it copies
-        return ""
+        return fetch_files(location, info.name, info.files, tmp)
 
     # ------------------------------------------------------------------ eviction
 

@@ -2,9 +2,10 @@
 
 A :class:`ShardedDataset` reads the manifest once: it sees the dataset as it was committed then,
 whatever is appended later (shards are never changed or deleted), until :meth:`refresh`. Remote
-shards are fetched whole into a :class:`ShardCache` and opened there; local ones in place. At most
-``open_shards`` shards are held open (and pinned in the cache) at once, least recently used closed
-first.
+shards are fetched whole into a :class:`ShardCache` and opened there, or (a format that can, policy
+``remote_reads``) read a few records at a time by byte ranges (:mod:`imgstore.sharded.ranges`); local
+ones are read in place. At most ``open_shards`` shards are held open (and pinned in the cache) at
+once, least recently used closed first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from imgstore.opening import open_store
 from imgstore.sharded.cache import Pin, ShardCache
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import DatasetManifest, ShardInfo, hash_file, parse_manifest
+from imgstore.sharded.ranges import MAX_PARTIAL, RangedShard, checked_policy, use_ranges
 from imgstore.sharded.writing import read_committed
 from imgstore.store import Store
 
@@ -41,13 +43,18 @@ def open_sharded(
     storage_options: Mapping[str, Any] | None = None,
     open_shards: int = 4,
     verify_reads: bool = True,
+    remote_reads: str = "auto",
 ) -> ShardedDataset:
     """Open the sharded dataset at ``url`` (a local path or an fsspec URL) for reading.
 
     Remote shards are fetched into ``cache_dir`` (default ``~/.cache/imgstore-shards``), kept under
     ``cache_bytes`` by evicting the least recently used. ``storage_options`` go to fsspec (for
     s3fs: ``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``, ``retries``...).
+    ``remote_reads``: ``"auto"`` (default) reads a request for a small part of a shard not cached by
+    byte ranges when its format can (``tar``), and fetches the shard whole otherwise; ``"ranges"``
+    always reads such shards by ranges; ``"whole"`` always fetches them whole.
     """
+    checked_policy(remote_reads)
     location = Location(url, storage_options)
     manifest = read_committed(location)
     if manifest.revision == 0:
@@ -55,7 +62,7 @@ def open_sharded(
     cache = None
     if location.local is None:
         cache = ShardCache(cache_dir if cache_dir is not None else default_cache_dir(), cache_bytes)
-    return ShardedDataset(location, manifest, cache, open_shards, verify_reads)
+    return ShardedDataset(location, manifest, cache, open_shards, verify_reads, remote_reads)
 
 
 class ShardedDataset:
@@ -68,12 +75,16 @@ class ShardedDataset:
         cache: ShardCache | None,
         open_shards: int = 4,
         verify_reads: bool = True,
+        remote_reads: str = "auto",
     ) -> None:
         if type(open_shards) is not int or open_shards < 1:
             raise InvalidOptionError(f"open_shards must be a positive integer, got {open_shards!r}")
         self.location, self.cache = location, cache
         self.open_shards, self.verify_reads = open_shards, verify_reads
+        self.remote_reads = checked_policy(remote_reads)
         self._open: OrderedDict[int, tuple[Store, Pin | None]] = OrderedDict()
+        self._partial: OrderedDict[int, RangedShard] = OrderedDict()  # shards read by byte ranges
+        self.ranged_bytes = 0  # fetched by byte ranges (partial copies' small files included), closed ones too
         self._closed = False
         self._fetcher: ThreadPoolExecutor | None = None  # prefetch's one background thread
         self._fetching: dict[int, Future[None]] = {}
@@ -90,6 +101,7 @@ class ShardedDataset:
             self.open_shards,
             self.verify_reads,
             self.manifest.to_json(),
+            self.remote_reads,
         )
 
     def _use(self, manifest: DatasetManifest) -> None:
@@ -149,7 +161,47 @@ class ShardedDataset:
             wait([pending])  # its outcome does not matter: acquire finds the entry, or fetches (and raises)
         store, pin = self._open_shard(self.shards[k])
         self._open[k] = (store, pin)
+        self._drop_partial(k)  # the whole shard supersedes a partial copy
         return store
+
+    def _ranged(self, k: int, requested: int) -> RangedShard | None:
+        """Shard ``k``'s partial copy if this request of ``requested`` records reads byte ranges, else None."""
+        self._check_open()
+        if self.cache is None or k in self._open or not 0 <= k < len(self.shards):
+            return None
+        info = self.shards[k]
+        held = self._partial.get(k)
+        if held is None:
+            if k in self._fetching or self.cache.entry_path(info).is_dir():
+                return None  # cached whole, or being fetched
+            if not use_ranges(self.remote_reads, info, requested):
+                return None
+            while len(self._partial) >= MAX_PARTIAL:
+                self._drop_partial(next(iter(self._partial)))
+            before = self.ranged_bytes
+            held = self._partial[k] = RangedShard(self.location, info, self.cache.dir, self.verify_reads)
+            self.ranged_bytes = before + held.fetched_bytes
+        elif self.remote_reads == "auto" and not use_ranges(self.remote_reads, info, requested):
+            return None  # a big request: the shard is fetched whole (and the partial copy dropped)
+        self._partial.move_to_end(k)
+        return held
+
+    def _read_ranged(self, k: int, ranged: RangedShard, local: np.ndarray, one: bool) -> tuple[Any, Any]:
+        before = ranged.fetched_bytes
+        try:
+            return ranged.read(local, one)
+        except CorruptStoreError as exc:
+            self._drop_partial(k)  # nothing damaged is kept
+            raise CorruptStoreError(
+                f"shard {ranged.info.name} of {self.url}, read by byte ranges: {exc} (fetched twice; nothing kept)"
+            ) from exc
+        finally:
+            self.ranged_bytes += ranged.fetched_bytes - before
+
+    def _drop_partial(self, k: int) -> None:
+        ranged = self._partial.pop(k, None)
+        if ranged is not None:
+            ranged.close()
 
     def prefetch(self, shards: Iterable[int]) -> None:
         """Start fetching these shards into the cache in a background thread (remote datasets; else nothing).
@@ -200,6 +252,9 @@ class ShardedDataset:
 
     def get(self, index: int) -> tuple[Any, int]:
         k, local = self.locate(index)
+        ranged = self._ranged(k, 1)
+        if ranged is not None:
+            return self._read_ranged(k, ranged, np.array([local], dtype=np.int64), one=True)
         return self.shard(k).get(local)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
@@ -221,7 +276,12 @@ class ShardedDataset:
         parts: list[tuple[np.ndarray, Any]] = []
         for k in np.unique(shard_of).tolist():  # shard by shard, each read in one get_many
             positions = np.flatnonzero(shard_of == k)
-            images, shard_labels = self.shard(k).get_many(where[positions] - self.offsets[k])
+            local = where[positions] - self.offsets[k]
+            ranged = self._ranged(k, len(positions))
+            if ranged is not None:
+                images, shard_labels = self._read_ranged(k, ranged, local, one=False)
+            else:
+                images, shard_labels = self.shard(k).get_many(local)
             labels[positions] = shard_labels
             parts.append((positions, images))
         if not parts and self.shards and self.shards[0].shape is not None:  # no index: an empty batch
@@ -250,6 +310,8 @@ class ShardedDataset:
         while self._open:
             _k, (store, pin) = self._open.popitem()
             _release(store, pin)
+        while self._partial:
+            self._drop_partial(next(iter(self._partial)))
         self._closed = True
 
     def _check_open(self) -> None:
@@ -277,10 +339,11 @@ def _reopen(
     open_shards: int,
     verify_reads: bool,
     manifest: bytes,
+    remote_reads: str = "auto",
 ) -> ShardedDataset:
     location = Location(url, storage_options)
     cache = ShardCache(cache_dir, cache_bytes) if cache_dir is not None else None
-    return ShardedDataset(location, parse_manifest(manifest, url), cache, open_shards, verify_reads)
+    return ShardedDataset(location, parse_manifest(manifest, url), cache, open_shards, verify_reads, remote_reads)
 
 
 def _release(store: Store, pin: Pin | None) -> None:

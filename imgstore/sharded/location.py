@@ -167,6 +167,14 @@ class Location:
         with self._transport(f"shards/{name}/{rel}"):
             self.fs.get_file(self._remote(f"shards/{name}/{rel}"), str(dest))
 
+    def read_ranges(self, name: str, rels: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
+        """Bytes ``starts[k]:ends[k]`` of file ``rels[k]`` of shard ``name``, as concurrent ranged GETs
+        (``fs.cat_ranges``; s3fs retries each range's transient faults itself); remote datasets only."""
+        paths = [self._remote(f"shards/{name}/{rel}") for rel in rels]
+        with self._transport(f"shards/{name}/{rels[0] if rels else ''}"):
+            got: list[bytes] = self.fs.cat_ranges(paths, starts, ends, on_error="raise")
+        return got
+
     @contextmanager
     def _transport(self, rel: str) -> Iterator[None]:
         """Errors of the remote file system, as imgstore's (after fsspec's and the backend's own retries)."""

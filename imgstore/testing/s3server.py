@@ -109,10 +109,12 @@ class MotoServer:
 
 class FlakyProxy:
     """A TCP relay in front of a server that resets the first ``cuts`` connections once they have relayed
-    ``cut_after`` bytes from the server: a real mid-transfer network fault, which clients may retry."""
+    ``cut_after`` bytes from the server: a real mid-transfer network fault, which clients may retry.
+    ``relayed``: bytes relayed from the server so far, all connections (to act at a point of a transfer)."""
 
     def __init__(self, target_port: int, *, cut_after: int = 1 << 20, cuts: int = 1) -> None:
         self.target_port, self.cut_after, self.cuts_left, self.cut = target_port, cut_after, cuts, 0
+        self.relayed = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
@@ -142,6 +144,9 @@ class FlakyProxy:
             while data := source.recv(1 << 16):
                 sink.sendall(data)
                 relayed += len(data)
+                if from_server:
+                    with self._lock:
+                        self.relayed += len(data)
                 if from_server and relayed >= self.cut_after and self._take_cut():
                     # SO_LINGER 0: close sends a RST, as a dropped connection does
                     sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -150,6 +155,10 @@ class FlakyProxy:
             pass
         finally:
             for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)  # first: it wakes the other direction's thread blocked in recv
+                except OSError:
+                    pass
                 try:
                     s.close()
                 except OSError:
@@ -164,6 +173,11 @@ class FlakyProxy:
             return True
 
     def close(self) -> None:
+        """Stop accepting: new connections are refused (shutdown wakes the thread blocked in accept)."""
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
 
 

@@ -1,0 +1,163 @@
+"""Reading a few records of a remote shard by byte ranges, instead of fetching the shard whole.
+
+A format whose records lie at offsets its index gives (the indexed ``tar`` backend, as WebDataset
+shards) can be read a record at a time from object storage. A :class:`RangedShard` is a partial
+copy of one remote shard, private to one reader, in the cache directory under
+``.ranges-<pid>-<random>/`` (not a cache entry: never shared, never opened whole, deleted when the
+reader closes it; a dead process's is swept by the cache):
+
+- its small files (the store's manifest, the record checksums, the tar index) are fetched whole
+  once and checked against their size and XXH3-128 in the dataset manifest (a damaged one is
+  fetched once more, then :class:`CorruptStoreError`);
+- its tar files are sparse files of their full size, into which the byte spans of the records
+  asked for are written as they arrive: concurrent ranged GETs (``fs.cat_ranges``; s3fs retries
+  a range's transient faults itself), spans closer than :data:`MERGE_GAP` merged into one GET;
+- it is opened as an ordinary store, so every record read is checked against its checksum exactly
+  as a local read is. Records that fail are fetched once more, then :class:`CorruptStoreError`
+  (and the dataset deletes the partial copy: nothing damaged is kept).
+
+Which to use is the dataset's ``remote_reads`` policy: ``"whole"`` (always fetch into the cache),
+``"ranges"`` (ranges for every shard of a ranged format not already cached), ``"auto"`` (ranges
+when a request asks a shard not cached for at most :data:`AUTO_FRACTION` of its records; else the
+whole shard into the cache). The fraction comes from ``benchmarks/sharded_ranges.py`` (README).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreIOError, StoreNotFoundError
+from imgstore.opening import open_store
+from imgstore.sharded.cache import fetch_files
+from imgstore.sharded.location import Location
+from imgstore.sharded.manifest import ShardInfo
+
+POLICIES = ("auto", "ranges", "whole")
+# Backends whose stores can be read by ranges: which of their files are (the rest are fetched whole).
+RANGED_FILES: dict[str, Callable[[str], bool]] = {"tar": lambda path: path.endswith(".tar")}
+# Spans this close are one GET: a request costs about what 64 KiB more of its body does (moto, README).
+MERGE_GAP = 64 << 10
+# "auto" reads ranges for a request of at most this fraction of a shard's records (measured: README).
+AUTO_FRACTION = 1 / 16
+MAX_PARTIAL = 16  # partial copies a reader keeps (each an open store), least recently used closed first
+_ATTEMPTS = 2
+
+
+def checked_policy(policy: object) -> str:
+    if policy not in POLICIES:
+        raise InvalidOptionError(f"remote_reads must be one of {', '.join(POLICIES)}; got {policy!r}")
+    return str(policy)
+
+
+def use_ranges(policy: str, info: ShardInfo, requested: int) -> bool:
+    """Whether a request of ``requested`` records of a shard not cached reads byte ranges under ``policy``."""
+    if policy == "whole" or info.backend not in RANGED_FILES:
+        return False
+    return policy == "ranges" or requested <= info.count * AUTO_FRACTION
+
+
+class RangedShard:
+    """A partial copy of a remote shard: the records read so far, fetched by byte ranges (see the module)."""
+
+    def __init__(self, location: Location, info: ShardInfo, parent: Path, verify_reads: bool) -> None:
+        self.location, self.info = location, info
+        self.dir = parent / f".ranges-{os.getpid()}-{secrets.token_hex(4)}"
+        self.fetched_bytes = self.requests = 0
+        ranged = RANGED_FILES[info.backend]
+        try:
+            self._fetch_small([f for f in info.files if not ranged(f.path)])
+            for f in info.files:
+                if ranged(f.path):  # sparse: only the spans fetched take space
+                    path = self.dir / f.path
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                    try:
+                        os.ftruncate(fd, f.bytes)
+                    finally:
+                        os.close(fd)
+            self.store: Any = open_store(self.dir, verify_reads=verify_reads)
+            if len(self.store) != info.count or self.store.backend != info.backend:
+                self.store.close()
+                raise CorruptStoreError(
+                    f"shard {info.name} holds {len(self.store)} {self.store.backend} records; "
+                    f"the manifest says {info.count} {info.backend}"
+                )
+        except BaseException as exc:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if isinstance(exc, OSError) and not isinstance(exc, StoreIOError):
+                raise StoreIOError(f"{self.dir}: {exc}") from exc
+            raise
+        self.have = np.zeros(info.count, dtype=bool)  # records whose spans are here
+
+    def _fetch_small(self, files: list[Any]) -> None:
+        problem = ""
+        for _attempt in range(_ATTEMPTS):
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir()
+            try:
+                problem = fetch_files(self.location, self.info.name, files, self.dir)
+            except StoreNotFoundError as exc:
+                raise CorruptStoreError(f"shard {self.info.name} of {self.location.url} lacks a file: {exc}") from exc
+            self.fetched_bytes += sum(f.bytes for f in files)
+            self.requests += len(files)
+            if not problem:
+                return
+        raise CorruptStoreError(
+            f"shard {self.info.name} of {self.location.url}: {problem} (fetched {_ATTEMPTS} times; nothing kept)"
+        )
+
+    def read(self, local: np.ndarray, one: bool) -> tuple[Any, Any]:
+        """Records ``local`` of this shard (``one``: ``local[0]`` as ``get`` returns it), fetched first if missing."""
+        for attempt in range(_ATTEMPTS):
+            self._fill(local)
+            try:
+                got: tuple[Any, Any] = self.store.get(int(local[0])) if one else self.store.get_many(local)
+                return got
+            except CorruptStoreError:
+                self.have[local] = False  # fetched again (once), never read again as they are
+                if attempt + 1 == _ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fill(self, local: np.ndarray) -> None:
+        need = np.unique(local[~self.have[local]])
+        if not need.size:
+            return
+        rels, starts, ends = self.store.byte_spans(need)  # in file order: the index is
+        merged: list[list[Any]] = []
+        for rel, start, end in zip(rels, starts.tolist(), ends.tolist(), strict=True):
+            if merged and merged[-1][0] == rel and start <= merged[-1][2] + MERGE_GAP:
+                merged[-1][2] = max(merged[-1][2], end)
+            else:
+                merged.append([rel, start, end])
+        got = self.location.read_ranges(self.info.name, *(list(column) for column in zip(*merged, strict=True)))
+        self.requests += len(merged)
+        for (rel, start, end), data in zip(merged, got, strict=True):
+            if len(data) != end - start:
+                raise CorruptStoreError(
+                    f"shard {self.info.name} of {self.location.url}: {rel} ends before byte {end} "
+                    "(truncated or replaced)"
+                )
+            fd = os.open(self.dir / rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.pwrite(fd, view, start)
+                    view, start = view[written:], start + written
+            finally:
+                os.close(fd)
+            self.fetched_bytes += len(data)
+        self.have[need] = True
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,197 @@
+"""Remote tar shards read by byte ranges (``remote_reads``), against moto's S3 server in its own process.
+
+Real HTTP through s3fs, nothing patched: the ranged GETs, a damaged object on the server, the
+server SIGKILLed while ranges are in flight (seen through a counting relay).
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import imgstore
+from imgstore.sharded import ShardedWriter, open_sharded, read_committed
+from imgstore.sharded.location import Location
+from imgstore.sharded.ranges import AUTO_FRACTION
+from imgstore.testing import random_images
+from imgstore.testing.s3server import FlakyProxy, MotoServer, s3_available
+
+pytestmark = pytest.mark.skipif(s3_available() is not None, reason=str(s3_available()))
+
+IMAGES, LABELS = random_images(200, (16, 16, 3), seed=21)
+
+
+def _write(url: str, options: dict[str, Any] | None, images: Any = IMAGES, labels: Any = LABELS, **kw: Any) -> None:
+    with ShardedWriter(url, backend=kw.pop("backend", "tar"), shard_size=100, storage_options=options, **kw) as w:
+        w.add(images, labels)
+
+
+def _entries(cache: Path) -> list[str]:
+    """Complete cache entries (whole shards)."""
+    return sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _partials(cache: Path) -> list[str]:
+    return [p.name for p in cache.iterdir() if p.name.startswith(".ranges-")]
+
+
+@pytest.mark.parametrize("codec", ["raw", "png"])
+def test_ranged_reads_return_what_a_local_read_does(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path, codec: str
+) -> None:
+    options = s3_server.storage_options(attempts=2)
+    # several tar files per shard (shard_bytes): spans of one request lie in different files
+    _write(s3_url, options, codec=codec, shard_bytes=1 << 14)
+    _write(str(tmp_path / "local"), None, codec=codec, shard_bytes=1 << 14)
+    cache = tmp_path / "cache"
+    order = np.random.default_rng(2).permutation(200)[:37]
+    with (
+        open_sharded(s3_url, cache_dir=cache, storage_options=options, remote_reads="ranges") as data,
+        open_sharded(tmp_path / "local") as local,
+    ):
+        images, labels = data.get_many(order)
+        expected, expected_labels = local.get_many(order)
+        assert np.array_equal(images, expected) and np.array_equal(labels, expected_labels)
+        assert np.array_equal(images, IMAGES[order]) and np.array_equal(labels, LABELS[order])
+        image, label = data.get(int(order[0]))  # already fetched: read again from the partial copy
+        assert np.array_equal(image, IMAGES[order[0]]) and label == LABELS[order[0]]
+        fetched = data.ranged_bytes
+        data.get(int(order[0]))
+        assert data.ranged_bytes == fetched  # a record is fetched once
+        assert 0 < fetched < sum(s.bytes for s in data.shards) / 2
+        assert not _entries(cache) and len(_partials(cache)) == 2  # nothing in the cache: one partial copy a shard
+    assert not _partials(cache)  # deleted at close
+
+
+def test_auto_reads_ranges_for_a_few_records_and_fetches_a_big_request_whole(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options)
+    cache = tmp_path / "cache"
+    few = int(100 * AUTO_FRACTION)
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options) as data:  # remote_reads="auto"
+        assert np.array_equal(data.get(150)[0], IMAGES[150])
+        assert np.array_equal(data.get_many(range(100, 100 + few))[0], IMAGES[100 : few + 100])
+        assert not _entries(cache) and len(_partials(cache)) == 1 and data.ranged_bytes > 0
+        ranged = data.ranged_bytes
+        images, labels = data.get_many(range(100, 160))  # 60% of shard 1: fetched whole into the cache
+        assert np.array_equal(images, IMAGES[100:160]) and np.array_equal(labels, LABELS[100:160])
+        assert _entries(cache) == [f"{data.shards[1].checksum}-{data.shards[1].bytes}"]
+        assert not _partials(cache) and data.ranged_bytes == ranged  # the partial copy dropped, no more ranges
+        assert np.array_equal(data.get(101)[0], IMAGES[101]) and data.ranged_bytes == ranged  # from the cache
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options, remote_reads="whole") as data:
+        data.get(5)
+        assert len(_entries(cache)) == 2 and data.ranged_bytes == 0
+
+
+def test_a_backend_without_ranges_is_fetched_whole(s3_server: MotoServer, s3_url: str, tmp_path: Path) -> None:
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options, backend="lmdb")
+    cache = tmp_path / "cache"
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options, remote_reads="ranges") as data:
+        assert np.array_equal(data.get(5)[0], IMAGES[5])
+        assert len(_entries(cache)) == 1 and data.ranged_bytes == 0
+
+
+def test_the_policy_is_checked_and_survives_pickling(s3_server: MotoServer, s3_url: str, tmp_path: Path) -> None:
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options)
+    with pytest.raises(imgstore.InvalidOptionError, match="remote_reads"):
+        open_sharded(s3_url, cache_dir=tmp_path / "cache", storage_options=options, remote_reads="some")
+    with open_sharded(s3_url, cache_dir=tmp_path / "cache", storage_options=options, remote_reads="whole") as data:
+        again = pickle.loads(pickle.dumps(data))
+        assert again.remote_reads == "whole"
+        again.close()
+
+
+def _damage(url: str, options: dict[str, Any], path: str, at: int | bytes) -> None:
+    """Flip a bit of the object at ``path``: at byte ``at``, or 100 bytes into where the bytes ``at`` are."""
+    fs = Location(url, options).fs
+    key = f"{url.removeprefix('s3://')}/{path}"
+    data = bytearray(fs.cat_file(key))
+    where = at if isinstance(at, int) else data.index(at) + 100
+    data[where] ^= 1
+    fs.pipe_file(key, bytes(data))
+
+
+def test_a_damaged_record_on_the_server_is_refused_and_nothing_kept(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options)
+    info = read_committed(Location(s3_url, options)).shards[1]
+    tar = next(f.path for f in info.files if f.path.endswith(".tar"))
+    _damage(s3_url, options, f"shards/{info.name}/{tar}", IMAGES[107].tobytes())  # inside record 107's pixels
+    cache = tmp_path / "cache"
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options, remote_reads="ranges") as data:
+        assert np.array_equal(data.get(106)[0], IMAGES[106])  # its neighbour is fine
+        with pytest.raises(imgstore.CorruptStoreError, match="byte ranges.*nothing kept"):
+            data.get(107)
+        assert not _entries(cache) and not _partials(cache)
+        assert np.array_equal(data.get(5)[0], IMAGES[5])  # the other shard still reads
+        with pytest.raises(imgstore.CorruptStoreError):
+            data.get_many([100, 107])  # refused again, fetched again: nothing was kept
+        assert not _entries(cache) and len(_partials(cache)) == 1
+
+
+def test_a_damaged_index_is_refused_before_any_record(s3_server: MotoServer, s3_url: str, tmp_path: Path) -> None:
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options)
+    info = read_committed(Location(s3_url, options)).shards[0]
+    index = next(f.path for f in info.files if f.path.startswith("tarindex"))
+    _damage(s3_url, options, f"shards/{info.name}/{index}", 10)
+    cache = tmp_path / "cache"
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options, remote_reads="ranges") as data:
+        with pytest.raises(imgstore.CorruptStoreError, match="checksum in the manifest"):
+            data.get(3)
+        assert not _entries(cache) and not _partials(cache)
+
+
+def test_server_killed_mid_read_by_ranges(tmp_path: Path) -> None:
+    """StoreIOError once s3fs's and botocore's retries give up (1 attempt here); nothing cached."""
+    images, labels = random_images(100, (256, 256, 3), seed=22)  # one 20 MB shard of 197 KB records
+    with MotoServer() as own:
+        url = own.make_bucket("killed") + "/data"
+        _write(url, own.storage_options(attempts=1), images, labels)
+        proxy = FlakyProxy(own.port, cuts=0)  # relays and counts, never cuts
+        cache = tmp_path / "cache"
+        data = open_sharded(
+            url,
+            cache_dir=cache,
+            storage_options=own.storage_options(attempts=1, endpoint=proxy.endpoint),
+            remote_reads="ranges",
+        )
+        data.get(0)  # the partial copy: its index and checksums fetched; record 0
+        start = proxy.relayed
+        outcome: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                data.get_many(range(1, 100, 2))  # 50 ranges, 10 MB
+            except BaseException as exc:
+                outcome.append(exc)
+
+        try:
+            reader = threading.Thread(target=read)
+            reader.start()
+            deadline = time.monotonic() + 30
+            while proxy.relayed - start < 1_000_000 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            partial = proxy.relayed - start
+            own.kill()
+            proxy.close()  # the relay goes with it: new connections are refused, as by a dead server
+            reader.join(60)  # measured: StoreIOError ~1 s after the kill
+            assert 0 < partial < 9_000_000, "the ranged reads were not caught mid-way"
+            assert len(outcome) == 1 and isinstance(outcome[0], imgstore.StoreIOError), outcome
+            assert not _entries(cache)
+            data.close()
+            assert not _partials(cache)
+        finally:
+            proxy.close()
