@@ -105,7 +105,8 @@ def add_options(parser: pytest.Parser) -> None:
         "--sharded",
         action="store_true",
         help="also run the sharded rows (benchmarks/test_sharded_rows.py): reads from a local S3 server, cold and "
-        "warm cache, by shard size; convert --shards on 1 and 2 Dask workers (about 2 min; off by default)",
+        "warm cache, by shard size; a few records by byte ranges and whole; convert --shards on 1 and 2 Dask "
+        "workers (about 2 min; off by default)",
     )
     group.addoption(
         "--imagenet-cutoffs",

@@ -1,5 +1,6 @@
 """Sharded rows (``--sharded``; off by default): a sharded dataset read from a local S3 server with the
-cache cold and warm, by shard size, and ``convert --shards`` on 1 and 2 Dask worker processes.
+cache cold and warm, by shard size; a few records of a tar shard by byte ranges against a whole
+fetch; and ``convert --shards`` on 1 and 2 Dask worker processes.
 
 Timed: reading every record (one ``get_many`` a shard, shuffled shard order) from a handle opened
 before the round; a cold round's cache directory is new and empty (the setup), a warm one was
@@ -85,6 +86,39 @@ def test_sharded_s3_read(
         data.close()
     benchmark.extra_info.update(shard_size=shard_size, cache=cache, images=IMAGES)
     benchmark.extra_info["images_per_second"] = IMAGES / benchmark.stats.stats.median
+
+
+RANGED_SHARD, RANGED_PICK = 5_000, 4
+
+
+@pytest.fixture(scope="module")
+def tar_shard(server: Any) -> str:
+    images, labels = load_dataset("synthetic", RANGED_SHARD)
+    url = server.make_bucket("rows-ranges") + "/ds"
+    with ShardedWriter(url, backend="tar", shard_size=RANGED_SHARD, storage_options=server.storage_options()) as w:
+        w.add(images, labels)
+    return str(url)
+
+
+@pytest.mark.parametrize("policy", ["ranges", "whole"])
+def test_sharded_s3_few_records(benchmark: Any, server: Any, tar_shard: str, tmp_path: Path, policy: str) -> None:
+    """A few random records of a tar shard not cached: byte ranges against the whole fetch (remote_reads)."""
+    benchmark.group = f"sharded s3 {RANGED_PICK} random records of a {RANGED_SHARD}-image tar shard, cold"
+    picked = np.random.default_rng(0).choice(RANGED_SHARD, RANGED_PICK, replace=False)
+    handles: list[ShardedDataset] = []
+
+    def fresh() -> tuple[tuple[ShardedDataset], dict[str, Any]]:  # a new handle on a new, empty cache
+        for old in handles:
+            old.close()
+        cache = tmp_path / f"cache-{next(_names)}"
+        handles[:] = [
+            open_sharded(tar_shard, cache_dir=cache, storage_options=server.storage_options(), remote_reads=policy)
+        ]
+        return (handles[0],), {}
+
+    benchmark.pedantic(lambda data: data.get_many(picked), setup=fresh, rounds=5)
+    handles[0].close()
+    benchmark.extra_info.update(policy=policy, shard_images=RANGED_SHARD, records=RANGED_PICK)
 
 
 @pytest.fixture(scope="module")

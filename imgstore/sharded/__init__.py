@@ -8,7 +8,7 @@
 
 Modules: ``manifest`` (the commit point, parsed and checked), ``location`` (local or fsspec),
 ``writing`` (one shard per call, commits), ``cache`` (bounded LRU cache of remote shards),
-``dataset`` (the global index).
+``ranges`` (a few records of a remote tar shard by byte ranges), ``dataset`` (the global index).
 """
 
 from imgstore.sharded.cache import ShardCache

@@ -181,7 +181,7 @@ class ShardedDataset:
             before = self.ranged_bytes
             held = self._partial[k] = RangedShard(self.location, info, self.cache.dir, self.verify_reads)
             self.ranged_bytes = before + held.fetched_bytes
-        elif self.remote_reads == "auto" and not use_ranges(self.remote_reads, info, requested):
+        elif not use_ranges(self.remote_reads, info, requested, opened=True):
             return None  # a big request: the shard is fetched whole (and the partial copy dropped)
         self._partial.move_to_end(k)
         return held

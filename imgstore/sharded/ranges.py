@@ -11,15 +11,16 @@ reader closes it; a dead process's is swept by the cache):
   fetched once more, then :class:`CorruptStoreError`);
 - its tar files are sparse files of their full size, into which the byte spans of the records
   asked for are written as they arrive: concurrent ranged GETs (``fs.cat_ranges``; s3fs retries
-  a range's transient faults itself), spans closer than :data:`MERGE_GAP` merged into one GET;
+  a range's transient faults itself), spans less than :data:`MERGE_GAP` apart merged into one GET;
 - it is opened as an ordinary store, so every record read is checked against its checksum exactly
   as a local read is. Records that fail are fetched once more, then :class:`CorruptStoreError`
   (and the dataset deletes the partial copy: nothing damaged is kept).
 
 Which to use is the dataset's ``remote_reads`` policy: ``"whole"`` (always fetch into the cache),
-``"ranges"`` (ranges for every shard of a ranged format not already cached), ``"auto"`` (ranges
-when a request asks a shard not cached for at most :data:`AUTO_FRACTION` of its records; else the
-whole shard into the cache). The fraction comes from ``benchmarks/sharded_ranges.py`` (README).
+``"ranges"`` (ranges for every shard of a ranged format not already cached), ``"auto"`` (ranges when
+they cost less than the whole shard by :func:`use_ranges`'s model: a GET costs as much time as
+:data:`REQUEST_BYTES` more bytes of a body; else the whole shard into the cache). The model and its
+constant come from ``benchmarks/sharded_ranges.py`` (README, "Sharded datasets").
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ from imgstore.sharded.manifest import ShardInfo
 POLICIES = ("auto", "ranges", "whole")
 # Backends whose stores can be read by ranges: which of their files are (the rest are fetched whole).
 RANGED_FILES: dict[str, Callable[[str], bool]] = {"tar": lambda path: path.endswith(".tar")}
-# Spans this close are one GET: a request costs about what 64 KiB more of its body does (moto, README).
-MERGE_GAP = 64 << 10
-# "auto" reads ranges for a request of at most this fraction of a shard's records (measured: README).
-AUTO_FRACTION = 1 / 16
+# A GET costs about as much time as this many more bytes of a body: measured against moto on 127.0.0.1
+# (~7 ms a GET, ~270 MB/s; README). Real object storage has a longer first byte but serves GETs in
+# parallel; set this to its ratio (latency x bandwidth per connection / concurrency) to move auto's choice.
+REQUEST_BYTES = 2 << 20
+# Spans closer than this are one GET (the gap's bytes cost less than another request).
+MERGE_GAP = 1 << 20
 MAX_PARTIAL = 16  # partial copies a reader keeps (each an open store), least recently used closed first
 _ATTEMPTS = 2
 
@@ -56,11 +59,20 @@ def checked_policy(policy: object) -> str:
     return str(policy)
 
 
-def use_ranges(policy: str, info: ShardInfo, requested: int) -> bool:
-    """Whether a request of ``requested`` records of a shard not cached reads byte ranges under ``policy``."""
+def use_ranges(policy: str, info: ShardInfo, requested: int, opened: bool = False) -> bool:
+    """Whether a request of ``requested`` records of a shard not cached reads byte ranges under ``policy``.
+
+    ``"auto"``: when, at worst (a GET a record, plus the partial copy's small files unless ``opened``),
+    the GETs and bytes cost less than the whole shard's bytes, a GET counted as :data:`REQUEST_BYTES`.
+    """
     if policy == "whole" or info.backend not in RANGED_FILES:
         return False
-    return policy == "ranges" or requested <= info.count * AUTO_FRACTION
+    if policy == "ranges":
+        return True
+    small = [f for f in info.files if not RANGED_FILES[info.backend](f.path)]
+    setup = 0 if opened else len(small) * REQUEST_BYTES + sum(f.bytes for f in small)
+    record = (info.bytes - sum(f.bytes for f in small)) / max(1, info.count)
+    return setup + requested * (REQUEST_BYTES + record) <= info.bytes
 
 
 class RangedShard:
