@@ -77,20 +77,18 @@ class Checksums:
         """One checksum per record of the batch."""
         n = len(images)
         images = np.ascontiguousarray(images)
-        out = np.empty(n, self.dtype)
-        if self.width == 8:  # each record's row is its own buffer: no slicing arithmetic per record
-            rows = images.reshape(n, -1)
-            seed = self.seed
-            out[:] = [_xxh3(row, label ^ seed) for row, label in zip(rows, labels.tolist(), strict=True)]  # type: ignore[arg-type]
-        else:
-            size = images[0].nbytes if n else 0
-            pixels = images.data.cast("B")
-            label_bytes = np.ascontiguousarray(labels, dtype="<i8").data.cast("B")
-            out[:] = [
-                zlib.crc32(label_bytes[8 * k : 8 * k + 8], zlib.crc32(pixels[k * size : (k + 1) * size]))
-                for k in range(n)
-            ]
-        return out
+        if self.width == 8:
+            # The loop of every verified shuffled read: each record's row is its own buffer, and
+            # map() calls xxhash with no Python frame per record (half the cost of a comprehension).
+            seeds = (np.asarray(labels, dtype=np.int64).view(np.uint64) ^ np.uint64(self.seed)).tolist()
+            return np.fromiter(map(_xxh3, images.reshape(n, -1), seeds), self.dtype, n)  # type: ignore[arg-type]
+        size = images[0].nbytes if n else 0
+        pixels = images.data.cast("B")
+        label_bytes = np.ascontiguousarray(labels, dtype="<i8").data.cast("B")
+        crcs = (
+            zlib.crc32(label_bytes[8 * k : 8 * k + 8], zlib.crc32(pixels[k * size : (k + 1) * size])) for k in range(n)
+        )
+        return np.fromiter(crcs, self.dtype, n)
 
     def of_blobs(self, blobs: Sequence[bytes | memoryview], labels: np.ndarray) -> np.ndarray:
         """One checksum per encoded record (its bytes, seeded with its label)."""

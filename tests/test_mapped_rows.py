@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,26 @@ def test_a_file_cut_short_after_it_was_mapped_is_damage_not_sigbus(tmp_path: Pat
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("CorruptStoreError"), done.stdout
+
+
+def test_gather_copies_records_at_any_offsets_in_pieces_of_any_size(tmp_path: Path) -> None:
+    """Records at unaligned offsets, in any order, repeated, of sizes below, at and above a gather
+    piece (so a batch is one piece, several, or one record a piece), land in the rows asked for."""
+    from imgstore.backends.mapped_rows import _PIECE_BYTES, MappedRows
+
+    data = np.random.default_rng(3).integers(0, 256, 3 * _PIECE_BYTES, dtype=np.uint8)
+    (tmp_path / "f").write_bytes(data.tobytes())
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        rows = MappedRows(fd)
+        rng = np.random.default_rng(4)
+        for nbytes in (1, 3, 3072, _PIECE_BYTES // 2 + 1, _PIECE_BYTES + 5):
+            for n in (1, 7, 300):
+                offsets = rng.integers(0, len(data) - nbytes + 1, n)
+                offsets[n // 2 :] = offsets[: n - n // 2]  # repeated records
+                out = np.zeros((n, nbytes), np.uint8)
+                assert rows.gather(offsets, nbytes, out)
+                np.testing.assert_array_equal(out, data[offsets[:, None] + np.arange(nbytes)])
+        assert not rows.gather(np.array([len(data) - 2]), 3, np.zeros((1, 3), np.uint8))  # past the end
+    finally:
+        os.close(fd)

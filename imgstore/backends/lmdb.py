@@ -266,18 +266,18 @@ class LmdbStore(Store):
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         # The loop of a shuffled batch: every image is one get, so the checks of _records are
         # inlined (a method call per image costs a third of the time).
-        size, per_block = self._layout(images[0].nbytes)
+        size, per_block = layout = self._layout(images[0].nbytes)
         record = size + 8
-        pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
-        blocks, rows = np.divmod(indices, per_block)
         txn, pages = self._begin()
         with txn:
-            pages.check_keys(blocks)
+            if pages.unchecked:  # the leaf pages liblmdb would walk to find these blocks
+                pages.check_keys(indices // per_block)
             if self._mapped is None:
                 self._mapped = MappedBlocks(str(self.file("lmdb") / "data.mdb"), self._env.stat()["psize"])
-            flat = images.reshape(len(indices), size)
-            if self._mapped.gather(txn, self._env, blocks, rows, size, per_block, flat, labels):
+            if self._mapped.gather(txn, self._env, indices, layout, images.reshape(len(indices), size), labels):
                 return
+            pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
+            blocks, rows = np.divmod(indices, per_block)
             get = txn.get
             at = 0
             for block, row in zip(blocks.tolist(), rows.tolist(), strict=True):

@@ -4,9 +4,10 @@ A block of records is one LMDB value on overflow pages: its bytes lie at one fil
 shuffled batch read as one ``txn.get`` per image spends most of its time in those gets (59% of an
 epoch of 50 000 CIFAR images). Here each block's offset is learned once per snapshot from
 liblmdb's own answer (the address ``txn.get`` returns, less the overflow page's header, whose page
-number gives the file offset), then a batch is one NumPy gather, as HDF5's. The page numbers are
-checked against each other: every value of a snapshot must imply the same address for page 0 of
-liblmdb's map, so a damaged header is never trusted (the caller then reads with ``txn.get``).
+number gives the file offset) and kept per record with its label; then a batch is one NumPy gather,
+as HDF5's, and an index into the labels. The page numbers are checked against each other: every
+value of a snapshot must imply the same address for page 0 of liblmdb's map, so a damaged header
+is never trusted (the caller then reads with ``txn.get``).
 Offsets are used only inside a read transaction of the snapshot they were learned in, whose
 pages LMDB never reuses while it is open.
 """
@@ -45,9 +46,11 @@ class MappedBlocks:
         self._fd = os.open(data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._rows = MappedRows(self._fd)
         self._psize = psize
-        self._key: tuple[int, int, int] | None = None  # (process, environment, snapshot) of the offsets
-        self._offsets = np.empty(0, dtype=np.int64)  # per block; -1: not known yet
-        self._counts = np.empty(0, dtype=np.int64)
+        self._key: tuple[int, int, int] | None = None  # (process, environment, snapshot) of the tables
+        # Per record (index): its pixels' file offset (-1: its block not learned yet, or no such
+        # record) and its label. 16 bytes a record, so a batch is three NumPy indexings and a gather.
+        self._offsets = np.empty(0, dtype=np.int64)
+        self._labels = np.empty(0, dtype=np.int64)
         self._base = 0  # the address of page 0 in liblmdb's map that every value implies
         self._lock = threading.Lock()
         _instances.add(self)
@@ -61,57 +64,49 @@ class MappedBlocks:
         self,
         txn: lmdb.Transaction,
         env: lmdb.Environment,
-        blocks: np.ndarray,
-        rows: np.ndarray,
-        size: int,
-        per_block: int,
+        indices: np.ndarray,
+        layout: tuple[int, int],
         images: np.ndarray,
         labels: np.ndarray,
     ) -> bool:
-        """Records ``(blocks, rows)`` into ``images`` [n, size] and ``labels`` (int64) inside ``txn``;
-        False, with nothing promised about the output, where the caller must read them itself."""
+        """Records ``indices`` (of a store of ``layout``: image bytes, records per block) into ``images``
+        [n, image bytes] and ``labels`` (int64) inside ``txn``; False, with nothing promised about the
+        output, where the caller must read them itself."""
         with self._lock:  # threads share a handle: one of them may be learning another snapshot
-            found = self._locate(txn, env, blocks, rows, (size, per_block))
-        if found is None:
-            return False
-        offsets, counts = found
-        return self._rows.gather(offsets + rows * size, size, images) and self._rows.gather(
-            offsets + counts * size + 8 * rows, 8, labels.view(np.uint8).reshape(len(labels), 8)
-        )
+            offsets = self._locate(txn, env, indices, layout)
+            if offsets is None:
+                return False
+            labels[:] = self._labels[indices]
+        return self._rows.gather(offsets, layout[0], images)
 
     def _locate(
-        self,
-        txn: lmdb.Transaction,
-        env: lmdb.Environment,
-        blocks: np.ndarray,
-        rows: np.ndarray,
-        layout: tuple[int, int],
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The file offsets and record counts of ``blocks`` in ``txn``'s snapshot, or None; ``layout``:
-        (image bytes, records per block)."""
-        size, per_block = layout
+        self, txn: lmdb.Transaction, env: lmdb.Environment, indices: np.ndarray, layout: tuple[int, int]
+    ) -> np.ndarray | None:
+        """The file offsets of records ``indices`` in ``txn``'s snapshot, or None."""
         if self._fd < 0:
             return None
         key = (os.getpid(), id(env), txn.id())
         if key != self._key:
             self._key, self._base = key, 0
-            self._offsets = np.full(0, -1, dtype=np.int64)
-            self._counts = np.zeros(0, dtype=np.int64)
-        top = int(blocks.max()) + 1
+            self._offsets = np.empty(0, dtype=np.int64)
+            self._labels = np.empty(0, dtype=np.int64)
+        top = int(indices.max()) + 1
         if top > len(self._offsets):
-            grow = max(top, 2 * len(self._offsets))
-            self._offsets = np.concatenate([self._offsets, np.full(grow - len(self._offsets), -1, np.int64)])
-            self._counts = np.concatenate([self._counts, np.zeros(grow - len(self._counts), np.int64)])
-        unknown = blocks[self._offsets[blocks] < 0]
-        if len(unknown) and not self._learn(txn, np.unique(unknown), size + 8, per_block):
-            return None
-        offsets, counts = self._offsets[blocks], self._counts[blocks]
-        if not np.all(rows < counts):
-            return None
-        return offsets, counts
+            grow = max(top, 2 * len(self._offsets)) - len(self._offsets)
+            self._offsets = np.concatenate([self._offsets, np.full(grow, -1, np.int64)])
+            self._labels = np.concatenate([self._labels, np.zeros(grow, np.int64)])
+        offsets = self._offsets[indices]
+        if offsets.min() < 0:
+            blocks = np.unique(indices[offsets < 0] // layout[1])
+            if not self._learn(txn, blocks, *layout):
+                return None
+            offsets = self._offsets[indices]
+            if offsets.min() < 0:
+                return None  # a record past its block's end: missing (the caller's txn.get says so)
+        return offsets  # type: ignore[no-any-return]
 
-    def _learn(self, txn: lmdb.Transaction, blocks: np.ndarray, record: int, per_block: int) -> bool:
-        get, psize = txn.get, self._psize
+    def _learn(self, txn: lmdb.Transaction, blocks: np.ndarray, size: int, per_block: int) -> bool:
+        get, psize, record = txn.get, self._psize, size + 8
         for block in blocks.tolist():
             value = get(block.to_bytes(8, "big"))
             if value is None:
@@ -135,5 +130,9 @@ class MappedBlocks:
             ):
                 return False  # a value in a leaf page, or a header that disagrees: no offsets
             self._base = base
-            self._offsets[block], self._counts[block] = pgno * psize + HEADER, count
+            # learned once a snapshot: a batch's labels are then an index into memory, not a second
+            # gather out of the map (a cache miss a record, on another page than its pixels)
+            first, stop = block * per_block, min(block * per_block + count, len(self._offsets))
+            self._offsets[first:stop] = pgno * psize + HEADER + size * np.arange(stop - first)
+            self._labels[first:stop] = array[count * size : count * size + 8 * (stop - first)].view("<i8")
         return True

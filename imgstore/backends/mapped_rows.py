@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+_PIECE_BYTES = 1 << 16
+
 
 class MappedRows:
     """Gathers ``nbytes``-byte records at given file offsets from the file open as ``fd`` (not owned)."""
@@ -50,9 +52,14 @@ class MappedRows:
         if int(offsets.min()) < 0 or not self._cover(int(offsets.max()) + nbytes):
             return False
         assert self._bytes is not None
-        # every nbytes-long window of the file as one row: the gather is one fancy index
-        windows = np.lib.stride_tricks.as_strided(
-            self._bytes, shape=(len(self._bytes) - nbytes + 1, nbytes), strides=(1, 1), writeable=False
-        )
-        out[...] = windows[offsets]
+        # Every nbytes-long window of the file as one item (a void of nbytes at a stride of 1 byte):
+        # the gather is one fancy index. It goes through a temporary, so in pieces of ~64 KiB that
+        # stay in the CPU cache until copied out (a whole batch at once is ~1.5x slower for CIFAR).
+        item = np.dtype((np.void, nbytes))
+        windows = np.ndarray((len(self._bytes) - nbytes + 1,), item, self._bytes, strides=(1,))
+        assert out.flags.c_contiguous  # so the view below is out's own memory, not a copy
+        rows = out.reshape(len(offsets), nbytes).view(item).reshape(len(offsets))
+        step = max(1, _PIECE_BYTES // nbytes)
+        for lo in range(0, len(offsets), step):
+            rows[lo : lo + step] = windows[offsets[lo : lo + step]]
         return True
