@@ -6,6 +6,7 @@ server SIGKILLed while ranges are in flight (seen through a counting relay).
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 import time
@@ -195,3 +196,28 @@ def test_server_killed_mid_read_by_ranges(tmp_path: Path) -> None:
             assert not _partials(cache)
         finally:
             proxy.close()
+
+
+def _child_reads(data: Any, index: int, expected: np.ndarray) -> None:
+    image, _label = data.get(index)  # a partial copy of its own (the inherited one is the parent's)
+    data.close()
+    os._exit(0 if np.array_equal(image, expected) else 3)
+
+
+def test_a_forked_child_leaves_its_parents_partial_copy(s3_server: MotoServer, s3_url: str, tmp_path: Path) -> None:
+    """A DataLoader worker started by fork inherits the handle: it must not delete the parent's copy."""
+    import multiprocessing
+
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options)
+    cache = tmp_path / "cache"
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options, remote_reads="ranges") as data:
+        assert np.array_equal(data.get(3)[0], IMAGES[3])
+        mine = _partials(cache)
+        child = multiprocessing.get_context("fork").Process(target=_child_reads, args=(data, 7, IMAGES[7]))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert _partials(cache) == mine  # the child's own copy is gone, the parent's is there
+        assert np.array_equal(data.get(9)[0], IMAGES[9]) and np.array_equal(data.get(3)[0], IMAGES[3])
+    assert not _partials(cache)

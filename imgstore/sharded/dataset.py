@@ -171,6 +171,9 @@ class ShardedDataset:
             return None
         info = self.shards[k]
         held = self._partial.get(k)
+        if held is not None and held.pid != os.getpid():  # inherited by fork: the parent's to use and delete
+            self._drop_partial(k)
+            held = None
         if held is None:
             if k in self._fetching or self.cache.entry_path(info).is_dir():
                 return None  # cached whole, or being fetched

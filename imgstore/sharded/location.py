@@ -54,16 +54,29 @@ class Location:
         self.url = text
         self.storage_options = dict(storage_options or {})
         self.local: Path | None = None
-        self.fs: Any = None
+        self._fs: Any = None
         self.manifest_etag: str | None = None  # of the manifest last read (object stores)
         if is_local(text):
             self.local = Path(text.removeprefix("file://")).absolute()
             return
+        self._connect()
+
+    def _connect(self) -> None:
         try:
-            self.fs, self.root = _fsspec().core.url_to_fs(text, **dict(storage_options or {}))
+            self._fs, root = _fsspec().core.url_to_fs(self.url, **self.storage_options)
         except ImportError as exc:  # fsspec is there, but not the protocol's package (s3fs, gcsfs...)
-            raise MissingDependencyError(f"{text}: {exc} ({INSTALL_HINT})") from exc
-        self.root = self.root.rstrip("/")
+            raise MissingDependencyError(f"{self.url}: {exc} ({INSTALL_HINT})") from exc
+        self.root = root.rstrip("/")
+        self._pid = os.getpid()
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec file system (None for a local dataset); made again in a forked child, since fsspec's
+        async file systems (s3fs, gcsfs) refuse to run in one ("not fork-safe"): a fork-started DataLoader
+        worker reading a dataset its parent opened."""
+        if self._fs is not None and self._pid != os.getpid():
+            self._connect()
+        return self._fs
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"

@@ -80,7 +80,8 @@ class RangedShard:
 
     def __init__(self, location: Location, info: ShardInfo, parent: Path, verify_reads: bool) -> None:
         self.location, self.info = location, info
-        self.dir = parent / f".ranges-{os.getpid()}-{secrets.token_hex(4)}"
+        self.pid = os.getpid()  # a forked child inherits the object; the copy is its creator's to delete
+        self.dir = parent / f".ranges-{self.pid}-{secrets.token_hex(4)}"
         self.fetched_bytes = self.requests = 0
         ranged = RANGED_FILES[info.backend]
         try:
@@ -172,4 +173,5 @@ class RangedShard:
         try:
             self.store.close()
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.pid == os.getpid():
+                shutil.rmtree(self.dir, ignore_errors=True)
