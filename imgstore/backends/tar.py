@@ -69,6 +69,7 @@ class TarStore(Store):
         self._dir, self._index_path = self.file("tar"), self.file("tarindex.bin")
         self._entries: np.ndarray | None = None  # the committed index entries, checked
         self._lists: tuple[list[int], list[int], list[int], list[int]] | None = None  # for _read_one
+        self._one_shape: tuple[int, ...] = ()  # the image shape, for _read_one
         self._fds: dict[int, int] = {}
         self._maps: dict[int, memoryview] = {}  # read-only mappings of shards (raw stores of one shape)
         self._parsed: dict[bytes, int] = {}  # label text -> label, for get
@@ -159,19 +160,25 @@ class TarStore(Store):
     # -------------------------------------------------------------- reading
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
-        if self._manifest.encoded:
-            return super()._read_one(index)
-        if self._lists is None or len(self._lists[0]) < len(self):
+        # The path of every shuffled get: lists, not arrays, and nothing looked up twice (each saves ~0.1 us).
+        lists = self._lists
+        if lists is None or index >= len(lists[0]):  # entries once committed never change: stale lists still hold
+            if self._manifest.encoded:
+                return super()._read_one(index)
             numbers, starts, _, stops = self._spans(np.arange(len(self)))
-            self._lists = (numbers.tolist(), starts.tolist(), stops.tolist(), self._index()["label_len"].tolist())
-        shards, offsets, ends, label_lens = self._lists
+            label_lens = self._index()["label_len"].tolist()
+            lists = self._lists = (numbers.tolist(), starts.tolist(), stops.tolist(), label_lens)
+            self._one_shape = self.image_shape
+        shards, offsets, ends, label_lens = lists
         shard, at, end = shards[index], offsets[index], ends[index]
         view = self._maps.get(shard)
         if view is None or len(view) < end:
             view = self._map(shard, end)
-        image = np.empty(self.image_shape, dtype=np.uint8)
+        image = np.empty(self._one_shape, dtype=np.uint8)
         image.data.cast("B")[:] = view[at : at + image.nbytes]
-        return image, self._label(view[end - label_lens[index] : end].tobytes())
+        text = view[end - label_lens[index] : end].tobytes()
+        label = self._parsed.get(text)
+        return image, self._label(text) if label is None else label
 
     def _label(self, text: bytes) -> int:
         label = self._parsed.get(text)
