@@ -21,7 +21,8 @@ from benchmarks.data import load as load_data
 from benchmarks.encoded import make_encoded_subjects
 from benchmarks.epoch_report import is_epoch, write_epoch_group, write_epoch_targets
 from benchmarks.folder import STATUS_QUO_BACKEND
-from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation
+from benchmarks.inject import SLOWDOWN_VARIABLE, Injection, parse_slowdown
+from benchmarks.operations import NAMES, OPERATIONS, Subject, get_operation, set_round_limits
 from benchmarks.options import IMAGENET_CODECS, add_options, epoch_in_default_run, in_default_run
 from benchmarks.subjects import KINDS, make_subjects
 from benchmarks.targets import write_encoded_group, write_targets
@@ -30,7 +31,6 @@ from imgstore.analysis.report import format_seconds
 from imgstore.analysis.schema import ResultRecord
 from imgstore.fileio import disk_usage, file_bytes
 
-SLOWDOWN_VARIABLE = "IMGSTORE_BENCH_INJECT_SLOWDOWN"
 RESULTS = pytest.StashKey[list]()  # the Metadata of every benchmark run, for the summary
 
 
@@ -80,6 +80,10 @@ def selected_subjects(config: pytest.Config, dataset: str) -> list[Subject]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    try:
+        set_round_limits(config.getoption("read_budget", None), config.getoption("max_rounds", None))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--read-budget/--max-rounds: {exc}") from None
     if config.getoption("cifar10_dir", None) is not None:
         config.issue_config_time_warning(
             DeprecationWarning("--cifar10-dir is deprecated: use --dataset-root (it takes the same directory)"),
@@ -96,7 +100,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     config = metafunc.config
     cases = []
-    trimmed = config.getoption("cutoffs") is None  # the default run: what stays affordable
+    trimmed = default_sizes(config)  # the default run: what stays affordable
     caches = selected_caches(config)
     for dataset in selected_datasets(config):
         subjects = selected_subjects(config, dataset)
@@ -104,6 +108,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             (subject.name, op, n, dataset, cache)
             for n in cutoffs_for(config, dataset)
             for op in selected_operations(config)
+            if n in cutoffs_for(config, dataset, op)
             for cache in (caches if get_operation(op).cold else ["warm"])
             for subject in subjects
             if op in subject.operations and (not trimmed or in_default_run(subject, op, n))
@@ -114,6 +119,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # the saved runs' names: never change (a cold row adds "-cold")
         ids=[f"{name}-{op}-{n}-{dataset}" + _cold_id(cache) for name, op, n, dataset, cache in cases],
     )
+
+
+def default_sizes(config: pytest.Config) -> bool:
+    """No size named (neither --cutoffs nor --op-cutoffs): the default run, trimmed by in_default_run."""
+    return config.getoption("cutoffs") is None and not config.getoption("op_cutoffs")
 
 
 def _cold_id(cache: str) -> str:
@@ -127,12 +137,12 @@ def epoch_cases(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
     cases = []
     if "epoch" in selected_operations(config):
-        trimmed = config.getoption("cutoffs") is None
+        trimmed = default_sizes(config)
         for dataset in selected_datasets(config):
             encoded = dataset in ENCODED_DATASETS
             cases += [
                 (cls.name, workers, n, dataset, cache)
-                for n in cutoffs_for(config, dataset)
+                for n in cutoffs_for(config, dataset, "epoch")
                 for cache in selected_caches(config)
                 for workers in WORKERS
                 for cls in loader_classes(selected_backends(config), encoded, n)
@@ -218,24 +228,10 @@ def bench_results(pytestconfig: pytest.Config) -> list:
 
 
 @pytest.fixture(scope="session")
-def injected_slowdown() -> tuple[str, str, float] | None:
+def injected_slowdown() -> list[Injection]:
     return parse_slowdown(os.environ.get(SLOWDOWN_VARIABLE, ""))
 
 
-def parse_slowdown(value: str) -> tuple[str, str, float] | None:
-    """``"<subject>:<operation>:<fraction>"`` -> (subject, operation, fraction); empty -> None."""
-    if not value:
-        return None
-    try:
-        subject, operation, fraction = value.rsplit(":", 2)
-        result = (subject, operation, float(fraction))
-    except ValueError:
-        raise pytest.UsageError(
-            f"{SLOWDOWN_VARIABLE} must be '<subject>:<operation>:<fraction>', got {value!r}"
-        ) from None
-    if operation not in NAMES or result[2] < 0:
-        raise pytest.UsageError(f"{SLOWDOWN_VARIABLE}: unknown operation or negative fraction in {value!r}")
-    return result
 
 
 # ---------------------------------------------------------------------- ratios, JSON, ordering, summary

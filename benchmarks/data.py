@@ -120,8 +120,37 @@ def dataset_root(config: pytest.Config) -> str | None:
     return root  # type: ignore[no-any-return]
 
 
-def cutoffs_for(config: pytest.Config, name: str) -> list[int]:
-    return imagenet_cutoffs(config) if name in ENCODED_DATASETS else selected_cutoffs(config)
+def parse_op_cutoffs(values: list[str] | None, known: tuple[str, ...]) -> dict[str, list[int]]:
+    """``["store_single=100,1000", ...]`` (``--op-cutoffs``, repeatable) -> operation -> its image counts."""
+    counts: dict[str, list[int]] = {}
+    for value in values or ():
+        op, sep, sizes = value.partition("=")
+        op = op.strip()
+        if not sep or op not in known:
+            raise pytest.UsageError(
+                f"--op-cutoffs takes OPERATION=N[,N...] with one of {', '.join(known)}, got {value!r}"
+            )
+        if op in counts:
+            raise pytest.UsageError(f"--op-cutoffs: {op} given twice")
+        counts[op] = _counts("--op-cutoffs", sizes)
+    return counts
+
+
+def op_cutoffs(config: pytest.Config) -> dict[str, list[int]]:
+    """--op-cutoffs: the operations measured at their own sizes instead of --cutoffs (fixed-shape dataset)."""
+    from benchmarks.operations import NAMES
+
+    return parse_op_cutoffs(config.getoption("op_cutoffs"), NAMES)
+
+
+def cutoffs_for(config: pytest.Config, name: str, operation: str | None = None) -> list[int]:
+    """``name``'s image counts: of ``operation`` (its --op-cutoffs, else --cutoffs), or of any operation (None)."""
+    if name in ENCODED_DATASETS:
+        return imagenet_cutoffs(config)
+    own = op_cutoffs(config)
+    if operation is not None:
+        return own.get(operation, selected_cutoffs(config))
+    return sorted(set(selected_cutoffs(config)).union(*own.values()))
 
 
 @dataclass

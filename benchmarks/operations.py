@@ -58,8 +58,26 @@ def one_commit_per_image_rounds(n: int) -> int:
     return 2 if n >= 10_000 else rounds_for(n)
 
 
-READ_BUDGET_SECONDS = 2.0  # timed rounds a cheap read row may add, at most
+READ_BUDGET_SECONDS = 2.0  # timed rounds a cheap read row may add, at most (--read-budget: the session's)
 MAX_ROUNDS = 50
+_limits: dict[str, Any] = {"read_budget": READ_BUDGET_SECONDS, "most": None}  # the session's (set_round_limits)
+
+
+def set_round_limits(read_budget: float | None = None, most: int | None = None) -> None:
+    """The session's round limits: ``--read-budget`` (seconds of extra rounds a cheap read row may add)
+    and ``--max-rounds`` (at most this many least rounds a row); None: the defaults. The gate, four runs
+    judged on each run's fastest round, takes less of both."""
+    if read_budget is not None and not read_budget >= 0:
+        raise ValueError(f"the read budget is seconds >= 0, not {read_budget}")
+    if most is not None and most < 1:
+        raise ValueError(f"the most rounds are at least 1, not {most}")
+    _limits.update(read_budget=READ_BUDGET_SECONDS if read_budget is None else read_budget, most=most)
+
+
+def capped(rounds: int) -> int:
+    """``rounds``, at most ``--max-rounds``."""
+    most = _limits["most"]
+    return rounds if most is None else min(rounds, most)
 
 
 def read_rounds(least: int, warmup_seconds: float) -> int:
@@ -68,7 +86,7 @@ def read_rounds(least: int, warmup_seconds: float) -> int:
     A round or two of a 60 ms read is at the mercy of one page-fault storm (freed memory goes back
     to the host on this machine class); twenty are not, and cost little.
     """
-    return max(least, min(MAX_ROUNDS, int(READ_BUDGET_SECONDS / max(warmup_seconds, 1e-9))))
+    return max(least, min(MAX_ROUNDS, int(_limits["read_budget"] / max(warmup_seconds, 1e-9))))
 
 
 def random_order(n: int) -> list[int]:
@@ -120,7 +138,7 @@ class Operation:
 
     def timed_rounds(self, n: int, warmup_seconds: float | None = None) -> int:
         """Rounds at ``n`` images; a read row passes the time of its (untimed) warmup round."""
-        least = self.rounds(n)
+        least = capped(self.rounds(n))
         return least if warmup_seconds is None else read_rounds(least, warmup_seconds)
 
     def check_last(

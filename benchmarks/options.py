@@ -76,6 +76,30 @@ def add_options(parser: pytest.Parser) -> None:
         "leaving out at 10 000 store_single and the variant rows (name the cutoffs to run them all)",
     )
     group.addoption(
+        "--op-cutoffs",
+        action="append",
+        default=None,
+        metavar="OPERATION=N[,N...]",
+        help="measure OPERATION at these image counts instead of --cutoffs (repeatable; fixed-shape dataset), "
+        "e.g. --op-cutoffs=store_single=100,1000: the regression gate's matrix (.ci/gate-matrix)",
+    )
+    group.addoption(
+        "--read-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="timed rounds a cheap read row may add, at most (default 2 s, at most 50 rounds; the gate runs "
+        "with less): a row still gets its operation's least rounds",
+    )
+    group.addoption(
+        "--max-rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N least timed rounds a row (default: the operation's, 2-20 by size; the gate takes 3); "
+        "a cheap read row may still add rounds within --read-budget",
+    )
+    group.addoption(
         "--backends", default=None, help="comma list of imgstore backends to benchmark; default every registered one"
     )
     group.addoption(

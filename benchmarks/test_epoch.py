@@ -19,8 +19,9 @@ import pytest
 pytest.importorskip("torch", reason="the epoch rows need PyTorch: pip install torch (the CPU build: see the README)")
 
 from benchmarks.epoch import SEED, EpochCheck, EpochRow, epoch_rounds, epoch_source, release, run_epoch
+from benchmarks.inject import Injection, slowed_down
 from benchmarks.loaders import EpochLoader, load_peer, missing_requirement
-from benchmarks.operations import BATCH_SIZE
+from benchmarks.operations import BATCH_SIZE, capped
 from benchmarks.pagecache import StillCachedError, make_cold
 from imgstore.fileio import disk_usage, file_bytes
 
@@ -83,6 +84,7 @@ def test_epoch(
     bench_data: BenchDataSet,
     epoch_rows: EpochRows,
     bench_results: list,
+    injected_slowdown: list[Injection],
 ) -> None:
     cls = loader_class(loader_name)
     missing = missing_requirement(cls)
@@ -128,8 +130,9 @@ def test_epoch(
     first_batch.clear()
     cpu.clear()
     # a row whose epoch takes seconds (a peer's per-file loop) gets 2 rounds: the default run stays affordable
-    rounds = 2 if warmup > SLOW_EPOCH_SECONDS else epoch_rounds(cutoff, data.encoded)
-    benchmark.pedantic(run_epoch, setup=setup, rounds=rounds, iterations=1)
+    rounds = capped(2 if warmup > SLOW_EPOCH_SECONDS else epoch_rounds(cutoff, data.encoded))  # --max-rounds
+    body = slowed_down(run_epoch, injected_slowdown, loader_name, "epoch", cutoff)  # IMGSTORE_BENCH_INJECT_SLOWDOWN
+    benchmark.pedantic(body, setup=setup, rounds=rounds, iterations=1)
     check_last_round()
 
     if benchmark.stats is None:  # --benchmark-disable: ran once, checked

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.inject import Injection, slowed_down
 from benchmarks.operations import READ_BUDGET_SECONDS, Subject, get_operation
 from imgstore.fileio import disk_usage, file_bytes
 
@@ -33,20 +34,6 @@ def warm_up(body: Callable[..., Any], args: tuple[Any, ...], times: int = 2) -> 
         if seconds[0] > READ_BUDGET_SECONDS:
             break
     return min(seconds)
-
-
-def with_injected_slowdown(body: Callable[..., Any], fraction: float) -> Callable[..., Any]:
-    """``body`` made slower by ``fraction`` of its own elapsed time (busy-wait inside the timed call)."""
-
-    def slowed(*args: Any) -> Any:
-        start = time.perf_counter()
-        result = body(*args)
-        until = time.perf_counter() + (time.perf_counter() - start) * fraction
-        while time.perf_counter() < until:
-            pass
-        return result
-
-    return slowed
 
 
 def _cold_rounds(
@@ -90,7 +77,7 @@ def test_storage(
     read_stores: ReadStores,
     work_dir: Path,
     bench_results: list,
-    injected_slowdown: tuple[str, str, float] | None,
+    injected_slowdown: list[Injection],
 ) -> None:
     subject = subjects[dataset_name][subject_name]
     data = bench_data.get(dataset_name)
@@ -98,8 +85,7 @@ def test_storage(
     op = get_operation(operation)
     benchmark.group = data.group(op.name, cutoff) + (" cold" if cache == "cold" else "")
     body = subject.body(op.name)
-    if injected_slowdown and injected_slowdown[:2] == (subject.name, operation):
-        body = with_injected_slowdown(body, injected_slowdown[2])
+    body = slowed_down(body, injected_slowdown, subject.name, operation, cutoff)  # IMGSTORE_BENCH_INJECT_SLOWDOWN
 
     if op.kind == "write":
         # Each round writes a fresh target, kept until the session ends (see work_dir).
