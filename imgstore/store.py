@@ -48,6 +48,7 @@ from imgstore.fileio import disk_usage
 from imgstore.locking import WriterLock
 from imgstore.manifest import Manifest, generation_name, read_manifest
 from imgstore.primitives import BackendPrimitives
+from imgstore.refreshing import RefreshGuard
 
 if TYPE_CHECKING:
     from imgstore.encoded import EncodedRecords, PreparedRecord
@@ -96,6 +97,7 @@ class Store(BackendPrimitives):
         self._forks = _forks[0]
         self._lock: WriterLock | None = None  # modes "w" and "a"
         self._checksums = self._make_checksums(manifest)
+        self._refreshes = RefreshGuard()  # reads in other threads during refresh(): imgstore.refreshing
         self._encoded: EncodedRecords | None = None
         if manifest.encoded:
             from imgstore.encoded import EncodedRecords
@@ -303,19 +305,25 @@ class Store(BackendPrimitives):
 
     def get(self, index: int) -> tuple[np.ndarray, int]:
         """The image and label at ``index`` (negative counts from the end)."""
-        if (  # the hot path of a shuffled epoch: an int in range on an open raw handle of this process
-            type(index) is int
-            and 0 <= index < self._manifest.count
-            and self._forks == _forks[0]
-            and not self._closed
-            and self._encoded is None
-        ):
+        refreshes = self._refreshes.count
+        try:
+            if (  # the hot path of a shuffled epoch: an int in range on an open raw handle of this process
+                type(index) is int
+                and 0 <= index < self._manifest.count
+                and self._forks == _forks[0]
+                and not self._closed
+                and self._encoded is None
+            ):
+                return fixed.get(self, index)
+            self._check_usable()
+            index = self._checked_index(index)
+            if self._encoded is not None:
+                return self._encoded.get(index)
             return fixed.get(self, index)
-        self._check_usable()
-        index = self._checked_index(index)
-        if self._encoded is not None:
-            return self._encoded.get(index)
-        return fixed.get(self, index)
+        except Exception:
+            if self._refreshes.raced(refreshes):
+                return self.get(index)
+            raise
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.get(index)
@@ -334,6 +342,11 @@ class Store(BackendPrimitives):
         are a list of arrays; with ``size=(h, w)`` an encoded store decodes each image straight to
         that size (JPEG: a reduced-size decode, then a bilinear resize) into one batch array.
         """
+        return self._refreshes.retrying(self._get_many, indices, out, size)
+
+    def _get_many(
+        self, indices: IndexLike, out: tuple[np.ndarray, np.ndarray] | None, size: tuple[int, int] | None
+    ) -> tuple[Any, np.ndarray]:
         self._check_usable()
         count = len(self)
         contiguous = as_contiguous_range(indices, count)
@@ -352,6 +365,9 @@ class Store(BackendPrimitives):
 
     def get_encoded_many(self, indices: IndexLike) -> tuple[list[bytes], np.ndarray]:
         """The stored bytes of images ``indices`` and their labels, checked, not decoded."""
+        return self._refreshes.retrying(self._get_encoded_many, indices)
+
+    def _get_encoded_many(self, indices: IndexLike) -> tuple[list[bytes], np.ndarray]:
         self._check_usable()
         if self._encoded is None:
             raise InvalidOptionError(f"{self.path} holds raw pixels of one shape, not encoded images; use get_many")
@@ -364,6 +380,10 @@ class Store(BackendPrimitives):
 
         A handle otherwise keeps the length it opened with: reads are always of a consistent prefix.
         """
+        with self._refreshes.refreshing():
+            return self._refresh_handle()
+
+    def _refresh_handle(self) -> int:
         self._check_usable()
         manifest = read_manifest(self.path)
         same = manifest.backend == self.name and manifest.generation == self._manifest.generation
@@ -435,6 +455,7 @@ class Store(BackendPrimitives):
             raise StoreClosedError(f"store {self.path} is closed")
         if os.getpid() != self._pid:
             self._pid = os.getpid()  # a forked child: new handles, and no writing (the parent holds the lock)
+            self._refreshes = RefreshGuard()  # a thread of the parent may have held its lock
             self._reopen_after_fork()
         self._forks = _forks[0]
 

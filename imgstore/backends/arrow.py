@@ -177,11 +177,14 @@ class ArrowStore(Store):
     # -------------------------------------------------------------- reading
 
     def _read_index(self) -> _Index:
-        if self._index is None:
-            if self._fragments is None:
-                self._fragments = self._walk(len(self))
-            self._index = _build_index(self._fragments, len(self), self._manifest.encoded)
-        return self._index
+        index = self._index
+        if index is None:
+            refreshes = self._refreshes.count
+            fragments = self._fragments if self._fragments is not None else self._walk(len(self))
+            index = _build_index(fragments, len(self), self._manifest.encoded)
+            if self._refreshes.unchanged_since(refreshes):  # else it serves this read only
+                self._fragments, self._index = fragments, index
+        return index
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         index = self._read_index()

@@ -367,11 +367,15 @@ class Hdf5Store(Store):
 
     def _read_index(self) -> ReadIndex:
         """Chunk offsets and labels of the committed records, built once per handle and per write."""
-        if self._index is None:
+        index = self._index
+        if index is None:
+            refreshes = self._refreshes.count
             self._ensure_open()
             self._check_extent(len(self))
-            self._index = ReadIndex.build(self._images, self._labels, len(self))
-        return self._index
+            index = ReadIndex.build(self._images, self._labels, len(self))
+            if self._refreshes.unchanged_since(refreshes):  # else it serves this read only
+                self._index = index
+        return index
 
     def _pread_into(self, buffer: np.ndarray, offset: int) -> None:
         done = os.preadv(self._fd, [buffer], offset)  # type: ignore[list-item]
@@ -425,13 +429,17 @@ class Hdf5Store(Store):
 
     def _read_blob_index(self) -> BlobIndex:
         """Ends, labels and chunk offsets of the committed records, built once per handle and per write."""
-        if self._blob_index is None:
+        index = self._blob_index
+        if index is None:
+            refreshes = self._refreshes.count
             self._ensure_open()
             count = len(self)
             if self._blobs is None or self._ends.shape[0] < count or self._labels.shape[0] < count:
                 raise CorruptStoreError(f"{self.file(_FILE)} holds fewer images than its manifest commits")
-            self._blob_index = BlobIndex.build(self._blobs, self._ends, self._labels, count)
-        return self._blob_index
+            index = BlobIndex.build(self._blobs, self._ends, self._labels, count)
+            if self._refreshes.unchanged_since(refreshes):  # else it serves this read only
+                self._blob_index = index
+        return index
 
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         return read_blobs(self._read_blob_index(), self._blobs, indices, self._pread, self._pread_into)

@@ -111,7 +111,7 @@ class LeveldbStore(Store):
     def _refresh(self, old_count: int) -> None:
         if self._view is not None:  # a reader: a new view holds the new commits
             old, self._view = self._view, self._open_view()
-            old.close()
+            old.retire()  # not close(): another thread may be reading it
 
     @property
     def _reader(self) -> plyvel.DB:

@@ -108,10 +108,19 @@ class View:
         self.temporary = False
         place, self.db = self._make(source, views, must_hold)
         self.path = place.path
+        self._place = place
         self._finalizer = weakref.finalize(self, _close_view, self.db, place, self.pid)
 
     def close(self) -> None:
         self._finalizer()
+
+    def retire(self) -> None:
+        """Delete the folder now and leave the database to close when nothing refers to it: when the
+        last read that still uses it returns. Closing it under a read in another thread (a refresh
+        while threads read) would free LevelDB's state under that read and crash the process."""
+        if self._finalizer.detach() is not None and os.getpid() == self.pid:
+            self._place.remove()
+        self.db = None
 
     def _make(self, source: Path, views: Path, must_hold: bytes | None) -> tuple[_Place, plyvel.DB]:
         in_store = True

@@ -134,8 +134,8 @@ class MemmapStore(Store):
     damage_errors = (OSError, ValueError)  # a file gone or unreadable; mmap's refusals
 
     def _open(self, create: bool) -> None:
-        self._images: _Mapped | None = None  # mapped on first read, again when the count moves
-        self._labels: _Mapped | None = None
+        # Images and labels, mapped on first read, again when the count moves.
+        self._maps: tuple[_Mapped, _Mapped] | None = None
         if create:
             for name, shape, descr in self._layouts():
                 fd = os.open(self.file(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
@@ -156,25 +156,28 @@ class MemmapStore(Store):
     def _mapped(self) -> tuple[np.ndarray, np.ndarray]:
         """Images and labels of the committed records, mapped now if the handle has not yet seen them all."""
         count = len(self)
-        if self._images is None or self._labels is None or len(self._images.array) != count:
-            self._unmap()
-            shape = self.shape or ()
-            self._images = _Mapped(self.file(_IMAGES), shape, "|u1", count)
-            self._labels = _Mapped(self.file(_LABELS), (), _LABEL_DESCR, count)
-        return self._images.array, self._labels.array
+        maps = self._maps
+        if maps is None or len(maps[0].array) != count:
+            # Replaced as one, and the old maps not closed: a read in another thread may be using them
+            # (they are unmapped when the last array made from them goes).
+            maps = (
+                _Mapped(self.file(_IMAGES), self.shape or (), "|u1", count),
+                _Mapped(self.file(_LABELS), (), _LABEL_DESCR, count),
+            )
+            self._maps = maps
+        return maps[0].array, maps[1].array
 
     def _unmap(self) -> None:
-        for mapped in (self._images, self._labels):
-            if mapped is not None:
-                mapped.close()
-        self._images = self._labels = None
+        maps, self._maps = self._maps, None
+        for mapped in maps or ():
+            mapped.close()
 
     def _close(self) -> None:
         self._unmap()
 
     def _reopen_after_fork(self) -> None:
         # The parent's mappings are this process's copies: valid, but the child maps anew (and never writes).
-        self._images = self._labels = None
+        self._maps = None
 
     # -------------------------------------------------------------- writing
 

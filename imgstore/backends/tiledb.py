@@ -131,7 +131,11 @@ class TileDBStore(Store):
 
     def _opened(self) -> Any:
         if self._array is None:
-            self._array = tiledb.open(self._uri, "r", ctx=context())
+            refreshes = self._refreshes.count
+            array = tiledb.open(self._uri, "r", ctx=context())
+            if not self._refreshes.unchanged_since(refreshes):  # a refresh in another thread: this read only
+                return array
+            self._array = array
         return self._array
 
     # -------------------------------------------------------------- writing
@@ -342,19 +346,26 @@ class TileDBStore(Store):
 
     def _direct_index(self) -> tiledb_direct.DirectIndex | None:
         if self._direct is None:
+            # Kept only if no refresh() ran in another thread meanwhile (it may have read the old count).
+            refreshes = self._refreshes.count
             shape = self._manifest.shape
             cell = None if self._manifest.encoded or shape is None else int(np.prod(shape))
             tile = self._stored_tile()
             for attempt in range(3):
                 try:
-                    self._direct = tiledb_direct.build(self._uri, context(), len(self), tile, cell)
-                    break
+                    direct: tiledb_direct.DirectIndex | bool = tiledb_direct.build(
+                        self._uri, context(), len(self), tile, cell
+                    )
                 except tiledb_direct.Unreadable:
-                    self._direct = False
-                    break
+                    direct = False
                 except (FileNotFoundError, tiledb.TileDBError):  # a writer merged fragments meanwhile: again
                     if attempt == 2:
                         raise
+                    continue
+                if not self._refreshes.unchanged_since(refreshes):
+                    return direct if isinstance(direct, tiledb_direct.DirectIndex) else None
+                self._direct = direct
+                break
         return self._direct if isinstance(self._direct, tiledb_direct.DirectIndex) else None
 
     def _stored_tile(self) -> int:
