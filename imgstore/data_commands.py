@@ -1,4 +1,4 @@
-"""The data commands of the ``imgstore`` console script: ``convert``, ``info`` and ``verify``.
+"""The data commands of the ``imgstore`` console script: ``convert``, ``info``, ``verify`` and ``sharded-clean``.
 
 Wired into :mod:`imgstore.cli` through :data:`DATA_COMMANDS` (imported when the parser is built),
 the same ``_add_<name>`` / handler pairs as its own commands. Exit status: 0 success; 2 bad input (a bad source, option,
@@ -352,8 +352,53 @@ def _first_damage(store: Store, found: CorruptStoreError, decode: bool) -> ImgSt
     return found
 
 
+# ----------------------------------------------------------------------------------- sharded-clean
+
+SHARDED_CLEAN_HELP = """\
+List the shard folders of a sharded dataset that no manifest names (what killed writers left:
+shards/shard-<hex>/ never committed, shards/.shard-<hex>.tmp/ half written) and in which nothing
+was written for --grace-hours; with --delete, delete them. Nothing else is touched. A running
+writer's shards are young or await their commit: the grace must be longer than the longest a
+writer holds shards before its commit (a whole convert --shards run). URL: a path or fsspec URL
+(credentials and endpoint as fsspec and its backend read them, e.g. AWS_* variables for s3://).
+
+exit status: 0 done (one line a folder: name, MB, age in hours), 2 bad input, 1 another failure.
+"""
+
+
+def _add_sharded_clean(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "sharded-clean",
+        help="list (or --delete) a sharded dataset's shard folders that no manifest names",
+        description=SHARDED_CLEAN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("url", metavar="URL", help="the sharded dataset: a path or fsspec URL")
+    parser.add_argument("--delete", action="store_true", help="delete them (default: only list them)")
+    parser.add_argument(
+        "--grace-hours", type=float, default=24.0, metavar="H", help="only folders unwritten this long (default 24)"
+    )
+    parser.set_defaults(handler=_run_sharded_clean, command="sharded-clean")
+
+
+def _run_sharded_clean(args: argparse.Namespace) -> int:
+    from imgstore.sharded.cleaning import clean_shards
+
+    try:
+        found = clean_shards(args.url, delete=args.delete, grace=args.grace_hours * 3600)
+    except _FAILURES as exc:
+        return _error("sharded-clean", exc, EXIT_FAILED)
+    for leftover in found:
+        print(f"{leftover.name}\t{leftover.bytes / 1e6:.1f} MB\t{leftover.age / 3600:.1f} h")
+    total = sum(leftover.bytes for leftover in found) / 1e6
+    verb = "deleted" if args.delete else "unreferenced (dry run: --delete deletes them)"
+    print(f"{len(found)} shard folders, {total:.1f} MB, {verb}", file=sys.stderr)
+    return EXIT_OK
+
+
 DATA_COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_convert,
     _add_info,
     _add_verify,
+    _add_sharded_clean,
 )

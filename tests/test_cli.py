@@ -206,7 +206,7 @@ def test_commands_are_listed_in_one_place() -> None:
     # Adding a command = writing _add_<name> and listing it here.
     parser = cli.build_parser()
     choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert list(choices) == ["compare", "plot", "history", "convert", "info", "verify"]
+    assert list(choices) == ["compare", "plot", "history", "convert", "info", "verify", "sharded-clean"]
     assert len(cli.COMMANDS) == 4  # compare, plot, history, and the data commands' group (imgstore.data_commands)
 
 

@@ -12,10 +12,14 @@ connection, a reset, a timeout: fsspec and its backends retry those themselves f
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,10 @@ from imgstore.errors import (
     StoreNotFoundError,
 )
 from imgstore.fileio import fsync_dir, open_regular
-from imgstore.sharded.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from imgstore.sharded.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARDS_DIR
+
+# A shard's folder under shards/ (shard-<hex>), or a local writer's staging folder (.shard-<hex>.tmp).
+SHARD_FOLDER = re.compile(r"shard-[0-9a-f]{6,40}|\.shard-[0-9a-f]{6,40}\.tmp")
 
 INSTALL_HINT = "pip install 'imgstore-ml[remote]'"
 
@@ -39,6 +46,22 @@ def _fsspec() -> Any:
     except ImportError as exc:
         raise MissingDependencyError(f"a dataset at a URL needs fsspec (and s3fs for s3://): {INSTALL_HINT}") from exc
     return fsspec
+
+
+def _modified(info: Mapping[str, Any]) -> float:
+    """An object's last write time from its fsspec details (s3fs: LastModified; gcsfs: updated); +inf when it
+    does not say, so an object of unknown age is never taken for an old one."""
+    value = info.get("LastModified", info.get("mtime", info.get("updated")))
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return math.inf
 
 
 def is_local(url: str | os.PathLike[str]) -> bool:
@@ -179,6 +202,52 @@ class Location:
         """Fetch one file of a shard into ``dest`` (a new file; remote datasets only)."""
         with self._transport(f"shards/{name}/{rel}"):
             self.fs.get_file(self._remote(f"shards/{name}/{rel}"), str(dest))
+
+    def shard_folders(self) -> dict[str, tuple[float, int]]:
+        """Every folder under ``shards/`` (sealed shards, and what killed writers left): name -> (the newest
+        write time of anything in it, its bytes). Links are left out (a shard is never one)."""
+        found: dict[str, tuple[float, int]] = {}
+        if self.local is not None:
+            folder = self.local / SHARDS_DIR
+            try:
+                entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+            except FileNotFoundError:
+                return found
+            except OSError as exc:
+                raise StoreIOError(f"{folder}: {exc}") from exc
+            for entry in entries:
+                newest, size = entry.stat(follow_symlinks=False).st_mtime, 0
+                for dirpath, dirnames, filenames in os.walk(entry.path):
+                    for name in dirnames + filenames:
+                        st = os.lstat(os.path.join(dirpath, name))
+                        newest, size = max(newest, st.st_mtime), size + (st.st_size if name in filenames else 0)
+                found[entry.name] = (newest, size)
+            return found
+        base = self._remote(SHARDS_DIR)
+        with self._transport(SHARDS_DIR):
+            try:
+                objects: dict[str, dict[str, Any]] = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return found
+        for path, info in objects.items():
+            name = path[len(base) + 1 :].split("/", 1)[0]
+            newest, size = found.get(name, (0.0, 0))
+            found[name] = (max(newest, _modified(info)), size + int(info.get("size") or 0))
+        return found
+
+    def remove_shard_folder(self, name: str) -> None:
+        """Delete ``shards/<name>/`` and everything in it (only that folder: a link is never followed)."""
+        if not SHARD_FOLDER.fullmatch(name):
+            raise InvalidOptionError(f"{name!r} is not the name of a shard folder")
+        if self.local is not None:
+            path = self.local / SHARDS_DIR / name
+            try:
+                shutil.rmtree(path)  # refuses a link; never follows one inside
+            except OSError as exc:
+                raise StoreIOError(f"{path}: {exc}") from exc
+            return
+        with self._transport(f"{SHARDS_DIR}/{name}"):
+            self.fs.rm(self._remote(f"{SHARDS_DIR}/{name}"), recursive=True)
 
     def read_ranges(self, name: str, rels: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
         """Bytes ``starts[k]:ends[k]`` of file ``rels[k]`` of shard ``name``, as concurrent ranged GETs

@@ -17,7 +17,8 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,20 @@ def commit_shards(
     location = dest if isinstance(dest, Location) else Location(dest, storage_options)
     if location.local is not None:
         location.local.mkdir(parents=True, exist_ok=True)
-        fd = os.open(location.local / ".imgstore-sharded.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with commit_lock(location.local):
             return _commit(location, shards, expect_revision)
-        finally:
-            os.close(fd)
     return _commit(location, shards, expect_revision)
+
+
+@contextmanager
+def commit_lock(root: Path) -> Iterator[None]:
+    """Hold a local dataset's commit lock (commits, and ``clean_shards``, are serialised by it)."""
+    fd = os.open(root / ".imgstore-sharded.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _commit(location: Location, shards: Sequence[ShardInfo], expect_revision: int | None) -> DatasetManifest:
