@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,10 @@ def test_prefetch_fills_the_cache_in_the_background(memory_dataset: str, tmp_pat
     with open_sharded(memory_dataset, cache_dir=cache, cache_bytes=1 << 30) as data:
         data.prefetch([2, 3])
         assert np.array_equal(data.get(50)[0], IMAGES[50])  # shard 2: waits for its prefetch, then opens it
+        deadline = time.monotonic() + 30  # close() cancels a prefetch not yet started: let shard 3's start
+        while not [p for p in cache.iterdir() if p.name.startswith(".tmp-")] and len(_entries(cache)) < 2:
+            assert time.monotonic() < deadline, "shard 3's prefetch never started"
+            time.sleep(0.001)
         data.close()  # waits for shard 3's download
         assert len(_entries(cache)) == 2 and not [p for p in cache.iterdir() if p.name.startswith(".")]
     with pytest.raises(imgstore.StoreClosedError):

@@ -93,6 +93,28 @@ def test_auto_reads_ranges_for_a_few_records_and_fetches_a_big_request_whole(
         assert len(_entries(tmp_path / "other")) == 1 and data.ranged_bytes == 0
 
 
+def test_auto_turns_to_the_whole_fetch_when_small_requests_add_up(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    """A scan in small requests (one record each here) is not read entirely by ranges: once the records asked
+    would cost more than the shard, the shard is fetched whole."""
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options, BIG, BIG_LABELS)
+    cache = tmp_path / "cache"
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options) as data:
+        info = data.shards[0]
+        ranged_gets = 0
+        for index in range(20):
+            assert np.array_equal(data.get(index)[0], BIG[index])
+            if _entries(cache):
+                break
+            ranged_gets += 1
+        budget = next(n for n in range(1, 100) if not use_ranges("auto", info, n)) - 1
+        assert 1 <= ranged_gets == budget < 10
+        assert _entries(cache) == [f"{info.checksum}-{info.bytes}"] and not _partials(cache)
+        assert data.ranged_bytes < info.bytes / 2
+
+
 def test_a_backend_without_ranges_is_fetched_whole(s3_server: MotoServer, s3_url: str, tmp_path: Path) -> None:
     options = s3_server.storage_options(attempts=2)
     _write(s3_url, options, backend="lmdb")

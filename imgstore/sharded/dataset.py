@@ -174,18 +174,19 @@ class ShardedDataset:
         if held is not None and held.pid != os.getpid():  # inherited by fork: the parent's to use and delete
             self._drop_partial(k)
             held = None
+        if k in self._fetching or self.cache.entry_path(info).is_dir():
+            return None  # cached whole, or being fetched: shard() opens it (and drops a partial copy)
+        # Counted over the partial copy's life: small requests that add up to the whole shard's cost fetch it
+        # whole from then on (at worst about twice a whole fetch, never a shard read entirely by ranges).
+        asked = int(np.count_nonzero(held.have)) if held is not None else 0
+        if not use_ranges(self.remote_reads, info, asked + requested):
+            return None
         if held is None:
-            if k in self._fetching or self.cache.entry_path(info).is_dir():
-                return None  # cached whole, or being fetched
-            if not use_ranges(self.remote_reads, info, requested):
-                return None
             while len(self._partial) >= MAX_PARTIAL:
                 self._drop_partial(next(iter(self._partial)))
             before = self.ranged_bytes
             held = self._partial[k] = RangedShard(self.location, info, self.cache.dir, self.verify_reads)
             self.ranged_bytes = before + held.fetched_bytes
-        elif not use_ranges(self.remote_reads, info, requested, opened=True):
-            return None  # a big request: the shard is fetched whole (and the partial copy dropped)
         self._partial.move_to_end(k)
         return held
 

@@ -59,20 +59,22 @@ def checked_policy(policy: object) -> str:
     return str(policy)
 
 
-def use_ranges(policy: str, info: ShardInfo, requested: int, opened: bool = False) -> bool:
-    """Whether a request of ``requested`` records of a shard not cached reads byte ranges under ``policy``.
+def use_ranges(policy: str, info: ShardInfo, records: int) -> bool:
+    """Whether ``records`` records of a shard not cached are read by byte ranges under ``policy``.
 
-    ``"auto"``: when, at worst (a GET a record, plus the partial copy's small files unless ``opened``),
+    ``"auto"``: when, at worst (a GET a record, plus one for each of the partial copy's small files),
     the GETs and bytes cost less than the whole shard's bytes, a GET counted as :data:`REQUEST_BYTES`.
+    The dataset counts ``records`` over a partial copy's life, so small requests adding up to a
+    whole shard's cost turn to the whole fetch.
     """
     if policy == "whole" or info.backend not in RANGED_FILES:
         return False
     if policy == "ranges":
         return True
     small = [f for f in info.files if not RANGED_FILES[info.backend](f.path)]
-    setup = 0 if opened else len(small) * REQUEST_BYTES + sum(f.bytes for f in small)
+    setup = len(small) * REQUEST_BYTES + sum(f.bytes for f in small)
     record = (info.bytes - sum(f.bytes for f in small)) / max(1, info.count)
-    return setup + requested * (REQUEST_BYTES + record) <= info.bytes
+    return setup + records * (REQUEST_BYTES + record) <= info.bytes
 
 
 class RangedShard:
