@@ -243,3 +243,16 @@ def test_a_forked_child_leaves_its_parents_partial_copy(s3_server: MotoServer, s
         assert _partials(cache) == mine  # the child's own copy is gone, the parent's is there
         assert np.array_equal(data.get(9)[0], IMAGES[9]) and np.array_equal(data.get(3)[0], IMAGES[3])
     assert not _partials(cache)
+
+
+def test_a_dead_readers_partial_copy_is_swept_by_the_cache(tmp_path: Path) -> None:
+    from imgstore.sharded.cache import ShardCache
+
+    cache = ShardCache(tmp_path / "cache", 1 << 20)
+    dead = tmp_path / "cache" / ".ranges-999999999-0badf00d"  # no such process
+    mine = tmp_path / "cache" / f".ranges-{os.getpid()}-0badf00d"
+    for path in (dead, mine):
+        path.mkdir()
+        (path / "imgstore.json").write_text("{}")
+    assert cache.entries() == []
+    assert not dead.exists() and mine.is_dir()

@@ -160,6 +160,12 @@ class RangedShard:
                     f"shard {self.info.name} of {self.location.url}: {rel} ends before byte {end} "
                     "(truncated or replaced)"
                 )
+            self._write(rel, start, data)
+            self.fetched_bytes += len(data)
+        self.have[need] = True
+
+    def _write(self, rel: str, start: int, data: bytes) -> None:
+        try:
             fd = os.open(self.dir / rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 view = memoryview(data)
@@ -168,8 +174,8 @@ class RangedShard:
                     view, start = view[written:], start + written
             finally:
                 os.close(fd)
-            self.fetched_bytes += len(data)
-        self.have[need] = True
+        except OSError as exc:  # a full disk, the copy deleted under us: not the data's fault
+            raise StoreIOError(f"{self.dir / rel}: {exc}") from exc
 
     def close(self) -> None:
         try:
