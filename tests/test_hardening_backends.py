@@ -116,6 +116,27 @@ def test_tar_the_largest_label_still_reads(tmp_path: Path) -> None:
         assert store.get_many([1, 0])[1].tolist() == [0, INT64_MAX]
 
 
+@pytest.mark.parametrize("read", ["get", "gather", "scan"])
+def test_tar_a_shard_cut_short_after_the_index_was_read_is_damage(tmp_path: Path, read: str) -> None:
+    """Reads copy out of maps of the shards: a shard cut below its committed records after the handle
+    read (and checked) the index is damage when it is mapped, never a copy past its end."""
+    path = tmp_path / "s"
+    images = np.arange(4 * 48, dtype=np.uint8).reshape(4, 4, 4, 3)
+    with imgstore.open_store(path, "tar", "w", shard_bytes=4096) as store:  # 2 records (2 048 bytes each) a shard
+        store.put_many(images, [0, 1, 2, 3])
+    with imgstore.open_store(path) as store:
+        assert store.get(0)[1] == 0  # the index is read and checked, shard 0 mapped
+        os.truncate(_only(path, "tar-*/shard-*-000001.tar"), 1000)  # records 2 and 3 cut off
+        with pytest.raises(imgstore.CorruptStoreError):
+            {
+                "get": lambda: store.get(2),
+                "gather": lambda: store.get_many([3, 0]),
+                "scan": lambda: store.get_many(range(4)),
+            }[read]()
+        image, label = store.get(1)  # the other shard still reads
+        assert label == 1 and np.array_equal(image, images[1])
+
+
 # ---------------------------------------------------------------------- zarr: planted links
 
 
