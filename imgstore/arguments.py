@@ -94,6 +94,15 @@ def as_contiguous_range(indices: IndexLike, count: int) -> tuple[int, int] | Non
 
 
 def checked_indices(indices: IndexLike, count: int) -> np.ndarray:
+    if (  # the path of every shuffled batch (a training loader's): int64 indices, all in range
+        type(indices) is np.ndarray
+        and indices.dtype == np.int64
+        and indices.ndim == 1
+        and indices.size
+        and 0 <= indices.min()
+        and indices.max() < count
+    ):
+        return indices
     if isinstance(indices, slice):
         indices = _slice_range(indices, count)
     if isinstance(indices, (bool, np.bool_)):

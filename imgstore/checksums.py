@@ -167,8 +167,9 @@ class Checksums:
 
     def check_records(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray, where: object) -> None:
         """Raise :class:`CorruptStoreError` unless every ``images[k], labels[k]`` matches record ``indices[k]``."""
-        bad = np.flatnonzero(self.of_records(images, labels) != self.records[indices])
-        if len(bad):
+        differ = self.of_records(images, labels) != self.records[indices]
+        if differ.any():
+            bad = np.flatnonzero(differ)
             raise CorruptStoreError(
                 f"{where}: the image at index {int(indices[bad[0]])} is damaged (its pixels or label differ from "
                 "what was written)"

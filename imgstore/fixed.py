@@ -118,12 +118,17 @@ def get_many(
         read_range(store, start, stop, images, labels)
         return images, labels
     idx = where
-    images, labels = store._batch(len(idx), out)
     if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+        images, labels = store._batch(len(idx), out)
         read_range(store, int(idx[0]), int(idx[-1]) + 1, images, labels)
         return images, labels
+    fresh = out is None and len(idx) > 0  # the backend may gather into arrays of its own making
+    if not fresh:
+        images, labels = store._batch(len(idx), out)
     try:
-        if len(idx):
+        if fresh:
+            images, labels = store._read_new(idx)
+        elif len(idx):
             store._read_into(idx, images, labels)
     except store.damage_errors as exc:
         raise store._damaged(exc) from exc

@@ -3,8 +3,8 @@
 :class:`Store` holds everything backends share: argument checking, the manifest and its commit
 protocol, record checksums (checked on every read), index handling, batching, iteration, pickling
 and reopening after ``fork()``. A backend subclasses it in one file and implements a few primitives
-(``_open``, ``_write``, ``_read_into``, ``_close``; optionally faster ``_read_range_into`` and
-``_read_one``; ``_write_blobs`` and ``_read_blobs`` for encoded stores, see :mod:`imgstore.encoded`),
+(``_open``, ``_write``, ``_read_into``, ``_close``; optionally faster ``_read_range_into``,
+``_read_new`` and ``_read_one``; ``_write_blobs`` and ``_read_blobs`` for encoded stores, see :mod:`imgstore.encoded`),
 declared with the backend's class attributes in :mod:`imgstore.primitives`, then is registered by
 name in :mod:`imgstore.registry`. Opening, creating and replacing stores is :mod:`imgstore.opening`.
 """
@@ -106,6 +106,13 @@ class Store(BackendPrimitives):
 
     # ------------------------------------------------------------------ backend primitives
     # (the others, and the backend's class attributes: imgstore.primitives)
+
+    def _read_new(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Records ``indices`` (not a range) into new arrays; override where a gather that makes its
+        own array beats one into a given array (a shuffled batch of a training loader, no ``out``)."""
+        images, labels = self._batch(len(indices), None)
+        self._read_into(indices, images, labels)
+        return images, labels
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         """One record; override where a single lookup beats a one-element gather."""

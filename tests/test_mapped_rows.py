@@ -48,7 +48,8 @@ def test_a_file_cut_short_after_it_was_mapped_is_damage_not_sigbus(tmp_path: Pat
 
 def test_gather_copies_records_at_any_offsets_in_pieces_of_any_size(tmp_path: Path) -> None:
     """Records at unaligned offsets, in any order, repeated, of sizes below, at and above a gather
-    piece (so a batch is one piece, several, or one record a piece), land in the rows asked for."""
+    piece (so a batch is one piece, several, or one record a piece), land in the rows asked for:
+    of the array given, or of a new one."""
     from imgstore.backends.mapped_rows import _PIECE_BYTES, MappedRows
 
     data = np.random.default_rng(3).integers(0, 256, 3 * _PIECE_BYTES, dtype=np.uint8)
@@ -62,8 +63,13 @@ def test_gather_copies_records_at_any_offsets_in_pieces_of_any_size(tmp_path: Pa
                 offsets = rng.integers(0, len(data) - nbytes + 1, n)
                 offsets[n // 2 :] = offsets[: n - n // 2]  # repeated records
                 out = np.zeros((n, nbytes), np.uint8)
-                assert rows.gather(offsets, nbytes, out)
-                np.testing.assert_array_equal(out, data[offsets[:, None] + np.arange(nbytes)])
-        assert not rows.gather(np.array([len(data) - 2]), 3, np.zeros((1, 3), np.uint8))  # past the end
+                assert rows.gather(offsets, nbytes, out) is out
+                expected = data[offsets[:, None] + np.arange(nbytes)]
+                np.testing.assert_array_equal(out, expected)
+                new = rows.gather(offsets, nbytes)
+                assert new is not None and new.dtype == np.uint8
+                np.testing.assert_array_equal(new, expected)
+        assert rows.gather(np.array([len(data) - 2]), 3, np.zeros((1, 3), np.uint8)) is None  # past the end
+        assert rows.gather(np.array([len(data) - 2]), 3) is None
     finally:
         os.close(fd)

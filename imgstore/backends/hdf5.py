@@ -377,6 +377,18 @@ class Hdf5Store(Store):
                 self._index = index
         return index
 
+    def _mapped_rows(self) -> MappedRows:
+        if self._mapped is None:
+            self._mapped = MappedRows(self._fd)
+        return self._mapped
+
+    @staticmethod
+    def _positions(ix: ReadIndex, indices: np.ndarray) -> np.ndarray:
+        """The file offsets of records ``indices`` in a chunked dataset."""
+        assert ix.offsets is not None
+        chunks, rows = np.divmod(indices, ix.rows)
+        return ix.offsets[chunks] + rows * ix.image_nbytes  # type: ignore[no-any-return]
+
     def _pread_into(self, buffer: np.ndarray, offset: int) -> None:
         done = os.preadv(self._fd, [buffer], offset)  # type: ignore[list-item]
         while 0 < done < buffer.nbytes:  # Linux reads at most 2 GiB - 4 KiB per call
@@ -407,6 +419,14 @@ class Hdf5Store(Store):
                 images[lo - start : hi - start], int(ix.offsets[chunk]) + (lo - chunk * ix.rows) * ix.image_nbytes
             )
 
+    def _read_new(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ix = self._read_index()
+        if ix.offsets is not None:
+            images = self._mapped_rows().gather(self._positions(ix, indices), ix.image_nbytes)
+            if images is not None:
+                return images.reshape(len(indices), *self.image_shape), ix.labels[indices]
+        return super()._read_new(indices)
+
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         ix = self._read_index()
         labels[:] = ix.labels[indices]
@@ -414,11 +434,8 @@ class Hdf5Store(Store):
             for k in np.argsort(indices, kind="stable"):  # h5py wants increasing selections: file order
                 self._images.read_direct(images, source_sel=np.s_[indices[k]], dest_sel=np.s_[k])
             return
-        chunks, rows = np.divmod(indices, ix.rows)
-        positions = ix.offsets[chunks] + rows * ix.image_nbytes
-        if self._mapped is None:
-            self._mapped = MappedRows(self._fd)
-        if self._mapped.gather(positions, ix.image_nbytes, images.reshape(len(indices), -1)):
+        positions = self._positions(ix, indices)
+        if self._mapped_rows().gather(positions, ix.image_nbytes, images.reshape(len(indices), -1)) is not None:
             return
         for k, position in enumerate(positions.tolist()):  # the file is short: pread says where
             self._pread_into(images[k], position)

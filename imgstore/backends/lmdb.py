@@ -263,6 +263,24 @@ class LmdbStore(Store):
         """How many records ``value`` holds, after checking its length."""
         return records_in(value, block, size, per_block, f"{self.path}: block {block} of the LMDB store")
 
+    def _mapped_blocks(self, pages: Snapshot, indices: np.ndarray, per_block: int) -> MappedBlocks:
+        """The map of data.mdb, once the leaf pages liblmdb would walk to find ``indices``' blocks are checked."""
+        if pages.unchecked:
+            pages.check_keys(indices // per_block)
+        if self._mapped is None:
+            self._mapped = MappedBlocks(str(self.file("lmdb") / "data.mdb"), self._env.stat()["psize"])
+        return self._mapped
+
+    def _read_new(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shape = self.image_shape
+        layout = self._layout(int(np.prod(shape)))
+        txn, pages = self._begin()
+        with txn:  # the gather copies out of the map inside the transaction
+            got = self._mapped_blocks(pages, indices, layout[1]).gather(txn, self._env, indices, layout)
+        if got is None:
+            return super()._read_new(indices)
+        return got[0].reshape(len(indices), *shape), got[1]
+
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         # The loop of a shuffled batch: every image is one get, so the checks of _records are
         # inlined (a method call per image costs a third of the time).
@@ -270,11 +288,8 @@ class LmdbStore(Store):
         record = size + 8
         txn, pages = self._begin()
         with txn:
-            if pages.unchecked:  # the leaf pages liblmdb would walk to find these blocks
-                pages.check_keys(indices // per_block)
-            if self._mapped is None:
-                self._mapped = MappedBlocks(str(self.file("lmdb") / "data.mdb"), self._env.stat()["psize"])
-            if self._mapped.gather(txn, self._env, indices, layout, images.reshape(len(indices), size), labels):
+            mapped = self._mapped_blocks(pages, indices, per_block)
+            if mapped.gather(txn, self._env, indices, layout, (images.reshape(len(indices), size), labels)) is not None:
                 return
             pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
             blocks, rows = np.divmod(indices, per_block)

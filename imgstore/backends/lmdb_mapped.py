@@ -66,18 +66,23 @@ class MappedBlocks:
         env: lmdb.Environment,
         indices: np.ndarray,
         layout: tuple[int, int],
-        images: np.ndarray,
-        labels: np.ndarray,
-    ) -> bool:
-        """Records ``indices`` (of a store of ``layout``: image bytes, records per block) into ``images``
-        [n, image bytes] and ``labels`` (int64) inside ``txn``; False, with nothing promised about the
-        output, where the caller must read them itself."""
+        out: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Records ``indices`` (of a store of ``layout``: image bytes, records per block) as ``(images
+        [n, image bytes], labels int64)`` read inside ``txn``, into ``out`` if given, else new arrays;
+        None, with nothing promised about ``out``, where the caller must read them itself."""
         with self._lock:  # threads share a handle: one of them may be learning another snapshot
             offsets = self._locate(txn, env, indices, layout)
-            if offsets is None:
-                return False
-            labels[:] = self._labels[indices]
-        return self._rows.gather(offsets, layout[0], images)
+            labels = None if offsets is None else self._labels[indices]
+        if offsets is None or labels is None:
+            return None
+        images = self._rows.gather(offsets, layout[0], None if out is None else out[0])
+        if images is None:
+            return None
+        if out is None:
+            return images, labels
+        out[1][:] = labels
+        return out
 
     def _locate(
         self, txn: lmdb.Transaction, env: lmdb.Environment, indices: np.ndarray, layout: tuple[int, int]
