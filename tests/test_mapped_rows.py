@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import imgstore
+from imgstore.errors import CorruptStoreError
 
 # In a child process: a read through pages of a map past the file's end is SIGBUS, which kills it.
 _READ_AFTER_TRUNCATION = """
@@ -73,3 +75,35 @@ def test_gather_copies_records_at_any_offsets_in_pieces_of_any_size(tmp_path: Pa
         assert rows.gather(np.array([len(data) - 2]), 3) is None
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "hdf5"])
+def test_shuffled_batches_into_new_arrays_and_into_out_agree(tmp_path: Path, backend: str) -> None:
+    """A shuffled batch with repeats, read into arrays the gather makes (no out=) and into the
+    caller's (out=), is the source's records in the order asked, and checked: a record whose pixels
+    changed on disk is CorruptStoreError on both paths."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (500, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "s"
+    with imgstore.open_store(path, backend, "w") as store:
+        store.put_many(images, np.arange(500) * 7 + 3)
+    batch = np.concatenate([rng.permutation(500)[:200], [17, 17, 499, 0]])
+    with imgstore.open_store(path) as reader:
+        new_images, new_labels = reader.get_many(batch)
+        out = (np.empty((len(batch), 8, 8, 3), np.uint8), np.empty(len(batch), np.int64))
+        into = reader.get_many(batch, out=out)
+        assert into[0] is out[0] and into[1] is out[1]
+        for got, labels in ((new_images, new_labels), out):
+            np.testing.assert_array_equal(got, images[batch])
+            assert labels.tolist() == (batch * 7 + 3).tolist()
+    data = max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    at = raw.find(images[123].tobytes())
+    assert at >= 0
+    raw[at + 5] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with imgstore.open_store(path) as reader:
+        with pytest.raises(CorruptStoreError, match="index 123"):
+            reader.get_many(np.array([400, 123, 5]))
+        with pytest.raises(CorruptStoreError, match="index 123"):
+            reader.get_many(np.array([400, 123, 5]), out=(np.empty((3, 8, 8, 3), np.uint8), np.empty(3, np.int64)))
