@@ -199,3 +199,40 @@ def test_the_replayed_protocol_catches_slowed_rows_and_counts_no_false_alarm_on_
     assert counted.caught["row3-read_many-1000-synthetic"] == 8
     assert counted.alarms == 0  # row7 is slowed too, and named affected
     assert tally(injected_outcomes(same, injected), ("row3-read_many-1000-synthetic",)).alarms == 8
+
+
+# ---------------------------------------------------------------------- the real slowdown
+
+
+@pytest.mark.parametrize("change", ["range-copy", "take-copy", "no-range"])
+def test_each_real_change_applies_and_the_changed_code_still_reads_right(tmp_path: Path, change: str) -> None:
+    """A real change, not a breakage: it applies to today's code, and the changed store reads the same images."""
+    import shutil
+
+    shutil.copytree(REPO / "imgstore", tmp_path / "imgstore", ignore=shutil.ignore_patterns("__pycache__"))
+    before = (tmp_path / "imgstore/backends/memmap.py").read_text()
+    subprocess.run([str(REPO / ".ci/real-slowdown"), str(tmp_path), change], check=True)
+    assert (tmp_path / "imgstore/backends/memmap.py").read_text() != before
+    again = subprocess.run([str(REPO / ".ci/real-slowdown"), str(tmp_path), change], capture_output=True, text=True)
+    assert again.returncode == 2 and "does not apply" in again.stderr  # applied once: the code it edits is gone
+    check = """
+import sys, numpy as np, imgstore
+assert imgstore.__file__.startswith(sys.argv[1]), imgstore.__file__
+images = np.random.default_rng(0).integers(0, 256, (600, 8, 8, 3), dtype=np.uint8)
+with imgstore.open_store(sys.argv[1] + "/s", "memmap", mode="w") as store:
+    store.put_many(images, np.arange(600) % 10)
+with imgstore.open_store(sys.argv[1] + "/s", mode="r") as store:
+    got, labels = store.get_many(range(600))
+    assert (got == images).all() and (labels == np.arange(600) % 10).all()
+    got, _ = store.get_many([5, 599, 0])
+    assert (got == images[[5, 599, 0]]).all()
+"""
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", check, str(tmp_path)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_an_unknown_real_change_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run([str(REPO / ".ci/real-slowdown"), str(tmp_path), "nope"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown change" in result.stderr
