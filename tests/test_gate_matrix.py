@@ -236,3 +236,38 @@ with imgstore.open_store(sys.argv[1] + "/s", mode="r") as store:
 def test_an_unknown_real_change_is_refused(tmp_path: Path) -> None:
     result = subprocess.run([str(REPO / ".ci/real-slowdown"), str(tmp_path), "nope"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown change" in result.stderr
+
+
+# ---------------------------------------------------------------------- the verdict on the gate's rows
+
+
+def _side(rng: np.random.Generator, runs: int, slowed: float = 1.0) -> Run:
+    """One side's runs merged: 6 warm read rows steady to 2% between runs, 6 cold ones swinging by 50%."""
+    from imgstore import compare
+
+    merged = []
+    for _ in range(runs):
+        benchmarks = {}
+        for k in range(12):
+            cache = "cold" if k >= 6 else "warm"
+            key = f"imgstore-b{k % 6}-read_many-1000-synthetic" + ("-cold" if cache == "cold" else "")
+            fullname = f"benchmarks/test_storage.py::test_storage[{key}]"
+            noise = rng.lognormal(0, 0.5 if cache == "cold" else 0.02)
+            seconds = 1e-3 * (k + 1) * noise * (slowed if key == "imgstore-b0-read_many-1000-synthetic" else 1.0)
+            rounds = tuple(seconds * rng.lognormal(0, 0.01, 3))
+            info = {"kind": "imgstore", "backend": f"b{k % 6}", "variant": "", "operation": "read_many",
+                    "images": 1000, "dataset": "synthetic", "cache": cache}  # fmt: skip
+            benchmarks[fullname] = Benchmark(fullname, key, None, float(np.median(rounds)), rounds, info)
+        merged.append(Run("synthetic", benchmarks))
+    return compare.merge_runs(merged)
+
+
+def test_cold_rows_swinging_between_runs_do_not_blind_the_warm_rows() -> None:
+    """A row's spread floors come from rows run the same way: a warm row is not judged at the cold rows' noise."""
+    from imgstore.compare import Verdict, compare_runs
+
+    rng = np.random.default_rng(7)
+    rows = compare_runs(_side(rng, 2), _side(rng, 2, slowed=1.25))
+    verdicts = {benchmark_id(row.fullname): row.verdict for row in rows}
+    assert verdicts["imgstore-b0-read_many-1000-synthetic"] is Verdict.REGRESSION
+    assert all(v is not Verdict.REGRESSION for k, v in verdicts.items() if k != "imgstore-b0-read_many-1000-synthetic")

@@ -195,23 +195,31 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
     # the other rows of the same kind and backend: imgstore-png, -png-nosync, -png-level0, ...):
     # they run the same code path, and a PNG write swings with the cost of creating files for
     # seconds at a time, which two runs of one benchmark can miss.
+    # A cold row (files read from disk) or an epoch with worker processes swings far more than a warm,
+    # in-process read of the same operation: each is its own kind of row for both floors.
     by_operation: dict[Any, list[float]] = {}
     by_backend: dict[Any, list[tuple[str, float]]] = {}
     records = {name: baseline.benchmarks[name].record for name in variance}
+    setting = {name: _setting(baseline.benchmarks[name].extra_info) for name in variance}
     for name, value in variance.items():
-        by_operation.setdefault(records[name].operation, []).append(value)
-        by_backend.setdefault(_variant_group(records[name]), []).append((name, value))
+        by_operation.setdefault((records[name].operation, setting[name]), []).append(value)
+        by_backend.setdefault((_variant_group(records[name]), setting[name]), []).append((name, value))
     # The median of variances with few degrees of freedom falls short of their mean (0.69x at 2):
     # scaled back by the median of chi-square/df (Wilson-Hilferty), so the floor is not too low.
     median_freedom = statistics.median(freedoms) if freedoms else 0
     shortfall = (1 - 2 / (9 * median_freedom)) ** 3 if median_freedom else 1.0
-    typical = {operation: statistics.median(values) / shortfall for operation, values in by_operation.items()}
+    typical = {key: statistics.median(values) / shortfall for key, values in by_operation.items()}
     spreads = {}
     for name, value in variance.items():
-        siblings = [v for other, v in by_backend[_variant_group(records[name])] if other != name]
-        usual = max(typical[records[name].operation], statistics.fmean(siblings) if siblings else 0.0)
+        siblings = [v for other, v in by_backend[(_variant_group(records[name]), setting[name])] if other != name]
+        usual = max(typical[(records[name].operation, setting[name])], statistics.fmean(siblings) if siblings else 0.0)
         spreads[name] = (math.sqrt(max(value, usual)) * factor[name], math.sqrt(usual) * factor[name])
     return spreads
+
+
+def _setting(extra_info: dict[str, Any]) -> tuple[str, str]:
+    """The page cache and worker count a row ran with (the suite's ``cache``/``workers``; none: warm, in-process)."""
+    return str(extra_info.get("cache", "warm")), str(extra_info.get("workers", 0))
 
 
 def _variant_group(record: ResultRecord) -> tuple[Any, ...]:
