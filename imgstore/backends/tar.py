@@ -111,15 +111,21 @@ class TarStore(Store):
         view = self._maps.get(shard)
         if view is not None and len(view) >= end:
             return view
-        fd = self._fd(shard)
-        size = os.fstat(fd).st_size
-        if size < end:
-            raise CorruptStoreError(f"{self.path}: shard {shard} is cut short of its committed records")
+        # A descriptor of its own, closed here (the map keeps a duplicate): one of _fds could be closed by
+        # another thread's eviction between the fstat and the mmap.
+        fd = os.open(self._shard(shard), os.O_RDONLY | _NOFOLLOW)
+        try:
+            size = os.fstat(fd).st_size
+            if size < end:
+                raise CorruptStoreError(f"{self.path}: shard {shard} is cut short of its committed records")
+            mapped = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
         if view is None and len(self._maps) >= _MAX_OPEN_SHARDS:
-            del self._maps[next(iter(self._maps))]  # the one mapped first
-        view = self._maps[shard] = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
-        os.close(self._fds.pop(shard))  # the map keeps its own descriptor
-        return view
+            for oldest in list(self._maps)[:1]:  # a copy of the keys: another thread may map meanwhile
+                self._maps.pop(oldest, None)
+        self._maps[shard] = mapped
+        return mapped
 
     # -------------------------------------------------------------- the index
 
