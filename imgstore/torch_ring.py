@@ -142,15 +142,30 @@ class RingLoader(DataLoader[Batch]):
         return _RingIterator(super().__iter__(), self.ring, getattr(self.dataset, "arrange_batch", None))
 
 
+# torch's DataLoader iterator wraps each batch in a profiler range (record_function), ~20% of the
+# training process's CPU a batch here; while no profiler runs its inner step is called instead. Private
+# names of torch: used only where they all exist, and never while a profiler (which wants the range) runs.
+_STEP_NAMES = ("_next_data", "_sampler_iter", "_num_yielded")
+_profiler_enabled: Any = getattr(torch._C._autograd, "_profiler_enabled", None)
+
+
 class _RingIterator:
     def __init__(self, inner: Iterator[Any], ring: Ring, arrange: Any) -> None:
         self._inner, self._ring, self._arrange = inner, ring, arrange
+        self._step: Any = None
+        if _profiler_enabled is not None and all(hasattr(inner, name) for name in _STEP_NAMES):
+            self._step = inner._next_data  # type: ignore[attr-defined]
 
     def __iter__(self) -> _RingIterator:
         return self
 
     def __next__(self) -> Batch:
-        first, second = next(self._inner)
+        inner: Any = self._inner
+        if self._step is not None and inner._sampler_iter is not None and not _profiler_enabled():
+            first, second = self._step()
+            inner._num_yielded += 1
+        else:
+            first, second = next(inner)
         if isinstance(first, torch.Tensor):
             return first, second  # no slot was free: torch's hand-off, arranged in the worker
         images, labels = self._ring.batch(first, second)

@@ -367,3 +367,16 @@ def test_transform_runs_on_each_batch_and_must_return_a_tensor(
     bad = make_loader(path, batch_size=BATCH, num_workers=workers, transform=_to_numpy)
     with pytest.raises(InvalidOptionError, match="transform must return a tensor .* got ndarray"):
         next(iter(bad))
+
+
+def test_shared_handoff_keeps_the_profiler_range_while_profiling(
+    raw_stores: dict[str, tuple[Path, np.ndarray]],
+) -> None:
+    path, images = raw_stores["lmdb"]
+    loader = make_loader(path, batch_size=BATCH, shuffle=True, num_workers=2, persistent_workers=True)
+    assert isinstance(loader, RingLoader)
+    assert sorted(_epoch(loader, images)) == list(range(N))  # without a profiler: torch's inner step
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        assert sorted(_epoch(loader, images)) == list(range(N))
+    ranges = [event.key for event in profiler.key_averages() if event.key.startswith("enumerate(DataLoader)")]
+    assert ranges, "the DataLoader's per-batch profiler range is missing under a profiler"
