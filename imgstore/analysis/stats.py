@@ -195,12 +195,13 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
     # the other rows of the same kind and backend: imgstore-png, -png-nosync, -png-level0, ...):
     # they run the same code path, and a PNG write swings with the cost of creating files for
     # seconds at a time, which two runs of one benchmark can miss.
-    # A cold row (files read from disk) or an epoch with worker processes swings far more than a warm,
-    # in-process read of the same operation: each is its own kind of row for both floors.
+    # A cold row (files read from disk), an epoch with worker processes or a round of tens of ms at 10 000
+    # images swings far more between runs than a warm, in-process read of a few ms at 1 000: each size,
+    # cache and worker count is its own kind of row for both floors.
     by_operation: dict[Any, list[float]] = {}
     by_backend: dict[Any, list[tuple[str, float]]] = {}
     records = {name: baseline.benchmarks[name].record for name in variance}
-    setting = {name: _setting(baseline.benchmarks[name].extra_info) for name in variance}
+    setting = {name: (records[name].images, *_setting(baseline.benchmarks[name].extra_info)) for name in variance}
     for name, value in variance.items():
         by_operation.setdefault((records[name].operation, setting[name]), []).append(value)
         by_backend.setdefault((_variant_group(records[name]), setting[name]), []).append((name, value))
