@@ -77,12 +77,14 @@ def test_the_gated_matrix_has_every_operation_at_two_sizes_and_the_cold_and_epoc
     assert sizes.get("epoch-cold") == {10000}  # the cold epochs at the larger size: a first batch's cost, the rest
     for backend in imgstore.installed_backends():
         for op in ("store_many", "read_many", "read_random", "iterate"):
-            for n in (1000, 10000):
+            for n in (1000, 10000) if backend != "png" or op in ("store_many", "read_many") else (1000,):
                 assert f"imgstore-{backend}-{op}-{n}-synthetic" in ids
-        assert f"imgstore-{backend}-epoch-w0-10000-synthetic" in ids
-        assert f"imgstore-{backend}-epoch-w2-10000-synthetic" in ids
-        assert f"imgstore-{backend}-epoch-w0-10000-synthetic-cold" in ids
-        assert f"imgstore-{backend}-read_random-10000-synthetic-cold" in ids
+        big = 1000 if backend == "png" else 10000  # PNG: one file per image, 10-50 s a row at 10 000
+        assert f"imgstore-{backend}-epoch-w0-{big}-synthetic" in ids
+        assert f"imgstore-{backend}-epoch-w2-{big}-synthetic" in ids
+        assert f"imgstore-{backend}-read_random-{big}-synthetic-cold" in ids
+        if backend != "png":
+            assert f"imgstore-{backend}-epoch-w0-10000-synthetic-cold" in ids
     assert not [name for name in ids if name.startswith("tutorial-")]  # never fail: not worth the gate's time
 
 
