@@ -256,3 +256,30 @@ def test_a_dead_readers_partial_copy_is_swept_by_the_cache(tmp_path: Path) -> No
         (path / "imgstore.json").write_text("{}")
     assert cache.entries() == []
     assert not dead.exists() and mine.is_dir()
+
+
+@pytest.mark.parametrize("policy", ["ranges", "whole", "local"])
+def test_float_and_bool_indices_are_refused_as_a_store_refuses_them(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path, policy: str
+) -> None:
+    """Never a record numpy's cast picked (1.5 -> 1, True -> 1): the errors a plain Store gives, on every path."""
+    options = s3_server.storage_options(attempts=2)
+    url = str(tmp_path / "local") if policy == "local" else s3_url
+    _write(url, None if policy == "local" else options)
+    if policy == "local":
+        data = open_sharded(url)
+    else:
+        data = open_sharded(url, cache_dir=tmp_path / "cache", storage_options=options, remote_reads=policy)
+    with data:
+        for bad in ([1.5], np.ones(200, bool), [True, False], np.array([2.0]), [[1, 2], [3, 4]]):
+            with pytest.raises(imgstore.InvalidOptionError, match="indices must"):
+                data.get_many(bad)
+        for one in (2.7, 2.0, True, np.bool_(False), "3"):
+            with pytest.raises(imgstore.InvalidOptionError, match="an index must be an integer"):
+                data.get(one)  # type: ignore[arg-type]
+        with pytest.raises(imgstore.StoreIndexError):
+            data.get_many([0, 200])
+        images, labels = data.get_many(np.array([150, -1, 3], np.int16))  # other integer dtypes still read
+        assert np.array_equal(images, IMAGES[[150, 199, 3]]) and np.array_equal(labels, LABELS[[150, 199, 3]])
+        assert np.array_equal(data.get(np.int64(-200))[0], IMAGES[0])
+        assert np.array_equal(data.get_many(slice(198, None))[1], LABELS[198:])

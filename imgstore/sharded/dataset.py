@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from imgstore.arguments import checked_index, checked_indices
 from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreClosedError, StoreIndexError, StoreNotFoundError
 from imgstore.opening import open_store
 from imgstore.sharded.cache import Pin, ShardCache
@@ -132,11 +133,8 @@ class ShardedDataset:
         return len(self)
 
     def locate(self, index: int) -> tuple[int, int]:
-        """(shard number, index in that shard) of global record ``index``."""
-        n = len(self)
-        if not -n <= index < n:
-            raise StoreIndexError(f"index {index} is out of range for a dataset of {n} records")
-        index %= n
+        """(shard number, index in that shard) of global record ``index`` (negative counts from the end)."""
+        index = checked_index(index, len(self))  # a float or a bool is refused, as a Store does
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return shard, index - int(self.offsets[shard])
 
@@ -267,14 +265,7 @@ class ShardedDataset:
     def get_many(self, indices: Any) -> tuple[Any, np.ndarray]:
         """Images and labels of global ``indices``, in the order given (one array if the shapes agree, else a list)."""
         self._check_open()
-        where = np.asarray(
-            indices if not isinstance(indices, range) else np.arange(indices.start, indices.stop, indices.step),
-            dtype=np.int64,
-        ).reshape(-1)
-        n = len(self)
-        if where.size and (where.min() < -n or where.max() >= n):
-            raise StoreIndexError(f"an index is out of range for a dataset of {n} records")
-        where = where % n if n else where
+        where = checked_indices(indices, len(self))  # as a Store checks them: integers, 1-D, in range
         shard_of = np.searchsorted(self.offsets, where, side="right") - 1
         labels = np.empty(len(where), np.int64)
         parts: list[tuple[np.ndarray, Any]] = []
