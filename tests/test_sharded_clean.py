@@ -133,3 +133,49 @@ def test_on_s3(s3_server: MotoServer, s3_url: str, tmp_path: Path) -> None:
     assert clean_shards(s3_url, grace=0, storage_options=options) == []
     with open_sharded(s3_url, cache_dir=tmp_path / "cache", storage_options=options, remote_reads="whole") as data:
         assert np.array_equal(data.get_many(range(60))[0], IMAGES)
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_links_are_never_followed(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    orphan, _staging = _dataset(root)
+    outside = tmp_path / "elsewhere"
+    (outside / "shard-0123456789").mkdir(parents=True)
+    (outside / "shard-0123456789" / "keep.txt").write_text("not the dataset's")
+    os.symlink(outside, root / "shards" / orphan / "inner")  # a link inside an old orphan: it goes, not its target
+    _age(root / "shards" / orphan, 2 * DAY)
+    assert orphan in [f.name for f in clean_shards(root, delete=True)]
+    assert _tree(outside) == ["shard-0123456789", "shard-0123456789/keep.txt"]
+
+    linked = tmp_path / "linked"  # a dataset whose shards/ is a link to a folder elsewhere
+    linked.mkdir()
+    (linked / "imgstore-sharded.json").write_bytes((root / "imgstore-sharded.json").read_bytes())
+    os.symlink(outside, linked / "shards")
+    for delete in (False, True):
+        with pytest.raises(imgstore.CorruptStoreError, match="symbolic link"):
+            clean_shards(linked, delete=delete, grace=0)
+        assert main(["sharded-clean", str(linked), "--delete", "--grace-hours", "0"]) == 1
+    assert _tree(outside) == ["shard-0123456789", "shard-0123456789/keep.txt"]
+
+
+def test_a_folder_that_is_not_a_dataset_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "notds"  # shard-named folders, no manifest (another tool's, or a dataset that lost it)
+    (folder / "shards" / "shard-abcdef0123").mkdir(parents=True)
+    (folder / "shards" / "shard-abcdef0123" / "precious.bin").write_text("x")
+    _age(folder / "shards", 2 * DAY)
+    before = _tree(folder)
+    for delete in (False, True):
+        with pytest.raises(imgstore.StoreNotFoundError, match="no imgstore-sharded.json"):
+            clean_shards(folder, delete=delete, grace=0)
+    (tmp_path / "damaged").mkdir()
+    damaged = tmp_path / "damaged"
+    (damaged / "imgstore-sharded.json").write_text("{garbage")
+    (damaged / "shards" / "shard-abcdef0123").mkdir(parents=True)
+    with pytest.raises(imgstore.CorruptStoreError):
+        clean_shards(damaged, delete=True, grace=0)
+    assert _tree(folder) == before  # nothing deleted, no lock file made
+    assert _tree(damaged) == ["imgstore-sharded.json", "shards", "shards/shard-abcdef0123"]
+

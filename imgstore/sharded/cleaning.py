@@ -4,7 +4,8 @@ A writer killed before its commit (an interrupted :class:`ShardedWriter`, a Dask
 worker and rerun elsewhere) leaves a sealed shard no manifest names (``shards/shard-<hex>/``) or,
 locally, a half-written one (``shards/.shard-<hex>.tmp/``). Readers never see them and writers
 never delete them. :func:`clean_shards` lists them (a dry run, the default) and with ``delete=True``
-deletes them, but only folders that
+deletes them, but only in a dataset (a folder with a valid manifest: anything else is refused, before
+anything is written or deleted), never through a link (``shards/`` a link is refused), and only folders that
 
 - are named like a shard's folder (nothing else under ``shards/`` is touched, nor anything outside),
 - the committed manifest does not name (read at the time of the clean), and
@@ -15,7 +16,8 @@ deletes them, but only folders that
 
 Locally the clean holds the commit lock from reading the manifest to the last delete, and a commit
 checks under that lock that its shards are there, so a commit never names a shard deleted under
-it. Object storage has no such lock: there the grace alone protects a writer.
+it. Object storage has no such lock: a commit lists its new shards' files before the manifest's PUT, but
+a clean between that listing and the PUT is not caught: there the grace alone protects a writer.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 
 from imgstore.errors import InvalidOptionError, StoreNotFoundError
 from imgstore.sharded.location import SHARD_FOLDER, Location
-from imgstore.sharded.writing import commit_lock, read_committed
+from imgstore.sharded.manifest import MANIFEST_NAME, DatasetManifest, parse_manifest
+from imgstore.sharded.writing import commit_lock
 
 DEFAULT_GRACE = 24 * 3600.0
 
@@ -58,15 +61,25 @@ def clean_shards(
         return _clean(location, delete, grace)
     if not location.local.is_dir():
         raise StoreNotFoundError(f"no sharded dataset at {url}")
+    _committed(location)  # a folder that is not a dataset is refused before the lock file is made in it
     with commit_lock(location.local):
         return _clean(location, delete, grace)
 
 
+def _committed(location: Location) -> DatasetManifest:
+    """The dataset's manifest; a folder without one is not a dataset (or lost it): nothing there is deleted."""
+    raw = location.read_manifest()
+    if raw is None:
+        raise StoreNotFoundError(
+            f"no sharded dataset at {location.url}: it has no {MANIFEST_NAME}, so nothing there is cleaned "
+            "(a dataset whose first commit never happened holds nothing committed: delete it whole)"
+        )
+    return parse_manifest(raw, f"{location.url}/{MANIFEST_NAME}")
+
+
 def _clean(location: Location, delete: bool, grace: float) -> list[Leftover]:
-    manifest = read_committed(location)
+    manifest = _committed(location)
     folders = location.shard_folders()
-    if manifest.revision == 0 and not folders:
-        raise StoreNotFoundError(f"no sharded dataset at {location.url} (no manifest, no shards)")
     named = {s.name for s in manifest.shards}
     now = time.time()
     found = [

@@ -12,11 +12,12 @@ connection, a reset, a timeout: fsspec and its backends retry those themselves f
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
 import secrets
-import shutil
+import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from imgstore.errors import (
+    CorruptStoreError,
     ImgStoreError,
     InvalidOptionError,
     MissingDependencyError,
@@ -62,6 +64,34 @@ def _modified(info: Mapping[str, Any]) -> float:
         except ValueError:
             pass
     return math.inf
+
+
+def _folder_age_size(name: str, shards_fd: int) -> tuple[float, int]:
+    """The newest write time of anything in folder ``name`` of ``shards/`` and its bytes, following no link."""
+    newest, size = os.stat(name, dir_fd=shards_fd, follow_symlinks=False).st_mtime, 0
+    for _path, dirnames, filenames, fd in os.fwalk(name, dir_fd=shards_fd):  # never enters a link
+        for entry in dirnames + filenames:
+            try:
+                st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:  # a writer's file that came and went
+                continue
+            newest, size = max(newest, st.st_mtime), size + (st.st_size if entry in filenames else 0)
+    return newest, size
+
+
+def _remove_folder(name: str, shards_fd: int) -> None:
+    """Delete folder ``name`` of ``shards/`` and what is in it, relative to descriptors, following no link:
+    a link is deleted, never what it points to (shutil.rmtree takes a dir_fd only from Python 3.11)."""
+    if not stat.S_ISDIR(os.stat(name, dir_fd=shards_fd, follow_symlinks=False).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder (a link?), not deleted")
+    # Bottom up; fwalk enters no link (it checks each folder it opens is the one it listed).
+    for _path, dirnames, filenames, fd in os.fwalk(name, topdown=False, dir_fd=shards_fd):
+        for entry in dirnames + filenames:
+            if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
+                os.rmdir(entry, dir_fd=fd)
+            else:
+                os.unlink(entry, dir_fd=fd)
+    os.rmdir(name, dir_fd=shards_fd)
 
 
 def is_local(url: str | os.PathLike[str]) -> bool:
@@ -208,20 +238,21 @@ class Location:
         write time of anything in it, its bytes). Links are left out (a shard is never one)."""
         found: dict[str, tuple[float, int]] = {}
         if self.local is not None:
-            folder = self.local / SHARDS_DIR
-            try:
-                entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
-            except FileNotFoundError:
+            fd = self._open_shards()
+            if fd is None:
                 return found
+            try:
+                with os.scandir(fd) as entries:
+                    names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+                for name in names:
+                    try:
+                        found[name] = _folder_age_size(name, fd)
+                    except FileNotFoundError:  # a writer renamed its staging folder meanwhile
+                        continue
             except OSError as exc:
-                raise StoreIOError(f"{folder}: {exc}") from exc
-            for entry in entries:
-                newest, size = entry.stat(follow_symlinks=False).st_mtime, 0
-                for dirpath, dirnames, filenames in os.walk(entry.path):
-                    for name in dirnames + filenames:
-                        st = os.lstat(os.path.join(dirpath, name))
-                        newest, size = max(newest, st.st_mtime), size + (st.st_size if name in filenames else 0)
-                found[entry.name] = (newest, size)
+                raise StoreIOError(f"{self.local / SHARDS_DIR}: {exc}") from exc
+            finally:
+                os.close(fd)
             return found
         base = self._remote(SHARDS_DIR)
         with self._transport(SHARDS_DIR):
@@ -235,19 +266,56 @@ class Location:
             found[name] = (max(newest, _modified(info)), size + int(info.get("size") or 0))
         return found
 
+    def shard_sizes(self, name: str) -> dict[str, int]:
+        """The files stored under ``shards/<name>/`` and their sizes, as listed now (remote datasets only)."""
+        base = self._remote(f"{SHARDS_DIR}/{name}")
+        with self._transport(f"{SHARDS_DIR}/{name}"):
+            try:
+                objects: dict[str, dict[str, Any]] = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+        return {path[len(base) + 1 :]: int(info.get("size") or 0) for path, info in objects.items()}
+
     def remove_shard_folder(self, name: str) -> None:
-        """Delete ``shards/<name>/`` and everything in it (only that folder: a link is never followed)."""
+        """Delete ``shards/<name>/`` and everything in it: only a real folder in the real ``shards/`` (no link
+        is followed, neither ``shards/`` nor the folder nor anything in it)."""
         if not SHARD_FOLDER.fullmatch(name):
             raise InvalidOptionError(f"{name!r} is not the name of a shard folder")
         if self.local is not None:
+            fd = self._open_shards()
             path = self.local / SHARDS_DIR / name
+            if fd is None:
+                raise StoreNotFoundError(f"{path} is not there")
             try:
-                shutil.rmtree(path)  # refuses a link; never follows one inside
+                _remove_folder(name, fd)
             except OSError as exc:
                 raise StoreIOError(f"{path}: {exc}") from exc
+            finally:
+                os.close(fd)
             return
         with self._transport(f"{SHARDS_DIR}/{name}"):
             self.fs.rm(self._remote(f"{SHARDS_DIR}/{name}"), recursive=True)
+
+    def _open_shards(self) -> int | None:
+        """A descriptor of the local dataset's ``shards/`` folder, None if there is none; refuses a link there
+        (a deletion through it would land outside the dataset)."""
+        assert self.local is not None
+        folder = self.local / SHARDS_DIR
+        try:
+            root = os.open(self.local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return os.open(SHARDS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+            finally:
+                os.close(root)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if os.path.islink(folder) or exc.errno == errno.ENOTDIR:
+                raise CorruptStoreError(
+                    f"{folder} is {'a symbolic link' if os.path.islink(folder) else 'not a folder'}: imgstore never "
+                    "makes one there; nothing is listed or deleted through it"
+                ) from None
+            raise StoreIOError(f"{folder}: {exc}") from exc
 
     def read_ranges(self, name: str, rels: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
         """Bytes ``starts[k]:ends[k]`` of file ``rels[k]`` of shard ``name``, as concurrent ranged GETs
