@@ -467,7 +467,13 @@ def _existing_manifest(path: Path, mode: Mode) -> Manifest | None:
 
 def _delete_owned(path: Path, manifest: Manifest, *, quietly: bool = False) -> None:
     """Delete the entries of ``path`` that ``manifest`` names as the store's (not the manifest or lock)."""
-    for entry in path.iterdir():
+    try:
+        entries = list(path.iterdir())
+    except FileNotFoundError:
+        if quietly:  # giving back after a failure: the store's folder itself was removed meanwhile
+            return
+        raise
+    for entry in entries:
         if entry.name in (MANIFEST_NAME, WRITER_LOCK_NAME) or not manifest.owns(entry.name):
             continue
         try:

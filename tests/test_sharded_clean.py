@@ -179,3 +179,29 @@ def test_a_folder_that_is_not_a_dataset_is_refused(tmp_path: Path) -> None:
     assert _tree(folder) == before  # nothing deleted, no lock file made
     assert _tree(damaged) == ["imgstore-sharded.json", "shards", "shards/shard-abcdef0123"]
 
+
+def test_a_writer_whose_shard_is_cleaned_away_gets_an_imgstore_error(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    with ShardedWriter(root, backend="tar", shard_size=30) as writer:
+        writer.add(IMAGES, LABELS)
+
+    def fill(store: imgstore.Store) -> None:
+        store.put_many(IMAGES[:10], LABELS[:10])
+        assert len(clean_shards(root, delete=True, grace=0)) == 1  # --grace-hours 0 takes this unsealed shard
+
+    with pytest.raises(imgstore.StoreIOError, match="unsealed shard was removed"):
+        write_shard(root, fill=fill, backend="tar")
+    with open_sharded(root) as data:
+        assert len(data) == 60 and np.array_equal(data.get_many(range(60))[0], IMAGES)
+
+
+def test_a_commit_of_a_deleted_shard_is_refused_on_s3(s3_server: MotoServer, s3_url: str, tmp_path: Path) -> None:
+    options = s3_server.storage_options(attempts=2)
+    with ShardedWriter(s3_url, backend="tar", shard_size=30, storage_options=options) as writer:
+        writer.add(IMAGES, LABELS)
+    info = write_shard(s3_url, IMAGES[:10], LABELS[:10], backend="tar", storage_options=options)
+    assert [f.name for f in clean_shards(s3_url, grace=0, delete=True, storage_options=options)] == [info.name]
+    with pytest.raises(imgstore.StoreIOError, match="not written there"):
+        commit_shards(s3_url, [info], storage_options=options)
+    with open_sharded(s3_url, cache_dir=tmp_path / "cache", storage_options=options, remote_reads="whole") as data:
+        assert len(data) == 60 and np.array_equal(data.get_many(range(60))[0], IMAGES)

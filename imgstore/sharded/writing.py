@@ -69,6 +69,7 @@ def write_shard(
         shards = location.local / SHARDS_DIR
         shards.mkdir(parents=True, exist_ok=True)
         staging = shards / f".{name}.tmp"
+        staging.mkdir()  # ours from now on: if it goes, a clean took it (below)
     else:
         staging = Path(tempfile.mkdtemp(prefix=f"imgstore-{name}-")) / "store"
     try:
@@ -85,8 +86,13 @@ def write_shard(
             fsync_dir(staging.parent)  # the shard is in place on disk before any manifest names it
         else:
             location.upload_shard(name, staging, [f.path for f in files])
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging.parent if location.local is None else staging, ignore_errors=True)
+        if location.local is not None and isinstance(exc, Exception) and not os.path.lexists(staging):
+            raise StoreIOError(
+                f"{staging}: this writer's unsealed shard was removed while it was written (by sharded-clean with "
+                "a grace shorter than a shard takes to write?); nothing committed is lost, this shard is not written"
+            ) from exc
         raise
     if location.local is None:
         shutil.rmtree(staging.parent, ignore_errors=True)  # our own staging directory
@@ -149,13 +155,24 @@ def _commit(location: Location, shards: Sequence[ShardInfo], expect_revision: in
         raise StoreBusyError(
             f"{location.url}: another writer committed (revision {old.revision}, expected {expect_revision})"
         )
-    if location.local is not None:
-        missing = [s.name for s in shards if not location.shard_path(s.name).is_dir()]
-        if missing:
-            raise StoreIOError(f"{location.url}: shard {missing[0]} was not written there; nothing committed")
+    missing = [s.name for s in shards if not _uploaded(location, s)]
+    if missing:
+        raise StoreIOError(
+            f"{location.url}: shard {missing[0]} was not written there, or not all of it (removed by sharded-clean "
+            "with a grace shorter than this writer held it?); nothing committed"
+        )
     new = old.appended(shards)
     location.write_manifest(new.to_json())
     return new
+
+
+def _uploaded(location: Location, shard: ShardInfo) -> bool:
+    """Whether the shard is in place: locally its folder (under the commit lock, which a clean holds too);
+    remotely every file of it, of its size (one listing: a clean may have deleted it since the upload)."""
+    if location.local is not None:
+        return location.shard_path(shard.name).is_dir()
+    stored = location.shard_sizes(shard.name)
+    return all(stored.get(f.path) == f.bytes for f in shard.files)
 
 
 class ShardedWriter:
