@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -245,17 +248,86 @@ def test_a_forked_child_leaves_its_parents_partial_copy(s3_server: MotoServer, s
     assert not _partials(cache)
 
 
-def test_a_dead_readers_partial_copy_is_swept_by_the_cache(tmp_path: Path) -> None:
+def test_a_partial_copy_is_swept_only_when_no_process_holds_its_lock(tmp_path: Path) -> None:
+    """Liveness by the owner's flock, not its PID: a reader in another PID namespace sharing the cache (pods on
+    one node) has a PID that means nothing here, or another live process's."""
+    import fcntl
+
     from imgstore.sharded.cache import ShardCache
 
     cache = ShardCache(tmp_path / "cache", 1 << 20)
-    dead = tmp_path / "cache" / ".ranges-999999999-0badf00d"  # no such process
-    mine = tmp_path / "cache" / f".ranges-{os.getpid()}-0badf00d"
-    for path in (dead, mine):
+    dead = tmp_path / "cache" / f".ranges-{os.getpid()}-0badf00d"  # a live PID, but nobody holds it
+    live = tmp_path / "cache" / ".ranges-999999999-0dead000"  # no such PID here, but held
+    for path in (dead, live):
         path.mkdir()
         (path / "imgstore.json").write_text("{}")
-    assert cache.entries() == []
-    assert not dead.exists() and mine.is_dir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert cache.entries() == []
+        assert not dead.exists() and live.is_dir()
+    finally:
+        os.close(fd)
+    cache.entries()
+    assert not live.exists()
+
+
+def _ranged_dataset(server: MotoServer, url: str, cache: Path) -> Any:
+    """IMAGES written at ``url``, opened to read by ranges with a cache at ``cache``."""
+    options = server.storage_options(attempts=2)
+    _write(url, options)
+    return open_sharded(url, cache_dir=cache, storage_options=options, remote_reads="ranges")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_a_reader_in_another_pid_namespace_keeps_a_live_readers_partial_copy(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    options = s3_server.storage_options(attempts=2)
+    other = (  # fetches shard 1 whole: sweeps the cache first, from a PID namespace where our PID is not
+        "import sys; from imgstore.sharded import open_sharded\n"
+        f"with open_sharded({s3_url!r}, cache_dir={str(cache)!r}, storage_options={options!r}, "
+        "remote_reads='whole') as d: d.get(150)\n"
+    )
+    with _ranged_dataset(s3_server, s3_url, cache) as data:
+        data.get(3)
+        mine = _partials(cache)
+        subprocess.run(["unshare", "-p", "-f", "--mount-proc", sys.executable, "-c", other], check=True, timeout=60)
+        assert len(_entries(cache)) == 1 and _partials(cache) == mine
+        assert np.array_equal(data.get(50)[0], IMAGES[50])
+
+
+def test_a_partial_copy_deleted_under_its_reader_is_made_again(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    with _ranged_dataset(s3_server, s3_url, cache) as data:
+        assert np.array_equal(data.get(3)[0], IMAGES[3])
+        (gone,) = _partials(cache)
+        shutil.rmtree(cache / gone)
+        images, labels = data.get_many([50, 51, 3])
+        assert np.array_equal(images, IMAGES[[50, 51, 3]]) and np.array_equal(labels, LABELS[[50, 51, 3]])
+        assert len(_partials(cache)) == 1 and _partials(cache) != [gone]
+        assert np.array_equal(data.get(52)[0], IMAGES[52])
+    assert not _partials(cache)
+
+
+def test_dataloader_workers_delete_their_partial_copies_at_exit(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    """Workers never close the dataset: their copies go at their exit (and a killed one's at the next copy made)."""
+    from torch.utils.data import DataLoader
+
+    cache = tmp_path / "cache"
+    with _ranged_dataset(s3_server, s3_url, cache) as data:
+        seen = [labels.numpy() for _images, labels in DataLoader(data, batch_size=25, num_workers=2, shuffle=True)]
+        assert sorted(np.concatenate(seen).tolist()) == sorted(LABELS.tolist())
+        assert not _partials(cache) and not _entries(cache)
+        killed = cache / ".ranges-999999999-0badf00d"  # as a worker SIGKILLed leaves it: nobody holds its lock
+        killed.mkdir()
+        data.get(3)
+        assert not killed.exists() and len(_partials(cache)) == 1
 
 
 @pytest.mark.parametrize("policy", ["ranges", "whole", "local"])

@@ -17,8 +17,10 @@ entry, and a name says its size without a walk).
 - Use time is the entry directory's mtime, touched at every pin. Room is made before a download:
   unpinned entries are evicted oldest first until the new shard fits in ``max_bytes``. Only pinned
   entries can keep the cache above the bound (a reader pins the few shards it holds open).
-- Only names of those forms are ever deleted, and only inside the cache directory (``.tmp-``,
-  ``.evict-`` and ``.ranges-`` leftovers of dead processes are swept).
+- Only names of those forms are ever deleted, and only inside the cache directory (``.tmp-`` and
+  ``.evict-`` leftovers of dead processes are swept; a ``.ranges-`` partial copy when no process
+  holds its lock: its owner holds an exclusive ``flock`` on it for its life, which, unlike a PID,
+  means the same in every PID namespace sharing the directory).
 """
 
 from __future__ import annotations
@@ -59,6 +61,63 @@ def fetch_files(location: Location, name: str, files: Iterable[ShardFile], dest:
             return f"{f.path} does not match its checksum in the manifest (damaged)"
         os.chmod(path, 0o444)  # sealed, like the shard it copies
     return ""
+
+
+def sweep_leftovers(cache_dir: Path) -> None:
+    """Delete what processes gone left in ``cache_dir`` (see :func:`sweep_leftover`)."""
+    for name in os.listdir(cache_dir):
+        sweep_leftover(cache_dir, name)
+
+
+def sweep_leftover(cache_dir: Path, name: str) -> None:
+    """Delete ``cache_dir/name`` if it is a leftover: a partial copy no process holds locked, or a half
+    download or eviction named after a dead PID. Anything else is left alone."""
+    match = _TMP.fullmatch(name)
+    if match is None:
+        return
+    path = cache_dir / name
+    if not name.startswith(".ranges-"):
+        if not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        trash = cache_dir / f".evict-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(path, trash)  # away while locked: its owner, if it was just making it, sees the name gone
+        shutil.rmtree(trash, ignore_errors=True)
+    except OSError:
+        return  # locked (its reader is alive, in whatever PID namespace), or swept by another process first
+    finally:
+        os.close(fd)
+
+
+def locked_dir(parent: Path, prefix: str) -> tuple[Path, int]:
+    """A new directory ``parent/<prefix><random>`` and the descriptor of the exclusive ``flock`` on it that
+    keeps :func:`sweep_leftover` from deleting it while this process (or a child that inherits the
+    descriptor) lives."""
+    for _ in range(3):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        path.mkdir()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # swept between mkdir and open: another name
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            here, mine = os.stat(path, follow_symlinks=False), os.fstat(fd)
+            if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+                return path, fd
+        except (BlockingIOError, FileNotFoundError):
+            pass  # a sweeper holds it, or moved it away: another name
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise StoreIOError(f"{parent}: a new partial copy is swept as fast as it is made")
 
 
 @dataclass
@@ -182,8 +241,8 @@ class ShardCache:
                 except FileNotFoundError:
                     continue
                 found.append((used, int(match.group(2)), name))
-            elif _TMP.fullmatch(name) and not pid_alive(int(_TMP.fullmatch(name).group(1))):  # type: ignore[union-attr]
-                shutil.rmtree(self.dir / name, ignore_errors=True)  # a dead process's half download
+            else:
+                sweep_leftover(self.dir, name)
         return sorted(found)
 
     def used_bytes(self) -> int:

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from imgstore.arguments import checked_index, checked_indices
-from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreClosedError, StoreIndexError, StoreNotFoundError
+from imgstore.errors import (
+    CorruptStoreError,
+    InvalidOptionError,
+    StoreClosedError,
+    StoreIndexError,
+    StoreIOError,
+    StoreNotFoundError,
+)
 from imgstore.opening import open_store
 from imgstore.sharded.cache import Pin, ShardCache
 from imgstore.sharded.location import Location
@@ -189,6 +196,21 @@ class ShardedDataset:
         return held
 
     def _read_ranged(self, k: int, ranged: RangedShard, local: np.ndarray, one: bool) -> tuple[Any, Any]:
+        try:
+            return self._read_partial(k, ranged, local, one)
+        except StoreIOError:
+            if ranged.intact():
+                raise  # the network, a full disk: not the copy's loss
+        # The partial copy was deleted under us (by hand, a sweeper that took it for a dead reader's): a new one,
+        # once, or the whole shard if the policy says so now.
+        self._drop_partial(k)
+        again = self._ranged(k, len(local))
+        if again is None:
+            store = self.shard(k)
+            return store.get(int(local[0])) if one else store.get_many(local)
+        return self._read_partial(k, again, local, one)
+
+    def _read_partial(self, k: int, ranged: RangedShard, local: np.ndarray, one: bool) -> tuple[Any, Any]:
         before = ranged.fetched_bytes
         try:
             return ranged.read(local, one)

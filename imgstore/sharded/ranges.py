@@ -4,7 +4,8 @@ A format whose records lie at offsets its index gives (the indexed ``tar`` backe
 shards) can be read a record at a time from object storage. A :class:`RangedShard` is a partial
 copy of one remote shard, private to one reader, in the cache directory under
 ``.ranges-<pid>-<random>/`` (not a cache entry: never shared, never opened whole, deleted when the
-reader closes it; a dead process's is swept by the cache):
+reader closes it or its process exits; its creator holds an exclusive ``flock`` on it for its life,
+and a copy nobody holds, a killed process's, is swept by the cache and before a new copy is made):
 
 - its small files (the store's manifest, the record checksums, the tar index) are fetched whole
   once and checked against their size and XXH3-128 in the dataset manifest (a damaged one is
@@ -25,8 +26,9 @@ constant come from ``benchmarks/sharded_ranges.py`` (README, "Sharded datasets")
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util
 import os
-import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +38,7 @@ import numpy as np
 
 from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreIOError, StoreNotFoundError
 from imgstore.opening import open_store
-from imgstore.sharded.cache import fetch_files
+from imgstore.sharded.cache import fetch_files, locked_dir, sweep_leftovers
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import ShardInfo
 
@@ -83,7 +85,16 @@ class RangedShard:
     def __init__(self, location: Location, info: ShardInfo, parent: Path, verify_reads: bool) -> None:
         self.location, self.info = location, info
         self.pid = os.getpid()  # a forked child inherits the object; the copy is its creator's to delete
-        self.dir = parent / f".ranges-{self.pid}-{secrets.token_hex(4)}"
+        sweep_leftovers(parent)  # copies of readers gone (a DataLoader worker killed) go before one more is made
+        try:
+            # Locked for its life: how other processes (in any PID namespace) tell it is in use.
+            self.dir, self._lock = locked_dir(parent, f".ranges-{self.pid}-")
+        except OSError as exc:
+            if isinstance(exc, StoreIOError):
+                raise
+            raise StoreIOError(f"{parent}: {exc}") from exc
+        _LIVE[self.dir] = self.pid
+        _delete_at_exit()
         self.fetched_bytes = self.requests = 0
         ranged = RANGED_FILES[info.backend]
         try:
@@ -105,7 +116,7 @@ class RangedShard:
                     f"the manifest says {info.count} {info.backend}"
                 )
         except BaseException as exc:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._delete()
             if isinstance(exc, OSError) and not isinstance(exc, StoreIOError):
                 raise StoreIOError(f"{self.dir}: {exc}") from exc
             raise
@@ -114,8 +125,8 @@ class RangedShard:
     def _fetch_small(self, files: list[Any]) -> None:
         problem = ""
         for _attempt in range(_ATTEMPTS):
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir.mkdir()
+            for old in self.dir.iterdir():  # a damaged first copy; the folder (and its lock) stays
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
             try:
                 problem = fetch_files(self.location, self.info.name, files, self.dir)
             except StoreNotFoundError as exc:
@@ -177,9 +188,48 @@ class RangedShard:
         except OSError as exc:  # a full disk, the copy deleted under us: not the data's fault
             raise StoreIOError(f"{self.dir / rel}: {exc}") from exc
 
+    def intact(self) -> bool:
+        """Whether the partial copy is still where it was made (not deleted under this reader)."""
+        try:
+            here, mine = os.stat(self.dir, follow_symlinks=False), os.fstat(self._lock)
+        except OSError:
+            return False
+        return (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev)
+
     def close(self) -> None:
         try:
             self.store.close()
         finally:
             if self.pid == os.getpid():
-                shutil.rmtree(self.dir, ignore_errors=True)
+                self._delete()
+
+    def _delete(self) -> None:
+        _LIVE.pop(self.dir, None)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        lock, self._lock = self._lock, -1
+        if lock >= 0:
+            os.close(lock)
+
+
+# This process's partial copies (folder -> creator's PID), deleted at its exit even if never closed: a
+# DataLoader worker never closes its dataset. A forked child inherits the dict, and deletes only its own.
+_LIVE: dict[Path, int] = {}
+_HOOKED: list[int] = []  # the PID whose exit is hooked
+
+
+def _delete_at_exit() -> None:
+    if _HOOKED == [os.getpid()]:
+        return
+    _HOOKED[:] = [os.getpid()]
+    # multiprocessing's children (DataLoader workers) leave by os._exit after running its finalizers
+    # (exitpriority set), never atexit's; other processes run atexit.
+    multiprocessing.util.Finalize(None, _delete_mine, exitpriority=100)
+    atexit.register(_delete_mine)
+
+
+def _delete_mine() -> None:
+    pid = os.getpid()
+    for path, owner in list(_LIVE.items()):
+        if owner == pid:
+            _LIVE.pop(path, None)
+            shutil.rmtree(path, ignore_errors=True)
