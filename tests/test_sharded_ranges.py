@@ -355,3 +355,26 @@ def test_float_and_bool_indices_are_refused_as_a_store_refuses_them(
         assert np.array_equal(images, IMAGES[[150, 199, 3]]) and np.array_equal(labels, LABELS[[150, 199, 3]])
         assert np.array_equal(data.get(np.int64(-200))[0], IMAGES[0])
         assert np.array_equal(data.get_many(slice(198, None))[1], LABELS[198:])
+
+
+def test_a_truncated_or_deleted_object_read_by_ranges_is_corrupt(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    """A range past a truncated object's end is HTTP 416: the manifest says the file is longer, so the store is
+    damaged (CorruptStoreError), not the network."""
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options)
+    fs = Location(s3_url, options).fs
+    shards = read_committed(Location(s3_url, options)).shards
+    tars = [next(f.path for f in info.files if f.path.endswith(".tar")) for info in shards]
+    keys = [f"{s3_url.removeprefix('s3://')}/shards/{info.name}/{tar}" for info, tar in zip(shards, tars, strict=True)]
+    fs.pipe_file(keys[0], fs.cat_file(keys[0])[: shards[0].bytes // 2])
+    fs.rm(keys[1])
+    cache = tmp_path / "cache"
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options, remote_reads="ranges") as data:
+        assert np.array_equal(data.get(3)[0], IMAGES[3])  # in the half still there
+        with pytest.raises(imgstore.CorruptStoreError, match="truncated"):
+            data.get(90)
+        with pytest.raises(imgstore.CorruptStoreError, match="missing"):
+            data.get(150)
+        assert not _entries(cache) and not _partials(cache)

@@ -217,7 +217,7 @@ class ShardedDataset:
         except CorruptStoreError as exc:
             self._drop_partial(k)  # nothing damaged is kept
             raise CorruptStoreError(
-                f"shard {ranged.info.name} of {self.url}, read by byte ranges: {exc} (fetched twice; nothing kept)"
+                f"shard {ranged.info.name} of {self.url}, read by byte ranges: {exc} (nothing kept)"
             ) from exc
         finally:
             self.ranged_bytes += ranged.fetched_bytes - before

@@ -325,6 +325,14 @@ class Location:
             got: list[bytes] = self.fs.cat_ranges(paths, starts, ends, on_error="raise")
         return got
 
+    def remote_size(self, name: str, rel: str) -> int | None:
+        """Bytes of file ``rel`` of shard ``name`` on the server, or None if it is not there; remote datasets only."""
+        try:
+            with self._transport(f"shards/{name}/{rel}"):
+                return int(self.fs.size(self._remote(f"shards/{name}/{rel}")))
+        except StoreNotFoundError:
+            return None
+
     @contextmanager
     def _transport(self, rel: str) -> Iterator[None]:
         """Errors of the remote file system, as imgstore's (after fsspec's and the backend's own retries)."""

@@ -163,7 +163,11 @@ class RangedShard:
                 merged[-1][2] = max(merged[-1][2], end)
             else:
                 merged.append([rel, start, end])
-        got = self.location.read_ranges(self.info.name, *(list(column) for column in zip(*merged, strict=True)))
+        try:
+            got = self.location.read_ranges(self.info.name, *(list(column) for column in zip(*merged, strict=True)))
+        except (StoreIOError, StoreNotFoundError) as exc:
+            self._check_remote({rel for rel, _start, _end in merged}, exc)
+            raise
         self.requests += len(merged)
         for (rel, start, end), data in zip(merged, got, strict=True):
             if len(data) != end - start:
@@ -174,6 +178,23 @@ class RangedShard:
             self._write(rel, start, data)
             self.fetched_bytes += len(data)
         self.have[need] = True
+
+    def _check_remote(self, rels: set[str], failure: Exception) -> None:
+        """CorruptStoreError if a file a ranged read failed on is missing or not the size the manifest says (a
+        range past a truncated object's end is HTTP 416, not a network fault)."""
+        sizes = {f.path: f.bytes for f in self.info.files}
+        for rel in sorted(rels):
+            try:
+                size = self.location.remote_size(self.info.name, rel)
+            except StoreIOError:
+                return  # the server is not answering: the failure stands as it is
+            where = f"shard {self.info.name} of {self.location.url}: {rel}"
+            if size is None:
+                raise CorruptStoreError(f"{where} is missing (the manifest lists it)") from failure
+            if size != sizes[rel]:
+                raise CorruptStoreError(
+                    f"{where} is {size} bytes, the manifest says {sizes[rel]} (truncated or replaced)"
+                ) from failure
 
     def _write(self, rel: str, start: int, data: bytes) -> None:
         try:
