@@ -378,3 +378,46 @@ def test_a_truncated_or_deleted_object_read_by_ranges_is_corrupt(
         with pytest.raises(imgstore.CorruptStoreError, match="missing"):
             data.get(150)
         assert not _entries(cache) and not _partials(cache)
+
+
+def test_threads_reading_one_shard_make_one_partial_copy(s3_server: MotoServer, s3_url: str, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with _ranged_dataset(s3_server, s3_url, cache) as data:
+        start = threading.Barrier(4)
+        got: dict[int, Any] = {}
+
+        def read(index: int) -> None:
+            start.wait()
+            got[index] = data.get(index)
+
+        threads = [threading.Thread(target=read, args=(100 + 7 * i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(np.array_equal(got[i][0], IMAGES[i]) and got[i][1] == LABELS[i] for i in got) and len(got) == 4
+        assert len(_partials(cache)) == 1  # none orphaned
+    assert not _partials(cache)
+
+
+def test_auto_keeps_to_ranges_for_a_shard_bigger_than_the_cache(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    """The whole fetch would refuse a shard over cache_bytes (InvalidOptionError): auto reads it by ranges, however
+    much is asked; "whole" still refuses it."""
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options)
+    cache = tmp_path / "cache"
+    small = min(s.bytes for s in read_committed(Location(s3_url, options)).shards) // 2
+    with open_sharded(s3_url, cache_dir=cache, cache_bytes=small, storage_options=options) as data:
+        for start in range(0, 200, 40):  # adds up to every record: past auto's budget for a whole fetch
+            images, labels = data.get_many(range(start, start + 40))
+            assert np.array_equal(images, IMAGES[start : start + 40]) and np.array_equal(
+                labels, LABELS[start : start + 40]
+            )
+        assert not _entries(cache) and len(_partials(cache)) == 2
+    with open_sharded(
+        s3_url, cache_dir=cache, cache_bytes=small, storage_options=options, remote_reads="whole"
+    ) as data:
+        with pytest.raises(imgstore.InvalidOptionError, match="cache_bytes"):
+            data.get(3)

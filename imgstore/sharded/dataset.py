@@ -11,6 +11,7 @@ once, least recently used closed first.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -92,6 +93,7 @@ class ShardedDataset:
         self.remote_reads = checked_policy(remote_reads)
         self._open: OrderedDict[int, tuple[Store, Pin | None]] = OrderedDict()
         self._partial: OrderedDict[int, RangedShard] = OrderedDict()  # shards read by byte ranges
+        self._ranging = (threading.Lock(), os.getpid())  # guards _partial's changes (and who made the lock)
         self.ranged_bytes = 0  # fetched by byte ranges (partial copies' small files included), closed ones too
         self._closed = False
         self._fetcher: ThreadPoolExecutor | None = None  # prefetch's one background thread
@@ -171,6 +173,12 @@ class ShardedDataset:
 
     def _ranged(self, k: int, requested: int) -> RangedShard | None:
         """Shard ``k``'s partial copy if this request of ``requested`` records reads byte ranges, else None."""
+        if self._ranging[1] != os.getpid():  # a lock a forked child inherited may be held by a thread it lacks
+            self._ranging = (threading.Lock(), os.getpid())
+        with self._ranging[0]:  # threads reading one shard at once: one partial copy, none orphaned
+            return self._ranged_locked(k, requested)
+
+    def _ranged_locked(self, k: int, requested: int) -> RangedShard | None:
         self._check_open()
         if self.cache is None or k in self._open or not 0 <= k < len(self.shards):
             return None
@@ -184,7 +192,10 @@ class ShardedDataset:
         # Counted over the partial copy's life: small requests that add up to the whole shard's cost fetch it
         # whole from then on (at worst about twice a whole fetch, never a shard read entirely by ranges).
         asked = int(np.count_nonzero(held.have)) if held is not None else 0
-        if not use_ranges(self.remote_reads, info, asked + requested):
+        policy = self.remote_reads
+        if policy == "auto" and info.bytes > self.cache.max_bytes:
+            policy = "ranges"  # the whole shard cannot be cached: byte ranges are the only way to read it
+        if not use_ranges(policy, info, asked + requested):
             return None
         if held is None:
             while len(self._partial) >= MAX_PARTIAL:
