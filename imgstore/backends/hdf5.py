@@ -441,8 +441,23 @@ class Hdf5Store(Store):
             self._pread_into(images[k], position)
 
     def _check_extent(self, stop: int) -> None:
-        if self._images is None or self._images.shape[0] < stop or self._labels.shape[0] < stop:
+        if self._images is None or not self._holds(stop, self._images, self._labels):
             raise CorruptStoreError(f"{self.file(_FILE)} holds fewer images than its manifest commits")
+
+    def _holds(self, stop: int, *datasets: Any) -> bool:
+        """Whether every dataset has at least ``stop`` rows. A reopen while another thread still held
+        the old file's objects gets HDF5's shared, older view of the file (one per process): one opened
+        for SWMR reading is brought up to date before deciding."""
+        if all(dataset.shape[0] >= stop for dataset in datasets):
+            return True
+        if self.writable:
+            return False
+        try:  # refused unless the file HDF5 shares was opened for SWMR reading
+            for dataset in datasets:
+                dataset.refresh()
+        except (OSError, RuntimeError, ValueError):
+            return False
+        return all(dataset.shape[0] >= stop for dataset in datasets)
 
     def _read_blob_index(self) -> BlobIndex:
         """Ends, labels and chunk offsets of the committed records, built once per handle and per write."""
@@ -451,7 +466,7 @@ class Hdf5Store(Store):
             refreshes = self._refreshes.count
             self._ensure_open()
             count = len(self)
-            if self._blobs is None or self._ends.shape[0] < count or self._labels.shape[0] < count:
+            if self._blobs is None or not self._holds(count, self._ends, self._labels):
                 raise CorruptStoreError(f"{self.file(_FILE)} holds fewer images than its manifest commits")
             index = BlobIndex.build(self._blobs, self._ends, self._labels, count)
             if self._refreshes.unchanged_since(refreshes):  # else it serves this read only
