@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -82,8 +83,8 @@ def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.add_argument(
         "--shards",
         type=int,
-        help="write a sharded dataset of N shards at DEST (a path or fsspec URL) from an ImageFolder SOURCE, "
-        "files kept as they are (imgstore.sharded.building)",
+        help="write a sharded dataset of N shards at DEST (a path or fsspec URL) from a folder or dataset SOURCE, "
+        "each shard converted with the options above (imgstore.sharded.building)",
     )
     parser.add_argument(
         "--engine",
@@ -97,26 +98,51 @@ def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.set_defaults(handler=_run_convert, command="convert")
 
 
+def _made_as(args: argparse.Namespace) -> dict[str, Any]:
+    """What a conversion makes of each item, as convert() and convert_sharded() take it."""
+    mode = args.image_mode
+    return dict(
+        codec=args.codec,
+        quality=args.quality,
+        image_mode="auto" if mode is None else None if mode == "none" else mode,
+        shape=args.shape,
+        full_check=args.full_check,
+        split=args.split,
+    )
+
+
 def _run_sharded(args: argparse.Namespace) -> int:
     from imgstore.sharded.building import convert_sharded
+    from imgstore.sources import ConvertError
 
     started = time.perf_counter()
+    refused = [flag for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite),
+                                        ("--on-error skip", args.on_error == "skip")) if given]  # fmt: skip
+    if refused:
+        why = "a sharded dataset is built whole and committed once; it grows by appending shards (ShardedWriter)"
+        verb = "does" if len(refused) == 1 else "do"
+        return _error("convert", ValueError(f"{', '.join(refused)} {verb} not go with --shards: {why}"), EXIT_USAGE)
     try:
         manifest = convert_sharded(
             args.source,
             args.dest,
             shards=args.shards,
             backend=args.backend,
+            **_made_as(args),
             engine=args.engine,
             scheduler=args.scheduler,
             workers=args.workers,
         )
+    except ConvertError as exc:  # bad input: a bad file, a source or options that cannot be converted
+        return _error("convert", exc, EXIT_USAGE)
     except _FAILURES as exc:
         return _error("convert", exc, EXIT_FAILED)
     count = sum(s.count for s in manifest.shards)
+    first = manifest.shards[0]
+    shape = "x".join(map(str, first.shape)) if first.shape is not None else "varied shapes"
     print(
-        f"converted {count} images into {len(manifest.shards)} {args.backend} shards at {args.dest} "
-        f"({args.engine}) in {time.perf_counter() - started:.2f} s"
+        f"converted {count} images into {len(manifest.shards)} {args.backend} shards ({first.codec}, {shape}) at "
+        f"{args.dest} ({args.engine}) in {time.perf_counter() - started:.2f} s"
     )
     return EXIT_OK
 
@@ -133,17 +159,12 @@ def _run_convert(args: argparse.Namespace) -> int:
             args.source,
             args.dest,
             backend=args.backend,
-            codec=args.codec,
-            quality=args.quality,
-            image_mode="auto" if args.image_mode is None else None if args.image_mode == "none" else args.image_mode,
-            shape=args.shape,
+            **_made_as(args),
             workers=args.workers,
             on_error=args.on_error,
             resume=args.resume,
             overwrite=args.overwrite,
             batch_images=args.batch_images,
-            full_check=args.full_check,
-            split=args.split,
         )
     except BadFileError as exc:
         print(format_summary(exc.result))
@@ -200,15 +221,28 @@ def _add_info(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="describe a store: backend, codec, count, shapes, bytes, images per class",
         description="Describe a store. Counting images per class reads every record (labels live with images).",
     )
-    parser.add_argument("store", metavar="STORE", help="a store's directory")
+    parser.add_argument("store", metavar="STORE", help="a store's directory, or a sharded dataset (a path or URL)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_run_info, command="info")
+
+
+def _sharded(text: str) -> bool:
+    """``text`` names a sharded dataset (a URL, or a folder holding its manifest), not a store."""
+    from imgstore.sharded.manifest import MANIFEST_NAME
+
+    return "://" in text or os.path.isfile(os.path.join(text, MANIFEST_NAME))
 
 
 def _run_info(args: argparse.Namespace) -> int:
     from imgstore.opening import open_store
 
     try:
+        if _sharded(args.store):
+            from imgstore.sharded.describe import format_sharded_info, sharded_info
+
+            info = sharded_info(args.store)
+            print(json.dumps(info, indent=2) if args.json else format_sharded_info(info))
+            return EXIT_OK
         with open_store(args.store, mode="r", verify_reads=False) as store:
             info = store_info(store)
     except _FAILURES as exc:
@@ -295,7 +329,7 @@ def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         help="check every record of a store against its checksum; exit 1 at the first damaged one",
         description="Check every record against its checksum (exit 0: 'ok: N images'; 1: the first damaged index).",
     )
-    parser.add_argument("store", metavar="STORE", help="a store's directory")
+    parser.add_argument("store", metavar="STORE", help="a store's directory, or a sharded dataset (a path or URL)")
     parser.add_argument("--decode", action="store_true", help="also decode every image")
     parser.set_defaults(handler=_run_verify, command="verify")
 
@@ -304,6 +338,11 @@ def _run_verify(args: argparse.Namespace) -> int:
     from imgstore.opening import open_store
 
     try:
+        if _sharded(args.store):
+            from imgstore.sharded.describe import verify_sharded
+
+            print(verify_sharded(args.store, decode=args.decode))
+            return EXIT_OK
         with open_store(args.store, mode="r") as store:
             count = len(store)
             decode = args.decode and (store.varied or store.codec != "raw")  # raw pixels: the checksums are all
@@ -392,7 +431,7 @@ def _run_sharded_clean(args: argparse.Namespace) -> int:
         print(f"{leftover.name}\t{leftover.bytes / 1e6:.1f} MB\t{leftover.age / 3600:.1f} h")
     total = sum(leftover.bytes for leftover in found) / 1e6
     verb = "deleted" if args.delete else "unreferenced (dry run: --delete deletes them)"
-    print(f"{len(found)} shard folders, {total:.1f} MB, {verb}", file=sys.stderr)
+    print(f"{len(found)} shard folder{'' if len(found) == 1 else 's'}, {total:.1f} MB, {verb}", file=sys.stderr)
     return EXIT_OK
 
 

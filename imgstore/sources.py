@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -127,6 +127,7 @@ class Source:
     labels: np.ndarray | None = None  # a folder's or a dataset's labels
     data: np.ndarray | list[bytes] | None = None  # a dataset's images
     store: Any = None  # a store source's read-only handle
+    first: int = 0  # a part's first item in the whole source (for messages)
 
     def batch(self, lo: int, hi: int) -> Batch:
         if self.origin == "store":
@@ -149,6 +150,25 @@ class Source:
             return Batch("bytes", blobs, labels, paths if any(paths) else None)
         images, labels = store.get_many(range(lo, hi))
         return Batch("array", images, labels, None)
+
+    def part(self, lo: int, hi: int) -> Source:
+        """Items ``lo .. hi - 1`` as a source of their own, which pickles (a sharded build's task):
+        a folder's paths (its files are read where the task runs) or a dataset's images."""
+        if self.origin == "store":
+            raise ConvertError(
+                f"{self.description}: a store is not split into shards; convert a folder or a dataset, or convert "
+                "the store to a single store"
+            )
+        assert self.labels is not None
+        return replace(
+            self,
+            description=f"{self.description}, items {lo} .. {hi - 1}",
+            first=self.first + lo,
+            total=hi - lo,
+            paths=None if self.paths is None else self.paths[lo:hi],
+            labels=self.labels[lo:hi],
+            data=None if self.data is None else self.data[lo:hi],
+        )
 
     def close(self) -> None:
         if self.store is not None:

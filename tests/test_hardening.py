@@ -501,7 +501,6 @@ def test_odd_indices_are_imgstore_errors(tmp_path: Path) -> None:
                 store.iter_batches(size)  # type: ignore[arg-type]
 
 
-
 @pytest.mark.parametrize("which", ["imgstore.json", "checksums", "groups"])
 def test_a_fifo_in_place_of_a_store_file_is_an_error_not_a_hang(tmp_path: Path, which: str) -> None:
     """A FIFO (or device) where a store file should be would block a reader forever: it is damage."""

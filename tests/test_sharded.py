@@ -15,7 +15,7 @@ import imgstore
 from imgstore.sharded import ShardCache, ShardedWriter, commit_shards, open_sharded, read_committed, write_shard
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import MANIFEST_NAME, _body_hash, parse_manifest
-from imgstore.testing import random_images
+from imgstore.testing import check_threads_read, random_images
 
 IMAGES, LABELS = random_images(100, (8, 8, 3), seed=5)
 
@@ -334,3 +334,38 @@ def test_a_file_url_is_the_local_path(tmp_path: Path) -> None:
     assert (tmp_path / "ds" / MANIFEST_NAME).is_file()
     with open_sharded(tmp_path / "ds") as data:
         assert data.cache is None and np.array_equal(data.get_many(range(100))[0], IMAGES)
+
+
+def test_the_cache_sweeps_by_lock_not_by_pid(memory_dataset: str, tmp_path: Path) -> None:
+    """A download in progress elsewhere (another PID namespace: its PID means nothing here) is kept while
+    its maker holds its lock; one nobody holds is swept, whatever PID its name gives."""
+    import fcntl
+
+    cache = tmp_path / "cache"
+    with open_sharded(memory_dataset, cache_dir=cache) as data:
+        data.get(0)
+    live = cache / f".tmp-{'a' * 32}-999999999-0badf00d"  # a PID that is no process here
+    dead = cache / f".tmp-{'b' * 32}-{os.getpid()}-0badf00d"  # a PID alive here, its maker gone
+    for path in (live, dead):
+        path.mkdir()
+        (path / "part").write_bytes(b"x" * 10)
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open_sharded(memory_dataset, cache_dir=cache) as data:
+            data.get(30)  # a fetch, which makes room, which sweeps
+        assert live.is_dir() and not dead.exists()
+    finally:
+        os.close(fd)
+    with open_sharded(memory_dataset, cache_dir=cache) as data:
+        data.get(60)
+    assert not live.exists()
+
+
+def test_threads_share_a_dataset_handle_with_few_open_shards(tmp_path: Path) -> None:
+    """get_many from many threads at once, with fewer open handles than shards: no handle is closed or
+    opened twice under another thread's read."""
+    _write(tmp_path / "ds", shard_size=10)
+    with open_sharded(tmp_path / "ds", open_shards=2) as data:
+        check_threads_read(data, IMAGES, LABELS, threads=6)
+        assert len(data._open) <= 2

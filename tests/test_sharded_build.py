@@ -112,3 +112,75 @@ def test_dask_worker_killed_mid_task_has_its_shard_rewritten(tmp_path: Path) -> 
     _check(tmp_path / "ds", images, 3)
     # The killed task's unsealed staging directory is left, never named by the manifest.
     assert len(list((tmp_path / "ds" / "shards").glob(".shard-*.tmp"))) == 1
+
+
+def test_convert_shards_honours_codec_and_shape_and_batches_into_tensors(tmp_path: Path) -> None:
+    """--codec raw --shape: shards of one shape (memmap takes them), batched by ShardedIterable as they are."""
+    torch = pytest.importorskip("torch")
+    from imgstore.sharded.torch import ShardedIterable
+
+    images = _folder(tmp_path / "src")
+    argv = ["convert", str(tmp_path / "src"), str(tmp_path / "ds"), "--backend", "memmap", "--shards", "3"]
+    assert main([*argv, "--codec", "raw", "--shape", "6x5x3"]) == 0
+    with open_sharded(tmp_path / "ds") as data:
+        assert {(s.codec, s.shape) for s in data.shards} == {("raw", (6, 5, 3))}
+    _check(tmp_path / "ds", images, 3)
+    it = ShardedIterable(tmp_path / "ds", batch_size=5, shuffle=False)
+    batches = list(torch.utils.data.DataLoader(it, batch_size=None, num_workers=2))
+    got = torch.cat([b[0] for b in batches]).numpy()
+    assert got.shape == (12, 6, 5, 3) and sorted(map(bytes, got)) == sorted(map(bytes, images))
+    # a file of another shape is a bad file: nothing committed, and the message names it
+    assert main([*argv[:3], str(tmp_path / "other"), *argv[4:], "--codec", "raw", "--shape", "5x5x3"]) != 0
+    assert not (tmp_path / "other" / "imgstore-sharded.json").exists()
+    assert main([*argv[:3], str(tmp_path / "x"), *argv[4:], "--resume"]) == 2
+    assert main([*argv[:3], str(tmp_path / "x"), *argv[4:], "--overwrite", "--on-error", "skip"]) == 2
+
+
+def test_a_kept_folder_batches_with_size_through_a_dataloader(tmp_path: Path) -> None:
+    """The default codec keeps the files (of any shape): size=(h, w) resizes them into one batch tensor."""
+    torch = pytest.importorskip("torch")
+    from imgstore.sharded.torch import ShardedIterable
+
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        path = tmp_path / "src" / f"c{i % 2}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20 + i, 30 - i, 3), dtype=np.uint8)).save(path)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "ds"), "--backend", "tar", "--shards", "2"]) == 0
+    with pytest.raises(imgstore.InvalidOptionError, match="size="):
+        next(iter(ShardedIterable(tmp_path / "ds", batch_size=4)))
+    it = ShardedIterable(tmp_path / "ds", batch_size=4, size=(8, 9), layout="chw")
+    batches = list(torch.utils.data.DataLoader(it, batch_size=None, num_workers=2))
+    assert {tuple(b[0].shape[1:]) for b in batches} == {(3, 8, 9)}
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0] * 5 + [1] * 5
+    with pytest.raises(imgstore.InvalidOptionError):
+        ShardedIterable(tmp_path / "ds", batch_size=4, size=(0, 9))
+
+
+def test_convert_shards_from_a_dataset_and_not_from_a_store(tmp_path: Path) -> None:
+    manifest = convert_sharded("synthetic:300", tmp_path / "ds", shards=4, backend="hdf5")
+    assert [s.count for s in manifest.shards] == [75] * 4
+    assert {(s.codec, s.shape) for s in manifest.shards} == {("raw", (32, 32, 3))}
+    with imgstore.open_store(tmp_path / "one", "lmdb", "w") as store:
+        store.put_many(*imgstore.testing.random_images(10, (4, 4, 3)))
+    with pytest.raises(imgstore.ImgStoreError, match="not split into shards"):
+        convert_sharded(tmp_path / "one", tmp_path / "ds2", shards=2)
+
+
+def test_info_and_verify_take_a_sharded_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    convert_sharded("synthetic:100", tmp_path / "ds", shards=3, backend="lmdb")
+    assert main(["info", str(tmp_path / "ds"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["count"], info["shards"], info["backends"], info["shape"]) == (100, 3, ["lmdb"], [32, 32, 3])
+    assert main(["info", str(tmp_path / "ds")]) == 0 and "sharded" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "ds"), "--decode"]) == 0
+    assert capsys.readouterr().out.startswith("ok: 100 images in 3 shards")
+    victim = sorted((tmp_path / "ds" / "shards").glob("shard-*/lmdb-*/data.mdb"))[1]
+    victim.chmod(0o644)
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    assert main(["verify", str(tmp_path / "ds")]) == 1
+    assert victim.parent.parent.name in capsys.readouterr().err

@@ -23,7 +23,7 @@ import imgstore
 from imgstore.sharded import ShardedWriter, open_sharded, read_committed
 from imgstore.sharded.location import Location
 from imgstore.sharded.ranges import use_ranges
-from imgstore.testing import random_images
+from imgstore.testing import check_threads_read, random_images
 from imgstore.testing.s3server import FlakyProxy, MotoServer, s3_available
 
 pytestmark = pytest.mark.skipif(s3_available() is not None, reason=str(s3_available()))
@@ -421,3 +421,16 @@ def test_auto_keeps_to_ranges_for_a_shard_bigger_than_the_cache(
     ) as data:
         with pytest.raises(imgstore.InvalidOptionError, match="cache_bytes"):
             data.get(3)
+
+
+def test_threads_reading_by_ranges_while_another_opens_shards_whole(
+    s3_server: MotoServer, s3_url: str, tmp_path: Path
+) -> None:
+    """Opening a shard whole drops its partial copy, and open_shards=1 closes the other shard's store:
+    neither is closed under a thread still reading it."""
+    cache = tmp_path / "cache"
+    options = s3_server.storage_options(attempts=2)
+    _write(s3_url, options)
+    with open_sharded(s3_url, cache_dir=cache, storage_options=options, remote_reads="ranges", open_shards=1) as data:
+        check_threads_read(data, IMAGES, LABELS, steps=30, disturb=lambda step: data.shard(step % 2))
+    assert not _partials(cache)

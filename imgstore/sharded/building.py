@@ -1,28 +1,30 @@
-"""Building a sharded dataset from an ImageFolder tree: one task per shard, on threads here or on Dask distributed.
+"""Building a sharded dataset from a folder or a dataset: one task per shard, on threads here or on Dask distributed.
 
-A task's input is its shard's source file paths and labels (not pixels): it reads the files,
-writes them as they are (``codec="keep"``) into a new store with :func:`write_shard`, which seals
-it under a fresh random name, and returns the shard's :class:`ShardInfo`. Only when every task has
-returned is the manifest committed, with the shards in source order. A task that dies midway (its
-worker killed) leaves an unsealed ``shards/.shard-*.tmp`` (or nothing remote), never named by any
-manifest; Dask runs the task again on another worker (``retries``; a lost worker's tasks are
-rescheduled by the scheduler), which writes a new shard under another name.
+The source (an ImageFolder tree, or a dataset such as ``cifar10:PATH`` or ``imagenet-like:N``) is
+cut into ``shards`` contiguous parts. A task's input is its part as a :class:`~imgstore.sources.Source`
+that pickles (a folder's file paths and labels, which the task reads where it runs, or a dataset's
+images): it converts them as ``imgstore convert`` does (same codec, image mode, shape and checks)
+into a new store with :func:`write_shard`, which seals it under a fresh random name, and returns
+the shard's :class:`ShardInfo`. Only when every task has returned is the manifest committed, with
+the shards in source order. A task that dies midway (its worker killed) leaves an unsealed
+``shards/.shard-*.tmp`` (or nothing remote), never named by any manifest; Dask runs the task again
+on another worker (``retries``; a lost worker's tasks are rescheduled by the scheduler), which
+writes a new shard under another name. A bad file fails its task, and so the build, before any commit.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-import numpy as np
-
+from imgstore.convert import check_backend_holds, fill_store, store_layout
 from imgstore.errors import InvalidOptionError, MissingDependencyError, StoreExistsError
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import DatasetManifest, ShardInfo
 from imgstore.sharded.writing import commit_shards, read_committed, write_shard
-from imgstore.sources import find_classes, image_files
+from imgstore.sources import Source, Target, make_target, open_source
 from imgstore.store import Store
 
 Engine = Literal["local", "dask"]
@@ -30,31 +32,19 @@ ENGINES = ("local", "dask")
 
 
 def build_shard(
-    dest: str,
-    root: str,
-    paths: Sequence[str],
-    labels: Sequence[int],
-    backend: str,
-    classes: Sequence[str],
-    storage_options: Mapping[str, Any] | None = None,
+    dest: str, part: Source, backend: str, target: Target, storage_options: Mapping[str, Any] | None = None
 ) -> ShardInfo:
-    """Write and seal one shard of ``dest`` from these files (relative to ``root``): the call a task runs."""
+    """Write and seal one shard of ``dest`` from ``part`` of the source: the call a task runs."""
 
     def fill(store: Store) -> None:
-        blobs = []
-        for path in paths:
-            with open(os.path.join(root, path), "rb") as f:
-                blobs.append(f.read())
-        store.put_encoded_many(blobs, np.asarray(labels, np.int64), paths=list(paths))
+        fill_store(part, store, target)
 
     return write_shard(
         dest,
         backend=backend,
         fill=fill,
         storage_options=storage_options,
-        codec="keep",
-        image_mode="RGB",
-        classes=list(classes),
+        **store_layout(target),
     )
 
 
@@ -64,13 +54,21 @@ def convert_sharded(
     *,
     shards: int,
     backend: str = "lmdb",
+    codec: str | None = None,
+    quality: int | None = None,
+    image_mode: str | None = "auto",
+    shape: tuple[int, ...] | None = None,
+    full_check: bool = False,
+    split: str = "train",
     engine: Engine = "local",
     scheduler: str | None = None,
     workers: int | None = None,
     retries: int = 3,
     storage_options: Mapping[str, Any] | None = None,
 ) -> DatasetManifest:
-    """Convert the ImageFolder tree ``source`` into a new sharded dataset at ``dest`` of ``shards`` shards.
+    """Convert ``source`` (a folder or a dataset: :func:`imgstore.sources.open_source`) into a new sharded
+    dataset at ``dest`` of ``shards`` shards, each converted as :func:`imgstore.convert.convert` would
+    with these ``codec``, ``quality``, ``image_mode``, ``shape`` and ``full_check``.
 
     ``engine="local"``: ``workers`` threads here (default: one per core). ``engine="dask"``: one
     task per shard on Dask distributed: the cluster at ``scheduler`` (an address), else a
@@ -82,30 +80,35 @@ def convert_sharded(
         raise InvalidOptionError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if scheduler is not None and engine != "dask":
         raise InvalidOptionError("a scheduler address needs engine='dask'")
-    root = os.fspath(source)
-    classes = find_classes(root)
-    paths, labels = image_files(root, classes)
-    if shards > len(paths):
-        raise InvalidOptionError(f"{shards} shards for {len(paths)} images: at most one shard per image")
-    url = Location(dest, storage_options).url
-    if read_committed(Location(dest, storage_options)).revision:
+    src = open_source(source, split=split)
+    try:
+        target = make_target(src, codec, quality, image_mode, full_check, shape)
+        check_backend_holds(backend, target)
+        if shards > src.total:
+            raise InvalidOptionError(f"{shards} shards for {src.total} images: at most one shard per image")
+        cuts = [round(k * src.total / shards) for k in range(shards + 1)]
+        parts = [src.part(lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    finally:
+        src.close()
+    location = Location(dest, storage_options)
+    if location.local is not None:
+        src.check_outside(location.local)
+    url = location.url
+    if read_committed(location).revision:
         raise StoreExistsError(f"{url} already holds a sharded dataset")
-    cuts = np.array_split(np.arange(len(paths)), shards)
-    tasks = [([paths[i] for i in part], labels[part].tolist()) for part in cuts]
-    args: tuple[str, list[str], dict[str, Any]] = (backend, classes, dict(storage_options or {}))
+    options = dict(storage_options or {})
     if engine == "local":
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            infos = list(pool.map(lambda task: build_shard(url, root, task[0], task[1], *args), tasks))
+            infos = list(pool.map(lambda part: build_shard(url, part, backend, target, options), parts))
     else:
-        infos = _on_dask(url, root, tasks, args, scheduler, workers, retries)
+        infos = _on_dask(url, parts, (backend, target, options), scheduler, workers, retries)
     return commit_shards(url, infos, expect_revision=0, storage_options=storage_options)
 
 
 def _on_dask(
     url: str,
-    root: str,
-    tasks: list[tuple[list[str], list[int]]],
-    args: tuple[str, list[str], dict[str, Any]],
+    parts: list[Source],
+    args: tuple[str, Target, dict[str, Any]],
     scheduler: str | None,
     workers: int | None,
     retries: int,
@@ -121,10 +124,7 @@ def _on_dask(
         cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=None)  # type: ignore[no-untyped-call]
     try:
         with Client(scheduler or cluster) as client:  # type: ignore[no-untyped-call]
-            futures = [
-                client.submit(build_shard, url, root, shard_paths, shard_labels, *args, retries=retries, pure=False)
-                for shard_paths, shard_labels in tasks
-            ]
+            futures = [client.submit(build_shard, url, part, *args, retries=retries, pure=False) for part in parts]
             infos: list[ShardInfo] = client.gather(futures)
             return infos
     finally:

@@ -17,10 +17,10 @@ entry, and a name says its size without a walk).
 - Use time is the entry directory's mtime, touched at every pin. Room is made before a download:
   unpinned entries are evicted oldest first until the new shard fits in ``max_bytes``. Only pinned
   entries can keep the cache above the bound (a reader pins the few shards it holds open).
-- Only names of those forms are ever deleted, and only inside the cache directory (``.tmp-`` and
-  ``.evict-`` leftovers of dead processes are swept; a ``.ranges-`` partial copy when no process
-  holds its lock: its owner holds an exclusive ``flock`` on it for its life, which, unlike a PID,
-  means the same in every PID namespace sharing the directory).
+- Only names of those forms are ever deleted, and only inside the cache directory: a ``.tmp-``
+  download, an ``.evict-`` eviction or a ``.ranges-`` partial copy when no process holds its lock
+  (its maker holds an exclusive ``flock`` on it while it works in it, which, unlike a PID, means
+  the same in every PID namespace sharing the directory).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreExistsError, StoreIOError, StoreNotFoundError
-from imgstore.fileio import pid_alive
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import ShardFile, ShardInfo, hash_file
 
@@ -70,16 +69,13 @@ def sweep_leftovers(cache_dir: Path) -> None:
 
 
 def sweep_leftover(cache_dir: Path, name: str) -> None:
-    """Delete ``cache_dir/name`` if it is a leftover: a partial copy no process holds locked, or a half
-    download or eviction named after a dead PID. Anything else is left alone."""
-    match = _TMP.fullmatch(name)
-    if match is None:
+    """Delete ``cache_dir/name`` if it is a leftover: a download, an eviction or a partial copy that no
+    process holds locked (its maker holds an exclusive ``flock`` on it for as long as it works in it,
+    which, unlike a PID, means the same in every PID namespace sharing the directory). Anything else
+    is left alone."""
+    if _TMP.fullmatch(name) is None:
         return
     path = cache_dir / name
-    if not name.startswith(".ranges-"):
-        if not pid_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-        return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -90,7 +86,7 @@ def sweep_leftover(cache_dir: Path, name: str) -> None:
         os.rename(path, trash)  # away while locked: its owner, if it was just making it, sees the name gone
         shutil.rmtree(trash, ignore_errors=True)
     except OSError:
-        return  # locked (its reader is alive, in whatever PID namespace), or swept by another process first
+        return  # locked (its maker is alive, in whatever PID namespace), or swept by another process first
     finally:
         os.close(fd)
 
@@ -117,7 +113,7 @@ def locked_dir(parent: Path, prefix: str) -> tuple[Path, int]:
             os.close(fd)
             raise
         os.close(fd)
-    raise StoreIOError(f"{parent}: a new partial copy is swept as fast as it is made")
+    raise StoreIOError(f"{parent}: a new {prefix}* directory is swept as fast as it is made")
 
 
 @dataclass
@@ -198,9 +194,9 @@ class ShardCache:
         self.make_room(info.bytes)
         problem = ""
         for _attempt in range(_DOWNLOAD_ATTEMPTS):
-            tmp = self.dir / f".tmp-{info.checksum}-{os.getpid()}-{secrets.token_hex(4)}"
+            lock = None
             try:
-                tmp.mkdir()
+                tmp, lock = locked_dir(self.dir, f".tmp-{info.checksum}-{os.getpid()}-")  # no sweeper takes it
                 problem = self._fetch_into(location, info, tmp)
                 if not problem:
                     try:
@@ -217,7 +213,9 @@ class ShardCache:
                     raise
                 raise StoreIOError(f"shard cache {self.dir}: {exc}") from exc
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)  # our own copy: damaged, or another process won
+                if lock is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)  # our own copy: damaged, or another process won
+                    os.close(lock)
             if not problem:
                 return
         raise CorruptStoreError(

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +95,9 @@ class ShardedDataset:
         self.remote_reads = checked_policy(remote_reads)
         self._open: OrderedDict[int, tuple[Store, Pin | None]] = OrderedDict()
         self._partial: OrderedDict[int, RangedShard] = OrderedDict()  # shards read by byte ranges
-        self._ranging = (threading.Lock(), os.getpid())  # guards _partial's changes (and who made the lock)
+        self._locking = (threading.RLock(), os.getpid())  # guards _open's and _partial's changes (and who made it)
+        self._readers: dict[int, int] = {}  # id(store) -> reads in progress (threads), from _open or _retired
+        self._retired: dict[int, Callable[[], None]] = {}  # how to close each, when its last read ends
         self.ranged_bytes = 0  # fetched by byte ranges (partial copies' small files included), closed ones too
         self._closed = False
         self._fetcher: ThreadPoolExecutor | None = None  # prefetch's one background thread
@@ -153,6 +157,10 @@ class ShardedDataset:
         The handle belongs to the dataset: it stays valid until ``open_shards`` other shards have
         been used since, or the dataset is closed.
         """
+        with self._lock():  # threads: one handle per shard, none closed while being opened
+            return self._shard_locked(k)
+
+    def _shard_locked(self, k: int) -> Store:
         self._check_open()
         if not 0 <= k < len(self.shards):
             raise StoreIndexError(f"shard {k} is out of range ({len(self.shards)} shards)")
@@ -162,7 +170,7 @@ class ShardedDataset:
             return held[0]
         while len(self._open) >= self.open_shards:
             _k, (old, old_pin) = self._open.popitem(last=False)
-            _release(old, old_pin)
+            self._retire(old, partial(_release, old, old_pin))  # closed now, or by the last thread reading it
         pending = self._fetching.pop(k, None)
         if pending is not None:
             wait([pending])  # its outcome does not matter: acquire finds the entry, or fetches (and raises)
@@ -171,12 +179,51 @@ class ShardedDataset:
         self._drop_partial(k)  # the whole shard supersedes a partial copy
         return store
 
+    @contextmanager
+    def _reading(self, k: int) -> Iterator[Store]:
+        """Shard ``k``'s store for one read: other threads opening other shards do not close it meanwhile."""
+        with self._lock():
+            store = self._shard_locked(k)
+            self._enter(store)
+        try:
+            yield store
+        finally:
+            self._leave(store)
+
+    # A store or partial copy that one thread drops (to keep few open) while others read it is closed
+    # by the last of its readers: _enter under the lock that found it, _leave after the read.
+    def _enter(self, used: object) -> None:
+        self._readers[id(used)] = self._readers.get(id(used), 0) + 1
+
+    def _leave(self, used: object) -> None:
+        with self._lock():
+            left = self._readers.pop(id(used)) - 1
+            if left:
+                self._readers[id(used)] = left
+            else:
+                close = self._retired.pop(id(used), None)
+                if close is not None:
+                    close()
+
+    def _retire(self, used: object, close: Callable[[], None]) -> None:
+        if self._readers.get(id(used)):
+            self._retired[id(used)] = close
+        else:
+            close()
+
     def _ranged(self, k: int, requested: int) -> RangedShard | None:
-        """Shard ``k``'s partial copy if this request of ``requested`` records reads byte ranges, else None."""
-        if self._ranging[1] != os.getpid():  # a lock a forked child inherited may be held by a thread it lacks
-            self._ranging = (threading.Lock(), os.getpid())
-        with self._ranging[0]:  # threads reading one shard at once: one partial copy, none orphaned
-            return self._ranged_locked(k, requested)
+        """Shard ``k``'s partial copy if this request of ``requested`` records reads byte ranges, else None;
+        a copy returned counts this read among its readers (:meth:`_read_ranged` ends it)."""
+        with self._lock():  # threads reading one shard at once: one partial copy, none orphaned
+            ranged = self._ranged_locked(k, requested)
+            if ranged is not None:
+                self._enter(ranged)
+            return ranged
+
+    def _lock(self) -> threading.RLock:
+        if self._locking[1] != os.getpid():  # a lock a forked child inherited may be held by a thread it lacks
+            self._locking = (threading.RLock(), os.getpid())
+        return self._locking[0]
 
     def _ranged_locked(self, k: int, requested: int) -> RangedShard | None:
         self._check_open()
@@ -185,7 +232,7 @@ class ShardedDataset:
         info = self.shards[k]
         held = self._partial.get(k)
         if held is not None and held.pid != os.getpid():  # inherited by fork: the parent's to use and delete
-            self._drop_partial(k)
+            self._drop_partial(k, held)
             held = None
         if k in self._fetching or self.cache.entry_path(info).is_dir():
             return None  # cached whole, or being fetched: shard() opens it (and drops a partial copy)
@@ -199,44 +246,59 @@ class ShardedDataset:
             return None
         if held is None:
             while len(self._partial) >= MAX_PARTIAL:
-                self._drop_partial(next(iter(self._partial)))
+                oldest = next(iter(self._partial))
+                self._drop_partial(oldest, self._partial[oldest])
             before = self.ranged_bytes
             held = self._partial[k] = RangedShard(self.location, info, self.cache.dir, self.verify_reads)
             self.ranged_bytes = before + held.fetched_bytes
         self._partial.move_to_end(k)
         return held
 
-    def _read_ranged(self, k: int, ranged: RangedShard, local: np.ndarray, one: bool) -> tuple[Any, Any]:
+    def _read_ranged(
+        self, k: int, ranged: RangedShard, local: np.ndarray, one: bool, size: tuple[int, int] | None = None
+    ) -> tuple[Any, Any]:
         try:
-            return self._read_partial(k, ranged, local, one)
-        except StoreIOError:
-            if ranged.intact():
-                raise  # the network, a full disk: not the copy's loss
-        # The partial copy was deleted under us (by hand, a sweeper that took it for a dead reader's): a new one,
-        # once, or the whole shard if the policy says so now.
-        self._drop_partial(k)
+            try:
+                return self._read_partial(k, ranged, local, one, size)
+            except StoreIOError:
+                if ranged.intact():
+                    raise  # the network, a full disk: not the copy's loss
+            # The partial copy was deleted under us (by hand, a sweeper that took it for a dead reader's): a new
+            # one, once, or the whole shard if the policy says so now.
+            self._drop_partial(k, ranged)
+        finally:
+            self._leave(ranged)
         again = self._ranged(k, len(local))
         if again is None:
-            store = self.shard(k)
-            return store.get(int(local[0])) if one else store.get_many(local)
-        return self._read_partial(k, again, local, one)
+            with self._reading(k) as store:
+                return store.get(int(local[0])) if one else store.get_many(local, size=size)
+        try:
+            return self._read_partial(k, again, local, one, size)
+        finally:
+            self._leave(again)
 
-    def _read_partial(self, k: int, ranged: RangedShard, local: np.ndarray, one: bool) -> tuple[Any, Any]:
+    def _read_partial(
+        self, k: int, ranged: RangedShard, local: np.ndarray, one: bool, size: tuple[int, int] | None
+    ) -> tuple[Any, Any]:
         before = ranged.fetched_bytes
         try:
-            return ranged.read(local, one)
+            return ranged.read(local, one, size)
         except CorruptStoreError as exc:
-            self._drop_partial(k)  # nothing damaged is kept
+            self._drop_partial(k, ranged)  # nothing damaged is kept
             raise CorruptStoreError(
                 f"shard {ranged.info.name} of {self.url}, read by byte ranges: {exc} (nothing kept)"
             ) from exc
         finally:
             self.ranged_bytes += ranged.fetched_bytes - before
 
-    def _drop_partial(self, k: int) -> None:
-        ranged = self._partial.pop(k, None)
-        if ranged is not None:
-            ranged.close()
+    def _drop_partial(self, k: int, ranged: RangedShard | None = None) -> None:
+        """Forget shard ``k``'s partial copy (only if it is ``ranged``, when given); closed by its last reader."""
+        with self._lock():
+            held = self._partial.get(k)
+            if held is None or (ranged is not None and held is not ranged):
+                return
+            del self._partial[k]
+            self._retire(held, held.close)
 
     def prefetch(self, shards: Iterable[int]) -> None:
         """Start fetching these shards into the cache in a background thread (remote datasets; else nothing).
@@ -290,13 +352,18 @@ class ShardedDataset:
         ranged = self._ranged(k, 1)
         if ranged is not None:
             return self._read_ranged(k, ranged, np.array([local], dtype=np.int64), one=True)
-        return self.shard(k).get(local)
+        with self._reading(k) as store:
+            return store.get(local)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.get(index)
 
-    def get_many(self, indices: Any) -> tuple[Any, np.ndarray]:
-        """Images and labels of global ``indices``, in the order given (one array if the shapes agree, else a list)."""
+    def get_many(self, indices: Any, *, size: tuple[int, int] | None = None) -> tuple[Any, np.ndarray]:
+        """Images and labels of global ``indices``, in the order given (one array if the shapes agree, else a list).
+
+        ``size=(h, w)``: every image resized to it (as :meth:`imgstore.Store.get_many`), so images of
+        varied shapes (e.g. a folder converted with ``codec="keep"``) come as one batch array.
+        """
         self._check_open()
         where = checked_indices(indices, len(self))  # as a Store checks them: integers, 1-D, in range
         shard_of = np.searchsorted(self.offsets, where, side="right") - 1
@@ -307,9 +374,10 @@ class ShardedDataset:
             local = where[positions] - self.offsets[k]
             ranged = self._ranged(k, len(positions))
             if ranged is not None:
-                images, shard_labels = self._read_ranged(k, ranged, local, one=False)
+                images, shard_labels = self._read_ranged(k, ranged, local, one=False, size=size)
             else:
-                images, shard_labels = self.shard(k).get_many(local)
+                with self._reading(k) as store:
+                    images, shard_labels = store.get_many(local, size=size)
             labels[positions] = shard_labels
             parts.append((positions, images))
         if not parts and self.shards and self.shards[0].shape is not None:  # no index: an empty batch
@@ -338,6 +406,8 @@ class ShardedDataset:
         while self._open:
             _k, (store, pin) = self._open.popitem()
             _release(store, pin)
+        while self._retired:
+            self._retired.popitem()[1]()
         while self._partial:
             self._drop_partial(next(iter(self._partial)))
         self._closed = True

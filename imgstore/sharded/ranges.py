@@ -139,12 +139,12 @@ class RangedShard:
             f"shard {self.info.name} of {self.location.url}: {problem} (fetched {_ATTEMPTS} times; nothing kept)"
         )
 
-    def read(self, local: np.ndarray, one: bool) -> tuple[Any, Any]:
+    def read(self, local: np.ndarray, one: bool, size: tuple[int, int] | None = None) -> tuple[Any, Any]:
         """Records ``local`` of this shard (``one``: ``local[0]`` as ``get`` returns it), fetched first if missing."""
         for attempt in range(_ATTEMPTS):
             self._fill(local)
             try:
-                got: tuple[Any, Any] = self.store.get(int(local[0])) if one else self.store.get_many(local)
+                got: tuple[Any, Any] = self.store.get(int(local[0])) if one else self.store.get_many(local, size=size)
                 return got
             except CorruptStoreError:
                 self.have[local] = False  # fetched again (once), never read again as they are

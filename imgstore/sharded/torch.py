@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from imgstore.arguments import checked_size
 from imgstore.errors import InvalidOptionError, MissingDependencyError
 from imgstore.sharded.dataset import ShardedDataset, _reopen, open_sharded
 
@@ -114,6 +115,8 @@ class ShardedIterable(IterableDataset[Any]):
     and ``int64`` labels [B]; use ``DataLoader(it, batch_size=None, num_workers=...)``. The last
     batch of a worker's slice may be short (the same on every rank). ``batch_size=None``: items
     are ``(image, label)`` samples, to batch with the DataLoader's own ``batch_size``.
+    ``size=(h, w)``: every image resized to it on reading (``get_many(size=)``): needed to batch
+    a dataset of varied shapes, such as a folder converted with the default ``codec="keep"``.
     ``rank``/``world_size``: from ``torch.distributed`` when initialised, else 0 and 1, unless given.
     See the module's documentation for the split, the shuffle and the padding policy.
     """
@@ -129,6 +132,7 @@ class ShardedIterable(IterableDataset[Any]):
         rank: int | None = None,
         world_size: int | None = None,
         layout: Layout = "hwc",
+        size: tuple[int, int] | None = None,
         open_options: Mapping[str, Any] | None = None,
     ) -> None:
         if batch_size is not None and (_non_negative("batch_size", batch_size) == 0):
@@ -137,6 +141,7 @@ class ShardedIterable(IterableDataset[Any]):
         self.seed = _non_negative("seed", seed)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.layout = checked_layout(layout)
+        self.size = checked_size(size)
         if (rank is None) != (world_size is None):
             raise InvalidOptionError("give both rank and world_size, or neither")
         if rank is None and dist.is_available() and dist.is_initialized():
@@ -195,9 +200,12 @@ class ShardedIterable(IterableDataset[Any]):
             upcoming = list(dict.fromkeys(shard_at[start + step : start + 3 * step].tolist()))
             if upcoming:
                 data.prefetch(upcoming)  # the next shards download while this batch is read
-            images, labels = data.get_many(np.sort(order[start : start + step]))  # a batch is read in file order
+            images, labels = data.get_many(np.sort(order[start : start + step]), size=self.size)  # in file order
             if not isinstance(images, np.ndarray):
-                raise InvalidOptionError(f"{data.url}: images of varied shapes do not batch into one tensor")
+                raise InvalidOptionError(
+                    f"{data.url}: its images vary in shape and do not batch into one tensor: pass size=(h, w) to "
+                    "resize them as they are read, or convert with --codec raw --shape HxWxC"
+                )
             tensor = arrange(torch.from_numpy(images), self.layout, batched=True)
             if self.batch_size:
                 yield tensor, torch.from_numpy(labels)

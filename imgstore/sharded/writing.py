@@ -87,8 +87,9 @@ def write_shard(
         else:
             location.upload_shard(name, staging, [f.path for f in files])
     except BaseException as exc:
+        taken = location.local is not None and not os.path.lexists(staging)  # before our own clean-up below
         shutil.rmtree(staging.parent if location.local is None else staging, ignore_errors=True)
-        if location.local is not None and isinstance(exc, Exception) and not os.path.lexists(staging):
+        if taken and isinstance(exc, Exception):
             raise StoreIOError(
                 f"{staging}: this writer's unsealed shard was removed while it was written (by sharded-clean with "
                 "a grace shorter than a shard takes to write?); nothing committed is lost, this shard is not written"

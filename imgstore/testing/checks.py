@@ -7,7 +7,7 @@ import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -110,6 +110,33 @@ def check_store_content(store: Store, images: Images, labels: np.ndarray) -> Non
             image, label = store.get(i)
             check_images_equal([image], [images[i]])
             assert label == labels[i] and type(label) is int
+
+
+def check_threads_read(
+    data: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    threads: int = 4,
+    steps: int = 25,
+    disturb: Callable[[int], None] | None = None,
+) -> None:
+    """``threads`` threads each read ``steps`` random batches of 3-7 records from the one handle ``data``
+    and check them; with ``disturb``, thread 0 calls ``disturb(step)`` instead (e.g. opens shards)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(worker: int) -> None:
+        rng = np.random.default_rng(worker)
+        for step in range(steps):
+            if worker == 0 and disturb is not None:
+                disturb(step)
+                continue
+            picked = rng.choice(len(images), int(rng.integers(3, 8)), replace=False)
+            got, got_labels = data.get_many(picked)
+            assert np.array_equal(got, images[picked]) and np.array_equal(got_labels, labels[picked]), picked
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, range(threads)))
 
 
 def check_records(store: Store, records: Records) -> None:
