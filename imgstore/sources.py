@@ -26,6 +26,7 @@ import numpy as np
 from imgstore.codecs import decode, get_codec, is_whole, probe
 from imgstore.encoded import PreparedRecord
 from imgstore.errors import DatasetError, ImgStoreError, InvalidImageError
+from imgstore.fileio import open_regular
 from imgstore.manifest import MANIFEST_NAME
 
 __all__ = [
@@ -399,7 +400,7 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
             read = array.nbytes
             return Prepared(array if plan.codec == "raw" else codec.encode(array), read, None)
         if kind == "file":
-            with open(item, "rb") as file:
+            with open_regular(item) as file:  # a FIFO named like an image would block the conversion forever
                 data = file.read()
         else:
             data = bytes(item)
