@@ -1,4 +1,4 @@
-"""``imgstore convert`` on files that are not regular files though named like images (a FIFO): a bad file, never a hang."""
+"""``imgstore convert`` on a FIFO named like an image: a bad file, never a conversion blocked forever."""
 
 from __future__ import annotations
 
