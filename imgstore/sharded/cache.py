@@ -91,6 +91,30 @@ def sweep_leftover(cache_dir: Path, name: str) -> None:
         os.close(fd)
 
 
+# Descriptors of this process's locked_dir locks. A forked child closes its copies: a copy would keep the lock
+# for the child's life (flock belongs to the open file, shared across fork), so a download's lock, which is the
+# cache entry's once renamed into place, would block every pin of that entry, the child's own included.
+_LOCKS: set[int] = set()
+
+
+def _close_inherited() -> None:
+    for fd in list(_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
+def unlock_dir(fd: int) -> None:
+    """Let go of a :func:`locked_dir` lock."""
+    _LOCKS.discard(fd)
+    os.close(fd)
+
+
 def locked_dir(parent: Path, prefix: str) -> tuple[Path, int]:
     """A new directory ``parent/<prefix><random>`` and the descriptor of the exclusive ``flock`` on it that
     keeps :func:`sweep_leftover` from deleting it while this process (or a child that inherits the
@@ -106,6 +130,7 @@ def locked_dir(parent: Path, prefix: str) -> tuple[Path, int]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             here, mine = os.stat(path, follow_symlinks=False), os.fstat(fd)
             if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+                _LOCKS.add(fd)
                 return path, fd
         except (BlockingIOError, FileNotFoundError):
             pass  # a sweeper holds it, or moved it away: another name
@@ -215,7 +240,7 @@ class ShardCache:
             finally:
                 if lock is not None:
                     shutil.rmtree(tmp, ignore_errors=True)  # our own copy: damaged, or another process won
-                    os.close(lock)
+                    unlock_dir(lock)
             if not problem:
                 return
         raise CorruptStoreError(

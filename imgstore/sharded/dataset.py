@@ -223,6 +223,8 @@ class ShardedDataset:
     def _lock(self) -> threading.RLock:
         if self._locking[1] != os.getpid():  # a lock a forked child inherited may be held by a thread it lacks
             self._locking = (threading.RLock(), os.getpid())
+            # and prefetch's thread is not in the child: what it would submit, or what was pending, never runs
+            self._fetcher, self._fetching = None, {}
         return self._locking[0]
 
     def _ranged_locked(self, k: int, requested: int) -> RangedShard | None:
@@ -314,11 +316,12 @@ class ShardedDataset:
             raise StoreIndexError(f"shard {bad[0]} is out of range ({len(self.shards)} shards)")
         if self.cache is None:
             return
-        if self._fetcher is None:
-            self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="imgstore-prefetch")
-        for k in wanted:
-            if k not in self._open and k not in self._fetching:
-                self._fetching[k] = self._fetcher.submit(self._fetch, self.shards[k])
+        with self._lock():  # threads prefetching at once: one background thread
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="imgstore-prefetch")
+            for k in wanted:
+                if k not in self._open and k not in self._fetching:
+                    self._fetching[k] = self._fetcher.submit(self._fetch, self.shards[k])
 
     def _fetch(self, info: ShardInfo) -> None:
         assert self.cache is not None
@@ -400,6 +403,7 @@ class ShardedDataset:
             self.shard(k).verify()
 
     def close(self) -> None:
+        self._lock()  # a forked child forgets the parent's prefetch thread first (it cannot wait for it)
         if self._fetcher is not None:
             self._fetcher.shutdown(wait=True, cancel_futures=True)  # no download outlives the handle
             self._fetcher, self._fetching = None, {}

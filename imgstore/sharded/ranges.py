@@ -38,7 +38,7 @@ import numpy as np
 
 from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreIOError, StoreNotFoundError
 from imgstore.opening import open_store
-from imgstore.sharded.cache import fetch_files, locked_dir, sweep_leftovers
+from imgstore.sharded.cache import fetch_files, locked_dir, sweep_leftovers, unlock_dir
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import ShardInfo
 
@@ -229,7 +229,7 @@ class RangedShard:
         shutil.rmtree(self.dir, ignore_errors=True)
         lock, self._lock = self._lock, -1
         if lock >= 0:
-            os.close(lock)
+            unlock_dir(lock)
 
 
 # This process's partial copies (folder -> creator's PID), deleted at its exit even if never closed: a
