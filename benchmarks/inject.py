@@ -2,7 +2,10 @@
 
 ``IMGSTORE_BENCH_INJECT_SLOWDOWN="<subject>:<operation>:<fraction>[@<cutoff>][,...]"`` makes each named
 row slower by ``fraction`` of its own time, a busy-wait inside the timed call; with ``@<cutoff>`` at
-that image count only (a regression that only shows at the largest size). The epoch rows take it
+that image count only (a regression that only shows at the largest size). The time is the one the
+gate judges the row on (``clock``): CPU seconds under the gate's CPU timer (the busy-wait burns
+``fraction`` of the round's CPU time, its workers' included), wall seconds for a row judged on wall
+time. The epoch rows take it
 too (subject: the loader's name, e.g. ``imgstore-lmdb``; both worker counts).
 """
 
@@ -54,23 +57,30 @@ def parse_slowdown(value: str) -> list[Injection]:
 
 
 def slowed_down(
-    body: Callable[..., Any], injections: list[Injection], subject: str, operation: str, n: int
+    body: Callable[..., Any],
+    injections: list[Injection],
+    subject: str,
+    operation: str,
+    n: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Callable[..., Any]:
     """``body``, slowed by every injection that applies to this row (unchanged when none does)."""
     for injection in injections:
         if injection.applies(subject, operation, n):
-            body = with_injected_slowdown(body, injection.fraction)
+            body = with_injected_slowdown(body, injection.fraction, clock)
     return body
 
 
-def with_injected_slowdown(body: Callable[..., Any], fraction: float) -> Callable[..., Any]:
-    """``body`` made slower by ``fraction`` of its own elapsed time (busy-wait inside the timed call)."""
+def with_injected_slowdown(
+    body: Callable[..., Any], fraction: float, clock: Callable[[], float] = time.perf_counter
+) -> Callable[..., Any]:
+    """``body`` made slower by ``fraction`` of its own time on ``clock`` (busy-wait inside the timed call)."""
 
     def slowed(*args: Any) -> Any:
-        start = time.perf_counter()
+        start = clock()
         result = body(*args)
-        until = time.perf_counter() + (time.perf_counter() - start) * fraction
-        while time.perf_counter() < until:
+        until = clock() + (clock() - start) * fraction
+        while clock() < until:
             pass
         return result
 

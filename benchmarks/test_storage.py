@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.inject import Injection, slowed_down
 from benchmarks.operations import READ_BUDGET_SECONDS, Subject, get_operation
+from benchmarks.timer import WallRounds, judged_clock, judged_on_wall
 from imgstore.fileio import disk_usage, file_bytes
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def warm_up(body: Callable[..., Any], args: tuple[Any, ...], times: int = 2) -> 
 
 def _cold_rounds(
     benchmark: Any, subject: Subject, op: Any, body: Callable[..., Any], path: Path, argument: Any,
-    shape: tuple[int, ...], cutoff: int,
+    shape: tuple[int, ...], cutoff: int, wall: WallRounds,
 ) -> Any:
     """Timed rounds that each start with the store's files out of the page cache (checked), reader opened after."""
     import pytest
@@ -59,7 +60,7 @@ def _cold_rounds(
         return (readers[-1], argument), {}
 
     try:
-        return benchmark.pedantic(body, setup=setup, rounds=subject.timed_rounds(op, cutoff), iterations=1)
+        return benchmark.pedantic(wall.wrap(body), setup=setup, rounds=subject.timed_rounds(op, cutoff), iterations=1)
     finally:
         while readers:
             subject.close_reader(readers.pop())
@@ -78,6 +79,7 @@ def test_storage(
     work_dir: Path,
     bench_results: list,
     injected_slowdown: list[Injection],
+    pytestconfig: Any,
 ) -> None:
     subject = subjects[dataset_name][subject_name]
     data = bench_data.get(dataset_name)
@@ -85,7 +87,10 @@ def test_storage(
     op = get_operation(operation)
     benchmark.group = data.group(op.name, cutoff) + (" cold" if cache == "cold" else "")
     body = subject.body(op.name)
-    body = slowed_down(body, injected_slowdown, subject.name, operation, cutoff)  # IMGSTORE_BENCH_INJECT_SLOWDOWN
+    on_wall = judged_on_wall(op.kind, subject.variant_kind, cache)  # which clock the gate judges (benchmarks/timer.py)
+    clock = judged_clock(pytestconfig, on_wall)
+    body = slowed_down(body, injected_slowdown, subject.name, operation, cutoff, clock)  # the gate's validation
+    wall = WallRounds()  # each round's wall time, whatever --benchmark-timer is
 
     if op.kind == "write":
         # Each round writes a fresh target, kept until the session ends (see work_dir).
@@ -97,13 +102,13 @@ def test_storage(
             return (subject.open_writer(targets[-1], data.shape), images, labels), {}
 
         # Write rows keep their rounds: their first round is already the dear one.
-        benchmark.pedantic(body, setup=setup, rounds=subject.timed_rounds(op, cutoff), iterations=1)
+        benchmark.pedantic(wall.wrap(body), setup=setup, rounds=subject.timed_rounds(op, cutoff), iterations=1)
         disk_bytes, stored_bytes = disk_usage(targets[-1]), file_bytes(targets[-1])
     else:
         path, disk_bytes, stored_bytes = read_stores.get(data, subject, cutoff)
         argument = op.argument(cutoff)  # n, or the shuffled order
         if cache == "cold":
-            last = _cold_rounds(benchmark, subject, op, body, path, argument, data.shape, cutoff)
+            last = _cold_rounds(benchmark, subject, op, body, path, argument, data.shape, cutoff, wall)
         else:
             reader = subject.open_reader(path, data.shape)
             args = (reader, argument)
@@ -112,7 +117,7 @@ def test_storage(
                 # page cache and memory left idle are partly reclaimed by the host on this machine class.
                 warm = warm_up(body, args, subject.warmups) if subject.warmups else None
                 rounds = subject.timed_rounds(op, cutoff, warm)
-                last = benchmark.pedantic(body, args=args, rounds=rounds, iterations=1)
+                last = benchmark.pedantic(wall.wrap(body), args=args, rounds=rounds, iterations=1)
             finally:
                 subject.close_reader(reader)
         subject.check_last(op, last, argument, data)
@@ -122,7 +127,8 @@ def test_storage(
     # The result record: defined once, in imgstore.analysis.schema, which every reader parses.
     from imgstore.analysis.schema import ResultRecord
 
-    benchmark.extra_info["cache"] = cache
+    judged_on = "wall" if on_wall else "timer"
+    benchmark.extra_info.update({"cache": cache, "wall_rounds": wall.rounds, "judged_on": judged_on})
     record = ResultRecord(
         kind=subject.kind,
         backend=subject.backend,

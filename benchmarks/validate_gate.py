@@ -72,12 +72,12 @@ def benchmark_id(fullname: str) -> str:
 
 def gate(base: list[Run], head: list[Run], base2: list[Run], head2: list[Run]) -> Outcome:
     """The verdict of one .ci/bench-gate invocation on these runs (base2/head2: its rerun stage's)."""
-    rows = compare.compare_runs(compare.merge_runs(base), compare.merge_runs(head))
+    rows = compare.compare_clocks(compare.merge_runs(base), compare.merge_runs(head))
     regressions = [row.fullname for row in rows if row.verdict is Verdict.REGRESSION]
     rerun = compare.unsure(rows)
     if not regressions and rerun and base2:  # no other runs to rerun on: stays unsettled
         # .ci/bench-gate's rerun stage runs just these benchmarks: judged among themselves
-        again = compare.compare_runs(compare.merge_runs(only(base2, rerun)), compare.merge_runs(only(head2, rerun)))
+        again = compare.compare_clocks(compare.merge_runs(only(base2, rerun)), compare.merge_runs(only(head2, rerun)))
         regressions = [row.fullname for row in again if row.verdict is Verdict.REGRESSION]
     return Outcome(regressions, rerun)
 

@@ -118,6 +118,15 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "uses it Bonferroni-adjusted (default: 0.99)",
     )
     parser.add_argument(
+        "--wall-threshold",
+        type=_threshold,
+        default=0.50,
+        metavar="PERCENT",
+        help="runs timed in CPU time with each round's wall time kept (the gate's timer, benchmarks/timer.py): "
+        "the smallest wall-time slowdown that fails a row judged on CPU time, which CPU time cannot see "
+        "(lost parallelism, waits); as --threshold (default: 50%%)",
+    )
+    parser.add_argument(
         "--markdown",
         metavar="FILE",
         type=Path,
@@ -152,11 +161,18 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from imgstore.analysis import load, report, stats, verdict
+    from imgstore.analysis import clocks, load, report, stats, verdict
 
     baseline = load.load_runs(args.baseline)
     candidate = load.load_runs(args.candidate)
-    rows = verdict.compare_runs(baseline, candidate, args.threshold, args.confidence, normalize=args.normalize)
+    rows = clocks.compare_clocks(
+        baseline,
+        candidate,
+        args.threshold,
+        args.confidence,
+        normalize=args.normalize,
+        wall_threshold=args.wall_threshold,
+    )
     if args.only is not None:
         try:
             wanted = set(args.only.read_text(encoding="utf-8").split())

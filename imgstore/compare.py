@@ -8,6 +8,7 @@ among them); new code imports from :mod:`imgstore.analysis` directly.
 
 from __future__ import annotations
 
+from imgstore.analysis.clocks import DEFAULT_WALL_THRESHOLD, compare_clocks
 from imgstore.analysis.load import Benchmark, Run, load_run, load_runs, merge_runs
 from imgstore.analysis.report import (
     COLUMNS,
@@ -43,6 +44,7 @@ __all__ = [
     "COLUMNS",
     "CONFIDENCE_RANGE",
     "Comparison",
+    "DEFAULT_WALL_THRESHOLD",
     "DEFAULT_COLUMNS",
     "Drift",
     "ImgStoreError",
@@ -50,6 +52,7 @@ __all__ = [
     "Run",
     "Verdict",
     "between_run_spreads",
+    "compare_clocks",
     "compare_runs",
     "format_markdown",
     "format_seconds",

@@ -882,7 +882,8 @@ def test_the_analysis_is_importable_without_the_package_init() -> None:
         [sys.executable, "-c", code, str(REPO / "imgstore")], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    analysis = [f"imgstore.analysis.{name}" for name in ("load", "plot", "report", "schema", "stats", "verdict")]
+    names = ("clocks", "load", "plot", "report", "schema", "stats", "verdict")
+    analysis = [f"imgstore.analysis.{name}" for name in names]
     assert result.stdout.split() == [
         "imgstore", "imgstore.analysis", *analysis, "imgstore.cli", "imgstore.compare", "imgstore.errors"
     ]  # fmt: skip

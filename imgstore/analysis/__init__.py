@@ -13,6 +13,8 @@ The storage library never imports this package, and this package imports nothing
 * :mod:`~imgstore.analysis.load`    -- reading and checking saved pytest-benchmark runs;
 * :mod:`~imgstore.analysis.stats`   -- intervals, spreads between runs, machine drift;
 * :mod:`~imgstore.analysis.verdict` -- a verdict per benchmark (``compare_runs``);
+* :mod:`~imgstore.analysis.clocks`  -- the gate's verdict on CPU time, and on wall time where CPU time
+  cannot see (``compare_clocks``);
 * :mod:`~imgstore.analysis.report`  -- the terminal table, notes and Markdown of a comparison;
 * :mod:`~imgstore.analysis.plot`    -- the tutorial's figures of one run.
 

@@ -65,6 +65,12 @@ class Benchmark:
     extra_info: dict[str, Any] = field(default_factory=dict)
     # The rounds of each run, when several runs of the same code were merged (see merge_runs).
     run_rounds: tuple[tuple[float, ...], ...] = ()
+    # The timer of the rounds (pytest-benchmark's options.timer: "perf_counter", or "cpu_seconds" for
+    # the gate's CPU timer), and each round's wall time when the suite kept it (extra_info["wall_rounds"]);
+    # run_wall_rounds: per run, as run_rounds. How the gate uses both: imgstore.analysis.clocks.
+    timer: str | None = None
+    wall_rounds: tuple[float, ...] = ()
+    run_wall_rounds: tuple[tuple[float, ...], ...] = ()
 
     @property
     def record(self) -> ResultRecord:
@@ -163,6 +169,8 @@ def _parse_benchmark(raw: object, where: str) -> Benchmark:
     name = _optional(raw, "name", str, "a string", where=where)
     group = _optional(raw, "group", str, "a string", where=where)
     _optional(raw, "params", dict, "an object", where=where)
+    options = _optional(raw, "options", dict, "an object", where=where) or {}
+    timer = _optional(options, "timer", str, "a string", "options.timer", where=where)
     extra_info = _optional(raw, "extra_info", dict, "an object", where=where) or {}
     try:
         ResultRecord.from_extra_info(extra_info)
@@ -189,6 +197,11 @@ def _parse_benchmark(raw: object, where: str) -> Benchmark:
         raise MalformedRunError(f"{where}: 'stats.data' is {describe(data)}, not a list of positive times")
     for index, seconds in enumerate(data):
         _check_seconds(seconds, f"{where}: stats.data[{index}]", MIN_SECONDS)
+    wall = extra_info.get("wall_rounds") or []
+    if not isinstance(wall, list):
+        raise MalformedRunError(f"{where}: 'extra_info.wall_rounds' is {describe(wall)}, not a list of positive times")
+    for index, seconds in enumerate(wall):
+        _check_seconds(seconds, f"{where}: extra_info.wall_rounds[{index}]", MIN_SECONDS)
     return Benchmark(
         fullname=fullname,
         name=name or fullname,
@@ -196,6 +209,8 @@ def _parse_benchmark(raw: object, where: str) -> Benchmark:
         median=float(stats["median"]),
         rounds=tuple(float(t) for t in data),
         extra_info=extra_info,
+        timer=timer,
+        wall_rounds=tuple(float(t) for t in wall),
     )
 
 
@@ -251,6 +266,11 @@ def merge_runs(runs: Sequence[Run]) -> Run:
         if any(copy is None for copy in copies):
             continue
         per_run = tuple(copy.rounds for copy in copies)  # type: ignore[union-attr]
+        per_run_wall = tuple(copy.wall_rounds for copy in copies)  # type: ignore[union-attr]
+        timers = {copy.timer for copy in copies}  # type: ignore[union-attr]
+        if len(timers) > 1:  # CPU seconds pooled with wall seconds would be neither
+            names = ", ".join(sorted(map(str, timers)))
+            raise ImgStoreError(f"{short(name)}: the runs were timed with different timers ({names})")
         rounds = tuple(t for run_rounds in per_run for t in run_rounds)
         medians = [copy.median for copy in copies]  # type: ignore[union-attr]
         benchmarks[name] = Benchmark(
@@ -261,6 +281,9 @@ def merge_runs(runs: Sequence[Run]) -> Run:
             rounds=rounds if all(per_run) else (),
             extra_info=bench.extra_info,
             run_rounds=per_run if all(per_run) else (),
+            timer=bench.timer,
+            wall_rounds=tuple(t for run_wall in per_run_wall for t in run_wall) if all(per_run_wall) else (),
+            run_wall_rounds=per_run_wall if all(per_run_wall) else (),
         )
     return Run(
         path=" + ".join(run.path for run in runs), benchmarks=benchmarks, datetime=first.datetime, commit=first.commit

@@ -86,7 +86,8 @@ def _cell(row: Comparison, column: str, show_fullname: bool) -> str:
     if column == "interval":
         return _interval_text(row) if row.ratio is not None else "-"
     if column == "verdict":
-        return str(row.verdict)
+        wall = row.clock == "wall" and row.verdict is not Verdict.UNCHANGED
+        return f"{row.verdict} (wall time)" if wall else str(row.verdict)
     raise ValueError(f"unknown column {column!r}; choose from {', '.join(COLUMNS)}")
 
 

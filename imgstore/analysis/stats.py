@@ -218,9 +218,12 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
     return spreads
 
 
-def _setting(extra_info: dict[str, Any]) -> tuple[str, str]:
-    """The page cache and worker count a row ran with (the suite's ``cache``/``workers``; none: warm, in-process)."""
-    return str(extra_info.get("cache", "warm")), str(extra_info.get("workers", 0))
+def _setting(extra_info: dict[str, Any]) -> tuple[str, str, str]:
+    """The page cache and worker count a row ran with (the suite's ``cache``/``workers``; none: warm, in-process),
+    and the clock it is judged on (``judged_on``: a durable write's wall time swings more than a ``-nosync``
+    write's CPU time; imgstore.analysis.clocks)."""
+    cache, workers = str(extra_info.get("cache", "warm")), str(extra_info.get("workers", 0))
+    return cache, workers, str(extra_info.get("judged_on", "timer"))
 
 
 def _variant_group(record: ResultRecord) -> tuple[Any, ...]:

@@ -113,6 +113,7 @@ __all__ = [
     "has_regression",
     "format_threshold",
     "parse_threshold",
+    "sorted_rows",
     "unsure",
 ]
 
@@ -168,6 +169,9 @@ class Comparison:
     confidence: float | None = None
     significant: bool = False  # the Bonferroni-adjusted interval excludes 1
     between_runs: float = 0.0  # log-scale spread between runs added to the interval (see module)
+    # "wall" when the verdict is on the rounds' wall time, the run's timer being CPU time
+    # (imgstore.analysis.clocks); "" when on the run's own rounds.
+    clock: str = ""
 
 
 def compare_runs(
@@ -205,7 +209,7 @@ def compare_runs(
     ]
     if repeated:
         rows = list(_repeated_comparisons(baseline, candidate, repeated, threshold, confidence, suite, drift))
-        return _sorted_rows(rows + _other_rows(baseline, candidate, set(repeated), threshold, drift))
+        return sorted_rows(rows + _other_rows(baseline, candidate, set(repeated), threshold, drift))
 
     # First the within-run intervals, then the between-run spread that the reference rows of
     # each operation show, which widens every interval of that operation.
@@ -235,7 +239,7 @@ def compare_runs(
         else:
             verdict = _verdict(low, high, significant, threshold, base.record.kind)
         rows.append(Comparison(name, base.name, verdict, base, cand, ratio, low, high, confidence, significant, spread))
-    return _sorted_rows(rows)
+    return sorted_rows(rows)
 
 
 def _other_rows(baseline: Run, candidate: Run, judged: set[str], threshold: float, drift: float) -> list[Comparison]:
@@ -254,7 +258,8 @@ def _other_rows(baseline: Run, candidate: Run, judged: set[str], threshold: floa
     return rows
 
 
-def _sorted_rows(rows: list[Comparison]) -> list[Comparison]:
+def sorted_rows(rows: list[Comparison]) -> list[Comparison]:
+    """Rows in the report's order: what needs attention first."""
     return sorted(rows, key=_row_order)
 
 
