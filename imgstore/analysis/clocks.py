@@ -39,8 +39,9 @@ WALL_TIMERS = frozenset({"perf_counter", "time", "monotonic", "default_timer", "
 
 
 def judged_on_wall(bench: Benchmark) -> bool:
-    """The suite marked this row as waiting (cold cache, fsync): its verdict is on wall time."""
-    return bench.extra_info.get("judged_on") == "wall" and bool(bench.wall_rounds)
+    """The suite marked this row as waiting (cold cache, fsync) and its rounds are not wall time already:
+    its verdict is on its wall rounds."""
+    return bench.extra_info.get("judged_on") == "wall" and bool(bench.wall_rounds) and bench.timer not in WALL_TIMERS
 
 
 def _on_wall(bench: Benchmark) -> Benchmark:
