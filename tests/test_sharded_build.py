@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import threading
@@ -63,13 +62,23 @@ def _alive(pid: int) -> bool:
 def test_dask_worker_killed_mid_task_has_its_shard_rewritten(tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     images = _folder(tmp_path / "src")
-    # The last file is a FIFO: the task of the last shard blocks opening it until the test writes it.
-    blocker = tmp_path / "src" / "b" / "11.png"
-    png = blocker.read_bytes()
-    blocker.unlink()
-    os.mkfifo(blocker)
+    # The last file's opening waits, in the workers, until the test lets it (a FIFO would be a bad file): an audit
+    # hook installed in each worker process stalls the real task there, mid-way through its shard.
+    blocker, release = str(tmp_path / "src" / "b" / "11.png"), str(tmp_path / "release")
+
+    def install() -> None:
+        import sys
+
+        def hook(event: str, args: tuple[object, ...]) -> None:
+            if event == "open" and args and str(args[0]) == blocker:
+                while not os.path.exists(release):
+                    time.sleep(0.05)
+
+        sys.addaudithook(hook)
+
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with distributed.Client(cluster) as client:
+            client.run(install)
             outcome: list[object] = []
 
             def run() -> None:
@@ -94,19 +103,10 @@ def test_dask_worker_killed_mid_task_has_its_shard_rewritten(tmp_path: Path) -> 
             (address,) = busy
             pid = client.run(os.getpid, workers=[address])[address]  # on its event loop: the task blocks a thread
             os.kill(pid, signal.SIGKILL)
-            while _alive(pid):  # a reader blocked in open() counts as the FIFO's reader until it is gone
+            while _alive(pid):
                 assert time.monotonic() < deadline + 30, "the killed worker did not exit"
                 time.sleep(0.05)
-            while True:  # the task runs again elsewhere and opens the FIFO: give it the file
-                try:
-                    fd = os.open(blocker, os.O_WRONLY | os.O_NONBLOCK)
-                    break
-                except OSError as exc:
-                    assert exc.errno == errno.ENXIO, exc  # no reader yet
-                assert time.monotonic() < deadline + 60, "the killed worker's task was not run again"
-                time.sleep(0.1)
-            os.write(fd, png)
-            os.close(fd)
+            Path(release).touch()  # the task runs again elsewhere and reads the file
             thread.join(60)
     assert len(outcome) == 1 and isinstance(outcome[0], imgstore.sharded.DatasetManifest), outcome
     _check(tmp_path / "ds", images, 3)
@@ -184,3 +184,29 @@ def test_info_and_verify_take_a_sharded_dataset(tmp_path: Path, capsys: pytest.C
     victim.write_bytes(bytes(blob))
     assert main(["verify", str(tmp_path / "ds")]) == 1
     assert victim.parent.parent.name in capsys.readouterr().err
+
+
+def test_a_failed_build_leaves_no_shard_and_dest_must_be_new_or_a_builds(tmp_path: Path) -> None:
+    images = _folder(tmp_path / "src", 40)
+    (tmp_path / "src" / "a" / "00x.png").write_text("not an image")  # in the first shard
+    (tmp_path / "src" / "b" / "39x.png").write_text("not an image")  # in the last
+    for _run in range(2):  # the second into the failed build's folder
+        with pytest.raises(imgstore.ImgStoreError, match="00x.png"):
+            convert_sharded(tmp_path / "src", tmp_path / "ds", shards=8, backend="lmdb", workers=2)
+        assert sorted(os.listdir(tmp_path / "ds" / "shards")) == []  # the shards it sealed are gone too
+    (tmp_path / "src" / "a" / "00x.png").unlink()
+    (tmp_path / "src" / "b" / "39x.png").unlink()
+    convert_sharded(tmp_path / "src", tmp_path / "ds", shards=8, backend="lmdb")
+    _check(tmp_path / "ds", images, 8)
+    # Not a new folder nor a build's: refused, and left as it was.
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    with imgstore.open_store(tmp_path / "store", "lmdb", "w") as store:
+        store.put_many(*imgstore.testing.random_images(3, (4, 4, 3)))
+    for dest in ("file", "folder", "store"):
+        before = sorted(p.name for p in (tmp_path / dest).iterdir()) if dest != "file" else None
+        with pytest.raises(imgstore.StoreExistsError):
+            convert_sharded(tmp_path / "src", tmp_path / dest, shards=2, backend="lmdb")
+        assert (sorted(p.name for p in (tmp_path / dest).iterdir()) if dest != "file" else None) == before
+    assert (tmp_path / "file").read_text() == "mine"

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any, Literal
 
 from imgstore.convert import check_backend_holds, fill_store, store_layout
 from imgstore.errors import InvalidOptionError, MissingDependencyError, StoreExistsError
 from imgstore.sharded.location import Location
-from imgstore.sharded.manifest import DatasetManifest, ShardInfo
-from imgstore.sharded.writing import commit_shards, read_committed, write_shard
+from imgstore.sharded.manifest import MANIFEST_NAME, SHARDS_DIR, DatasetManifest, ShardInfo
+from imgstore.sharded.writing import LOCK_NAME, commit_shards, read_committed, write_shard
 from imgstore.sources import Source, Target, make_target, open_source
 from imgstore.store import Store
 
@@ -93,16 +94,52 @@ def convert_sharded(
     location = Location(dest, storage_options)
     if location.local is not None:
         src.check_outside(location.local)
+        _check_dest(location.local)
     url = location.url
     if read_committed(location).revision:
         raise StoreExistsError(f"{url} already holds a sharded dataset")
     options = dict(storage_options or {})
     if engine == "local":
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            infos = list(pool.map(lambda part: build_shard(url, part, backend, target, options), parts))
+        infos = _on_threads(location, parts, (backend, target, options), workers)
     else:
         infos = _on_dask(url, parts, (backend, target, options), scheduler, workers, retries)
     return commit_shards(url, infos, expect_revision=0, storage_options=storage_options)
+
+
+def _check_dest(root: Path) -> None:
+    """A local DEST is new, or a folder holding only what a sharded build makes (a failed build's included)."""
+    if os.path.lexists(root) and not root.is_dir():
+        raise StoreExistsError(f"{root} is a file; a sharded dataset is a folder")
+    ours = {SHARDS_DIR, MANIFEST_NAME, LOCK_NAME}
+    foreign = sorted(set(os.listdir(root)) - ours) if root.is_dir() else []
+    if foreign:
+        raise StoreExistsError(
+            f"{root} is a non-empty folder that is not a sharded dataset (it holds {', '.join(foreign[:3])}); "
+            "not writing into it"
+        )
+
+
+def _on_threads(
+    location: Location, parts: list[Source], args: tuple[str, Target, dict[str, Any]], workers: int | None
+) -> list[ShardInfo]:
+    """Every part's shard built on threads; at the first failure the parts not started are not, and the shards
+    this build sealed are deleted (no manifest names them: the build is not resumed, it is run again)."""
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        futures = [pool.submit(build_shard, location.url, part, *args) for part in parts]
+        try:
+            done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f in done and f.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()  # type: ignore[misc]
+            return [f.result() for f in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            for future in futures:
+                if not future.cancelled() and future.exception() is None:
+                    location.remove_shard_folder(future.result().name)
+            raise
 
 
 def _on_dask(

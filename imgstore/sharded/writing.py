@@ -41,6 +41,7 @@ from imgstore.sharded.manifest import (
 from imgstore.store import Store
 
 Fill = Callable[[Store], None]
+LOCK_NAME = ".imgstore-sharded.lock"  # a local dataset's commit lock
 
 
 def write_shard(
@@ -142,7 +143,7 @@ def commit_shards(
 @contextmanager
 def commit_lock(root: Path) -> Iterator[None]:
     """Hold a local dataset's commit lock (commits, and ``clean_shards``, are serialised by it)."""
-    fd = os.open(root / ".imgstore-sharded.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
