@@ -210,3 +210,18 @@ def test_a_failed_build_leaves_no_shard_and_dest_must_be_new_or_a_builds(tmp_pat
             convert_sharded(tmp_path / "src", tmp_path / dest, shards=2, backend="lmdb")
         assert (sorted(p.name for p in (tmp_path / dest).iterdir()) if dest != "file" else None) == before
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_verify_names_a_missing_shard_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    convert_sharded("synthetic:30", tmp_path / "ds", shards=3, backend="lmdb")
+    gone = sorted((tmp_path / "ds" / "shards").iterdir())[1]
+    for path in gone.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(gone)
+    assert main(["verify", str(tmp_path / "ds")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("imgstore verify: error:") and gone.name in err and "missing" in err
+    with open_sharded(tmp_path / "ds") as data, pytest.raises(imgstore.CorruptStoreError, match=gone.name):
+        data.verify()

@@ -397,6 +397,7 @@ class ShardedDataset:
         for k, info in enumerate(self.shards):
             if self.cache is None:
                 root = self.location.shard_path(info.name)
+                _check_sizes(root, info)  # a missing file or folder, a link: CorruptStoreError before any read
                 for f in info.files:
                     if hash_file(root / f.path) != (f.bytes, f.xxh3_128):
                         raise CorruptStoreError(f"{root / f.path} differs from its entry in the manifest")
