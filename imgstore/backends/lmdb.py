@@ -17,6 +17,7 @@ aside in a forked child) and the snapshots it has checked are lmdb_env's.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,6 +61,7 @@ class LmdbStore(Store):
         shared = self._shared = acquire(os.path.realpath(path), self.writable, self.sync, _INITIAL_MAP_SIZE)
         self._per_block = 0  # records per block, known once the image shape is
         self._mapped: MappedBlocks | None = None  # shuffled batches out of a map of data.mdb
+        self._mapping = threading.Lock()  # threads reading at once make one map (another's descriptor would leak)
         if self.writable and shared.readonly:
             self._close()
             raise StoreBusyError(f"{path} is open read-only in this process; close those handles to write")
@@ -81,7 +83,8 @@ class LmdbStore(Store):
         release(self._shared)
 
     def _reopen_after_fork(self) -> None:
-        pass  # the child set its inherited environments aside at the fork (lmdb_env) and opens its own on first use
+        self._mapping = threading.Lock()  # a thread of the parent may have held it at the fork
+        # the child set its inherited environments aside at the fork (lmdb_env) and opens its own on first use
 
     def _refresh(self, old_count: int) -> None:
         self._check_snapshot()  # new commits: a damaged page is an error of refresh(), not of a later read
@@ -268,7 +271,9 @@ class LmdbStore(Store):
         if pages.unchecked:
             pages.check_keys(indices // per_block)
         if self._mapped is None:
-            self._mapped = MappedBlocks(str(self.file("lmdb") / "data.mdb"), self._env.stat()["psize"])
+            with self._mapping:
+                if self._mapped is None:
+                    self._mapped = MappedBlocks(str(self.file("lmdb") / "data.mdb"), self._env.stat()["psize"])
         return self._mapped
 
     def _read_new(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
