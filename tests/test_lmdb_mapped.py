@@ -101,32 +101,3 @@ def test_threads_sharing_a_handle_across_new_snapshots(tmp_path: Path) -> None:
                 thread.join()
     assert not errors, errors[0]
 
-
-def test_threads_reading_a_new_handle_at_once_leak_no_descriptor(tmp_path: Path) -> None:
-    import os
-
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (200, 8, 8, 3), dtype=np.uint8)
-    with imgstore.open_store(tmp_path / "s", "lmdb", "w") as store:
-        store.put_many(images, np.arange(200))
-
-    def first_batches_at_once() -> None:  # a new handle's first batches: every thread finds no map yet
-        with imgstore.open_store(tmp_path / "s") as store:
-            start = threading.Barrier(4)
-
-            def read() -> None:
-                start.wait()
-                order = np.random.default_rng().permutation(200)[:50]
-                np.testing.assert_array_equal(store.get_many(order)[0], images[order])
-
-            threads = [threading.Thread(target=read) for _ in range(4)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-
-    first_batches_at_once()  # one-time descriptors (pools) before counting
-    before = len(os.listdir("/proc/self/fd"))
-    for _ in range(30):
-        first_batches_at_once()
-    assert len(os.listdir("/proc/self/fd")) == before

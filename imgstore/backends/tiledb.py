@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,15 @@ _CLOCK_SLACK_MS = 60_000  # a fragment dated further ahead than this is damage (
 _GZIP_BOUND = "Cannot compress with GZIP; output buffer too small"  # TileDB #5775 (module docstring)
 _context: tuple[int, tiledb.Ctx] | None = None
 _inherited: list[Any] = []  # a forked child's copies of the parent's TileDB objects: never freed
+_publishing = threading.Lock()  # a handle's array or index made by one of the threads that raced to make it
+
+
+def _new_lock() -> None:
+    global _publishing
+    _publishing = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock)
 
 
 def context() -> tiledb.Ctx:
@@ -135,7 +145,11 @@ class TileDBStore(Store):
             array = tiledb.open(self._uri, "r", ctx=context())
             if not self._refreshes.unchanged_since(refreshes):  # a refresh in another thread: this read only
                 return array
-            self._array = array
+            with _publishing:  # threads opening it at once: one kept, the others closed (never left open)
+                kept = self._array = array if self._array is None else self._array
+            if kept is not array:
+                array.close()
+            return kept
         return self._array
 
     # -------------------------------------------------------------- writing
@@ -364,8 +378,11 @@ class TileDBStore(Store):
                     continue
                 if not self._refreshes.unchanged_since(refreshes):
                     return direct if isinstance(direct, tiledb_direct.DirectIndex) else None
-                self._direct = direct
-                break
+                with _publishing:  # threads building it at once: one kept, the others closed
+                    kept = self._direct = direct if self._direct is None else self._direct
+                if kept is not direct and isinstance(direct, tiledb_direct.DirectIndex):
+                    direct.close()
+                return kept if isinstance(kept, tiledb_direct.DirectIndex) else None
         return self._direct if isinstance(self._direct, tiledb_direct.DirectIndex) else None
 
     def _stored_tile(self) -> int:

@@ -113,8 +113,10 @@ class ZarrStore(Store):
         """The open file of ``array``'s chunk (or shard) ``shard``; ``made``: create it, noting new folders there."""
         fd = self._fds.get((array, shard))  # by number: building a Path per read costs more than the read
         if fd is None:
-            fd, folders = open_shard(self._path(array, shard), self.writable, create=made is not None)
-            self._fds[array, shard] = fd
+            mine, folders = open_shard(self._path(array, shard), self.writable, create=made is not None)
+            fd = self._fds.setdefault((array, shard), mine)  # threads reading it first at once: one kept
+            if fd != mine:
+                os.close(mine)  # another thread's is kept (one overwritten would never be closed)
             if made is not None:
                 made.extend(folders)
         return fd
