@@ -369,3 +369,32 @@ def test_threads_share_a_dataset_handle_with_few_open_shards(tmp_path: Path) -> 
     with open_sharded(tmp_path / "ds", open_shards=2) as data:
         check_threads_read(data, IMAGES, LABELS, threads=6)
         assert len(data._open) <= 2
+
+
+def test_iterating_and_verifying_while_other_threads_read(tmp_path: Path) -> None:
+    """``for x in data`` and ``verify()`` hold their shard as a read does: other threads' reads, which drop
+    shards to keep ``open_shards``, do not close it under them."""
+    import threading
+
+    images, labels = random_images(3000, (4, 4, 3), seed=9)
+    with ShardedWriter(tmp_path / "ds", backend="lmdb", shard_size=1000) as writer:
+        writer.add(images, labels)
+    with open_sharded(tmp_path / "ds", open_shards=1) as data:
+        stop = threading.Event()
+
+        def read_other_shards() -> None:
+            while not stop.is_set():
+                data.get(2999)
+                data.get(0)
+
+        reader = threading.Thread(target=read_other_shards)
+        reader.start()
+        try:
+            for _ in range(2):
+                seen = [(image, label) for image, label in data]
+                assert np.array_equal(np.stack([image for image, _ in seen]), images)
+                assert [label for _, label in seen] == labels.tolist()
+                data.verify()
+        finally:
+            stop.set()
+            reader.join()

@@ -389,8 +389,9 @@ class ShardedDataset:
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         for k in range(len(self.shards)):
-            for batch, labels in self.shard(k).iter_batches(1024):
-                yield from zip(batch, labels.tolist(), strict=True)
+            with self._reading(k) as store:  # not closed under the iteration by other threads' reads
+                for batch, labels in store.iter_batches(1024):
+                    yield from zip(batch, labels.tolist(), strict=True)
 
     def verify(self) -> None:
         """Check every shard: its files against the manifest (remote ones when fetched), its records' checksums."""
@@ -401,7 +402,8 @@ class ShardedDataset:
                 for f in info.files:
                     if hash_file(root / f.path) != (f.bytes, f.xxh3_128):
                         raise CorruptStoreError(f"{root / f.path} differs from its entry in the manifest")
-            self.shard(k).verify()
+            with self._reading(k) as store:
+                store.verify()
 
     def close(self) -> None:
         self._lock()  # a forked child forgets the parent's prefetch thread first (it cannot wait for it)
