@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError, StoreIOError
+from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError, StoreIOError, StoreNotFoundError
 
 if TYPE_CHECKING:
     from imgstore.convert import ConvertResult
@@ -230,6 +230,8 @@ def _sharded(text: str) -> bool:
     """``text`` names a sharded dataset (a URL, or a folder holding its manifest), not a store."""
     from imgstore.sharded.manifest import MANIFEST_NAME
 
+    if not ("://" in text or os.path.exists(text)):
+        raise StoreNotFoundError(f"no imgstore store or sharded dataset at {text}: it does not exist")
     return "://" in text or os.path.isfile(os.path.join(text, MANIFEST_NAME))
 
 
@@ -331,6 +333,11 @@ def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     parser.add_argument("store", metavar="STORE", help="a store's directory, or a sharded dataset (a path or URL)")
     parser.add_argument("--decode", action="store_true", help="also decode every image")
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="a remote sharded dataset: the shard cache its shards are fetched into (default ~/.cache/imgstore-shards)",
+    )
     parser.set_defaults(handler=_run_verify, command="verify")
 
 
@@ -341,7 +348,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         if _sharded(args.store):
             from imgstore.sharded.describe import verify_sharded
 
-            print(verify_sharded(args.store, decode=args.decode))
+            print(verify_sharded(args.store, decode=args.decode, cache_dir=args.cache_dir))
             return EXIT_OK
         with open_store(args.store, mode="r") as store:
             count = len(store)
@@ -423,6 +430,8 @@ def _add_sharded_clean(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 def _run_sharded_clean(args: argparse.Namespace) -> int:
     from imgstore.sharded.cleaning import clean_shards
 
+    if not 0 <= args.grace_hours < float("inf"):
+        return _error("sharded-clean", ValueError(f"--grace-hours must be >= 0, got {args.grace_hours}"), EXIT_USAGE)
     try:
         found = clean_shards(args.url, delete=args.delete, grace=args.grace_hours * 3600)
     except _FAILURES as exc:

@@ -398,3 +398,15 @@ def test_iterating_and_verifying_while_other_threads_read(tmp_path: Path) -> Non
         finally:
             stop.set()
             reader.join()
+
+
+def test_close_brings_the_cache_back_under_its_bound(memory_dataset: str, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with open_sharded(memory_dataset, cache_dir=cache, cache_bytes=1 << 30) as data:
+        shard_bytes = max(s.bytes for s in data.shards)
+    bound = int(2.5 * shard_bytes)
+    data = open_sharded(memory_dataset, cache_dir=cache, cache_bytes=bound, open_shards=4)
+    data.get_many(range(100))  # four shards open, so pinned: above the bound while open
+    assert data.cache is not None and data.cache.used_bytes() > bound
+    data.close()
+    assert data.cache.used_bytes() <= bound

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import multiprocessing
+import pickle
 import socket
 from collections import Counter
 from pathlib import Path
@@ -162,3 +163,36 @@ def test_two_ranks_two_workers_read_every_record_once(tmp_path: Path) -> None:
     order = [[by_rank[r][epoch]["labels"] for r in range(2)] for epoch in range(3)]
     assert order[0] == order[2]  # epoch 0 again: the same records, the same order, on each rank
     assert order[0] != order[1]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_set_epoch_reaches_persistent_workers(tmp_path: Path, context: str) -> None:
+    it = ShardedIterable(_write(tmp_path / "ds"), batch_size=5, seed=0)
+    loader = DataLoader(it, batch_size=None, num_workers=2, persistent_workers=True, multiprocessing_context=context)
+    orders = []
+    for epoch in (0, 1, 0):
+        it.set_epoch(epoch)
+        seen = torch.cat([labels for _images, labels in loader]).tolist()
+        assert sorted(set(seen)) == list(range(N))
+        orders.append(seen)
+    assert orders[0] != orders[1] and orders[0] == orders[2]
+    copy = pickle.loads(pickle.dumps(it))  # outside a worker's start: the epoch goes as a number
+    it.set_epoch(7)
+    assert copy.epoch == 0 and it.epoch == 7
+
+
+def test_samples_of_varied_shapes_and_size_on_raw_pixels(tmp_path: Path) -> None:
+    from imgstore.sharded import ShardedWriter
+
+    shapes = [(5 + i % 3, 4 + i % 2, 3) for i in range(10)]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
+    with ShardedWriter(tmp_path / "varied", backend="lmdb", shard_size=4, codec="png") as writer:
+        writer.add(images, np.arange(10))
+    got = {label: image for image, label in ShardedIterable(tmp_path / "varied", shuffle=False, layout="chw")}
+    assert sorted(got) == list(range(10))
+    assert all(np.array_equal(got[k].permute(1, 2, 0).numpy(), images[k]) for k in range(10))
+    with pytest.raises(imgstore.InvalidOptionError, match="size="):
+        next(iter(ShardedIterable(tmp_path / "varied", batch_size=4)))
+    with pytest.raises(imgstore.InvalidOptionError, match="raw pixels of one shape"):
+        ShardedIterable(_write(tmp_path / "raw"), batch_size=4, size=(2, 2))

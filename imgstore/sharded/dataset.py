@@ -415,6 +415,11 @@ class ShardedDataset:
             _release(store, pin)
         while self._retired:
             self._retired.popitem()[1]()
+        if self.cache is not None and not self._closed:
+            try:  # the shards this handle kept pinned above cache_bytes may go now
+                self.cache.make_room(0)
+            except OSError:
+                pass  # a cache gone or read-only: the next download makes room again
         while self._partial:
             self._drop_partial(next(iter(self._partial)))
         self._closed = True

@@ -65,9 +65,10 @@ def format_sharded_info(info: dict[str, Any]) -> str:
     )
 
 
-def verify_sharded(url: str | os.PathLike[str], *, decode: bool = False) -> str:
-    """Check every shard's files and records (``decode``: decode every image too); the line to print."""
-    with open_sharded(url) as data:
+def verify_sharded(url: str | os.PathLike[str], *, decode: bool = False, cache_dir: str | None = None) -> str:
+    """Check every shard's files and records (``decode``: decode every image too); the line to print.
+    A remote dataset's shards are fetched whole into ``cache_dir`` (default: :func:`open_sharded`'s)."""
+    with open_sharded(url, cache_dir=cache_dir, remote_reads="whole") as data:
         data.verify()
         if decode:
             for k in range(len(data.shards)):

@@ -21,14 +21,16 @@ shuffle plus a shuffle within each shard): a batch is drawn from one or two shar
 small enough (many per slice) and their contents mixed when written if that matters for training.
 
 All ranks must use the same ``num_workers``. ``set_epoch(epoch)`` before each epoch, as with
-``DistributedSampler``; it reaches worker processes when the DataLoader starts them for the epoch
-(not with ``persistent_workers=True``).
+``DistributedSampler``; the epoch lives in shared memory, so it reaches worker processes however
+they were started, ``persistent_workers=True`` included.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from multiprocessing import RawValue
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import numpy as np
@@ -106,6 +108,13 @@ def _wrapped(lo: int, hi: int, n: int) -> list[tuple[int, int]]:
     return out
 
 
+class _Epoch:
+    """An epoch number where a shared one cannot go (a pickle that is not a worker's start)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
 class ShardedIterable(IterableDataset[Any]):
     """Batches (or samples) of a sharded dataset for one rank, split over its DataLoader workers.
 
@@ -114,7 +123,8 @@ class ShardedIterable(IterableDataset[Any]):
     one ``uint8`` tensor [B, H, W, C] (``layout="chw"``: [B, C, H, W]) read with one ``get_many``,
     and ``int64`` labels [B]; use ``DataLoader(it, batch_size=None, num_workers=...)``. The last
     batch of a worker's slice may be short (the same on every rank). ``batch_size=None``: items
-    are ``(image, label)`` samples, to batch with the DataLoader's own ``batch_size``.
+    are ``(image, label)`` samples, to batch with the DataLoader's own ``batch_size`` (or to
+    transform one by one: images of varied shapes come as they are).
     ``size=(h, w)``: every image resized to it on reading (``get_many(size=)``): needed to batch
     a dataset of varied shapes, such as a folder converted with the default ``codec="keep"``.
     ``rank``/``world_size``: from ``torch.distributed`` when initialised, else 0 and 1, unless given.
@@ -152,13 +162,29 @@ class ShardedIterable(IterableDataset[Any]):
         if not 0 <= _non_negative("rank", self.rank) < self.world_size:
             raise InvalidOptionError(f"rank must be in 0 .. {self.world_size - 1}, got {rank!r}")
         self.data = data if isinstance(data, ShardedDataset) else open_sharded(data, **dict(open_options or {}))
+        if self.size is not None and all(s.codec == "raw" and s.shape is not None for s in self.data.shards):
+            raise InvalidOptionError(
+                f"size={self.size}: {self.data.url} holds raw pixels of one shape, which are not resized; leave it out"
+            )
         self.counts = tuple(s.count for s in self.data.shards)
-        self.epoch = 0
+        self._epoch: Any = RawValue("q", 0)  # shared with workers, persistent ones included
         self._pid = os.getpid()
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration epoch ``epoch``: its order depends on ``(seed, epoch)`` only."""
-        self.epoch = _non_negative("epoch", epoch)
+        """Make the next iteration epoch ``epoch``: its order depends on ``(seed, epoch)`` only.
+
+        Seen by DataLoader workers already running (``persistent_workers=True``) at their next epoch."""
+        self._epoch.value = _non_negative("epoch", epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:  # pickled for something else than a new worker: the epoch's value
+            state["_epoch"] = _Epoch(self.epoch)
+        return state
 
     def per_worker(self, num_workers: int = 0) -> int:
         """Records each worker reads per epoch (``num_workers=0``: the rank's own process reads)."""
@@ -201,6 +227,10 @@ class ShardedIterable(IterableDataset[Any]):
             if upcoming:
                 data.prefetch(upcoming)  # the next shards download while this batch is read
             images, labels = data.get_many(np.sort(order[start : start + step]), size=self.size)  # in file order
+            if not isinstance(images, np.ndarray) and not self.batch_size:  # samples of their own shapes
+                for image, label in zip(images, labels.tolist(), strict=True):
+                    yield arrange(torch.from_numpy(image), self.layout, batched=False), label
+                continue
             if not isinstance(images, np.ndarray):
                 raise InvalidOptionError(
                     f"{data.url}: its images vary in shape and do not batch into one tensor: pass size=(h, w) to "

@@ -177,6 +177,14 @@ def _uploaded(location: Location, shard: ShardInfo) -> bool:
     return all(stored.get(f.path) == f.bytes for f in shard.files)
 
 
+def _joined(parts: list[np.ndarray | list[np.ndarray]]) -> np.ndarray | list[np.ndarray]:
+    """Buffered batches as one: an array if every part is one array of the same image shape, else a list."""
+    arrays = [p for p in parts if isinstance(p, np.ndarray)]
+    if len(arrays) == len(parts) and len({a.shape[1:] for a in arrays if len(a)}) <= 1:
+        return np.concatenate([a for a in arrays if len(a)] or arrays)
+    return [image for part in parts for image in part]
+
+
 class ShardedWriter:
     """Append images to a sharded dataset, ``shard_size`` records a shard; :meth:`commit` publishes them.
 
@@ -184,8 +192,9 @@ class ShardedWriter:
     appends to an existing one or creates it. Shards are written as they fill; nothing is visible
     to readers until :meth:`commit` (closing the writer as a context manager commits; an exception
     inside the ``with`` block commits nothing, and its written shards stay unreferenced).
-    ``add`` takes arrays of one shape; for encoded files write shards with :func:`write_shard`'s
-    ``fill=`` and commit them with :func:`commit_shards`.
+    ``add`` takes a batch array, or a list of arrays (of varied shapes for a store that holds them,
+    e.g. ``codec="png"``); for encoded files as they are, write shards with :func:`write_shard`'s
+    ``fill=`` (e.g. ``put_encoded_many``) and commit them with :func:`commit_shards`.
     """
 
     def __init__(
@@ -210,12 +219,18 @@ class ShardedWriter:
             raise StoreExistsError(f"{url} already holds a sharded dataset; open it with mode='a' to append")
         self.base_revision = base.revision
         self.written: list[ShardInfo] = []
-        self._images: list[np.ndarray] = []  # buffered, fewer than shard_size in all between calls
+        self._images: list[np.ndarray | list[np.ndarray]] = []  # buffered, fewer than shard_size between calls
         self._labels: list[np.ndarray] = []
 
     def add(self, images: np.ndarray | Sequence[np.ndarray], labels: Sequence[int] | np.ndarray) -> None:
         """Buffer images; every full ``shard_size`` is written and sealed as a shard."""
-        batch = np.asarray(images) if not isinstance(images, np.ndarray) else images
+        batch: np.ndarray | list[np.ndarray]
+        if isinstance(images, np.ndarray):
+            batch = images
+        else:
+            batch = [np.asarray(image) for image in images]
+            if len({image.shape for image in batch}) <= 1:  # one shape: one array, as a store of one shape takes it
+                batch = np.stack(batch) if batch else np.empty((0,), np.uint8)
         label_array = np.asarray(labels, dtype=np.int64)
         if len(batch) != len(label_array):
             raise InvalidOptionError(f"{len(batch)} images but {len(label_array)} labels")
@@ -224,14 +239,15 @@ class ShardedWriter:
         if sum(len(b) for b in self._images) < self.shard_size:
             return
         # One concatenation per call, then slices: a big batch is not copied once per shard it fills.
-        all_images, all_labels = np.concatenate(self._images), np.concatenate(self._labels)
+        all_images, all_labels = _joined(self._images), np.concatenate(self._labels)
         full = len(all_images) - len(all_images) % self.shard_size
         for start in range(0, full, self.shard_size):
             self._write(all_images[start : start + self.shard_size], all_labels[start : start + self.shard_size])
         rest = len(all_images) - full
-        self._images, self._labels = ([all_images[full:].copy()], [all_labels[full:].copy()]) if rest else ([], [])
+        kept = all_images[full:].copy() if isinstance(all_images, np.ndarray) else all_images[full:]
+        self._images, self._labels = ([kept], [all_labels[full:].copy()]) if rest else ([], [])
 
-    def _write(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def _write(self, images: np.ndarray | list[np.ndarray], labels: np.ndarray) -> None:
         self.written.append(
             write_shard(
                 self.location.url,
@@ -246,7 +262,7 @@ class ShardedWriter:
     def commit(self) -> DatasetManifest:
         """Write what is buffered as a last (shorter) shard, then commit every shard written."""
         if self._images:
-            self._write(np.concatenate(self._images), np.concatenate(self._labels))
+            self._write(_joined(self._images), np.concatenate(self._labels))
             self._images, self._labels = [], []
         manifest = commit_shards(self.location, self.written, expect_revision=self.base_revision)
         self.base_revision, self.written = manifest.revision, []
