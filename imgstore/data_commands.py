@@ -137,6 +137,9 @@ def _run_sharded(args: argparse.Namespace) -> int:
         return _error("convert", exc, EXIT_USAGE)
     except _FAILURES as exc:
         return _error("convert", exc, EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("imgstore convert: interrupted; nothing committed (the shards written were deleted)", file=sys.stderr)
+        return 130
     count = sum(s.count for s in manifest.shards)
     first = manifest.shards[0]
     shape = "x".join(map(str, first.shape)) if first.shape is not None else "varied shapes"

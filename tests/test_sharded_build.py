@@ -225,3 +225,20 @@ def test_verify_names_a_missing_shard_folder(tmp_path: Path, capsys: pytest.Capt
     assert err.startswith("imgstore verify: error:") and gone.name in err and "missing" in err
     with open_sharded(tmp_path / "ds") as data, pytest.raises(imgstore.CorruptStoreError, match=gone.name):
         data.verify()
+
+
+def test_ctrl_c_mid_build_deletes_its_shards_and_exits_130(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dest = tmp_path / "ds"
+    argv = [sys.executable, "-m", "imgstore.cli", "convert", "synthetic:3000", str(dest), "--backend", "lmdb"]
+    process = subprocess.Popen([*argv, "--shards", "30", "--workers", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(dest.glob("shards/shard-*")):  # a first shard sealed: the build is under way
+        assert process.poll() is None and time.monotonic() < deadline, "the build ended before it was interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not list(dest.glob("shards/*")) and not (dest / "imgstore-sharded.json").exists()
