@@ -268,3 +268,16 @@ def test_imgstore_compare_fails_a_large_wall_slowdown_and_takes_a_wall_threshold
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "head")]) == 1
     assert "regression (wall time)" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "head"), "--wall-threshold", "150%"]) == 0
+
+
+def test_history_keeps_cpu_timed_runs_off_the_wall_timed_timeline(tmp_path: Path) -> None:
+    from imgstore.analysis.history import load_history
+
+    for index in range(6):
+        timer = "cpu_seconds" if index % 2 else "perf_counter"
+        doc = {"machine_info": {"node": "ci"}, "datetime": f"2026-01-0{index + 1}T00:00:00",
+               "commit_info": {"id": f"{index:040d}", "time": f"2026-01-0{index + 1}T00:00:00", "dirty": False},
+               "benchmarks": [_bench_doc("x", [1.0 + index / 100] * 3, [], timer)]}  # fmt: skip
+        (tmp_path / f"{index}.json").write_text(json.dumps(doc))
+    history = load_history([tmp_path])
+    assert sorted((m.name, len(m.commits)) for m in history.machines) == [("ci", 3), ("ci, timed with cpu_seconds", 3)]

@@ -3,9 +3,10 @@
 ``imgstore history DIR...`` reads every pytest-benchmark JSON file under the folders (as
 ``--benchmark-save`` lays them out, ``.benchmarks/<machine>/NNNN_<name>.json``, or any folder of
 runs), groups the runs by machine (``machine_info``: node and CPU; runs of different machines are
-never on one timeline), orders them by commit time (``commit_info.time``; the run's own
-``datetime`` when a file has no commit time, said in a note) and makes one point per commit: the
-runs of one commit are repeated measurements of the same code.  Each benchmark's series of points
+never on one timeline, nor runs timed in CPU time, the gate's timer, with runs timed in wall
+time), orders them by commit time (``commit_info.time``; the run's own ``datetime`` when a file
+has no commit time, said in a note) and makes one point per commit: the runs of one commit are
+repeated measurements of the same code.  Each benchmark's series of points
 is then searched for change points (:mod:`imgstore.analysis.changepoints`).
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgstore.analysis.changepoints import Change, find_changes
+from imgstore.analysis.clocks import WALL_TIMERS
 from imgstore.analysis.load import Run, load_run
 from imgstore.analysis.schema import REFERENCE_KINDS
 from imgstore.errors import ImgStoreError
@@ -128,7 +130,7 @@ def build_history(runs: Sequence[Run], *, confidence: float = 0.99, min_change: 
         )
     by_machine: dict[str, list[Run]] = {}
     for run in runs:
-        by_machine.setdefault(run.machine or UNKNOWN_MACHINE, []).append(run)
+        by_machine.setdefault(_timeline(run), []).append(run)
     for name in sorted(by_machine):
         commits = _commits(by_machine[name])
         history.machines.append(Machine(name, tuple(commits), tuple(_series(commits, confidence, min_change))))
@@ -138,6 +140,14 @@ def build_history(runs: Sequence[Run], *, confidence: float = 0.99, min_change: 
             "are never compared)."
         )
     return history
+
+
+def _timeline(run: Run) -> str:
+    """The machine, and the timer when it is not wall time (the gate's CPU timer): CPU seconds and wall
+    seconds of one benchmark are never on one timeline."""
+    machine = run.machine or UNKNOWN_MACHINE
+    timers = sorted({bench.timer for bench in run.benchmarks.values() if bench.timer} - WALL_TIMERS)
+    return f"{machine}, timed with {'/'.join(timers)}" if timers else machine
 
 
 def _commits(runs: list[Run]) -> list[Commit]:
