@@ -206,7 +206,7 @@ def test_the_replayed_protocol_catches_slowed_rows_and_counts_no_false_alarm_on_
 # ---------------------------------------------------------------------- the real slowdown
 
 
-@pytest.mark.parametrize("change", ["range-copy", "take-copy", "no-range"])
+@pytest.mark.parametrize("change", ["range-copy", "take-copy", "no-range", "label-loop"])
 def test_each_real_change_applies_and_the_changed_code_still_reads_right(tmp_path: Path, change: str) -> None:
     """A real change, not a breakage: it applies to today's code, and the changed store reads the same images."""
     import shutil
