@@ -7,6 +7,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -410,3 +411,39 @@ def test_close_brings_the_cache_back_under_its_bound(memory_dataset: str, tmp_pa
     assert data.cache is not None and data.cache.used_bytes() > bound
     data.close()
     assert data.cache.used_bytes() <= bound
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "sqlite"])
+def test_close_while_threads_read_ends_their_reads_cleanly(tmp_path: Path, backend: str) -> None:
+    """close() with reads running in other threads: each read ends (its data right) or meets StoreClosedError;
+    no store is closed under a read (that crashed the process on lmdb and sqlite shards)."""
+    import threading
+
+    images, labels = random_images(2000, (8, 8, 3), seed=10)
+    with ShardedWriter(tmp_path / "ds", backend=backend, shard_size=500) as writer:
+        writer.add(images, labels)
+    for _ in range(15):
+        data = open_sharded(tmp_path / "ds")
+        start, ends = threading.Barrier(4), []
+
+        def read(data: Any = data, start: threading.Barrier = start, ends: list[str] = ends) -> None:
+            start.wait()
+            rng = np.random.default_rng()
+            try:
+                while True:
+                    order = rng.permutation(2000)[:200]
+                    assert np.array_equal(data.get_many(order)[0], images[order])
+            except imgstore.StoreClosedError:
+                ends.append("closed")
+            except BaseException as exc:
+                ends.append(repr(exc))
+
+        threads = [threading.Thread(target=read) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        time.sleep(0.02)
+        data.close()
+        for thread in threads:
+            thread.join()
+        assert ends == ["closed"] * 3

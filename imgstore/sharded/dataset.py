@@ -406,16 +406,18 @@ class ShardedDataset:
                 store.verify()
 
     def close(self) -> None:
-        self._lock()  # a forked child forgets the parent's prefetch thread first (it cannot wait for it)
-        if self._fetcher is not None:
-            self._fetcher.shutdown(wait=True, cancel_futures=True)  # no download outlives the handle
-            self._fetcher, self._fetching = None, {}
-        while self._open:
-            _k, (store, pin) = self._open.popitem()
-            _release(store, pin)
-        while self._retired:
-            self._retired.popitem()[1]()
-        if self.cache is not None and not self._closed:
+        with self._lock():  # (a forked child forgets the parent's prefetch thread first: it cannot wait for it)
+            fetcher, self._fetcher, self._fetching = self._fetcher, None, {}
+        if fetcher is not None:
+            fetcher.shutdown(wait=True, cancel_futures=True)  # no download outlives the handle
+        with self._lock():
+            was_closed, self._closed = self._closed, True  # reads refused from here on
+            # A store another thread is reading is closed by that read's end, not under it (a crash, on
+            # sqlite, leveldb or lmdb shards).
+            while self._open:
+                _k, (store, pin) = self._open.popitem()
+                self._retire(store, partial(_release, store, pin))
+        if self.cache is not None and not was_closed:
             try:  # the shards this handle kept pinned above cache_bytes may go now
                 self.cache.make_room(0)
             except OSError:
