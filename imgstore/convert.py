@@ -450,7 +450,7 @@ def _run(
             for k, item in enumerate(made):
                 result.bytes_read += item.read
                 path = batch.paths[k] if batch.paths else None
-                name = path or f"{'index' if src.origin == 'store' else 'item'} {src.first + lo + k}"
+                name = path or f"{'index' if src.origin == 'store' else 'item'} {src.number(lo + k)}"
                 if item.record is None:
                     writer.bad(name, item.error or "unknown error")
                 else:

@@ -87,6 +87,16 @@ def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "each shard converted with the options above (imgstore.sharded.building)",
     )
     parser.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="with --shards: shards of consecutive items in SOURCE's order (default: items shuffled first, so that "
+        "an ImageFolder's shards, and the batches read from them, mix its classes)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="with --shards: the shuffle's seed (default 0)")
+    parser.add_argument(
+        "--append", action="store_true", help="with --shards: add the new shards to the sharded dataset at DEST"
+    )
+    parser.add_argument(
         "--engine",
         choices=("local", "dask"),
         default="local",
@@ -119,7 +129,7 @@ def _run_sharded(args: argparse.Namespace) -> int:
     refused = [flag for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite),
                                         ("--on-error skip", args.on_error == "skip")) if given]  # fmt: skip
     if refused:
-        why = "a sharded dataset is built whole and committed once; it grows by appending shards (ShardedWriter)"
+        why = "a sharded dataset is built whole and committed once; it grows by appending shards (--append)"
         verb = "does" if len(refused) == 1 else "do"
         return _error("convert", ValueError(f"{', '.join(refused)} {verb} not go with --shards: {why}"), EXIT_USAGE)
     try:
@@ -129,6 +139,9 @@ def _run_sharded(args: argparse.Namespace) -> int:
             shards=args.shards,
             backend=args.backend,
             **_made_as(args),
+            shuffle=not args.keep_order,
+            seed=args.seed,
+            append=args.append,
             engine=args.engine,
             scheduler=args.scheduler,
             workers=args.workers,
@@ -140,12 +153,13 @@ def _run_sharded(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("imgstore convert: interrupted; nothing committed (the shards written were deleted)", file=sys.stderr)
         return 130
-    count = sum(s.count for s in manifest.shards)
-    first = manifest.shards[0]
+    made = manifest.shards[-args.shards :]  # this run's: an append's follow the dataset's own
+    first = made[0]
     shape = "x".join(map(str, first.shape)) if first.shape is not None else "varied shapes"
+    now = f"; it now holds {manifest.count} images in {len(manifest.shards)} shards" if args.append else ""
     print(
-        f"converted {count} images into {len(manifest.shards)} {args.backend} shards ({first.codec}, {shape}) at "
-        f"{args.dest} ({args.engine}) in {time.perf_counter() - started:.2f} s"
+        f"converted {sum(s.count for s in made)} images into {len(made)} {args.backend} shards ({first.codec}, "
+        f"{shape}) at {args.dest} ({args.engine}) in {time.perf_counter() - started:.2f} s{now}"
     )
     return EXIT_OK
 
@@ -155,8 +169,9 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     if args.shards is not None:
         return _run_sharded(args)
-    if args.engine != "local" or args.scheduler is not None:
-        return _error("convert", ValueError("--engine and --scheduler go with --shards"), EXIT_USAGE)
+    if args.engine != "local" or args.scheduler is not None or args.keep_order or args.append or args.seed:
+        why = "--engine, --scheduler, --keep-order, --seed and --append go with --shards"
+        return _error("convert", ValueError(why), EXIT_USAGE)
     try:
         result = convert(
             args.source,

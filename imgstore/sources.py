@@ -128,7 +128,7 @@ class Source:
     labels: np.ndarray | None = None  # a folder's or a dataset's labels
     data: np.ndarray | list[bytes] | None = None  # a dataset's images
     store: Any = None  # a store source's read-only handle
-    first: int = 0  # a part's first item in the whole source (for messages)
+    numbers: np.ndarray | None = None  # a part's items' positions in the whole source (for messages)
 
     def batch(self, lo: int, hi: int) -> Batch:
         if self.origin == "store":
@@ -152,24 +152,36 @@ class Source:
         images, labels = store.get_many(range(lo, hi))
         return Batch("array", images, labels, None)
 
-    def part(self, lo: int, hi: int) -> Source:
-        """Items ``lo .. hi - 1`` as a source of their own, which pickles (a sharded build's task):
-        a folder's paths (its files are read where the task runs) or a dataset's images."""
+    def part(self, items: np.ndarray) -> Source:
+        """These items (positions in this source, in this order) as a source of their own, which pickles
+        (a sharded build's task): a folder's paths, absolute (its files are read where the task runs),
+        or a dataset's images."""
         if self.origin == "store":
             raise ConvertError(
                 f"{self.description}: a store is not split into shards; convert a folder or a dataset, or convert "
                 "the store to a single store"
             )
         assert self.labels is not None
+        picked = items.tolist()
+        data: Any = self.data
+        if isinstance(data, np.ndarray):
+            data = data[items]
+        elif data is not None:
+            data = [data[i] for i in picked]
         return replace(
             self,
-            description=f"{self.description}, items {lo} .. {hi - 1}",
-            first=self.first + lo,
-            total=hi - lo,
-            paths=None if self.paths is None else self.paths[lo:hi],
-            labels=self.labels[lo:hi],
-            data=None if self.data is None else self.data[lo:hi],
+            description=f"{self.description}, {len(picked)} of its items",
+            total=len(picked),
+            root=None if self.root is None else self.root.absolute(),
+            paths=None if self.paths is None else [self.paths[i] for i in picked],
+            labels=self.labels[items],
+            data=data,
+            numbers=items if self.numbers is None else self.numbers[items],
         )
+
+    def number(self, position: int) -> int:
+        """Item ``position``'s number in the whole source (a part's differ from its positions)."""
+        return position if self.numbers is None else int(self.numbers[position])
 
     def close(self) -> None:
         if self.store is not None:

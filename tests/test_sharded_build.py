@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -31,12 +32,16 @@ def _folder(root: Path, n: int = 12) -> list[np.ndarray]:
     return images
 
 
-def _check(dest: Path, images: list[np.ndarray], shards: int) -> None:
+def _check(dest: Path, images: list[np.ndarray], shards: int, seed: int | None = 0) -> None:
+    """The dataset holds ``images`` (labelled as _folder does), in the order of the build's shuffle with
+    ``seed`` (None: the folder's order)."""
+    n = len(images)
+    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
     with open_sharded(dest) as data:
-        assert len(data) == len(images) and len(data.shards) == shards
-        got, labels = data.get_many(range(len(images)))
-        assert np.array_equal(got, np.stack(images))
-        assert labels.tolist() == [0] * (len(images) // 2) + [1] * (len(images) - len(images) // 2)
+        assert len(data) == n and len(data.shards) == shards
+        got, labels = data.get_many(range(n))
+        assert np.array_equal(got, np.stack(images)[order])
+        assert labels.tolist() == [int(k >= n // 2) for k in order.tolist()]
         data.verify()
 
 
@@ -242,3 +247,48 @@ def test_ctrl_c_mid_build_deletes_its_shards_and_exits_130(tmp_path: Path) -> No
     _out, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert not list(dest.glob("shards/*")) and not (dest / "imgstore-sharded.json").exists()
+
+
+def test_shards_mix_the_classes_unless_the_order_is_kept_and_append_adds(tmp_path: Path) -> None:
+    images = _folder(tmp_path / "src", 24)
+    convert_sharded(tmp_path / "src", tmp_path / "mixed", shards=3, backend="lmdb", seed=5)
+    with open_sharded(tmp_path / "mixed") as data:
+        assert all(len(set(data.shard(k).get_many(range(8))[1].tolist())) == 2 for k in range(3))
+    _check(tmp_path / "mixed", images, 3, seed=5)
+    argv = ["convert", str(tmp_path / "src"), str(tmp_path / "kept"), "--backend", "lmdb", "--shards", "2"]
+    assert main([*argv, "--keep-order"]) == 0
+    _check(tmp_path / "kept", images, 2, seed=None)
+    assert main(argv) == 2  # a dataset there: refused, saying --append adds to it
+    assert main([*argv, "--append", "--seed", "1"]) == 0
+    with open_sharded(tmp_path / "kept") as data:
+        assert len(data) == 48 and len(data.shards) == 4 and data.manifest.revision == 2
+        order = np.random.default_rng(1).permutation(24)
+        assert np.array_equal(data.get_many(range(24, 48))[0], np.stack(images)[order])
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "x"), "--backend", "lmdb", "--append"]) == 2
+
+
+def test_dask_bad_file_fails_once_without_retries_and_leaves_no_shard(tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    _folder(tmp_path / "src", 12)
+    (tmp_path / "src" / "b" / "07.png").write_bytes(b"not a png")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with pytest.raises(imgstore.ImgStoreError, match="07.png"):
+            convert_sharded(
+                tmp_path / "src", tmp_path / "ds", shards=4, engine="dask", scheduler=cluster.scheduler_address
+            )
+    assert not list((tmp_path / "ds" / "shards").glob("shard-*"))
+    assert not (tmp_path / "ds" / "imgstore-sharded.json").exists()
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("distributed")
+    _folder(tmp_path / "src", 4)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        with pytest.raises(imgstore.StoreIOError, match="cannot reach the Dask scheduler"):
+            convert_sharded(
+                tmp_path / "src", tmp_path / "ds", shards=2, engine="dask", scheduler=f"tcp://127.0.0.1:{port}"
+            )

@@ -1,15 +1,20 @@
 """Building a sharded dataset from a folder or a dataset: one task per shard, on threads here or on Dask distributed.
 
 The source (an ImageFolder tree, or a dataset such as ``cifar10:PATH`` or ``imagenet-like:N``) is
-cut into ``shards`` contiguous parts. A task's input is its part as a :class:`~imgstore.sources.Source`
-that pickles (a folder's file paths and labels, which the task reads where it runs, or a dataset's
-images): it converts them as ``imgstore convert`` does (same codec, image mode, shape and checks)
-into a new store with :func:`write_shard`, which seals it under a fresh random name, and returns
-the shard's :class:`ShardInfo`. Only when every task has returned is the manifest committed, with
-the shards in source order. A task that dies midway (its worker killed) leaves an unsealed
-``shards/.shard-*.tmp`` (or nothing remote), never named by any manifest; Dask runs the task again
-on another worker (``retries``; a lost worker's tasks are rescheduled by the scheduler), which
-writes a new shard under another name. A bad file fails its task, and so the build, before any commit.
+shuffled (``shuffle=True``, the default: an ImageFolder is sorted by class, and a shard of
+consecutive files would hold one or two classes, so would every batch read from it) with
+``seed``, then cut into ``shards`` parts of equal size (within one). A task's input is its part
+as a :class:`~imgstore.sources.Source` that pickles (a folder's file paths, absolute, and labels,
+which the task reads where it runs; or a dataset's images): it converts them as ``imgstore
+convert`` does (same codec, image mode, shape and checks) into a new store with
+:func:`write_shard`, which seals it under a fresh random name, and returns the shard's
+:class:`ShardInfo`. Only when every task has returned is the manifest committed, with the shards
+in order (``append=True``: after the dataset's own shards). A task that dies midway (its worker
+killed) leaves an unsealed ``shards/.shard-*.tmp`` (or nothing remote), never named by any
+manifest; Dask runs the task again on another worker (``retries``; a lost worker's tasks are
+rescheduled by the scheduler), which writes a new shard under another name. A bad file fails its
+task (on Dask returned as a value, not retried: :mod:`imgstore.sharded.on_dask`), and so the
+build, before any commit; the shards it sealed are deleted.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from imgstore.convert import check_backend_holds, fill_store, store_layout
-from imgstore.errors import InvalidOptionError, MissingDependencyError, StoreExistsError
+from imgstore.errors import InvalidOptionError, StoreExistsError
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import MANIFEST_NAME, SHARDS_DIR, DatasetManifest, ShardInfo
 from imgstore.sharded.writing import LOCK_NAME, commit_shards, read_committed, write_shard
@@ -33,7 +40,12 @@ ENGINES = ("local", "dask")
 
 
 def build_shard(
-    dest: str, part: Source, backend: str, target: Target, storage_options: Mapping[str, Any] | None = None
+    dest: str,
+    part: Source,
+    backend: str,
+    target: Target,
+    storage_options: Mapping[str, Any] | None = None,
+    name_prefix: str = "",
 ) -> ShardInfo:
     """Write and seal one shard of ``dest`` from ``part`` of the source: the call a task runs."""
 
@@ -45,6 +57,7 @@ def build_shard(
         backend=backend,
         fill=fill,
         storage_options=storage_options,
+        name_prefix=name_prefix,
         **store_layout(target),
     )
 
@@ -61,6 +74,9 @@ def convert_sharded(
     shape: tuple[int, ...] | None = None,
     full_check: bool = False,
     split: str = "train",
+    shuffle: bool = True,
+    seed: int = 0,
+    append: bool = False,
     engine: Engine = "local",
     scheduler: str | None = None,
     workers: int | None = None,
@@ -69,7 +85,9 @@ def convert_sharded(
 ) -> DatasetManifest:
     """Convert ``source`` (a folder or a dataset: :func:`imgstore.sources.open_source`) into a new sharded
     dataset at ``dest`` of ``shards`` shards, each converted as :func:`imgstore.convert.convert` would
-    with these ``codec``, ``quality``, ``image_mode``, ``shape`` and ``full_check``.
+    with these ``codec``, ``quality``, ``image_mode``, ``shape`` and ``full_check``. ``shuffle``: mix
+    the items (with ``seed``) before cutting them into shards, else keep the source's order.
+    ``append``: add the shards to the dataset at ``dest`` (else a dataset there is refused).
 
     ``engine="local"``: ``workers`` threads here (default: one per core). ``engine="dask"``: one
     task per shard on Dask distributed: the cluster at ``scheduler`` (an address), else a
@@ -87,23 +105,26 @@ def convert_sharded(
         check_backend_holds(backend, target)
         if shards > src.total:
             raise InvalidOptionError(f"{shards} shards for {src.total} images: at most one shard per image")
-        cuts = [round(k * src.total / shards) for k in range(shards + 1)]
-        parts = [src.part(lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+        order = np.random.default_rng(seed).permutation(src.total) if shuffle else np.arange(src.total)
+        parts = [src.part(items) for items in np.array_split(order, shards)]
     finally:
         src.close()
     location = Location(dest, storage_options)
     if location.local is not None:
         src.check_outside(location.local)
         _check_dest(location.local)
-    url = location.url
-    if read_committed(location).revision:
-        raise StoreExistsError(f"{url} already holds a sharded dataset")
+    url = str(location.local) if location.local is not None else location.url  # absolute: a remote worker's too
+    revision = read_committed(location).revision
+    if revision and not append:
+        raise StoreExistsError(f"{location.url} already holds a sharded dataset (append=True, --append: add shards)")
     options = dict(storage_options or {})
     if engine == "local":
         infos = _on_threads(location, parts, (backend, target, options), workers)
     else:
-        infos = _on_dask(url, parts, (backend, target, options), scheduler, workers, retries)
-    return commit_shards(url, infos, expect_revision=0, storage_options=storage_options)
+        from imgstore.sharded.on_dask import build_on_dask
+
+        infos = build_on_dask(location, parts, (backend, target, options), scheduler, workers, retries)
+    return commit_shards(url, infos, expect_revision=revision, storage_options=storage_options)
 
 
 def _check_dest(root: Path) -> None:
@@ -140,30 +161,3 @@ def _on_threads(
                 if not future.cancelled() and future.exception() is None:
                     location.remove_shard_folder(future.result().name)
             raise
-
-
-def _on_dask(
-    url: str,
-    parts: list[Source],
-    args: tuple[str, Target, dict[str, Any]],
-    scheduler: str | None,
-    workers: int | None,
-    retries: int,
-) -> list[ShardInfo]:
-    try:
-        from distributed import Client, LocalCluster
-    except ModuleNotFoundError as exc:
-        raise MissingDependencyError(
-            f"engine='dask' needs Dask distributed: pip install 'imgstore-ml[dask]' ({exc})"
-        ) from exc
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=None)  # type: ignore[no-untyped-call]
-    try:
-        with Client(scheduler or cluster) as client:  # type: ignore[no-untyped-call]
-            futures = [client.submit(build_shard, url, part, *args, retries=retries, pure=False) for part in parts]
-            infos: list[ShardInfo] = client.gather(futures)
-            return infos
-    finally:
-        if cluster is not None:
-            cluster.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -41,6 +42,7 @@ from imgstore.sharded.manifest import (
 from imgstore.store import Store
 
 Fill = Callable[[Store], None]
+_PREFIX = re.compile(r"[0-9a-f]{0,16}")
 LOCK_NAME = ".imgstore-sharded.lock"  # a local dataset's commit lock
 
 
@@ -52,20 +54,24 @@ def write_shard(
     backend: str,
     fill: Fill | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    name_prefix: str = "",
     **store_options: Any,
 ) -> ShardInfo:
     """Write one shard of the dataset at ``dest`` and seal it; the dataset does not show it until committed.
 
     Give ``images`` and ``labels`` (``put_many``), or ``fill``: a function that writes into the new
     store (e.g. ``lambda s: s.put_encoded_many(blobs, labels)``). ``store_options`` go to
-    :func:`imgstore.open_store` (``codec=``, ``shape=``, the backend's options).
+    :func:`imgstore.open_store` (``codec=``, ``shape=``, the backend's options). ``name_prefix``: hex
+    digits the shard's random name starts with (a build's, so that it can find its own shards).
     """
     if (fill is None) == (images is None):
         raise InvalidOptionError("give images and labels, or fill=, to write a shard")
     if images is not None and labels is None:
         raise InvalidOptionError("labels are needed with images")
     location = Location(dest, storage_options)
-    name = f"shard-{secrets.token_hex(8)}"
+    if not _PREFIX.fullmatch(name_prefix):
+        raise InvalidOptionError(f"name_prefix must be up to 16 hex digits, got {name_prefix!r}")
+    name = f"shard-{name_prefix}{secrets.token_hex(8)}"
     if location.local is not None:
         shards = location.local / SHARDS_DIR
         shards.mkdir(parents=True, exist_ok=True)
