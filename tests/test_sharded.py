@@ -447,3 +447,16 @@ def test_close_while_threads_read_ends_their_reads_cleanly(tmp_path: Path, backe
         for thread in threads:
             thread.join()
         assert ends == ["closed"] * 3
+
+
+def test_a_shards_folder_that_is_a_link_is_never_written_through(tmp_path: Path) -> None:
+    from imgstore.sharded.building import convert_sharded
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "shards").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(imgstore.CorruptStoreError, match="symbolic link"):
+        convert_sharded("synthetic:20", tmp_path / "ds", shards=2, backend="lmdb")
+    with pytest.raises(imgstore.CorruptStoreError, match="symbolic link"):
+        _write(tmp_path / "ds", shard_size=10)
+    assert not list((tmp_path / "elsewhere").iterdir()) and not (tmp_path / "ds" / MANIFEST_NAME).exists()

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from imgstore.errors import InvalidOptionError, StoreBusyError, StoreExistsError, StoreIOError
+from imgstore.errors import CorruptStoreError, InvalidOptionError, StoreBusyError, StoreExistsError, StoreIOError
 from imgstore.fileio import fsync_dir
 from imgstore.opening import open_store
 from imgstore.sharded.location import Location
@@ -75,6 +75,10 @@ def write_shard(
     if location.local is not None:
         shards = location.local / SHARDS_DIR
         shards.mkdir(parents=True, exist_ok=True)
+        if shards.is_symlink():  # the shard would be written (and committed) outside the dataset
+            raise CorruptStoreError(
+                f"{shards} is a symbolic link: imgstore never makes one there; nothing is written through it"
+            )
         staging = shards / f".{name}.tmp"
         staging.mkdir()  # ours from now on: if it goes, a clean took it (below)
     else:
