@@ -6,11 +6,18 @@ started, waits for the refresh to end and reads again. A successful read needs n
 records are never changed once committed, and every record read is checked against its checksum.
 A backend that builds state lazily (an index, an open array) keeps it only if no refresh ran while
 it was built (``unchanged_since``); otherwise it serves that one read.
+
+The guard also counts the reads running (``active``: a deque, whose ``append`` and ``pop`` are
+atomic), so that ``close()`` from one thread lets reads other threads started end before it frees
+what they use (LMDB, SQLite, LevelDB crash the process on a read of a closed handle); a read
+registers before it checks the handle is open, so one that starts later sees it closed.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -21,11 +28,12 @@ _T = TypeVar("_T")
 class RefreshGuard:
     """A count of refreshes (odd while one runs) and the lock refreshes hold."""
 
-    __slots__ = ("count", "lock")
+    __slots__ = ("active", "count", "lock")
 
     def __init__(self) -> None:
         self.count = 0
         self.lock = threading.Lock()
+        self.active: deque[None] = deque()  # one item per read running
 
     def unchanged_since(self, count: int) -> bool:
         return count == self.count and not count & 1
@@ -38,13 +46,23 @@ class RefreshGuard:
             return True
 
     def retrying(self, read: Callable[..., _T], *args: Any) -> _T:
-        count = self.count
+        self.active.append(None)
         try:
-            return read(*args)
-        except Exception:
-            if self.raced(count):
-                return self.retrying(read, *args)
-            raise
+            count = self.count
+            try:
+                return read(*args)
+            except Exception:
+                if self.raced(count):
+                    return self.retrying(read, *args)
+                raise
+        finally:
+            self.active.pop()
+
+    def wait_for_reads(self, patience: float = 60.0) -> None:
+        """Until no read runs (after the handle was marked closed, so that none starts); at most ``patience`` s."""
+        deadline = time.monotonic() + patience
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.0005)
 
     @contextmanager
     def refreshing(self) -> Iterator[None]:

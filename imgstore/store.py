@@ -471,6 +471,7 @@ class Store(BackendPrimitives):
             self._closed = True
             if os.getpid() == self._pid:
                 try:
+                    self._refreshes.wait_for_reads()  # reads other threads started end first
                     self._close()
                 finally:
                     if self._lock is not None:

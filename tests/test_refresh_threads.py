@@ -82,3 +82,41 @@ def test_reads_in_threads_survive_refreshes(tmp_path: Path, backend: str) -> Non
     batch, labels = reader.get_many(range(len(reader)))
     assert np.array_equal(labels, np.arange(len(reader)) % BATCH)
     reader.close()
+
+
+@pytest.mark.parametrize("backend", imgstore.installed_backends())
+def test_close_waits_for_reads_in_other_threads(tmp_path: Path, backend: str) -> None:
+    """close() while other threads read: their reads end first, later ones are StoreClosedError (LMDB,
+    SQLite and LevelDB crashed the process on a read of a closed handle; others said 'damaged')."""
+    images = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 3), dtype=np.uint8)
+    with imgstore.open_store(tmp_path / "s", backend, "w") as store:
+        store.put_many(images, np.arange(200))
+    outcomes: list[str] = []
+    for _ in range(10):
+        reader = imgstore.open_store(tmp_path / "s")
+        started = threading.Barrier(4)
+
+        def read(reader: imgstore.Store = reader, started: threading.Barrier = started) -> None:
+            rng = np.random.default_rng()
+            started.wait()
+            while True:
+                try:
+                    picked = rng.permutation(200)[:20]
+                    batch, labels = reader.get_many(picked)
+                    assert np.array_equal(batch, images[picked]) and np.array_equal(labels, picked)
+                    reader.get(int(rng.integers(200)))
+                except imgstore.StoreClosedError:
+                    outcomes.append("closed")
+                    return
+                except Exception as exc:  # noqa: BLE001 - every other outcome is the finding
+                    outcomes.append(repr(exc))
+                    return
+
+        threads = [threading.Thread(target=read) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        started.wait()
+        reader.close()
+        for thread in threads:
+            thread.join(30)
+    assert outcomes == ["closed"] * 30, sorted(set(outcomes))[:3]

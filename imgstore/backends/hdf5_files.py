@@ -93,7 +93,9 @@ def open_for_reading(path: Path) -> tuple[h5py.File, int]:
     try:
         return open_h5(path, h5f.ACC_RDONLY)
     except OSError as exc:
-        if "already open for write" not in str(exc):
+        # "access flag not the same": this process still has the file open for SWMR reading (a handle
+        # refreshed while another thread read through its old file objects): HDF5 shares that open.
+        if "already open for write" not in str(exc) and "SWMR read access flag not the same" not in str(exc):
             raise open_error(path, exc) from exc
     try:
         return open_h5(path, h5f.ACC_RDONLY | h5f.ACC_SWMR_READ)
