@@ -292,3 +292,15 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
             convert_sharded(
                 tmp_path / "src", tmp_path / "ds", shards=2, engine="dask", scheduler=f"tcp://127.0.0.1:{port}"
             )
+
+
+def test_a_remote_dest_holding_other_objects_is_refused() -> None:
+    fsspec = pytest.importorskip("fsspec")
+    url = f"memory://imgstore-dest-{os.getpid()}-{time.monotonic_ns()}"
+    fsspec.filesystem("memory").pipe(f"{url}/notes.txt", b"mine")
+    with pytest.raises(imgstore.StoreExistsError, match="notes.txt"):
+        convert_sharded("synthetic:10", url, shards=2)
+    assert fsspec.filesystem("memory").cat(f"{url}/notes.txt") == b"mine"
+    manifest = convert_sharded("synthetic:10", f"{url}/ds", shards=2)
+    assert manifest.count == 10
+    assert convert_sharded("synthetic:10", f"{url}/ds", shards=2, append=True).count == 20

@@ -113,6 +113,8 @@ def convert_sharded(
     if location.local is not None:
         src.check_outside(location.local)
         _check_dest(location.local)
+    else:
+        _check_remote_dest(location)
     url = str(location.local) if location.local is not None else location.url  # absolute: a remote worker's too
     revision = read_committed(location).revision
     if revision and not append:
@@ -137,6 +139,19 @@ def _check_dest(root: Path) -> None:
         raise StoreExistsError(
             f"{root} is a non-empty folder that is not a sharded dataset (it holds {', '.join(foreign[:3])}); "
             "not writing into it"
+        )
+
+
+def _check_remote_dest(location: Location) -> None:
+    """A remote DEST (a prefix) is empty, or holds only what a sharded build makes."""
+    try:
+        names = {path.rstrip("/").rsplit("/", 1)[-1] for path in location.fs.ls(location.url, detail=False)}
+    except FileNotFoundError:
+        return
+    foreign = sorted(names - {SHARDS_DIR, MANIFEST_NAME})
+    if foreign:
+        raise StoreExistsError(
+            f"{location.url} holds other objects than a sharded dataset's ({', '.join(foreign[:3])}); not writing there"
         )
 
 

@@ -210,7 +210,10 @@ class Location:
                 self.fs.pipe_file(path, data, **condition)
         except StoreIOError:
             if condition and self._current_etag(path) != self.manifest_etag:
-                raise StoreBusyError(f"{self.url}: another writer committed since this one read the manifest") from None
+                raise StoreBusyError(
+                    f"{self.url}: another writer committed since this one read the manifest; this writer's shards "
+                    "are uploaded and sealed, not committed: commit_shards(url, shards) appends them"
+                ) from None
             raise
 
     def _current_etag(self, path: str) -> str | None:

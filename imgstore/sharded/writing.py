@@ -165,7 +165,9 @@ def _commit(location: Location, shards: Sequence[ShardInfo], expect_revision: in
     old = read_committed(location)
     if expect_revision is not None and old.revision != expect_revision:
         raise StoreBusyError(
-            f"{location.url}: another writer committed (revision {old.revision}, expected {expect_revision})"
+            f"{location.url}: another writer committed (revision {old.revision}, expected {expect_revision}); these "
+            f"{len(shards)} shards are written and sealed, not committed: commit_shards(url, shards) with "
+            "expect_revision=None appends them (ShardedWriter: writer.written), or sharded-clean removes them later"
         )
     missing = [s.name for s in shards if not _uploaded(location, s)]
     if missing:
