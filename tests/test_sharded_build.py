@@ -304,3 +304,15 @@ def test_a_remote_dest_holding_other_objects_is_refused() -> None:
     manifest = convert_sharded("synthetic:10", f"{url}/ds", shards=2)
     assert manifest.count == 10
     assert convert_sharded("synthetic:10", f"{url}/ds", shards=2, append=True).count == 20
+
+
+def test_the_dataset_knows_its_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _folder(tmp_path / "src", 8)
+    convert_sharded(tmp_path / "src", tmp_path / "ds", shards=2)
+    with open_sharded(tmp_path / "ds") as data:
+        assert data.classes == ["a", "b"]
+    assert main(["info", str(tmp_path / "ds")]) == 0
+    assert "classes     2" in capsys.readouterr().out
+    convert_sharded("synthetic:10", tmp_path / "ds", shards=1, append=True)  # shards without names
+    with open_sharded(tmp_path / "ds") as data:
+        assert data.classes is None and len(data) == 18

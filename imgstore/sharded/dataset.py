@@ -34,7 +34,7 @@ from imgstore.errors import (
 from imgstore.opening import open_store
 from imgstore.sharded.cache import Pin, ShardCache
 from imgstore.sharded.location import Location
-from imgstore.sharded.manifest import DatasetManifest, ShardInfo, hash_file, parse_manifest
+from imgstore.sharded.manifest import DatasetManifest, ShardInfo, common_classes, hash_file, parse_manifest
 from imgstore.sharded.ranges import MAX_PARTIAL, RangedShard, checked_policy, use_ranges
 from imgstore.sharded.writing import read_committed
 from imgstore.store import Store
@@ -129,6 +129,11 @@ class ShardedDataset:
     @property
     def url(self) -> str:
         return self.location.url
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names (label ``i`` is ``classes[i]``) when every shard has the same ones, else None."""
+        return common_classes(self.shards)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -14,6 +14,7 @@ import numpy as np
 from imgstore.errors import StoreNotFoundError
 from imgstore.sharded.dataset import open_sharded
 from imgstore.sharded.location import Location
+from imgstore.sharded.manifest import common_classes
 from imgstore.sharded.writing import read_committed
 
 __all__ = ["format_sharded_info", "sharded_info", "verify_sharded"]
@@ -43,6 +44,7 @@ def sharded_info(url: str | os.PathLike[str]) -> dict[str, Any]:
         "shape": list(next(iter(shapes))) if len(shapes) == 1 and None not in shapes else None,  # type: ignore[arg-type]
         "stored_bytes": stored,
         "bytes_per_image": stored / manifest.count if manifest.count else None,
+        "classes": common_classes(manifest.shards),
     }
 
 
@@ -60,7 +62,10 @@ def format_sharded_info(info: dict[str, Any]) -> str:
             f"codec       {', '.join(info['codecs'])}",
             f"shape       {shape}",
             f"stored      {info['stored_bytes'] / 1e6:.1f} MB{per_image}",
-            "(from the manifest alone; a shard's classes and images per class: imgstore info on a shard's folder)",
+            f"classes     {len(info['classes']) if info['classes'] is not None else 'unnamed, or unlike in shards'}",
+            *(f"  {k:<4} {name}" for k, name in enumerate((info["classes"] or [])[:20])),
+            *(["  ..."] if len(info["classes"] or []) > 20 else []),
+            "(from the manifest alone: nothing downloaded; images per class need every label read)",
         ]
     )
 

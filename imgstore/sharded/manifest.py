@@ -65,6 +65,7 @@ class ShardInfo:
     shape: tuple[int, ...] | None
     files: tuple[ShardFile, ...]
     checksum: str
+    classes: tuple[str, ...] | None = None  # the store's class names (label i is classes[i]), if it has them
 
     @property
     def bytes(self) -> int:
@@ -80,6 +81,7 @@ class ShardInfo:
             "bytes": self.bytes,
             "checksum": self.checksum,
             "files": [[f.path, f.bytes, f.xxh3_128] for f in self.files],
+            **({"classes": list(self.classes)} if self.classes is not None else {}),
         }
 
     @classmethod
@@ -94,6 +96,7 @@ class ShardInfo:
                 shape=None if data["shape"] is None else tuple(_int(s) for s in _list(data["shape"])),
                 files=tuple(ShardFile(_str(p), _int(n), _str(h)) for p, n, h in _list(data["files"])),
                 checksum=_str(data["checksum"]),
+                classes=None if data.get("classes") is None else tuple(_str(c) for c in _list(data["classes"])),
             )
             stated_bytes = _int(data["bytes"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -108,6 +111,8 @@ class ShardInfo:
         bad = [f.path for f in info.files if not safe_relative(f.path) or not _HASH.fullmatch(f.xxh3_128)]
         if bad or any(not 0 <= f.bytes < 1 << 50 for f in info.files) or not info.files:
             problems.append(f"files {bad[:3]!r}"[:200])
+        if info.classes is not None and (len(info.classes) > 1 << 20 or any(len(c) > 1000 for c in info.classes)):
+            problems.append("classes")
         if len({f.path for f in info.files}) != len(info.files):
             problems.append("a file listed twice")
         if stated_bytes != info.bytes or info.checksum != shard_checksum(info.files):
@@ -115,6 +120,15 @@ class ShardInfo:
         if problems:
             raise CorruptStoreError(f"shard entry {info.name!r} holds impossible values: {'; '.join(problems)}"[:500])
         return info
+
+
+def common_classes(shards: Iterable[ShardInfo]) -> list[str] | None:
+    """The class names every shard has (label ``i`` is ``classes[i]``), else None."""
+    named = {s.classes for s in shards}
+    if len(named) != 1:
+        return None
+    (classes,) = named
+    return list(classes) if classes is not None else None
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,9 @@ def write_shard(
             else:
                 store.put_many(images, labels)  # type: ignore[arg-type]
             count, codec, shape = len(store), store.codec, store.shape
+            classes = tuple(store.classes) if store.classes is not None else None
         files = seal(staging)
-        info = ShardInfo(name, count, backend, codec, shape, files, shard_checksum(files))
+        info = ShardInfo(name, count, backend, codec, shape, files, shard_checksum(files), classes)
         if location.local is not None:
             os.rename(staging, location.shard_path(name))
             fsync_dir(staging.parent)  # the shard is in place on disk before any manifest names it
