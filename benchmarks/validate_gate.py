@@ -154,13 +154,16 @@ def main() -> None:
 
 
 def _series(directory: Path, prefix: str) -> list[Run]:
+    """The runs ``<prefix>_<i>.json`` in the order of i; a failed run (``.failed``, see .ci/validate-gate) is
+    left out, and the series ends at the first index with neither (or at a run still being written)."""
     runs = []
     index = 0
-    while (path := directory / f"{prefix}_{index}.json").exists():
-        try:
-            runs.append(compare.load_run(path))
-        except compare.ImgStoreError:
-            break  # a run still being written
+    while (path := directory / f"{prefix}_{index}.json").exists() or path.with_suffix(".failed").exists():
+        if path.exists():
+            try:
+                runs.append(compare.load_run(path))
+            except compare.ImgStoreError:
+                break  # a run still being written
         index += 1
     return runs
 
