@@ -273,3 +273,15 @@ def test_cold_rows_swinging_between_runs_do_not_blind_the_warm_rows() -> None:
     verdicts = {benchmark_id(row.fullname): row.verdict for row in rows}
     assert verdicts["imgstore-b0-read_many-1000-synthetic"] is Verdict.REGRESSION
     assert all(v is not Verdict.REGRESSION for k, v in verdicts.items() if k != "imgstore-b0-read_many-1000-synthetic")
+
+
+def test_the_replay_leaves_out_a_failed_run_and_stops_at_one_being_written(tmp_path: Path) -> None:
+    from benchmarks.validate_gate import _series
+
+    doc = {"benchmarks": [{"fullname": "b.py::t[x]", "stats": {"median": 1.0, "data": [1.0]}}]}
+    for index in (0, 2, 3):
+        (tmp_path / f"aa_{index}.json").write_text(json.dumps(doc))
+    (tmp_path / "aa_1.failed").touch()  # .ci/validate-gate: that run failed, see its log
+    (tmp_path / "aa_3.json").write_text("")  # still being written
+    (tmp_path / "aa_5.json").write_text(json.dumps(doc))  # after a gap: not part of the series
+    assert [Path(run.path).name for run in _series(tmp_path, "aa")] == ["aa_0.json", "aa_2.json"]
