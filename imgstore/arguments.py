@@ -38,8 +38,11 @@ def io_error(exc: OSError, doing: str) -> StoreIOError | ReadOnlyError:
 def as_image_array(images: Any) -> np.ndarray:
     try:
         return np.asarray(images)
-    except (ValueError, TypeError) as exc:  # e.g. a ragged list of images
-        raise InvalidImageError(f"images must form one array [N, H, W(, C)] of one shape: {exc}") from None
+    except (ValueError, TypeError):  # e.g. a ragged list of images
+        raise InvalidImageError(
+            "images must form one array [N, H, W(, C)] of one shape in a store of raw pixels of one shape; images "
+            "of varied shapes go in a store made with a codec (e.g. codec='png') or with shape=None"
+        ) from None
 
 
 def as_label(label: Any) -> int:

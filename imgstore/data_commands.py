@@ -458,7 +458,13 @@ def _run_sharded_clean(args: argparse.Namespace) -> int:
         print(f"{leftover.name}\t{leftover.bytes / 1e6:.1f} MB\t{leftover.age / 3600:.1f} h")
     total = sum(leftover.bytes for leftover in found) / 1e6
     verb = "deleted" if args.delete else "unreferenced (dry run: --delete deletes them)"
-    print(f"{len(found)} shard folder{'' if len(found) == 1 else 's'}, {total:.1f} MB, {verb}", file=sys.stderr)
+    try:  # unreferenced but written to within the grace: a writer's, perhaps; kept, and said so
+        young = len(clean_shards(args.url, grace=0)) - (0 if args.delete else len(found))
+    except _FAILURES:
+        young = 0
+    kept = f"; {young} younger than --grace-hours kept" if young > 0 else ""
+    plural = "" if len(found) == 1 else "s"
+    print(f"{len(found)} shard folder{plural}, {total:.1f} MB, {verb}{kept}", file=sys.stderr)
     return EXIT_OK
 
 

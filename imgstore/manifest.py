@@ -128,7 +128,13 @@ def read_manifest(store_path: Path) -> Manifest:
         with open_regular(path) as f:
             raw = f.read(_MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
-        raise StoreNotFoundError(f"no imgstore store at {store_path} (no {MANIFEST_NAME})") from None
+        sharded = os.path.isfile(os.path.join(store_path, "imgstore-sharded.json"))  # imgstore.sharded's manifest
+        hint = (
+            ": it is a sharded dataset (imgstore.sharded.open_sharded, imgstore.sharded.torch.ShardedIterable)"
+            if sharded
+            else ""
+        )
+        raise StoreNotFoundError(f"no imgstore store at {store_path} (no {MANIFEST_NAME}){hint}") from None
     except NotADirectoryError:
         raise StoreNotFoundError(f"{store_path} is a file, not an imgstore store directory") from None
     except IsADirectoryError:

@@ -100,4 +100,3 @@ def test_threads_sharing_a_handle_across_new_snapshots(tmp_path: Path) -> None:
             for thread in threads:
                 thread.join()
     assert not errors, errors[0]
-

@@ -316,3 +316,28 @@ def test_the_dataset_knows_its_classes(tmp_path: Path, capsys: pytest.CaptureFix
     convert_sharded("synthetic:10", tmp_path / "ds", shards=1, append=True)  # shards without names
     with open_sharded(tmp_path / "ds") as data:
         assert data.classes is None and len(data) == 18
+
+
+def test_append_refuses_other_classes_and_a_raw_shard_batches_beside_encoded_ones(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from imgstore.sharded import ShardedWriter
+    from imgstore.sharded.torch import ShardedIterable
+
+    _folder(tmp_path / "src", 8)  # classes a, b; 6x5 PNGs
+    convert_sharded(tmp_path / "src", tmp_path / "ds", shards=2)
+    (tmp_path / "other" / "x").mkdir(parents=True)
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "other" / "x" / "0.png")
+    with pytest.raises(imgstore.InvalidOptionError, match="classes"):
+        convert_sharded(tmp_path / "other", tmp_path / "ds", shards=1, append=True)
+    with pytest.raises(imgstore.InvalidOptionError, match="classes"):
+        ShardedWriter(tmp_path / "ds", backend="lmdb", classes=["x"])
+    assert (
+        not list((tmp_path / "ds" / "shards").glob(".shard-*"))
+        and len(list((tmp_path / "ds" / "shards").iterdir())) == 2
+    )
+    with ShardedWriter(tmp_path / "ds", backend="lmdb", classes=["a", "b"]) as writer:  # raw pixels, 6x5
+        writer.add(np.zeros((3, 6, 5, 3), np.uint8), [0, 1, 0])
+    it = ShardedIterable(tmp_path / "ds", batch_size=4, size=(6, 5))
+    assert sum(len(labels) for _images, labels in torch.utils.data.DataLoader(it, batch_size=None)) == 11
+    with pytest.raises(imgstore.InvalidOptionError, match="another size"):
+        ShardedIterable(tmp_path / "ds", batch_size=4, size=(4, 4))

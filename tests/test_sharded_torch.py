@@ -194,5 +194,5 @@ def test_samples_of_varied_shapes_and_size_on_raw_pixels(tmp_path: Path) -> None
     assert all(np.array_equal(got[k].permute(1, 2, 0).numpy(), images[k]) for k in range(10))
     with pytest.raises(imgstore.InvalidOptionError, match="size="):
         next(iter(ShardedIterable(tmp_path / "varied", batch_size=4)))
-    with pytest.raises(imgstore.InvalidOptionError, match="raw pixels of one shape"):
+    with pytest.raises(imgstore.InvalidOptionError, match="raw pixels of another size"):
         ShardedIterable(_write(tmp_path / "raw"), batch_size=4, size=(2, 2))

@@ -31,7 +31,7 @@ from imgstore.convert import check_backend_holds, fill_store, store_layout
 from imgstore.errors import InvalidOptionError, StoreExistsError
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import MANIFEST_NAME, SHARDS_DIR, DatasetManifest, ShardInfo
-from imgstore.sharded.writing import LOCK_NAME, commit_shards, read_committed, write_shard
+from imgstore.sharded.writing import LOCK_NAME, check_classes, commit_shards, read_committed, write_shard
 from imgstore.sources import Source, Target, make_target, open_source
 from imgstore.store import Store
 
@@ -116,9 +116,11 @@ def convert_sharded(
     else:
         _check_remote_dest(location)
     url = str(location.local) if location.local is not None else location.url  # absolute: a remote worker's too
-    revision = read_committed(location).revision
+    committed = read_committed(location)
+    revision = committed.revision
     if revision and not append:
         raise StoreExistsError(f"{location.url} already holds a sharded dataset (append=True, --append: add shards)")
+    check_classes(committed, target.classes)
     options = dict(storage_options or {})
     if engine == "local":
         infos = _on_threads(location, parts, (backend, target, options), workers)

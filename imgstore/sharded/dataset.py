@@ -380,12 +380,15 @@ class ShardedDataset:
         for k in np.unique(shard_of).tolist():  # shard by shard, each read in one get_many
             positions = np.flatnonzero(shard_of == k)
             local = where[positions] - self.offsets[k]
+            info = self.shards[k]
+            # raw pixels already of that size (a raw shard beside encoded ones) need no resize
+            asked = None if size is not None and info.codec == "raw" and info.shape[:2] == size else size
             ranged = self._ranged(k, len(positions))
             if ranged is not None:
-                images, shard_labels = self._read_ranged(k, ranged, local, one=False, size=size)
+                images, shard_labels = self._read_ranged(k, ranged, local, one=False, size=asked)
             else:
                 with self._reading(k) as store:
-                    images, shard_labels = store.get_many(local, size=size)
+                    images, shard_labels = store.get_many(local, size=asked)
             labels[positions] = shard_labels
             parts.append((positions, images))
         if not parts and self.shards and self.shards[0].shape is not None:  # no index: an empty batch

@@ -162,9 +162,12 @@ class ShardedIterable(IterableDataset[Any]):
         if not 0 <= _non_negative("rank", self.rank) < self.world_size:
             raise InvalidOptionError(f"rank must be in 0 .. {self.world_size - 1}, got {rank!r}")
         self.data = data if isinstance(data, ShardedDataset) else open_sharded(data, **dict(open_options or {}))
-        if self.size is not None and all(s.codec == "raw" and s.shape is not None for s in self.data.shards):
+        if self.size is not None and any(
+            s.codec == "raw" and s.shape is not None and s.shape[:2] != self.size for s in self.data.shards
+        ):
             raise InvalidOptionError(
-                f"size={self.size}: {self.data.url} holds raw pixels of one shape, which are not resized; leave it out"
+                f"size={self.size}: {self.data.url} holds shards of raw pixels of another size, which are not "
+                "resized; leave size out, or give their size"
             )
         self.counts = tuple(s.count for s in self.data.shards)
         self._epoch: Any = RawValue("q", 0)  # shared with workers, persistent ones included

@@ -35,6 +35,7 @@ from imgstore.sharded.manifest import (
     DatasetManifest,
     ShardFile,
     ShardInfo,
+    common_classes,
     list_files,
     parse_manifest,
     shard_checksum,
@@ -176,9 +177,23 @@ def _commit(location: Location, shards: Sequence[ShardInfo], expect_revision: in
             f"{location.url}: shard {missing[0]} was not written there, or not all of it (removed by sharded-clean "
             "with a grace shorter than this writer held it?); nothing committed"
         )
+    for shard in shards:
+        check_classes(old, shard.classes)
     new = old.appended(shards)
     location.write_manifest(new.to_json())
     return new
+
+
+def check_classes(dataset: DatasetManifest, classes: Sequence[str] | None) -> None:
+    """Shards with class names ``classes`` may join ``dataset``: its shards name none, or the same ones
+    (else label ``i`` would mean one class in some shards and another in others)."""
+    have = common_classes(dataset.shards)
+    if have is not None and classes is not None and list(classes) != have:
+        raise InvalidOptionError(
+            f"the dataset's shards name the classes {have[:5]}{'...' if len(have) > 5 else ''}; these name "
+            f"{list(classes)[:5]}{'...' if len(classes) > 5 else ''}: label i would mean another class in them. "
+            "Append images of the same classes (same names, same order), or write another dataset"
+        )
 
 
 def _uploaded(location: Location, shard: ShardInfo) -> bool:
@@ -230,6 +245,7 @@ class ShardedWriter:
         base = read_committed(self.location)
         if mode == "w" and base.revision:
             raise StoreExistsError(f"{url} already holds a sharded dataset; open it with mode='a' to append")
+        check_classes(base, store_options.get("classes"))
         self.base_revision = base.revision
         self.written: list[ShardInfo] = []
         self._images: list[np.ndarray | list[np.ndarray]] = []  # buffered, fewer than shard_size between calls
