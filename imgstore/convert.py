@@ -39,7 +39,8 @@ from imgstore.sources import ConvertError, Source, Target
 from imgstore.store import Store
 
 __all__ = [
-    "EXECUTORS", "BadFileError", "ConvertError", "ConvertResult", "Skipped", "convert", "fill_store", "store_layout",
+    "EXECUTORS", "BadFileError", "ConvertError", "ConvertResult", "OnError", "Skipped", "convert", "fill_store",
+    "store_layout",
 ]  # fmt: skip
 
 #: What runs the workers. "auto": processes where they re-encode (png, jpeg, webp), else threads.
@@ -210,11 +211,14 @@ def store_layout(target: Target, sync: bool = True) -> dict[str, Any]:
     return layout
 
 
-def fill_store(src: Source, store: Store, target: Target, *, workers: int | None = 0) -> ConvertResult:
+def fill_store(
+    src: Source, store: Store, target: Target, *, on_error: OnError = "fail", workers: int | None = 0
+) -> ConvertResult:
     """Write every item of ``src`` into the new, empty ``store`` (opened with :func:`store_layout`), failing
-    at the first bad file (:class:`BadFileError`): what a sharded build's task does for its shard."""
+    at the first bad file (:class:`ConvertError`), or skipping bad files (``on_error="skip"``: listed in
+    the result's ``skipped``): what a sharded build's task does for its shard."""
     check_backend_holds(store.backend, target)
-    options = _Options("fail", 1000, 256 << 20, False, False, False, store.sync)
+    options = _Options(on_error, 1000, 256 << 20, False, False, False, store.sync)
     result = ConvertResult(src.description, str(store.path), store.backend, store.codec, 0, src.total)
     try:
         _run(src, store, target, result, options, _pool("auto", workers, target.codec))

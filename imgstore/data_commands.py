@@ -126,12 +126,12 @@ def _run_sharded(args: argparse.Namespace) -> int:
     from imgstore.sources import ConvertError
 
     started = time.perf_counter()
-    refused = [flag for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite),
-                                        ("--on-error skip", args.on_error == "skip")) if given]  # fmt: skip
+    refused = [flag for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)) if given]
     if refused:
         why = "a sharded dataset is built whole and committed once; it grows by appending shards (--append)"
         verb = "does" if len(refused) == 1 else "do"
         return _error("convert", ValueError(f"{', '.join(refused)} {verb} not go with --shards: {why}"), EXIT_USAGE)
+    skipped: list[Any] = []
     try:
         manifest = convert_sharded(
             args.source,
@@ -142,6 +142,8 @@ def _run_sharded(args: argparse.Namespace) -> int:
             shuffle=not args.keep_order,
             seed=args.seed,
             append=args.append,
+            on_error=args.on_error,
+            skipped=skipped,
             engine=args.engine,
             scheduler=args.scheduler,
             workers=args.workers,
@@ -161,6 +163,9 @@ def _run_sharded(args: argparse.Namespace) -> int:
         f"converted {sum(s.count for s in made)} images into {len(made)} {args.backend} shards ({first.codec}, "
         f"{shape}) at {args.dest} ({args.engine}) in {time.perf_counter() - started:.2f} s{now}"
     )
+    if skipped:
+        print(f"  skipped {len(skipped)} bad files:")
+        print("\n".join(f"    {item.path}: {item.reason}" for item in sorted(skipped, key=lambda item: item.path)))
     return EXIT_OK
 
 

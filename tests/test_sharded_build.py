@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def test_convert_shards_honours_codec_and_shape_and_batches_into_tensors(tmp_pat
     assert main([*argv[:3], str(tmp_path / "other"), *argv[4:], "--codec", "raw", "--shape", "5x5x3"]) != 0
     assert not (tmp_path / "other" / "imgstore-sharded.json").exists()
     assert main([*argv[:3], str(tmp_path / "x"), *argv[4:], "--resume"]) == 2
-    assert main([*argv[:3], str(tmp_path / "x"), *argv[4:], "--overwrite", "--on-error", "skip"]) == 2
+    assert main([*argv[:3], str(tmp_path / "x"), *argv[4:], "--overwrite"]) == 2
 
 
 def test_a_kept_folder_batches_with_size_through_a_dataloader(tmp_path: Path) -> None:
@@ -341,3 +342,27 @@ def test_append_refuses_other_classes_and_a_raw_shard_batches_beside_encoded_one
     assert sum(len(labels) for _images, labels in torch.utils.data.DataLoader(it, batch_size=None)) == 11
     with pytest.raises(imgstore.InvalidOptionError, match="another size"):
         ShardedIterable(tmp_path / "ds", batch_size=4, size=(4, 4))
+
+
+@pytest.mark.parametrize("engine", ["local", "dask"])
+def test_on_error_skip_leaves_out_every_bad_file_and_lists_them(
+    tmp_path: Path, engine: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if engine == "dask":
+        pytest.importorskip("distributed")
+    images = _folder(tmp_path / "src", 12)
+    (tmp_path / "src" / "a" / "01.png").write_bytes(b"not a png")
+    (tmp_path / "src" / "b" / "09.png").write_bytes(b"neither")
+    skipped: list[Any] = []
+    manifest = convert_sharded(
+        tmp_path / "src", tmp_path / "ds", shards=3, on_error="skip", skipped=skipped, engine=engine, workers=2
+    )
+    assert sorted(item.path for item in skipped) == ["a/01.png", "b/09.png"]
+    assert manifest.count == 10
+    with open_sharded(tmp_path / "ds") as data:
+        got = {bytes(image) for image in data.get_many(range(10))[0]}
+    assert got == {bytes(image) for k, image in enumerate(images) if k not in (1, 9)}
+    if engine == "local":
+        argv = ["convert", str(tmp_path / "src"), str(tmp_path / "cli"), "--backend", "lmdb", "--shards", "2"]
+        assert main([*argv, "--on-error", "skip"]) == 0
+        assert "skipped 2 bad files" in capsys.readouterr().out

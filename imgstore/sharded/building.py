@@ -22,12 +22,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from imgstore.convert import check_backend_holds, fill_store, store_layout
+from imgstore.convert import OnError, Skipped, check_backend_holds, fill_store, store_layout
 from imgstore.errors import InvalidOptionError, StoreExistsError
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import MANIFEST_NAME, SHARDS_DIR, DatasetManifest, ShardInfo
@@ -39,27 +40,41 @@ Engine = Literal["local", "dask"]
 ENGINES = ("local", "dask")
 
 
-def build_shard(
-    dest: str,
-    part: Source,
-    backend: str,
-    target: Target,
-    storage_options: Mapping[str, Any] | None = None,
-    name_prefix: str = "",
-) -> ShardInfo:
+@dataclass(frozen=True)
+class ShardJob:
+    """What every task of a build does with its part (it pickles, for Dask)."""
+
+    backend: str
+    target: Target
+    storage_options: dict[str, Any]
+    on_error: OnError = "fail"
+    name_prefix: str = ""  # hex: the build's shards' names start with it (so that it can find them)
+
+
+@dataclass(frozen=True)
+class Built:
+    """A task's outcome: its sealed shard, and the bad files it skipped (``on_error="skip"``)."""
+
+    info: ShardInfo
+    skipped: list[Skipped]
+
+
+def build_shard(dest: str, part: Source, job: ShardJob) -> Built:
     """Write and seal one shard of ``dest`` from ``part`` of the source: the call a task runs."""
+    skipped: list[Skipped] = []
 
     def fill(store: Store) -> None:
-        fill_store(part, store, target)
+        skipped.extend(fill_store(part, store, job.target, on_error=job.on_error).skipped)
 
-    return write_shard(
+    info = write_shard(
         dest,
-        backend=backend,
+        backend=job.backend,
         fill=fill,
-        storage_options=storage_options,
-        name_prefix=name_prefix,
-        **store_layout(target),
+        storage_options=job.storage_options,
+        name_prefix=job.name_prefix,
+        **store_layout(job.target),
     )
+    return Built(info, skipped)
 
 
 def convert_sharded(
@@ -77,6 +92,8 @@ def convert_sharded(
     shuffle: bool = True,
     seed: int = 0,
     append: bool = False,
+    on_error: OnError = "fail",
+    skipped: list[Skipped] | None = None,
     engine: Engine = "local",
     scheduler: str | None = None,
     workers: int | None = None,
@@ -88,6 +105,9 @@ def convert_sharded(
     with these ``codec``, ``quality``, ``image_mode``, ``shape`` and ``full_check``. ``shuffle``: mix
     the items (with ``seed``) before cutting them into shards, else keep the source's order.
     ``append``: add the shards to the dataset at ``dest`` (else a dataset there is refused).
+    ``on_error``: ``"fail"`` stops the build at the first bad file (nothing committed); ``"skip"``
+    leaves bad files out, each appended to ``skipped`` (a list the caller gives) as it would be
+    listed by :func:`imgstore.convert.convert`.
 
     ``engine="local"``: ``workers`` threads here (default: one per core). ``engine="dask"``: one
     task per shard on Dask distributed: the cluster at ``scheduler`` (an address), else a
@@ -122,13 +142,18 @@ def convert_sharded(
         raise StoreExistsError(f"{location.url} already holds a sharded dataset (append=True, --append: add shards)")
     check_classes(committed, target.classes)
     options = dict(storage_options or {})
+    if on_error not in ("fail", "skip"):
+        raise InvalidOptionError(f"on_error takes 'fail' or 'skip', not {on_error!r}")
+    job = ShardJob(backend, target, options, on_error)
     if engine == "local":
-        infos = _on_threads(location, parts, (backend, target, options), workers)
+        built = _on_threads(location, parts, job, workers)
     else:
         from imgstore.sharded.on_dask import build_on_dask
 
-        infos = build_on_dask(location, parts, (backend, target, options), scheduler, workers, retries)
-    return commit_shards(url, infos, expect_revision=revision, storage_options=storage_options)
+        built = build_on_dask(location, parts, job, scheduler, workers, retries)
+    if skipped is not None:
+        skipped.extend(s for b in built for s in b.skipped)
+    return commit_shards(url, [b.info for b in built], expect_revision=revision, storage_options=storage_options)
 
 
 def _check_dest(root: Path) -> None:
@@ -157,13 +182,11 @@ def _check_remote_dest(location: Location) -> None:
         )
 
 
-def _on_threads(
-    location: Location, parts: list[Source], args: tuple[str, Target, dict[str, Any]], workers: int | None
-) -> list[ShardInfo]:
+def _on_threads(location: Location, parts: list[Source], job: ShardJob, workers: int | None) -> list[Built]:
     """Every part's shard built on threads; at the first failure the parts not started are not, and the shards
     this build sealed are deleted (no manifest names them: the build is not resumed, it is run again)."""
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        futures = [pool.submit(build_shard, location.url, part, *args) for part in parts]
+        futures = [pool.submit(build_shard, location.url, part, job) for part in parts]
         try:
             done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f in done and f.exception() is not None), None)
@@ -176,5 +199,5 @@ def _on_threads(
             wait(futures)
             for future in futures:
                 if not future.cancelled() and future.exception() is None:
-                    location.remove_shard_folder(future.result().name)
+                    location.remove_shard_folder(future.result().info.name)
             raise

@@ -13,14 +13,15 @@ is raised: no manifest names them.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from imgstore.errors import ImgStoreError, MissingDependencyError, StoreIOError, StoreNotFoundError
 from imgstore.sharded.location import Location
-from imgstore.sharded.manifest import ShardInfo
-from imgstore.sources import Source, Target
+from imgstore.sources import Source
+
+if TYPE_CHECKING:
+    from imgstore.sharded.building import Built, ShardJob
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,11 @@ class Failed:
     error: ImgStoreError
 
 
-def shard_task(
-    dest: str, part: Source, backend: str, target: Target, storage_options: Mapping[str, Any], prefix: str
-) -> ShardInfo | Failed:
+def shard_task(dest: str, part: Source, job: ShardJob) -> Built | Failed:
     from imgstore.sharded.building import build_shard
 
     try:
-        return build_shard(dest, part, backend, target, storage_options, prefix)
+        return build_shard(dest, part, job)
     except StoreIOError:
         raise  # perhaps transient: Dask retries it
     except ImgStoreError as exc:
@@ -46,11 +45,11 @@ def shard_task(
 def build_on_dask(
     location: Location,
     parts: list[Source],
-    args: tuple[str, Target, dict[str, Any]],
+    job: ShardJob,
     scheduler: str | None,
     workers: int | None,
     retries: int,
-) -> list[ShardInfo]:
+) -> list[Built]:
     try:
         from distributed import Client, LocalCluster, as_completed
     except ModuleNotFoundError as exc:
@@ -68,10 +67,9 @@ def build_on_dask(
             raise StoreIOError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
         with client:
             prefix = secrets.token_hex(4)  # this build's shards' names start with it
-            futures = [
-                client.submit(shard_task, url, part, *args, prefix, retries=retries, pure=False) for part in parts
-            ]
-            done: dict[Any, ShardInfo] = {}  # by task key
+            job = replace(job, name_prefix=prefix)
+            futures = [client.submit(shard_task, url, part, job, retries=retries, pure=False) for part in parts]
+            done: dict[Any, Built] = {}  # by task key
             try:
                 for future in as_completed(futures):  # type: ignore[no-untyped-call]
                     result = future.result()
