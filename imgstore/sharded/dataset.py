@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import partial
@@ -33,6 +33,7 @@ from imgstore.errors import (
 )
 from imgstore.opening import open_store
 from imgstore.sharded.cache import Pin, ShardCache
+from imgstore.sharded.holding import Holds
 from imgstore.sharded.location import Location
 from imgstore.sharded.manifest import DatasetManifest, ShardInfo, common_classes, hash_file, parse_manifest
 from imgstore.sharded.ranges import MAX_PARTIAL, RangedShard, checked_policy, use_ranges
@@ -96,8 +97,7 @@ class ShardedDataset:
         self._open: OrderedDict[int, tuple[Store, Pin | None]] = OrderedDict()
         self._partial: OrderedDict[int, RangedShard] = OrderedDict()  # shards read by byte ranges
         self._locking = (threading.RLock(), os.getpid())  # guards _open's and _partial's changes (and who made it)
-        self._readers: dict[int, int] = {}  # id(store) -> reads in progress (threads), from _open or _retired
-        self._retired: dict[int, Callable[[], None]] = {}  # how to close each, when its last read ends
+        self._holds = Holds()  # stores and partial copies that reads in other threads use (imgstore.sharded.holding)
         self.ranged_bytes = 0  # fetched by byte ranges (partial copies' small files included), closed ones too
         self._closed = False
         self._fetcher: ThreadPoolExecutor | None = None  # prefetch's one background thread
@@ -175,7 +175,7 @@ class ShardedDataset:
             return held[0]
         while len(self._open) >= self.open_shards:
             _k, (old, old_pin) = self._open.popitem(last=False)
-            self._retire(old, partial(_release, old, old_pin))  # closed now, or by the last thread reading it
+            self._holds.retire(old, partial(_release, old, old_pin))  # closed now, or by the last thread reading it
         pending = self._fetching.pop(k, None)
         if pending is not None:
             wait([pending])  # its outcome does not matter: acquire finds the entry, or fetches (and raises)
@@ -189,32 +189,11 @@ class ShardedDataset:
         """Shard ``k``'s store for one read: other threads opening other shards do not close it meanwhile."""
         with self._lock():
             store = self._shard_locked(k)
-            self._enter(store)
+            self._holds.enter(store)
         try:
             yield store
         finally:
-            self._leave(store)
-
-    # A store or partial copy that one thread drops (to keep few open) while others read it is closed
-    # by the last of its readers: _enter under the lock that found it, _leave after the read.
-    def _enter(self, used: object) -> None:
-        self._readers[id(used)] = self._readers.get(id(used), 0) + 1
-
-    def _leave(self, used: object) -> None:
-        with self._lock():
-            left = self._readers.pop(id(used)) - 1
-            if left:
-                self._readers[id(used)] = left
-            else:
-                close = self._retired.pop(id(used), None)
-                if close is not None:
-                    close()
-
-    def _retire(self, used: object, close: Callable[[], None]) -> None:
-        if self._readers.get(id(used)):
-            self._retired[id(used)] = close
-        else:
-            close()
+            self._holds.leave(store, self._lock())
 
     def _ranged(self, k: int, requested: int) -> RangedShard | None:
         """Shard ``k``'s partial copy if this request of ``requested`` records reads byte ranges, else None;
@@ -222,7 +201,7 @@ class ShardedDataset:
         with self._lock():  # threads reading one shard at once: one partial copy, none orphaned
             ranged = self._ranged_locked(k, requested)
             if ranged is not None:
-                self._enter(ranged)
+                self._holds.enter(ranged)
             return ranged
 
     def _lock(self) -> threading.RLock:
@@ -274,7 +253,7 @@ class ShardedDataset:
             # one, once, or the whole shard if the policy says so now.
             self._drop_partial(k, ranged)
         finally:
-            self._leave(ranged)
+            self._holds.leave(ranged, self._lock())
         again = self._ranged(k, len(local))
         if again is None:
             with self._reading(k) as store:
@@ -282,7 +261,7 @@ class ShardedDataset:
         try:
             return self._read_partial(k, again, local, one, size)
         finally:
-            self._leave(again)
+            self._holds.leave(again, self._lock())
 
     def _read_partial(
         self, k: int, ranged: RangedShard, local: np.ndarray, one: bool, size: tuple[int, int] | None
@@ -305,7 +284,7 @@ class ShardedDataset:
             if held is None or (ranged is not None and held is not ranged):
                 return
             del self._partial[k]
-            self._retire(held, held.close)
+            self._holds.retire(held, held.close)
 
     def prefetch(self, shards: Iterable[int]) -> None:
         """Start fetching these shards into the cache in a background thread (remote datasets; else nothing).
@@ -424,7 +403,7 @@ class ShardedDataset:
             # sqlite, leveldb or lmdb shards).
             while self._open:
                 _k, (store, pin) = self._open.popitem()
-                self._retire(store, partial(_release, store, pin))
+                self._holds.retire(store, partial(_release, store, pin))
         if self.cache is not None and not was_closed:
             try:  # the shards this handle kept pinned above cache_bytes may go now
                 self.cache.make_room(0)
