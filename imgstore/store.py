@@ -312,25 +312,30 @@ class Store(BackendPrimitives):
 
     def get(self, index: int) -> tuple[np.ndarray, int]:
         """The image and label at ``index`` (negative counts from the end)."""
-        refreshes = self._refreshes.count
+        active = self._refreshes.active  # counted before the closed check: close() waits for this read
+        active.append(None)
         try:
-            if (  # the hot path of a shuffled epoch: an int in range on an open raw handle of this process
-                type(index) is int
-                and 0 <= index < self._manifest.count
-                and self._forks == _forks[0]
-                and not self._closed
-                and self._encoded is None
-            ):
+            refreshes = self._refreshes.count
+            try:
+                if (  # the hot path of a shuffled epoch: an int in range on an open raw handle of this process
+                    type(index) is int
+                    and 0 <= index < self._manifest.count
+                    and self._forks == _forks[0]
+                    and not self._closed
+                    and self._encoded is None
+                ):
+                    return fixed.get(self, index)
+                self._check_usable()
+                index = self._checked_index(index)
+                if self._encoded is not None:
+                    return self._encoded.get(index)
                 return fixed.get(self, index)
-            self._check_usable()
-            index = self._checked_index(index)
-            if self._encoded is not None:
-                return self._encoded.get(index)
-            return fixed.get(self, index)
-        except Exception:
-            if self._refreshes.raced(refreshes):
-                return self.get(index)
-            raise
+            except Exception:
+                if self._refreshes.raced(refreshes):
+                    return self.get(index)
+                raise
+        finally:
+            active.pop()
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.get(index)
@@ -416,8 +421,15 @@ class Store(BackendPrimitives):
 
     def verify(self, batch_size: int = 4096) -> None:
         """Read every committed record and check it against its checksum; raise :class:`CorruptStoreError` on damage."""
+        active = self._refreshes.active  # counted before the closed check: close() waits for it
+        active.append(None)
+        try:
+            self._verify(checked_batch_size(batch_size))
+        finally:
+            active.pop()
+
+    def _verify(self, batch_size: int) -> None:
         self._check_usable()
-        batch_size = checked_batch_size(batch_size)
         count = len(self)
         if self._encoded is not None:
             for start in range(0, count, batch_size):  # each record's bytes against its checksum
