@@ -58,6 +58,15 @@ class RefreshGuard:
         finally:
             self.active.pop()
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """One read running (for reads that do not go through :meth:`retrying`)."""
+        self.active.append(None)
+        try:
+            yield
+        finally:
+            self.active.pop()
+
     def wait_for_reads(self, patience: float = 60.0) -> None:
         """Until no read runs (after the handle was marked closed, so that none starts); at most ``patience`` s."""
         deadline = time.monotonic() + patience

@@ -421,23 +421,15 @@ class Store(BackendPrimitives):
 
     def verify(self, batch_size: int = 4096) -> None:
         """Read every committed record and check it against its checksum; raise :class:`CorruptStoreError` on damage."""
-        active = self._refreshes.active  # counted before the closed check: close() waits for it
-        active.append(None)
-        try:
-            self._verify(checked_batch_size(batch_size))
-        finally:
-            active.pop()
-
-    def _verify(self, batch_size: int) -> None:
-        self._check_usable()
-        count = len(self)
-        if self._encoded is not None:
+        with self._refreshes.reading():  # counted before the closed check: close() waits for it
+            self._check_usable()
+            batch_size, count = checked_batch_size(batch_size), len(self)
+            if self._encoded is None:
+                return fixed.verify(self, batch_size)
             for start in range(0, count, batch_size):  # each record's bytes against its checksum
                 blobs, labels = self._encoded.read((start, min(start + batch_size, count)))
                 self._checksums.check_blobs(np.arange(start, start + len(blobs)), blobs, labels, self.path)
             self._encoded.check_side_files()
-            return
-        fixed.verify(self, batch_size)
 
     def iter_batches(
         self, batch_size: int = 1024, *, size: tuple[int, int] | None = None
