@@ -232,8 +232,6 @@ def injected_slowdown() -> list[Injection]:
     return parse_slowdown(os.environ.get(SLOWDOWN_VARIABLE, ""))
 
 
-
-
 # ---------------------------------------------------------------------- ratios, JSON, ordering, summary
 
 

@@ -38,8 +38,15 @@ def warm_up(body: Callable[..., Any], args: tuple[Any, ...], times: int = 2) -> 
 
 
 def _cold_rounds(
-    benchmark: Any, subject: Subject, op: Any, body: Callable[..., Any], path: Path, argument: Any,
-    shape: tuple[int, ...], cutoff: int, wall: WallRounds,
+    benchmark: Any,
+    subject: Subject,
+    op: Any,
+    body: Callable[..., Any],
+    path: Path,
+    argument: Any,
+    shape: tuple[int, ...],
+    cutoff: int,
+    wall: WallRounds,
 ) -> Any:
     """Timed rounds that each start with the store's files out of the page cache (checked), reader opened after."""
     import pytest

@@ -1,18 +1,18 @@
-"""Replay the protocol of ``.ci/bench-gate`` on runs written by ``.ci/validate-gate``.
+"""Replay the protocol of ``.ci/bench-gate`` on the paired sessions written by ``.ci/validate-gate``.
 
-Runs ``aa_<i>.json`` are the same code (A); ``inj_<i>.json`` the same code with slowdowns put in
-on purpose (I: busy-waits from ``IMGSTORE_BENCH_INJECT_SLOWDOWN`` and a real code change), taken
-alternately: aa_0, inj_0, aa_1, inj_1, ...
+A session ``<kind>_<i>`` is two runs of the gated matrix taken in turns, benchmark by benchmark
+(``<kind>_<i>_base.json``, ``<kind>_<i>_head.json``): ``aa`` sessions pair the same code with itself
+(A/A), ``inj`` sessions pair it with a copy slowed on purpose (busy-waits from
+``IMGSTORE_BENCH_INJECT_SLOWDOWN`` and a real code change), taken alternately: aa_0, inj_0, aa_1, ...
 
-* A/A comparison i: base = aa_i and aa_i+2, head = aa_i+1 and aa_i+3 (each side two runs,
-  interleaved, as the script takes them); a false alarm if anything is a regression.
-* Injected comparison j: base = aa_j and aa_j+1, head = inj_j and inj_j+1; each target (a slowed
-  benchmark, ``--target``) caught or not; any other benchmark flagged is a false alarm, unless it
-  matches ``--affected`` (rows a real code change slows too).
-* Benchmarks left ``slower? (rerun)`` are judged again, among themselves, on two other runs a side
-  (later ones, or earlier near the end), as the script's rerun stage runs and judges just those.
+* Comparison i of a kind: sessions i and i+1, as the gate's two sessions (``compare --paired``).
+  A/A: a false alarm if anything is a regression. Injected: each target (a slowed benchmark,
+  ``--target``) caught or not; any other benchmark flagged is a false alarm, unless it matches
+  ``--affected`` (rows a real code change slows too).
+* Benchmarks left ``slower? (rerun)`` are judged again, among themselves, on two other sessions of
+  the kind (later ones, or earlier near the end), as the script's rerun stage runs and judges just those.
 
-Consecutive comparisons share runs, so the counts are not independent trials.
+Consecutive comparisons share a session, so the counts are not independent trials.
     usage: python -m benchmarks.validate_gate DIR [--target ID ...] [--affected SUBSTRING ...]
 """
 
@@ -71,13 +71,15 @@ def benchmark_id(fullname: str) -> str:
 
 
 def gate(base: list[Run], head: list[Run], base2: list[Run], head2: list[Run]) -> Outcome:
-    """The verdict of one .ci/bench-gate invocation on these runs (base2/head2: its rerun stage's)."""
-    rows = compare.compare_clocks(compare.merge_runs(base), compare.merge_runs(head))
+    """The verdict of one .ci/bench-gate invocation on these paired runs (base2/head2: its rerun stage's)."""
+    rows = compare.compare_clocks(compare.merge_runs(base), compare.merge_runs(head), paired=True)
     regressions = [row.fullname for row in rows if row.verdict is Verdict.REGRESSION]
     rerun = compare.unsure(rows)
     if not regressions and rerun and base2:  # no other runs to rerun on: stays unsettled
         # .ci/bench-gate's rerun stage runs just these benchmarks: judged among themselves
-        again = compare.compare_clocks(compare.merge_runs(only(base2, rerun)), compare.merge_runs(only(head2, rerun)))
+        again = compare.compare_clocks(
+            compare.merge_runs(only(base2, rerun)), compare.merge_runs(only(head2, rerun)), paired=True
+        )
         regressions = [row.fullname for row in again if row.verdict is Verdict.REGRESSION]
     return Outcome(regressions, rerun)
 
@@ -87,25 +89,25 @@ def only(runs: list[Run], names: list[str]) -> list[Run]:
     return [Run(run.path, {n: run.benchmarks[n] for n in names if n in run.benchmarks}) for run in runs]
 
 
-def same_code_outcomes(same: list[Run]) -> list[Outcome]:
-    """A/A: base A_i, A_i+2 against head A_i+1, A_i+3; the rerun stage on four other A runs."""
-    outcomes = []
-    for i in range(max(0, len(same) - 3)):
-        j = i + 4 if i + 7 < len(same) else i - 4
-        later = ([same[j], same[j + 2]], [same[j + 1], same[j + 3]]) if j >= 0 else ([], [])
-        outcomes.append(gate([same[i], same[i + 2]], [same[i + 1], same[i + 3]], *later))
-    return outcomes
+Session = tuple[Run, Run]  # (base side, head side) of one paired session
 
 
-def injected_outcomes(same: list[Run], slowed: list[Run]) -> list[Outcome]:
-    """A_j, A_j+1 against I_j, I_j+1; the rerun stage on two other pairs."""
-    count = min(len(slowed), len(same))
-    outcomes = []
+def gate_outcomes(sessions: list[Session]) -> list[Outcome]:
+    """Comparison i: sessions i and i+1, as the gate's two sessions; its rerun stage on two other sessions."""
+    result = []
+    count = len(sessions)
     for i in range(max(0, count - 1)):
         j = i + 2 if i + 3 < count else i - 2
-        later = ([same[j], same[j + 1]], [slowed[j], slowed[j + 1]]) if j >= 0 else ([], [])
-        outcomes.append(gate([same[i], same[i + 1]], [slowed[i], slowed[i + 1]], *later))
-    return outcomes
+        later = [sessions[j], sessions[j + 1]] if j >= 0 else []
+        result.append(
+            gate(
+                [sessions[i][0], sessions[i + 1][0]],
+                [sessions[i][1], sessions[i + 1][1]],
+                [base for base, _ in later],
+                [head for _, head in later],
+            )
+        )
+    return result
 
 
 def tally(outcomes: list[Outcome], targets: tuple[str, ...] = (), affected: tuple[str, ...] = ()) -> Tally:
@@ -143,29 +145,31 @@ def main() -> None:
     targets = tuple(args.target or DEFAULT_TARGETS)
     affected = tuple(args.affected if args.affected is not None else DEFAULT_AFFECTED)
     same, slowed = _series(args.dir, "aa"), _series(args.dir, "inj")
-    same_outcomes, slowed_outcomes = same_code_outcomes(same), injected_outcomes(same, slowed)
+    same_outcomes, slowed_outcomes = gate_outcomes(same), gate_outcomes(slowed)
     for kind, outcomes in (("A/A", same_outcomes), ("injected", slowed_outcomes)):
         for i, outcome in enumerate(outcomes):
             if outcome.rerun or (kind == "A/A" and outcome.regressions):
                 flagged = [benchmark_id(name) for name in outcome.regressions]
                 print(f"{kind} {i}: regressions {flagged}, rerun {[benchmark_id(name) for name in outcome.rerun]}")
-    print(f"{len(same)} A runs, {len(slowed)} I runs in {args.dir}")
+    print(f"{len(same)} A/A sessions, {len(slowed)} injected sessions in {args.dir}")
     print(report(tally(same_outcomes), tally(slowed_outcomes, targets, affected)))
 
 
-def _series(directory: Path, prefix: str) -> list[Run]:
-    """The runs ``<prefix>_<i>.json`` in the order of i; a failed run (``.failed``, see .ci/validate-gate) is
-    left out, and the series ends at the first index with neither (or at a run still being written)."""
-    runs = []
+def _series(directory: Path, prefix: str) -> list[Session]:
+    """The sessions ``<prefix>_<i>_{base,head}.json`` in the order of i; a failed one (``.failed``, see
+    .ci/validate-gate) is left out, and the series ends at the first index with neither (or at a
+    session still being written)."""
+    sessions = []
     index = 0
-    while (path := directory / f"{prefix}_{index}.json").exists() or path.with_suffix(".failed").exists():
-        if path.exists():
+    while (base := directory / f"{prefix}_{index}_base.json").exists() or base.with_suffix(".failed").exists():
+        head = directory / f"{prefix}_{index}_head.json"
+        if base.exists() and head.exists():
             try:
-                runs.append(compare.load_run(path))
+                sessions.append((compare.load_run(base), compare.load_run(head)))
             except compare.ImgStoreError:
-                break  # a run still being written
+                break  # a session still being written
         index += 1
-    return runs
+    return sessions
 
 
 if __name__ == "__main__":

@@ -56,14 +56,18 @@ One file a side: per benchmark, the ratio of medians candidate/baseline and a co
 for it from the saved rounds (Hodges-Lehmann/Mann-Whitney on log times), widened by the drift
 between the two runs that the tutorial and limit rows of the same operation show.
 
-A directory a side (what .ci/bench-gate gives): each run is reduced to its fastest round
-(interference only adds time); the ratio is that of the geometric means of these, and its interval
-comes from how far the runs of the same code spread, per benchmark (never below what is usual for
-its operation).  This is the gate whose false-alarm and detection rates the README gives.
+A directory a side: each run is reduced to its fastest round (interference only adds time); the
+ratio is that of the geometric means of these, and its interval comes from how far the runs of the
+same code spread, per benchmark (never below what is usual for its operation).  With --paired (what
+.ci/bench-gate gives: run N of each side taken in turns, benchmark by benchmark), the spread is that
+of each benchmark's differences between the sides, and a regression is a ratio over the threshold
+that is significant for the suite.  This is the gate whose false-alarm and detection rates the
+README gives.
 
 Verdicts:
-  regression             the interval lies above 1 + THRESHOLD at CONFIDENCE and the slowdown is
-                         significant after Bonferroni over the suite: exit status 1
+  regression             the interval lies above 1 + THRESHOLD at CONFIDENCE (--paired: the ratio
+                         does) and the slowdown is significant after Bonferroni over the suite:
+                         exit status 1
   improvement            the mirror image
   slower? (rerun)        (directories) over the threshold, but this benchmark's own runs
                          disagreed; not a failure; --rerun FILE lists them
@@ -152,6 +156,13 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "the others still inform the intervals",
     )
     parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="directories whose runs were taken in turns, benchmark by benchmark: run N of BASELINE with run N "
+        "of CANDIDATE, in file-name order (.ci/bench-gate's sessions); each benchmark's spread is then that of "
+        "its N differences, and a regression is a ratio over the threshold that is significant for the suite",
+    )
+    parser.add_argument(
         "--normalize",
         action="store_true",
         help="divide every ratio by the machine drift (the median ratio of the tutorial and "
@@ -172,6 +183,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         args.confidence,
         normalize=args.normalize,
         wall_threshold=args.wall_threshold,
+        paired=args.paired,
     )
     if args.only is not None:
         try:

@@ -74,6 +74,7 @@ def compare_clocks(
     *,
     normalize: bool = False,
     wall_threshold: float | None = DEFAULT_WALL_THRESHOLD,
+    paired: bool = False,
 ) -> list[Comparison]:
     """:func:`~imgstore.analysis.verdict.compare_runs` on each row's judged clock, plus the wall check
     of CPU-judged rows at ``wall_threshold`` (None: no wall check). See the module docstring."""
@@ -88,7 +89,12 @@ def compare_clocks(
     pairs = [(name, baseline.benchmarks[name], candidate.benchmarks[name]) for name in common]
     on_wall = {name for name, base, cand in pairs if judged_on_wall(base) and judged_on_wall(cand)}
     rows = compare_runs(
-        judged_view(baseline, on_wall), judged_view(candidate, on_wall), threshold, confidence, normalize=normalize
+        judged_view(baseline, on_wall),
+        judged_view(candidate, on_wall),
+        threshold,
+        confidence,
+        normalize=normalize,
+        paired=paired,
     )
     rows = [dataclasses.replace(row, clock="wall") if row.fullname in on_wall else row for row in rows]
     wall_checked = {
@@ -99,7 +105,7 @@ def compare_clocks(
     if wall_threshold is None or not wall_checked:
         return rows
     walls = compare_runs(
-        wall_view(baseline, wall_checked), wall_view(candidate, wall_checked), wall_threshold, confidence
+        wall_view(baseline, wall_checked), wall_view(candidate, wall_checked), wall_threshold, confidence, paired=paired
     )
     flagged = {row.fullname: row for row in walls if row.verdict in (Verdict.REGRESSION, Verdict.UNSURE)}
     return sorted_rows([_graver(row, flagged.get(row.fullname)) for row in rows])

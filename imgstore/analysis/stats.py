@@ -167,7 +167,9 @@ def between_run_spreads(
     return spreads
 
 
-def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -> dict[str, tuple[float, float]]:
+def repeated_run_spreads(
+    baseline: Run, fastest: dict[str, list[list[float]]], *, paired: bool = False
+) -> dict[str, tuple[float, float]]:
     """Per benchmark, the sd (log scale) of the difference between the two sides' means, and the
     sd its operation usually has (both times sqrt(1/k + 1/m)).
 
@@ -177,11 +179,24 @@ def repeated_run_spreads(baseline: Run, fastest: dict[str, list[list[float]]]) -
     for k and m runs.  With two runs a side a benchmark's own estimate rests on two degrees of
     freedom and now and then comes out far too small, so it is never taken below the two floors
     described in the body (its operation's usual spread, its backend's other variants').
+
+    ``paired``: run i of one side was taken in turns with run i of the other, benchmark by benchmark
+    (``.ci/bench-gate``, benchmarks/turns.py), so the machine's slow swings touch both alike: the
+    spread is that of the k differences candidate - baseline (k - 1 degrees of freedom), expressed
+    per run (half their variance) so that the floors and the factor sqrt(2/k) read as above.  A
+    benchmark with unequal run counts on the two sides is taken unpaired.
     """
     variance: dict[str, float] = {}
     factor: dict[str, float] = {}
     freedoms = []
     for name, sides in fastest.items():
+        base_logs, cand_logs = sides
+        if paired and len(base_logs) == len(cand_logs) >= 2:
+            differences = [c - b for b, c in zip(base_logs, cand_logs, strict=True)]
+            variance[name] = statistics.variance(differences) / 2
+            freedoms.append(len(differences) - 1)
+            factor[name] = math.sqrt(2 / len(differences))
+            continue
         squares, freedom = 0.0, 0
         for logs in sides:
             mean = statistics.fmean(logs)

@@ -181,6 +181,7 @@ def compare_runs(
     confidence: float = 0.99,
     *,
     normalize: bool = False,
+    paired: bool = False,
 ) -> list[Comparison]:
     """Compare every benchmark of the two runs; rows sorted with regressions first.
 
@@ -208,7 +209,7 @@ def compare_runs(
         if max(len(baseline.benchmarks[name].run_rounds), len(candidate.benchmarks[name].run_rounds)) > 1
     ]
     if repeated:
-        rows = list(_repeated_comparisons(baseline, candidate, repeated, threshold, confidence, suite, drift))
+        rows = list(_repeated_comparisons(baseline, candidate, repeated, threshold, confidence, suite, drift, paired))
         return sorted_rows(rows + _other_rows(baseline, candidate, set(repeated), threshold, drift))
 
     # First the within-run intervals, then the between-run spread that the reference rows of
@@ -271,6 +272,7 @@ def _repeated_comparisons(
     confidence: float,
     suite: float,
     drift: float,
+    paired: bool = False,
 ) -> Iterator[Comparison]:
     """Verdicts from runs repeated on each side (see the module docstring, "Repeated runs").
 
@@ -287,8 +289,9 @@ def _repeated_comparisons(
         ]
         for name in names
     }
-    spreads = repeated_run_spreads(baseline, fastest)
+    spreads = repeated_run_spreads(baseline, fastest, paired=paired)
     z_each, z_suite = (statistics.NormalDist().inv_cdf(0.5 + c / 2) for c in (confidence, suite))
+    step = math.log1p(threshold)
     for name in names:
         base, cand = baseline.benchmarks[name], candidate.benchmarks[name]
         base_logs, cand_logs = fastest[name]
@@ -296,19 +299,29 @@ def _repeated_comparisons(
         spread, typical = spreads[name]
         low, high = math.exp(centre - z_each * spread), math.exp(centre + z_each * spread)
         significant = centre - z_suite * spread > 0 or centre + z_suite * spread < 0
-        verdict = _verdict(low, high, significant, threshold, base.record.kind)
+        reference = base.record.kind in REFERENCE_KINDS  # no imgstore change to settle there
+        if paired:
+            # Beyond the threshold, and significant for the whole suite (see the module docstring).
+            verdict = _verdict_of_centre(centre, significant, step, reference)
+            usual = abs(centre) - z_suite * typical > 0
+        else:
+            verdict = _verdict(low, high, significant, threshold, base.record.kind)
+            usual = centre - max(z_each, z_suite) * typical > step
         # Unsettled only because this benchmark's runs disagreed (one run hit by a neighbour, say):
         # at its operation's usual spread the same ratio would be a regression, so a rerun can settle it.
-        reference = base.record.kind in REFERENCE_KINDS  # no imgstore change to settle there
-        if (
-            verdict is Verdict.UNCHANGED
-            and not reference
-            and centre - max(z_each, z_suite) * typical > math.log1p(threshold)
-        ):
+        if verdict is Verdict.UNCHANGED and not reference and centre > step and usual:
             verdict = Verdict.UNSURE
         yield Comparison(
             name, base.name, verdict, base, cand, math.exp(centre), low, high, confidence, significant, spread
         )
+
+
+def _verdict_of_centre(centre: float, significant: bool, step: float, reference: bool) -> Verdict:
+    if significant and centre > step:
+        return Verdict.REFERENCE_SLOWER if reference else Verdict.REGRESSION
+    if significant and centre < -step:
+        return Verdict.IMPROVEMENT
+    return Verdict.UNCHANGED
 
 
 def _verdict(low: float, high: float, significant: bool, threshold: float, kind: object = None) -> Verdict:

@@ -1,0 +1,84 @@
+"""Two benchmark sessions taking turns, one benchmark at a time: base's first, head's first, base's second...
+
+``.ci/bench-gate`` runs the base and the head side as two pytest processes at once, each loaded with
+``-p benchmarks.turns`` and ``IMGSTORE_BENCH_TURNS=DIR:SIDE``. Before each test a process waits for its
+turn (a byte on its FIFO, ``DIR/SIDE``); after it, it hands the turn to the other (``DIR/OTHER``). So
+only one of them runs at any time, and the two measurements of a benchmark are seconds apart rather
+than a whole run apart: a neighbour's load that comes and goes over minutes, which moved whole runs of
+the same code by 5-10% here, touches both sides alike (README, "Regression gate").
+
+A process that ends (or the driver, for one that died) writes ``D`` to the other's FIFO: the other runs
+its remaining tests without waiting. A turn that does not come within ``TURN_TIMEOUT`` seconds (the
+other side hung) is taken anyway. Without the variable the plugin does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+__all__ = ["SIDES", "TURNS_VARIABLE", "TURN_TIMEOUT"]
+
+TURNS_VARIABLE = "IMGSTORE_BENCH_TURNS"
+SIDES = ("base", "head")
+TURN_TIMEOUT = 1800.0  # s: longer than any one benchmark of the gated matrix takes
+_TURN, _DONE = b"T", b"D"
+
+
+class _Turns:
+    def __init__(self, folder: str, side: str) -> None:
+        if side not in SIDES:
+            raise pytest.UsageError(f"{TURNS_VARIABLE}: the side is one of {', '.join(SIDES)}, not {side!r}")
+        other = SIDES[1 - SIDES.index(side)]
+        # O_RDWR: opening a FIFO so never blocks, whether or not the other side has opened it yet.
+        self._mine = os.open(os.path.join(folder, side), os.O_RDWR)
+        self._theirs = os.open(os.path.join(folder, other), os.O_RDWR)
+        self._alone = False  # the other side has ended: no more waiting
+
+    def wait(self) -> None:
+        if self._alone:
+            return
+        ready, _, _ = select.select([self._mine], [], [], TURN_TIMEOUT)
+        if not ready or os.read(self._mine, 1) == _DONE:
+            self._alone = True
+
+    def hand_over(self, token: bytes = _TURN) -> None:
+        os.write(self._theirs, token)
+
+    def close(self) -> None:
+        self.hand_over(_DONE)
+        os.close(self._mine)
+        os.close(self._theirs)
+
+
+_STATE = pytest.StashKey[_Turns]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    value = os.environ.get(TURNS_VARIABLE)
+    if value:
+        folder, _, side = value.rpartition(":")
+        config.stash[_STATE] = _Turns(folder, side)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Any) -> Generator[None, None, None]:
+    turns = item.config.stash.get(_STATE, None)
+    if turns is None:
+        yield
+        return
+    turns.wait()
+    try:
+        yield
+    finally:
+        turns.hand_over()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    turns = config.stash.get(_STATE, None)
+    if turns is not None:
+        turns.close()
