@@ -7,9 +7,11 @@ only one of them runs at any time, and the two measurements of a benchmark are s
 than a whole run apart: a neighbour's load that comes and goes over minutes, which moved whole runs of
 the same code by 5-10% here, touches both sides alike (README, "Regression gate").
 
-A process that ends (or the driver, for one that died) writes ``D`` to the other's FIFO: the other runs
-its remaining tests without waiting. A turn that does not come within ``TURN_TIMEOUT`` seconds (the
-other side hung) is taken anyway. Without the variable the plugin does nothing.
+Neither starts its first test before the other has collected its tests (``R``), so one side's imports
+do not overlap the other's first benchmarks. A process that ends (or the driver, for one that died)
+writes ``D`` to the other's FIFO: the other runs its remaining tests without waiting. A turn that does
+not come within ``TURN_TIMEOUT`` seconds (the other side hung) is taken anyway. Without the variable
+the plugin does nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ __all__ = ["SIDES", "TURNS_VARIABLE", "TURN_TIMEOUT"]
 TURNS_VARIABLE = "IMGSTORE_BENCH_TURNS"
 SIDES = ("base", "head")
 TURN_TIMEOUT = 1800.0  # s: longer than any one benchmark of the gated matrix takes
-_TURN, _DONE = b"T", b"D"
+_TURN, _DONE, _READY = b"T", b"D", b"R"
 
 
 class _Turns:
@@ -37,14 +39,22 @@ class _Turns:
         # O_RDWR: opening a FIFO so never blocks, whether or not the other side has opened it yet.
         self._mine = os.open(os.path.join(folder, side), os.O_RDWR)
         self._theirs = os.open(os.path.join(folder, other), os.O_RDWR)
+        self._other_ready = False  # the other side has collected its tests: its start-up is over
+        self._turn = False
         self._alone = False  # the other side has ended: no more waiting
 
+    def ready(self) -> None:
+        """Tell the other side this one has collected (no test of either starts while one is importing)."""
+        os.write(self._theirs, _READY)
+
     def wait(self) -> None:
-        if self._alone:
-            return
-        ready, _, _ = select.select([self._mine], [], [], TURN_TIMEOUT)
-        if not ready or os.read(self._mine, 1) == _DONE:
-            self._alone = True
+        while not self._alone and not (self._turn and self._other_ready):
+            readable, _, _ = select.select([self._mine], [], [], TURN_TIMEOUT)
+            token = os.read(self._mine, 1) if readable else _DONE  # timed out: the other side hung
+            self._other_ready |= token == _READY
+            self._turn |= token == _TURN
+            self._alone |= token == _DONE
+        self._turn = False
 
     def hand_over(self, token: bytes = _TURN) -> None:
         os.write(self._theirs, token)
@@ -63,6 +73,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if value:
         folder, _, side = value.rpartition(":")
         config.stash[_STATE] = _Turns(folder, side)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    turns = session.config.stash.get(_STATE, None)
+    if turns is not None:
+        turns.ready()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -660,6 +660,37 @@ def test_directories_of_repeated_runs_gate_on_the_fastest_rounds(tmp_path: Path,
     assert "Repeated runs (2 and 2 a side)" in out
 
 
+def test_paired_sessions_see_a_slowdown_through_drift_that_moves_whole_sessions(tmp_path: Path, capsys: Any) -> None:
+    """--paired: run N of each side taken in turns (.ci/bench-gate). A session's drift (here 1.0x then 1.4x, on
+    both sides alike) hides a 25% slowdown from the unpaired verdict; the paired one sees it, and passes
+    the same code."""
+    rng = np.random.default_rng(5)
+    drifts = (1.0, 1.4)
+
+    def sides(name: str, slowdown: float) -> tuple[Path, Path]:
+        folders = tmp_path / f"{name}-base", tmp_path / f"{name}-head"
+        for folder in folders:
+            folder.mkdir()
+        for session, drift in enumerate(drifts):
+            for folder, factor in zip(folders, (1.0, slowdown), strict=True):
+                rows = []
+                for index in range(8):
+                    seconds = 1e-3 * (index + 1) * drift * (factor if index == 0 else 1.0) * rng.lognormal(0, 0.01)
+                    info = {"kind": "imgstore", "operation": "read_many"}
+                    rounds = list(seconds * (1 + rng.exponential(0.02, 3)))
+                    rows.append(bench_json(f"b.py::test_{index}", rounds, extra_info=info))
+                write_run(folder / f"{session + 1}.json", rows)
+        return folders
+
+    same, slow = sides("same", 1.0), sides("slow", 1.25)
+    assert main(["compare", *map(str, same), "--paired"]) == 0
+    assert main(["compare", *map(str, slow)]) == 0  # unpaired: lost in the sessions' drift
+    capsys.readouterr()
+    assert main(["compare", *map(str, slow), "--paired"]) == 1
+    regressions = [line for line in capsys.readouterr().out.splitlines() if line.rstrip().endswith(" regression")]
+    assert len(regressions) == 1 and "test_0" in regressions[0]
+
+
 def test_markdown_summary(real_runs: tuple[Path, Path], tmp_path: Path) -> None:
     comment = tmp_path / "comment.md"
     assert main(["compare", *map(str, real_runs), "--markdown", str(comment)]) == 1

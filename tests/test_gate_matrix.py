@@ -18,13 +18,7 @@ pytest.importorskip("pytest_benchmark")
 from benchmarks import operations  # noqa: E402
 from benchmarks.data import parse_op_cutoffs  # noqa: E402
 from benchmarks.inject import Injection, parse_slowdown, slowed_down  # noqa: E402
-from benchmarks.validate_gate import (  # noqa: E402
-    Outcome,
-    benchmark_id,
-    injected_outcomes,
-    same_code_outcomes,
-    tally,
-)
+from benchmarks.validate_gate import Outcome, benchmark_id, gate_outcomes, tally  # noqa: E402
 from imgstore.analysis.load import Benchmark, Run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,32 +169,37 @@ def test_tally_counts_catches_per_target_and_other_rows_as_false_alarms() -> Non
     assert benchmark_id(name("imgstore-lmdb-read_many-1000-synthetic")) == "imgstore-lmdb-read_many-1000-synthetic"
 
 
-def _runs(rng: np.random.Generator, count: int, slowed: dict[str, float]) -> list[Run]:
-    """Runs of 12 benchmarks, 3 rounds each: 2% noise in a run and between runs (a quiet machine)."""
-    runs = []
+def _sessions(rng: np.random.Generator, count: int, slowed: dict[str, float]) -> list[tuple[Run, Run]]:
+    """Paired sessions of 12 benchmarks, 3 rounds each: 2% noise in a run, 2% between the two sides of a
+    session, and a session's drift (up to 30%) that touches both sides alike; ``slowed`` on the head side."""
+    sessions = []
     for _ in range(count):
-        benchmarks = {}
-        for k in range(12):
-            key = f"row{k}-read_many-1000-synthetic"
-            fullname = f"benchmarks/test_storage.py::test_storage[{key}]"
-            seconds = 1e-2 * (k + 1) * slowed.get(key, 1.0) * rng.lognormal(0, 0.02)
-            rounds = tuple(seconds * rng.lognormal(0, 0.02, 3))
-            benchmarks[fullname] = Benchmark(fullname, key, None, float(np.median(rounds)), rounds)
-        runs.append(Run("synthetic", benchmarks))
-    return runs
+        drift = rng.uniform(1.0, 1.3)
+        sides = []
+        for factor in ({}, slowed):
+            benchmarks = {}
+            for k in range(12):
+                key = f"row{k}-read_many-1000-synthetic"
+                fullname = f"benchmarks/test_storage.py::test_storage[{key}]"
+                seconds = 1e-2 * (k + 1) * drift * factor.get(key, 1.0) * rng.lognormal(0, 0.02)
+                rounds = tuple(seconds * rng.lognormal(0, 0.02, 3))
+                benchmarks[fullname] = Benchmark(fullname, key, None, float(np.median(rounds)), rounds)
+            sides.append(Run("synthetic", benchmarks))
+        sessions.append((sides[0], sides[1]))
+    return sessions
 
 
-def test_the_replayed_protocol_catches_slowed_rows_and_counts_no_false_alarm_on_steady_runs() -> None:
+def test_the_replayed_protocol_catches_slowed_rows_and_counts_no_false_alarm_on_steady_sessions() -> None:
     rng = np.random.default_rng(14)
-    slowed = {"row3-read_many-1000-synthetic": 1.3, "row7-read_many-1000-synthetic": 1.6}
-    same, injected = _runs(rng, 10, {}), _runs(rng, 9, slowed)
-    aa = tally(same_code_outcomes(same))
-    assert aa.comparisons == 7 and aa.alarms == 0
-    counted = tally(injected_outcomes(same, injected), ("row3-read_many-1000-synthetic",), ("row7-",))
+    slowed = {"row3-read_many-1000-synthetic": 1.25, "row7-read_many-1000-synthetic": 1.6}
+    aa = tally(gate_outcomes(_sessions(rng, 10, {})))
+    assert aa.comparisons == 9 and aa.alarms == 0
+    injected = _sessions(rng, 9, slowed)
+    counted = tally(gate_outcomes(injected), ("row3-read_many-1000-synthetic",), ("row7-",))
     assert counted.comparisons == 8
     assert counted.caught["row3-read_many-1000-synthetic"] == 8
     assert counted.alarms == 0  # row7 is slowed too, and named affected
-    assert tally(injected_outcomes(same, injected), ("row3-read_many-1000-synthetic",)).alarms == 8
+    assert tally(gate_outcomes(injected), ("row3-read_many-1000-synthetic",)).alarms == 8
 
 
 # ---------------------------------------------------------------------- the real slowdown

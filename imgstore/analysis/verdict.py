@@ -72,6 +72,15 @@ Repeated runs (the gate)
       runs settle.  No failure; ``--rerun FILE`` lists them and ``.ci/bench-gate`` runs both
       sides twice more and judges just those (``--only FILE``) on the new runs.
 
+    Paired sessions (``paired=True``, ``imgstore compare --paired``: what ``.ci/bench-gate`` now
+    runs): run i of each side was taken in turns with the other, one benchmark at a time
+    (benchmarks/turns.py), so a neighbour's load that moves whole runs by 5-10% touches both
+    measurements of a benchmark alike.  The spread is then that of each benchmark's differences
+    between the sides (same floors), and the rule is: the ratio over 1 + threshold, and significant
+    for the whole suite (Bonferroni, as above).  The stricter "interval above 1 + threshold" caught
+    a 25% slowdown only about half the time at the spreads measured here; a ratio just over the
+    threshold that the suite-wide test confirms is a change worth a look.
+
     In both modes a tutorial or limit row is at most ``slower (reference row)``, never a
     regression: it measures the machine or the reference code, not imgstore.
 
