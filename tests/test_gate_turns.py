@@ -39,7 +39,7 @@ def _paired(
     head = _checkout(tmp_path, "head", head_tests, log, broken == "head", slow == "head")
     script = (
         f"source {REPO}/.ci/gate-matrix && gate_args=(-q -p no:cacheprovider test_turns.py) && "
-        f'paired_run {base} {tmp_path}/b.json {head} {tmp_path}/h.json {first}'
+        f"paired_run {base} {tmp_path}/b.json {head} {tmp_path}/h.json {first}"
     )
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
     order = log.read_text().split() if log.exists() else []
