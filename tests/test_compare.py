@@ -215,6 +215,8 @@ def machine_run(rng: np.random.Generator, slowdown: dict[int, float] | None = No
         times = 1e-3 * (index + 1) * factor * (1 + rng.exponential(0.05, 30))
         name = f"bench.py::test_{index}"
         info = {"kind": "imgstore", "operation": operation}
+        if operation == "store_many":
+            info["judged_on"] = "wall"  # as the suite marks a durable write (benchmarks/timer.py)
         result[name] = Benchmark(name, f"test_{index}", None, float(np.median(times)), tuple(times), info)
     return Run("machine", result)
 

@@ -279,8 +279,12 @@ def test_the_replay_leaves_out_a_failed_run_and_stops_at_one_being_written(tmp_p
 
     doc = {"benchmarks": [{"fullname": "b.py::t[x]", "stats": {"median": 1.0, "data": [1.0]}}]}
     for index in (0, 2, 3):
-        (tmp_path / f"aa_{index}.json").write_text(json.dumps(doc))
-    (tmp_path / "aa_1.failed").touch()  # .ci/validate-gate: that run failed, see its log
-    (tmp_path / "aa_3.json").write_text("")  # still being written
-    (tmp_path / "aa_5.json").write_text(json.dumps(doc))  # after a gap: not part of the series
-    assert [Path(run.path).name for run in _series(tmp_path, "aa")] == ["aa_0.json", "aa_2.json"]
+        for side in ("base", "head"):
+            (tmp_path / f"aa_{index}_{side}.json").write_text(json.dumps(doc))
+    for side in ("base", "head"):
+        (tmp_path / f"aa_1_{side}.failed").touch()  # .ci/validate-gate: that session failed, see its log
+    (tmp_path / "aa_3_head.json").write_text("")  # still being written
+    for side in ("base", "head"):
+        (tmp_path / f"aa_5_{side}.json").write_text(json.dumps(doc))  # after a gap: not part of the series
+    names = [(Path(base.path).name, Path(head.path).name) for base, head in _series(tmp_path, "aa")]
+    assert names == [("aa_0_base.json", "aa_0_head.json"), ("aa_2_base.json", "aa_2_head.json")]

@@ -205,8 +205,11 @@ def repeated_run_spreads(
         variance[name] = squares / freedom if freedom else 0.0
         freedoms.append(freedom)
         factor[name] = math.sqrt(sum(1 / len(logs) for logs in sides))
-    # Two floors. What is usual for the operation: the median over its benchmarks, robust to a few
-    # odd ones. And what the variants of the same backend on the same operation show (the mean over
+    # Three floors. What is usual for the operation: the median over its benchmarks, robust to a few
+    # odd ones. What is usual for every row run the same way (size, cache, workers, clock), whatever
+    # its operation: an operation has few rows at one setting (4 epoch rows of a backend set at 10 000
+    # images), and the median of 4 one-degree-of-freedom variances is often far too low (an A/A false
+    # alarm here, README "Regression gate"). And what the variants of the same backend on the same operation show (the mean over
     # the other rows of the same kind and backend: imgstore-png, -png-nosync, -png-level0, ...):
     # they run the same code path, and a PNG write swings with the cost of creating files for
     # seconds at a time, which two runs of one benchmark can miss.
@@ -214,21 +217,28 @@ def repeated_run_spreads(
     # images swings far more between runs than a warm, in-process read of a few ms at 1 000: each size,
     # cache and worker count is its own kind of row for both floors.
     by_operation: dict[Any, list[float]] = {}
+    by_setting: dict[Any, list[float]] = {}
     by_backend: dict[Any, list[tuple[str, float]]] = {}
     records = {name: baseline.benchmarks[name].record for name in variance}
     setting = {name: (records[name].images, *_setting(baseline.benchmarks[name].extra_info)) for name in variance}
     for name, value in variance.items():
         by_operation.setdefault((records[name].operation, setting[name]), []).append(value)
+        by_setting.setdefault(setting[name], []).append(value)
         by_backend.setdefault((_variant_group(records[name]), setting[name]), []).append((name, value))
     # The median of variances with few degrees of freedom falls short of their mean (0.69x at 2):
     # scaled back by the median of chi-square/df (Wilson-Hilferty), so the floor is not too low.
     median_freedom = statistics.median(freedoms) if freedoms else 0
     shortfall = (1 - 2 / (9 * median_freedom)) ** 3 if median_freedom else 1.0
     typical = {key: statistics.median(values) / shortfall for key, values in by_operation.items()}
+    alike = {key: statistics.median(values) / shortfall for key, values in by_setting.items()}
     spreads = {}
     for name, value in variance.items():
         siblings = [v for other, v in by_backend[(_variant_group(records[name]), setting[name])] if other != name]
-        usual = max(typical[(records[name].operation, setting[name])], statistics.fmean(siblings) if siblings else 0.0)
+        usual = max(
+            typical[(records[name].operation, setting[name])],
+            alike[setting[name]],
+            statistics.fmean(siblings) if siblings else 0.0,
+        )
         spreads[name] = (math.sqrt(max(value, usual)) * factor[name], math.sqrt(usual) * factor[name])
     return spreads
 
