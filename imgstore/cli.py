@@ -60,14 +60,12 @@ A directory a side: each run is reduced to its fastest round (interference only 
 ratio is that of the geometric means of these, and its interval comes from how far the runs of the
 same code spread, per benchmark (never below what is usual for its operation).  With --paired (what
 .ci/bench-gate gives: run N of each side taken in turns, benchmark by benchmark), the spread is that
-of each benchmark's differences between the sides, and a regression is a ratio over the threshold
-that is significant for the suite.  This is the gate whose false-alarm and detection rates the
-README gives.
+of each benchmark's differences between the sides.  This is the gate whose false-alarm and
+detection rates the README gives.
 
 Verdicts:
-  regression             the interval lies above 1 + THRESHOLD at CONFIDENCE (--paired: the ratio
-                         does) and the slowdown is significant after Bonferroni over the suite:
-                         exit status 1
+  regression             the interval lies above 1 + THRESHOLD at CONFIDENCE and the slowdown is
+                         significant after Bonferroni over the suite: exit status 1
   improvement            the mirror image
   slower? (rerun)        (directories) over the threshold, but this benchmark's own runs
                          disagreed; not a failure; --rerun FILE lists them
@@ -160,7 +158,7 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="directories whose runs were taken in turns, benchmark by benchmark: run N of BASELINE with run N "
         "of CANDIDATE, in file-name order (.ci/bench-gate's sessions); each benchmark's spread is then that of "
-        "its N differences, and a regression is a ratio over the threshold that is significant for the suite",
+        "its N differences",
     )
     parser.add_argument(
         "--normalize",
@@ -197,7 +195,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         # A gate that compared nothing must not pass: benchmarks renamed, or a run that ran none.
         raise ImgStoreError("no benchmark is in both runs: nothing was compared (renamed benchmarks, or an empty run?)")
     drift = stats.machine_drift(baseline, candidate)
-    notes = report.notes(rows, drift, threshold=args.threshold, normalized=args.normalize)
+    notes = report.notes(rows, drift, threshold=args.threshold, normalized=args.normalize, paired=args.paired)
 
     print(report.format_table(rows, args.columns))
     print()

@@ -689,8 +689,10 @@ def test_paired_sessions_see_a_slowdown_through_drift_that_moves_whole_sessions(
     assert main(["compare", *map(str, slow)]) == 0  # unpaired: lost in the sessions' drift
     capsys.readouterr()
     assert main(["compare", *map(str, slow), "--paired"]) == 1
-    regressions = [line for line in capsys.readouterr().out.splitlines() if line.rstrip().endswith(" regression")]
+    out = capsys.readouterr().out
+    regressions = [line for line in out.splitlines() if line.rstrip().endswith(" regression")]
     assert len(regressions) == 1 and "test_0" in regressions[0]
+    assert "Repeated runs (2 and 2 a side, paired)" in out
 
 
 def test_markdown_summary(real_runs: tuple[Path, Path], tmp_path: Path) -> None:

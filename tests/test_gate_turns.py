@@ -21,7 +21,8 @@ def _checkout(root: Path, side: str, tests: int, log: Path, broken: bool = False
     (folder / "benchmarks").mkdir(parents=True)
     (folder / "benchmarks" / "__init__.py").write_text("")
     body = "".join(
-        f"def test_{i}():\n    with open({str(log)!r}, 'a') as f:\n        f.write('{side[0]}{i} ')\n    time.sleep(0.05)\n"
+        f"def test_{i}():\n    with open({str(log)!r}, 'a') as f:\n"
+        f"        f.write('{side[0]}{i} ')\n    time.sleep(0.05)\n"
         for i in range(tests)
     )
     start = "import time\n" + ("syntax error(\n" if broken else "")

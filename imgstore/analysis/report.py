@@ -141,6 +141,7 @@ def notes(
     *,
     threshold: float,
     normalized: bool = False,
+    paired: bool = False,
 ) -> list[str]:
     """The footnotes a reader needs to trust (or distrust) the table."""
     lines = []
@@ -210,9 +211,14 @@ def notes(
     if repeated:
         first = repeated[0]
         sides = f"{len(first.baseline.run_rounds) or 1} and {len(first.candidate.run_rounds) or 1}"  # type: ignore[union-attr]
+        between = (
+            "how far each benchmark's difference between the sides moves between paired sessions"
+            if paired
+            else "the spread between runs of the same code, per benchmark"
+        )
         lines.append(
-            f"Repeated runs ({sides} a side): ratio and interval are of each run's fastest round; "
-            "the interval includes the spread between runs of the same code, per benchmark."
+            f"Repeated runs ({sides} a side{', paired' if paired else ''}): ratio and interval are of each run's "
+            f"fastest round; the interval includes {between}."
         )
     spreads: dict[str, float] = {}
     if not repeated:  # one run a side: the spreads come from the reference rows, per operation

@@ -209,8 +209,9 @@ def repeated_run_spreads(
     # odd ones. What is usual for every row run the same way (size, cache, workers, clock), whatever
     # its operation: an operation has few rows at one setting (4 epoch rows of a backend set at 10 000
     # images), and the median of 4 one-degree-of-freedom variances is often far too low (an A/A false
-    # alarm here, README "Regression gate"). And what the variants of the same backend on the same operation show (the mean over
-    # the other rows of the same kind and backend: imgstore-png, -png-nosync, -png-level0, ...):
+    # alarm here, README "Regression gate"). And what the variants of the same backend on the same
+    # operation show (the mean over the other rows of the same kind and backend: imgstore-png,
+    # -png-nosync, -png-level0, ...):
     # they run the same code path, and a PNG write swings with the cost of creating files for
     # seconds at a time, which two runs of one benchmark can miss.
     # A cold row (files read from disk), an epoch with worker processes or a round of tens of ms at 10 000
