@@ -158,7 +158,7 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="directories whose runs were taken in turns, benchmark by benchmark: run N of BASELINE with run N "
         "of CANDIDATE, in file-name order (.ci/bench-gate's sessions); each benchmark's spread is then that of "
-        "its N differences",
+        "its N differences (as many runs a side, at least two)",
     )
     parser.add_argument(
         "--normalize",

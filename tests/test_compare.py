@@ -695,6 +695,32 @@ def test_paired_sessions_see_a_slowdown_through_drift_that_moves_whole_sessions(
     assert "Repeated runs (2 and 2 a side, paired)" in out
 
 
+def test_paired_refuses_sides_that_cannot_have_been_taken_in_turns(tmp_path: Path, capsys: Any) -> None:
+    """--paired pairs run N with run N: with unequal run counts or one run a side there are no pairs, and
+    taking them unpaired while the notes say "paired" would hide that the sessions were not what was asked."""
+    rows = [bench_json(f"b.py::test_{index}", [1e-3 * (index + 1)] * 3) for index in range(4)]
+    for side, runs in (("base", 3), ("head", 2), ("one", 1)):
+        (tmp_path / side).mkdir()
+        for run in range(runs):
+            write_run(tmp_path / side / f"{run + 1}.json", rows)
+    two = tmp_path / "base-two"
+    two.mkdir()
+    for run in range(2):
+        write_run(two / f"{run + 1}.json", rows)
+    cases = [
+        (tmp_path / "base", tmp_path / "head", "3 runs and the candidate 2"),
+        (tmp_path / "one", tmp_path / "head", "1 run and the candidate 2"),
+        (tmp_path / "one" / "1.json", tmp_path / "one" / "1.json", "1 run and the candidate 1"),
+    ]
+    for baseline, candidate, counts in cases:
+        assert main(["compare", str(baseline), str(candidate), "--paired"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("imgstore compare: error: --paired") and counts in err, err
+        assert "Traceback" not in err
+    assert main(["compare", str(two), str(tmp_path / "head"), "--paired"]) == 0
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "head")]) == 0  # unpaired: any counts
+
+
 def test_markdown_summary(real_runs: tuple[Path, Path], tmp_path: Path) -> None:
     comment = tmp_path / "comment.md"
     assert main(["compare", *map(str, real_runs), "--markdown", str(comment)]) == 1

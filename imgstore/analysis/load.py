@@ -89,6 +89,7 @@ class Run:
     commit_time: str | None = None
     dirty: bool = False
     machine: str | None = None
+    runs: int = 1  # how many runs (files) were merged into this one (:func:`merge_runs`)
 
 
 def load_run(path: str | Path) -> Run:
@@ -286,5 +287,9 @@ def merge_runs(runs: Sequence[Run]) -> Run:
             run_wall_rounds=per_run_wall if all(per_run_wall) else (),
         )
     return Run(
-        path=" + ".join(run.path for run in runs), benchmarks=benchmarks, datetime=first.datetime, commit=first.commit
+        path=" + ".join(run.path for run in runs),
+        benchmarks=benchmarks,
+        datetime=first.datetime,
+        commit=first.commit,
+        runs=sum(run.runs for run in runs),
     )

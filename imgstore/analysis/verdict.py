@@ -112,6 +112,7 @@ from imgstore.analysis.stats import (
     repeated_run_spreads,
     widen,
 )
+from imgstore.errors import ImgStoreError
 
 __all__ = [
     "CONFIDENCE_RANGE",
@@ -203,6 +204,13 @@ def compare_runs(
         raise ValueError(
             f"confidence must be between {CONFIDENCE_RANGE[0]:f} and {CONFIDENCE_RANGE[1]:f}, not {confidence}"
         )
+    if paired and not baseline.runs == candidate.runs >= 2:
+        # No pairs to take: judging them unpaired while the report says "paired" would hide it.
+        raise ImgStoreError(
+            f"--paired takes as many runs a side, at least two, run N of one side taken in turns with run N of "
+            f"the other (.ci/bench-gate's sessions); the baseline has {_runs(baseline)} and the candidate "
+            f"{_runs(candidate)}"
+        )
     measured = machine_drift(baseline, candidate) if normalize else None
     drift = measured.factor if measured else 1.0
 
@@ -265,6 +273,10 @@ def _other_rows(baseline: Run, candidate: Run, judged: set[str], threshold: floa
         if name not in baseline.benchmarks:
             rows.append(Comparison(name, bench.name, Verdict.ADDED, None, bench))
     return rows
+
+
+def _runs(run: Run) -> str:
+    return f"{run.runs} run{'s' if run.runs != 1 else ''}"
 
 
 def sorted_rows(rows: list[Comparison]) -> list[Comparison]:
