@@ -17,15 +17,18 @@ pytest.importorskip("pytest_benchmark")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _checkout(root: Path, side: str, tests: int, log: Path, broken: bool = False, slow: bool = False) -> Path:
-    """A folder with ``tests`` tests that each log '<side><i>' (and a benchmarks/ package for the plugin)."""
+def _checkout(
+    root: Path, side: str, tests: int | list[str], log: Path, broken: bool = False, slow: bool = False
+) -> Path:
+    """A folder with ``tests`` tests (a count, or their names) that each log '<side><name>' (and a benchmarks/
+    package for the plugin)."""
     folder = root / side
     (folder / "benchmarks").mkdir(parents=True)
     (folder / "benchmarks" / "__init__.py").write_text("")
     body = "".join(
         f"def test_{i}():\n    with open({str(log)!r}, 'a') as f:\n"
         f"        f.write('{side[0]}{i} ')\n    time.sleep(0.05)\n"
-        for i in range(tests)
+        for i in (range(tests) if isinstance(tests, int) else tests)
     )
     start = "import time\n" + ("syntax error(\n" if broken else "")
     if slow:  # a slow import (torch, say), then a mark in the log when it is over
@@ -35,14 +38,12 @@ def _checkout(root: Path, side: str, tests: int, log: Path, broken: bool = False
 
 
 def _paired(
-    tmp_path: Path, first: str, base_tests: int, head_tests: int, broken: str = "", slow: str = ""
-) -> tuple[list[str], int]:
-    order, result = _paired_result(tmp_path, first, base_tests, head_tests, broken, slow)
-    return order, result.returncode
-
-
-def _paired_result(
-    tmp_path: Path, first: str, base_tests: int, head_tests: int, broken: str = "", slow: str = ""
+    tmp_path: Path,
+    first: str,
+    base_tests: int | list[str],
+    head_tests: int | list[str],
+    broken: str = "",
+    slow: str = "",
 ) -> tuple[list[str], subprocess.CompletedProcess[str]]:
     log = tmp_path / "order.log"
     base = _checkout(tmp_path, "base", base_tests, log, broken == "base", slow == "base")
@@ -57,27 +58,35 @@ def _paired_result(
 
 
 def test_the_two_sides_alternate_test_by_test_and_the_longer_one_finishes_alone(tmp_path: Path) -> None:
-    order, status = _paired(tmp_path, "base", 3, 5)
-    assert status == 0
+    order, result = _paired(tmp_path, "base", 3, 5)
+    assert result.returncode == 0
     assert order == ["b0", "h0", "b1", "h1", "b2", "h2", "h3", "h4"]
 
 
 def test_head_goes_first_when_asked(tmp_path: Path) -> None:
-    order, status = _paired(tmp_path, "head", 3, 3)
-    assert status == 0
+    order, result = _paired(tmp_path, "head", 3, 3)
+    assert result.returncode == 0
     assert order == ["h0", "b0", "h1", "b1", "h2", "b2"]
 
 
+def test_a_benchmark_added_or_removed_in_head_keeps_the_others_paired(tmp_path: Path) -> None:
+    """A side's own tests run in its turn without handing it over, so every benchmark both sides have still runs
+    on each side one after the other (by index, a backend added in head would shift every pair after it)."""
+    order, result = _paired(tmp_path, "base", ["0", "1", "gone", "2", "3"], ["0", "new", "1", "2", "3", "newer"])
+    assert result.returncode == 0
+    assert order == ["b0", "h0", "b1", "hnew", "h1", "bgone", "b2", "h2", "b3", "h3", "hnewer"]
+
+
 def test_no_test_starts_while_the_other_side_is_still_importing(tmp_path: Path) -> None:
-    order, status = _paired(tmp_path, "base", 2, 2, slow="head")
-    assert status == 0
+    order, result = _paired(tmp_path, "base", 2, 2, slow="head")
+    assert result.returncode == 0
     assert order == ["h-collected", "b0", "h0", "b1", "h1"]
 
 
 def test_a_side_that_fails_stops_the_other_and_says_which(tmp_path: Path) -> None:
     """The session has no verdict then: the other side is stopped rather than left to run its tests out alone."""
     started = time.monotonic()
-    order, result = _paired_result(tmp_path, "base", 3, 400, broken="base")  # base fails to collect: exit 2
+    order, result = _paired(tmp_path, "base", 3, 400, broken="base")  # base fails to collect: exit 2
     assert result.returncode == 2  # the session failed, and says so
     assert "the base side failed (pytest exit status 2" in result.stderr
     assert order == [f"h{i}" for i in range(len(order))] and len(order) < 100
