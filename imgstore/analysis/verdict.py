@@ -69,16 +69,17 @@ Repeated runs (the gate)
       after Bonferroni;
     * ``slower? (rerun)`` when it is not, but would be at the spread usual for its operation:
       the benchmark's own runs disagreed (one of them hit by a neighbour, typically), which more
-      runs settle.  No failure; ``--rerun FILE`` lists them and ``.ci/bench-gate`` runs both
-      sides twice more and judges just those (``--only FILE``) on the new runs.
+      runs settle.  No failure; ``--rerun FILE`` lists them and ``.ci/bench-gate`` runs them in
+      two more paired sessions and judges just those (``--only FILE``) on the new runs.
 
     Paired sessions (``paired=True``, ``imgstore compare --paired``: what ``.ci/bench-gate`` now
     runs): run i of each side was taken in turns with the other, one benchmark at a time
     (benchmarks/turns.py), so a neighbour's load that moves whole runs by 5-10% touches both
     measurements of a benchmark alike.  The spread is then that of each benchmark's differences
-    between the sessions (same floors), and the rule is the one above.  Measured on the same
-    sessions (README, "Regression gate"): taken as unpaired runs, a 25% slowdown at 10 000 images
-    was caught 11-16 times in 20; paired, 18-20 times, with no A/A false alarm either way.
+    between the sessions (same floors), and the rule is the one above.  Measured on a quiet machine
+    (README, "Regression gate"): the same sessions taken as unpaired runs caught a 25% slowdown at
+    10 000 images 11-16 times in 20, paired 18-20 times, with no A/A false alarm either way; while a
+    CI run loaded the machine, paired 4-9 times in 10 (unpaired 2-6), with 2 A/A false alarms in 11.
 
     In both modes a tutorial or limit row is at most ``slower (reference row)``, never a
     regression: it measures the machine or the reference code, not imgstore.
