@@ -67,6 +67,8 @@ def loader_classes(backends: list[str], encoded: bool, n: int) -> list[type[Epoc
     if n < SMOKE_BELOW:
         backends = [b for b in backends if b in SMOKE_BACKENDS] or backends[:1]
     stores = [imgstore_loader(b) for b in backends if not encoded or supports_encoded(b)]
+    if encoded:  # and each as the store a training run at the decode size would make (imgstore_rows doc)
+        stores += [imgstore_loader(b, downscaled=True) for b in backends if supports_encoded(b)]
     return [LimitLoader, *stores, *(load_peer(name) for name in PEERS)]
 
 

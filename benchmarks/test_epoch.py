@@ -33,13 +33,13 @@ SLOW_EPOCH_SECONDS = 2.0
 
 
 def loader_class(name: str) -> type[EpochLoader]:
-    from benchmarks.loaders.imgstore_rows import imgstore_loader
+    from benchmarks.loaders.imgstore_rows import loader_for_name
     from benchmarks.loaders.limit import LimitLoader
 
     if name == LimitLoader.name:
         return LimitLoader
     if name.startswith("imgstore-"):
-        return imgstore_loader(name.removeprefix("imgstore-"))
+        return loader_for_name(name)
     return load_peer(name)
 
 

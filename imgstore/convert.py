@@ -115,6 +115,7 @@ def convert(
     quality: int | None = None,
     image_mode: str | None = "auto",
     shape: tuple[int, ...] | None = None,
+    downscale: int | None = None,
     workers: int | None = None,
     on_error: OnError = "fail",
     resume: bool = False,
@@ -134,7 +135,9 @@ def convert(
     a store: its own); ``image_mode``: ``"auto"`` (the source's: ``"RGB"`` for a folder, as
     torchvision's loader), ``"RGB"``, ``"L"`` or None (as stored). ``shape``: ``(H, W)`` or ``(H, W, C)``,
     the one shape of every image (a store of one shape; another shape is a bad file), None: the
-    source's (files decoded one by one may vary: a raw store of varied shapes). ``workers``: the pool's size
+    source's (files decoded one by one may vary: a raw store of varied shapes). ``downscale``: N makes
+    every image whose shorter side is over N pixels that much smaller, as torchvision's ``Resize(N)``
+    (:mod:`imgstore.codecs.downscale`; needs a codec that encodes, not ``keep``). ``workers``: the pool's size
     (default: every core; 0 works in this thread). ``on_error``: ``"fail"`` raises
     :class:`BadFileError` at the first bad file, after committing the records before it; ``"skip"``
     goes on and lists it in ``ConvertResult.skipped``. ``resume``: continue into a store a stopped
@@ -148,7 +151,7 @@ def convert(
     options = _Options(on_error, batch_images, batch_bytes, progress, resume, overwrite, sync)
     src = source if isinstance(source, Source) else sources.open_source(source, split=split)
     try:
-        target = sources.make_target(src, codec, quality, image_mode, full_check, shape)
+        target = sources.make_target(src, codec, quality, image_mode, full_check, shape, downscale)
         check_backend_holds(backend, target)
         if on_error == "skip" and (src.origin != "folder" or not target.keeps_paths):
             raise ConvertError(

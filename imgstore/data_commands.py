@@ -71,6 +71,13 @@ def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="every image's shape, HxWxC or HxW (e.g. 32x32x3): a store of one shape, as memmap needs; "
         "a file of another shape is a bad file (default: the source's; files may vary)",
     )
+    parser.add_argument(
+        "--downscale",
+        type=int,
+        metavar="N",
+        help="make every image whose shorter side is over N pixels that much smaller (torchvision's Resize(N), "
+        "bilinear), so that training decodes less; needs a codec that encodes, e.g. --codec jpeg --quality 90",
+    )
     parser.add_argument("--workers", type=int, help="reader/encoder threads (default: one per core; 0: none)")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="on a bad file (default: fail)")
     parser.add_argument("--resume", action="store_true", help="continue a stopped conversion into DEST")
@@ -117,6 +124,7 @@ def _made_as(args: argparse.Namespace) -> dict[str, Any]:
         image_mode="auto" if mode is None else None if mode == "none" else mode,
         shape=args.shape,
         full_check=args.full_check,
+        downscale=args.downscale,
         split=args.split,
     )
 

@@ -24,6 +24,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from imgstore.codecs import decode, get_codec, is_whole, probe
+from imgstore.codecs.downscale import checked_shorter_side, downscale_array, downscale_blob, downscaled_size
 from imgstore.encoded import PreparedRecord
 from imgstore.errors import DatasetError, ImgStoreError, InvalidImageError
 from imgstore.fileio import open_regular
@@ -42,6 +43,7 @@ __all__ = [
     "find_classes",
     "image_files",
     "make_target",
+    "memory_source",
     "open_source",
     "prepare_batch",
 ]
@@ -274,13 +276,20 @@ def _dataset_source(name: str, arg: str, split: str) -> Source:
     names = {"cifar10": list(CIFAR10_CLASSES), "fashion-mnist": list(FASHION_MNIST_CLASSES)}
     if name == "imagenet-like":  # labels k % 10, named as its image folders are
         names[name] = class_names(10)
+    return memory_source(f"dataset {name} ({split}, {len(images)} images)", images, labels, names.get(name))
+
+
+def memory_source(
+    description: str, images: np.ndarray | list[bytes], labels: Any, classes: list[str] | None = None
+) -> Source:
+    """Images in memory as a source: arrays ``[N, ...]`` (default codec raw) or encoded files (keep, RGB)."""
     encoded = isinstance(images, list)
     return Source(
-        description=f"dataset {name} ({split}, {len(images)} images)",
+        description=description,
         origin="dataset",
         kind="bytes" if encoded else "array",
         total=len(images),
-        classes=names.get(name),
+        classes=classes,
         default_codec="keep" if encoded else "raw",
         default_image_mode="RGB" if encoded else None,
         default_params={},
@@ -339,8 +348,15 @@ def make_target(
     image_mode: Any,
     full_check: bool,
     shape: tuple[int, ...] | None = None,
+    downscale: int | None = None,
 ) -> Target:
     name = src.default_codec if codec is None else codec
+    shorter = checked_shorter_side(downscale)
+    if shorter is not None and name == "keep":
+        raise ConvertError(
+            "downscale re-encodes the images, and codec keep stores the files as they are: pass a codec "
+            "(--codec jpeg --quality 90, png, webp or raw)"
+        )
     params: dict[str, Any] = dict(src.default_params) if name == src.default_codec and quality is None else {}
     if quality is not None:
         params["quality"] = quality
@@ -358,10 +374,14 @@ def make_target(
         store_shape = fixed
     elif name == "raw":
         store_shape = src.shape if src.kind == "array" else None  # decoded files vary in shape
+        if store_shape is not None and shorter is not None:
+            store_shape = (*downscaled_size(store_shape[0], store_shape[1], shorter), *store_shape[2:])
+    elif shorter is not None:
+        store_shape = "auto"
     else:  # the source's fixed shape where the images decode as they did
         store_shape = src.shape if src.shape is not None and mode == src.default_image_mode else "auto"
     store_mode = None if name == "raw" else mode
-    plan = Plan(name, resolved, mode, full_check, fixed)
+    plan = Plan(name, resolved, mode, full_check, fixed, shorter)
     return Target(name, resolved, store_mode, src.classes, store_shape, plan)
 
 
@@ -390,6 +410,7 @@ class Plan:
     mode: str | None  # decode to this Pillow mode (None: as stored)
     full_check: bool  # keep: decode every file (else: its header, and decode only files not visibly whole)
     shape: tuple[int, ...] | None = None  # every decoded image must be of this shape (else: the store checks)
+    downscale: int | None = None  # the shorter side of larger images made this (codecs.downscale), else as is
 
 
 class Prepared(NamedTuple):
@@ -410,6 +431,8 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
         if kind == "array":
             array = np.asarray(item)
             read = array.nbytes
+            if plan.downscale is not None:
+                array = downscale_array(array, plan.downscale)
             return Prepared(array if plan.codec == "raw" else codec.encode(array), read, None)
         if kind == "file":
             with open_regular(item) as file:  # a FIFO named like an image would block the conversion forever
@@ -425,7 +448,10 @@ def _prepare(kind: ItemKind, item: Any, plan: Plan, codec: Any) -> Prepared:
             if plan.full_check or not is_whole(data):
                 decode(data, mode=plan.mode)
             return Prepared(data, read, None)
-        array = decode(data, mode=plan.mode)
+        if plan.downscale is not None:
+            array = downscale_blob(data, plan.mode, plan.downscale)
+        else:
+            array = decode(data, mode=plan.mode)
         if plan.shape is not None:
             if array.shape[:2] != plan.shape[:2] or array.size != int(np.prod(plan.shape)):
                 return Prepared(None, read, f"it decodes to shape {array.shape}, not the store's {plan.shape}")

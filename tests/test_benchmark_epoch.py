@@ -104,6 +104,31 @@ def test_decoded_files_carry_their_index_and_are_checked(tmp_path: Path) -> None
     )
 
 
+def test_the_downscaled_row_holds_jpegs_at_the_decode_size_and_passes_the_check(tmp_path: Path) -> None:
+    from benchmarks.loaders.imgstore_rows import loader_for_name
+    from imgstore import open_store
+    from imgstore.codecs import probe
+    from imgstore.datasets import load_dataset
+
+    files, _ = load_dataset("imagenet-like", 24)
+    source = epoch_source("imagenet-like", files, np.zeros(24, np.int64))
+    row = loader_for_name("imgstore-lmdb-downscaled")()
+    assert row.name == "imgstore-lmdb-downscaled" and row.backend == "lmdb"
+    row.build(source, tmp_path)
+    with open_store(tmp_path / "store") as store:
+        assert store.codec == "jpeg" and store.codec_params["quality"] == 90 and len(store) == 24
+        shapes = [store.get(i)[0].shape for i in range(24)]
+    originals = [probe(data) for data in files]
+    assert [min(shape[:2]) for shape in shapes] == [min(i.height, i.width, *DECODE_SIZE) for i in originals]
+    assert max(min(i.height, i.width) for i in originals) > min(DECODE_SIZE)  # some were made smaller
+    assert sum(path.stat().st_size for path in row.files()) < sum(map(len, files)) / 2
+    batches = _epoch(row.loader(batch_size=8, num_workers=2, seed=0))
+    assert EpochCheck(source).problems(_kept(batches)) is None
+    row.close()
+    with pytest.raises(ValueError, match="no imgstore epoch row"):
+        loader_for_name("imgstore-lmdb-sideways")
+
+
 def test_eviction_leaves_the_page_cache_and_the_data(tmp_path: Path) -> None:
     path = tmp_path / "data.bin"
     data = np.random.default_rng(1).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()

@@ -88,6 +88,7 @@ def convert_sharded(
     image_mode: str | None = "auto",
     shape: tuple[int, ...] | None = None,
     full_check: bool = False,
+    downscale: int | None = None,
     split: str = "train",
     shuffle: bool = True,
     seed: int = 0,
@@ -102,7 +103,7 @@ def convert_sharded(
 ) -> DatasetManifest:
     """Convert ``source`` (a folder or a dataset: :func:`imgstore.sources.open_source`) into a new sharded
     dataset at ``dest`` of ``shards`` shards, each converted as :func:`imgstore.convert.convert` would
-    with these ``codec``, ``quality``, ``image_mode``, ``shape`` and ``full_check``. ``shuffle``: mix
+    with these ``codec``, ``quality``, ``image_mode``, ``shape``, ``full_check`` and ``downscale``. ``shuffle``: mix
     the items (with ``seed``) before cutting them into shards, else keep the source's order.
     ``append``: add the shards to the dataset at ``dest`` (else a dataset there is refused).
     ``on_error``: ``"fail"`` stops the build at the first bad file (nothing committed); ``"skip"``
@@ -121,7 +122,7 @@ def convert_sharded(
         raise InvalidOptionError("a scheduler address needs engine='dask'")
     src = open_source(source, split=split)
     try:
-        target = make_target(src, codec, quality, image_mode, full_check, shape)
+        target = make_target(src, codec, quality, image_mode, full_check, shape, downscale)
         check_backend_holds(backend, target)
         if shards > src.total:
             raise InvalidOptionError(f"{shards} shards for {src.total} images: at most one shard per image")
