@@ -367,15 +367,17 @@ def make_target(
     if src.kind == "array" and name == "raw" and mode is not None:
         raise ConvertError("a dataset of arrays stored as raw pixels keeps them as they are: no image mode")
     fixed = checked_shape(shape)
-    if fixed is not None and src.kind == "array" and src.shape is not None and fixed != src.shape:
-        raise ConvertError(f"{src.description} holds images of shape {src.shape}, not {fixed}: leave out the shape")
+    made = src.shape  # the shape of the source's arrays as stored: downscaled, like the shape given is
+    if made is not None and shorter is not None:
+        made = (*downscaled_size(made[0], made[1], shorter), *made[2:])
+    if fixed is not None and src.kind == "array" and made is not None and fixed != made:
+        what = f"{made} once downscaled" if made != src.shape else f"{made}"
+        raise ConvertError(f"{src.description} holds images of shape {what}, not {fixed}: leave out the shape")
     store_shape: tuple[int, ...] | None | Literal["auto"]
     if fixed is not None:  # the caller's: images of another shape are bad items
         store_shape = fixed
     elif name == "raw":
-        store_shape = src.shape if src.kind == "array" else None  # decoded files vary in shape
-        if store_shape is not None and shorter is not None:
-            store_shape = (*downscaled_size(store_shape[0], store_shape[1], shorter), *store_shape[2:])
+        store_shape = made if src.kind == "array" else None  # decoded files vary in shape
     elif shorter is not None:
         store_shape = "auto"
     else:  # the source's fixed shape where the images decode as they did

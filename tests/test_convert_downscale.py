@@ -175,3 +175,19 @@ def test_an_array_it_cannot_resize_is_a_clear_error() -> None:
         downscale_array(np.zeros((40, 40, 3), np.float32), 20)
     small = np.zeros((10, 40, 3), np.uint8)
     assert downscale_array(small, 20) is small  # nothing to do: the same array
+
+
+def test_a_shape_given_with_arrays_is_the_downscaled_one(tmp_path: Path) -> None:
+    """--shape is the store's shape, after the resize, for arrays as for files (it was compared to the
+    source's own shape: the right shape refused, the source's accepted and then failing at the first write)."""
+    convert("synthetic:6", tmp_path / "full", backend="memmap")
+    convert("synthetic:6", tmp_path / "small", backend="memmap", codec="raw", shape=(16, 16, 3), downscale=16)
+    with imgstore.open_store(tmp_path / "full") as full, imgstore.open_store(tmp_path / "small") as small:
+        assert small.shape == (16, 16, 3)
+        expected = [
+            np.asarray(Image.fromarray(full.get(k)[0]).resize((16, 16), Image.Resampling.BILINEAR)) for k in range(6)
+        ]
+        np.testing.assert_array_equal(small.get_many(range(6))[0], np.stack(expected))
+    with pytest.raises(ConvertError, match=r"\(16, 16, 3\) once downscaled, not \(32, 32, 3\)"):
+        convert("synthetic:6", tmp_path / "wrong", backend="memmap", codec="raw", shape=(32, 32, 3), downscale=16)
+    assert not (tmp_path / "wrong").exists()
