@@ -209,6 +209,8 @@ def store_layout(target: Target, sync: bool = True) -> dict[str, Any]:
     layout: dict[str, Any] = dict(
         codec=target.codec, codec_params=target.params, classes=target.classes, shape=target.shape, sync=sync
     )
+    if target.plan.downscale is not None:
+        layout["downscale"] = target.plan.downscale
     if target.codec != "raw":
         layout["image_mode"] = target.image_mode
     return layout
@@ -244,7 +246,7 @@ def _open_dest(path: Path, backend: str, target: Target, options: _Options, back
         return open_store(path, backend, "a", **layout, **backend_options)
     store = open_store(path, None, "a", sync=options.sync, **backend_options)
     try:
-        differences = _differences(store, backend, target)
+        differences = _differences(store, backend, target, manifest.downscale)
         if differences:
             how = "rerun with the options it was made with" if options.resume else "convert into another DEST"
             raise ConvertError(
@@ -262,7 +264,7 @@ def _open_dest(path: Path, backend: str, target: Target, options: _Options, back
     return store
 
 
-def _differences(store: Store, backend: str, target: Target) -> list[str]:
+def _differences(store: Store, backend: str, target: Target, downscale: int | None) -> list[str]:
     fixed = None if target.shape == "auto" else target.shape
     pairs: list[tuple[str, Any, Any]] = [
         ("backend", store.backend, backend),
@@ -271,6 +273,7 @@ def _differences(store: Store, backend: str, target: Target) -> list[str]:
         ("image mode", store.image_mode, target.image_mode),
         ("classes", store.classes, target.classes),
         ("varied shapes", store.varied, target.encoded and fixed is None),
+        ("downscale", downscale, target.plan.downscale),
     ]
     if fixed is not None and store.shape is not None:
         pairs.append(("shape", tuple(store.shape), tuple(fixed)))

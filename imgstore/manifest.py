@@ -67,6 +67,9 @@ class Manifest:
     image_mode: str | None = None  # what reads decode to: None as stored, "RGB", "L" (PIL's convert)
     varied: bool = False  # images of any shape (shape stays None)
     classes: tuple[str, ...] | None = None  # class names, label i is classes[i]
+    # convert --downscale N: larger images were made this small (shorter side N). Not in the JSON when
+    # None, so that other manifests stay as they were; a resume must not mix two sizes silently.
+    downscale: int | None = None
 
     @property
     def encoded(self) -> bool:
@@ -81,6 +84,8 @@ class Manifest:
         data["shape"] = list(self.shape) if self.shape is not None else None
         data["files"] = list(self.files)
         data["classes"] = list(self.classes) if self.classes is not None else None
+        if self.downscale is None:
+            del data["downscale"]
         if self.format_version <= 2:
             for name in _V3_FIELDS:
                 del data[name]
@@ -195,6 +200,7 @@ def _parse(data: dict[str, Any], version: int) -> Manifest:
             "image_mode": mode if mode is None else _str(mode),
             "varied": _bool(data["varied"]),
             "classes": tuple(classes) if classes is not None else None,
+            "downscale": None if data.get("downscale") is None else _int(data["downscale"]),
         }
     return Manifest(
         backend=data["backend"],
@@ -248,6 +254,8 @@ def _check_values(path: Path, manifest: Manifest) -> None:
         len(manifest.classes) > MAX_CLASSES or any(not 0 < len(c) <= 1000 for c in manifest.classes)
     ):
         problems.append("class names (at most 65 536, each 1 to 1 000 characters)")
+    if manifest.downscale is not None and manifest.downscale < 1:
+        problems.append(f"downscale {manifest.downscale}")
     if manifest.checksum not in ("crc32", "xxh3_64"):
         problems.append(f"checksum {manifest.checksum!r}")
     if not 0 <= manifest.group <= 1 << 20 or (shape is not None and manifest.group < 1):

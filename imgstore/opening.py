@@ -68,6 +68,7 @@ def open_store(
     codec_params: Mapping[str, Any] | None = None,
     image_mode: str | None = None,
     classes: Sequence[str] | None = None,
+    downscale: int | None = None,
     decoder: str = "auto",
     sync: bool = True,
     verify_reads: bool = True,
@@ -86,11 +87,13 @@ def open_store(
     (default) is "fixed by the first write" for raw stores and None for encoded ones;
     ``image_mode``: what encoded images decode to, ``"RGB"`` or ``"L"`` (PIL's ``convert``, as
     torchvision's loader does) or None (as stored); ``classes``: class names (label i is
-    ``classes[i]``). ``decoder`` (``"auto"``, ``"pillow"``, ``"simplejpeg"``, ``"turbojpeg"``)
-    decodes this handle's reads. ``sync=False`` skips fsync: faster writes, but the
-    last commits may be lost on power failure. ``verify_reads=False`` skips checking each record
-    read against its checksum (see the README for what the check costs). ``options`` are the
-    backend's own (see its ``option_specs``): layout options are fixed when the store is created.
+    ``classes[i]``); ``downscale``: N notes that the images were made smaller as ``imgstore convert
+    --downscale N`` does (the store resizes nothing; a resumed conversion checks it). ``decoder``
+    (``"auto"``, ``"pillow"``, ``"simplejpeg"``, ``"turbojpeg"``) decodes this handle's reads.
+    ``sync=False`` skips fsync: faster writes, but the last commits may be lost on power failure.
+    ``verify_reads=False`` skips checking each record read against its checksum (see the README for
+    what the check costs). ``options`` are the backend's own (see its ``option_specs``): layout
+    options are fixed when the store is created.
     """
     from imgstore.registry import get_backend
 
@@ -100,7 +103,7 @@ def open_store(
         if not isinstance(flag, bool):
             raise InvalidOptionError(f"{name} must be True or False, got {flag!r}")
     store_path = _as_path(path)
-    layout = _checked_layout(codec, quality, codec_params, image_mode, classes, shape)
+    layout = _checked_layout(codec, quality, codec_params, image_mode, classes, shape, downscale)
     reading = _Reading(sync, verify_reads, decoder)
     if mode == "r":
         return _open_existing(store_path, read_manifest(store_path), backend, mode, reading, options, layout)
@@ -161,6 +164,7 @@ class _Layout:
     classes: tuple[str, ...] | None
     shape: tuple[int, ...] | None  # after _checked_shape; before, the caller's value
     varied: bool
+    downscale: int | None
 
     @property
     def encoded(self) -> bool:
@@ -177,6 +181,7 @@ class _Layout:
             ),
             "image_mode": (self.image_mode, manifest.image_mode, self.image_mode is not None),
             "classes": (self.classes, manifest.classes, self.classes is not None),
+            "downscale": (self.downscale, manifest.downscale, self.downscale is not None),
         }
         for name, (want, have, set_) in given.items():
             if set_ and want != have:
@@ -190,6 +195,7 @@ def _checked_layout(
     image_mode: str | None,
     classes: Sequence[str] | None,
     shape: Any,
+    downscale: Any = None,
 ) -> _Layout:
     params = dict(codec_params or {})
     if quality is not None:
@@ -223,7 +229,9 @@ def _checked_layout(
         raise InvalidOptionError(f"shape must be a tuple of sizes, None or 'auto', got {shape!r}")
     varied = shape is None or (shape == "auto" and codec != "raw")
     fixed = None if isinstance(shape, str) or shape is None else shape
-    return _Layout(codec, resolved, params, image_mode, names, fixed, varied)
+    from imgstore.codecs.downscale import checked_shorter_side
+
+    return _Layout(codec, resolved, params, image_mode, names, fixed, varied, checked_shorter_side(downscale))
 
 
 def _check_kind(cls: type[Store], layout: _Layout) -> None:
@@ -365,6 +373,7 @@ def _create(
         image_mode=layout.image_mode,
         varied=layout.varied,
         classes=layout.classes,
+        downscale=layout.downscale,
     )
     doing = f"creating a {cls.name} store at {path}"
     try:

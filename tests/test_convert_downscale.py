@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ import imgstore
 from imgstore.cli import main
 from imgstore.codecs import decode, get_codec
 from imgstore.codecs.downscale import downscale_array, downscaled_size
-from imgstore.convert import convert
-from imgstore.errors import ImgStoreError, InvalidImageError
+from imgstore.convert import BadFileError, convert
+from imgstore.errors import ImgStoreError, InvalidImageError, InvalidOptionError
 from imgstore.sharded import open_sharded
 from imgstore.sharded.building import convert_sharded
 from imgstore.sources import ConvertError
@@ -141,7 +142,7 @@ def test_resuming_with_another_downscale_is_refused(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     convert(tmp_path / "src", dest, backend="lmdb", codec="raw", downscale=24, batch_images=2)
     before = imgstore.open_store(dest).get_many(range(len(SIZES)))[0]
-    with pytest.raises(ConvertError, match="last image"):
+    with pytest.raises(ConvertError, match=r"downscale 24 \(this run: 20\)"):
         convert(tmp_path / "src", dest, backend="lmdb", codec="raw", downscale=20, resume=True)
     convert(tmp_path / "src", dest, backend="lmdb", codec="raw", downscale=24, resume=True)  # the same: nothing to do
     with imgstore.open_store(dest) as store:
@@ -159,6 +160,7 @@ def test_a_sharded_build_downscales_every_shard(tmp_path: Path) -> None:
     seen = set()
     for k in range(2):
         store = dataset.shard(k)
+        assert json.loads((store.path / "imgstore.json").read_text())["downscale"] == 24
         for index in range(len(store)):
             path = store.source_path(index)
             assert path is not None
@@ -191,3 +193,29 @@ def test_a_shape_given_with_arrays_is_the_downscaled_one(tmp_path: Path) -> None
     with pytest.raises(ConvertError, match=r"\(16, 16, 3\) once downscaled, not \(32, 32, 3\)"):
         convert("synthetic:6", tmp_path / "wrong", backend="memmap", codec="raw", shape=(32, 32, 3), downscale=16)
     assert not (tmp_path / "wrong").exists()
+
+
+@pytest.mark.parametrize("codec", ["raw", "png"])
+def test_resuming_with_another_downscale_is_refused_when_the_last_image_cannot_tell(tmp_path: Path, codec: str) -> None:
+    """A run stopped after an image no downscale changes (20x30 here): resuming with another N, or none,
+    once made a store of two sizes, its last image being the same either way. The store keeps N."""
+    paths = folder(tmp_path / "src", [(48, 64), (48, 64), (48, 64), (48, 64), (20, 30)])
+    broken = paths[3]  # b/01, after a/00, a/02 and a/04 (the 20x30): the run stops there
+    good = broken.read_bytes()
+    broken.write_bytes(b"not an image")
+    dest = tmp_path / "dest"
+    with pytest.raises(BadFileError):
+        convert(tmp_path / "src", dest, backend="lmdb", codec=codec, downscale=24, batch_images=1)
+    assert json.loads((dest / "imgstore.json").read_text())["downscale"] == 24
+    broken.write_bytes(good)
+    for other in (20, None):
+        with pytest.raises(ConvertError, match="downscale 24 \\(this run: " + str(other)):
+            convert(tmp_path / "src", dest, backend="lmdb", codec=codec, downscale=other, resume=True)
+    with pytest.raises(InvalidOptionError, match="downscale 24; 20 was given"):
+        imgstore.open_store(dest, mode="a", downscale=20)
+    convert(tmp_path / "src", dest, backend="lmdb", codec=codec, downscale=24, resume=True)
+    with imgstore.open_store(dest) as store:
+        for index, path in enumerate(paths):
+            np.testing.assert_array_equal(store.get(index)[0], torchvision_resize(path, 24))
+    convert(tmp_path / "src", tmp_path / "plain", backend="lmdb", codec=codec)
+    assert "downscale" not in json.loads((tmp_path / "plain" / "imgstore.json").read_text())
