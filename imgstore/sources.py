@@ -370,6 +370,11 @@ def make_target(
     made = src.shape  # the shape of the source's arrays as stored: downscaled, like the shape given is
     if made is not None and shorter is not None:
         made = (*downscaled_size(made[0], made[1], shorter), *made[2:])
+        if made != src.shape and (len(made) not in (2, 3) or made[2:] > (4,)):  # every item would fail
+            raise ConvertError(
+                f"{src.description} holds arrays of shape {src.shape}: downscale resizes images [H, W] or "
+                "[H, W, C] with C 1 to 4 (L, LA, RGB, RGBA)"
+            )
     if fixed is not None and src.kind == "array" and made is not None and fixed != made:
         what = f"{made} once downscaled" if made != src.shape else f"{made}"
         raise ConvertError(f"{src.description} holds images of shape {what}, not {fixed}: leave out the shape")

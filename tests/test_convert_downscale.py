@@ -219,3 +219,14 @@ def test_resuming_with_another_downscale_is_refused_when_the_last_image_cannot_t
             np.testing.assert_array_equal(store.get(index)[0], torchvision_resize(path, 24))
     convert(tmp_path / "src", tmp_path / "plain", backend="lmdb", codec=codec)
     assert "downscale" not in json.loads((tmp_path / "plain" / "imgstore.json").read_text())
+
+
+def test_arrays_it_cannot_resize_are_refused_before_a_store_is_made(tmp_path: Path) -> None:
+    """Every item would fail: refused up front, not as the first "bad file" of an empty DEST."""
+    with imgstore.open_store(tmp_path / "five", "memmap", "w") as store:
+        store.put_many(np.zeros((2, 40, 40, 5), np.uint8), [0, 1])
+    with pytest.raises(ConvertError, match=r"shape \(40, 40, 5\): downscale resizes"):
+        convert(tmp_path / "five", tmp_path / "dest", backend="lmdb", codec="raw", downscale=20)
+    assert not (tmp_path / "dest").exists()
+    convert(tmp_path / "five", tmp_path / "kept", backend="lmdb", codec="raw", downscale=40)  # nothing to resize
+    assert imgstore.open_store(tmp_path / "kept").shape == (40, 40, 5)
