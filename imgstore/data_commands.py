@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError, StoreIOError, StoreNotFoundError
+from imgstore.manifest import read_manifest
 
 if TYPE_CHECKING:
     from imgstore.convert import ConvertResult
@@ -314,6 +315,7 @@ def store_info(store: Store) -> dict[str, Any]:
         "backend": store.backend,
         "codec": store.codec,
         "codec_params": store.codec_params,
+        "downscale": read_manifest(store.path).downscale,  # convert --downscale N, else None
         "image_mode": store.image_mode,
         "count": count,
         "shape": list(store.shape) if store.shape is not None else None,
@@ -340,6 +342,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"store       {info['path']}",
         f"backend     {info['backend']}",
         f"codec       {info['codec']}{f' ({params})' if params else ''}",
+        *([f"downscaled  to shorter side {info['downscale']} (convert --downscale)"] if info.get("downscale") else []),
         f"image mode  {info['image_mode'] or 'as stored'}",
         f"images      {info['count']}",
         f"shape       {'varied' if info['varied'] else info['shape']}",

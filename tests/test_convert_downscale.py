@@ -230,3 +230,15 @@ def test_arrays_it_cannot_resize_are_refused_before_a_store_is_made(tmp_path: Pa
     assert not (tmp_path / "dest").exists()
     convert(tmp_path / "five", tmp_path / "kept", backend="lmdb", codec="raw", downscale=40)  # nothing to resize
     assert imgstore.open_store(tmp_path / "kept").shape == (40, 40, 5)
+
+
+def test_info_says_the_store_was_downscaled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder(tmp_path / "src", [(48, 64)] * 2)
+    convert(tmp_path / "src", tmp_path / "small", backend="hdf5", codec="png", downscale=24)
+    convert(tmp_path / "src", tmp_path / "full", backend="hdf5", codec="png")
+    assert main(["info", str(tmp_path / "small")]) == 0
+    assert "downscaled  to shorter side 24" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "full"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["downscale"] is None
+    assert main(["info", str(tmp_path / "full")]) == 0
+    assert "downscaled" not in capsys.readouterr().out
