@@ -18,16 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _checkout(
-    root: Path, side: str, tests: int | list[str], log: Path, broken: bool = False, slow: bool = False
+    root: Path,
+    side: str,
+    tests: int | list[str],
+    log: Path,
+    broken: bool = False,
+    slow: bool = False,
+    failing: str = "",
 ) -> Path:
     """A folder with ``tests`` tests (a count, or their names) that each log '<side><name>' (and a benchmarks/
-    package for the plugin)."""
+    package for the plugin); test ``failing`` fails after logging."""
     folder = root / side
     (folder / "benchmarks").mkdir(parents=True)
     (folder / "benchmarks" / "__init__.py").write_text("")
     body = "".join(
         f"def test_{i}():\n    with open({str(log)!r}, 'a') as f:\n"
-        f"        f.write('{side[0]}{i} ')\n    time.sleep(0.05)\n"
+        f"        f.write('{side[0]}{i} ')\n    time.sleep(0.05)\n    assert {str(i) != failing}\n"
         for i in (range(tests) if isinstance(tests, int) else tests)
     )
     start = "import time\n" + ("syntax error(\n" if broken else "")
@@ -44,10 +50,13 @@ def _paired(
     head_tests: int | list[str],
     broken: str = "",
     slow: str = "",
+    failing: tuple[str, str] = ("", ""),
 ) -> tuple[list[str], subprocess.CompletedProcess[str]]:
+    """paired_run of a base and a head checkout; ``failing``: the side and the name of a test that fails."""
     log = tmp_path / "order.log"
-    base = _checkout(tmp_path, "base", base_tests, log, broken == "base", slow == "base")
-    head = _checkout(tmp_path, "head", head_tests, log, broken == "head", slow == "head")
+    fails = {failing[0]: failing[1]}
+    base = _checkout(tmp_path, "base", base_tests, log, broken == "base", slow == "base", fails.get("base", ""))
+    head = _checkout(tmp_path, "head", head_tests, log, broken == "head", slow == "head", fails.get("head", ""))
     script = (
         f"source {REPO}/.ci/gate-matrix && gate_args=(-q -p no:cacheprovider test_turns.py) && "
         f"paired_run {base} {tmp_path}/b.json {head} {tmp_path}/h.json {first}"
@@ -91,6 +100,23 @@ def test_a_side_that_fails_stops_the_other_and_says_which(tmp_path: Path) -> Non
     assert "the base side failed (pytest exit status 2" in result.stderr
     assert order == [f"h{i}" for i in range(len(order))] and len(order) < 100
     assert time.monotonic() - started < 60  # far below the plugin's 30 min turn timeout
+
+
+@pytest.mark.parametrize("first", ["base", "head"])
+def test_failed_tests_on_base_only_leave_head_to_run_on_and_a_verdict(tmp_path: Path, first: str) -> None:
+    """A change that fixes a benchmark broken on base still gets its verdict: head's session goes on."""
+    order, result = _paired(tmp_path, first, 3, 5, failing=("base", "1"))
+    assert result.returncode == 0, result.stderr
+    assert "tests failed on the base side (pytest exit status 1" in result.stderr
+    assert sorted(order) == ["b0", "b1", "b2", "h0", "h1", "h2", "h3", "h4"]
+    assert (tmp_path / "b.json").exists() and (tmp_path / "h.json").exists()
+
+
+def test_a_failed_test_on_head_fails_the_session(tmp_path: Path) -> None:
+    order, result = _paired(tmp_path, "base", 400, 3, failing=("head", "1"))
+    assert result.returncode == 1
+    assert "the head side failed (pytest exit status 1" in result.stderr
+    assert len(order) < 100  # base was stopped when head ended, not left to run its tests out
 
 
 def _session(tmp_path: Path, base_tests: int, head_tests: int) -> tuple[subprocess.Popen[str], Path]:
