@@ -108,8 +108,7 @@ def test_failed_tests_on_base_only_leave_head_to_run_on_and_a_verdict(tmp_path: 
     order, result = _paired(tmp_path, first, 3, 5, failing=("base", "1"))
     assert result.returncode == 0, result.stderr
     assert "tests failed on the base side (pytest exit status 1" in result.stderr
-    assert sorted(order) == ["b0", "b1", "b2", "h0", "h1", "h2", "h3", "h4"]
-    assert (tmp_path / "b.json").exists() and (tmp_path / "h.json").exists()
+    assert sorted(order) == ["b0", "b1", "b2", "h0", "h1", "h2", "h3", "h4"]  # head's whole session ran
 
 
 def test_a_failed_test_on_head_fails_the_session(tmp_path: Path) -> None:
