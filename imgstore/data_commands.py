@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreBusyError, StoreIOError, StoreNotFoundError
-from imgstore.manifest import read_manifest
 
 if TYPE_CHECKING:
     from imgstore.convert import ConvertResult
@@ -315,7 +314,7 @@ def store_info(store: Store) -> dict[str, Any]:
         "backend": store.backend,
         "codec": store.codec,
         "codec_params": store.codec_params,
-        "downscale": read_manifest(store.path).downscale,  # convert --downscale N, else None
+        "downscale": store.downscale,
         "image_mode": store.image_mode,
         "count": count,
         "shape": list(store.shape) if store.shape is not None else None,

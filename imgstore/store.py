@@ -159,6 +159,11 @@ class Store(BackendPrimitives):
         return self._manifest.image_mode
 
     @property
+    def downscale(self) -> int | None:
+        """N when ``imgstore convert --downscale N`` made the images (shorter side at most N), else None."""
+        return self._manifest.downscale
+
+    @property
     def decoder(self) -> str | None:
         """The decoder this handle uses for encoded images (None for raw stores)."""
         return self._encoded.decoder if self._encoded is not None else None

@@ -236,6 +236,8 @@ def test_info_says_the_store_was_downscaled(tmp_path: Path, capsys: pytest.Captu
     folder(tmp_path / "src", [(48, 64)] * 2)
     convert(tmp_path / "src", tmp_path / "small", backend="hdf5", codec="png", downscale=24)
     convert(tmp_path / "src", tmp_path / "full", backend="hdf5", codec="png")
+    with imgstore.open_store(tmp_path / "small") as small, imgstore.open_store(tmp_path / "full") as full:
+        assert small.downscale == 24 and full.downscale is None
     assert main(["info", str(tmp_path / "small")]) == 0
     assert "downscaled  to shorter side 24" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "full"), "--json"]) == 0

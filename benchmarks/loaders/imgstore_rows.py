@@ -26,6 +26,7 @@ from benchmarks.pagecache import files_under
 from imgstore.convert import convert
 from imgstore.sources import memory_source
 
+DOWNSCALED = "downscaled"  # the name of the downscaled rows' variant: imgstore-<backend>-downscaled
 DOWNSCALED_QUALITY = 90  # FFCV's default JPEG quality for its ImageNet files
 
 
@@ -90,9 +91,6 @@ def imgstore_loader(backend: str, downscaled: bool = False) -> type[ImgstoreLoad
     name = f"imgstore-{backend}" + (f"-{DOWNSCALED}" if downscaled else "")
     attributes = {"name": name, "backend": backend, "downscaled": downscaled}
     return type(f"Imgstore_{backend}" + ("_downscaled" if downscaled else ""), (ImgstoreLoader,), attributes)
-
-
-DOWNSCALED = "downscaled"
 
 
 def loader_for_name(name: str) -> type[ImgstoreLoader]:
