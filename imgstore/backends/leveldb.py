@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import plyvel
 
+from imgstore.backends.leveldb_tables import UNKNOWN, DirectTables
 from imgstore.backends.leveldb_view import View, background_works, may_start_background, open_db, set_aside
 from imgstore.backends.pixel_blocks import copy_rows, one_record, records_in
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreFullError, StoreIOError
@@ -58,6 +59,7 @@ class LeveldbStore(Store):
         self._dir, self._views = self.file("leveldb"), self.file("leveldb-views")
         self._db: plyvel.DB | None = None  # the writer's own database
         self._view: View | None = None  # a reader's private view of it
+        self._tables: tuple[View, DirectTables] | None = None  # where the view's records lie in its files
         self._unflushed = 0  # bytes in the writer's log since its last flush
         self._dir_synced = False  # the log file's directory entry is durable
         if create:
@@ -123,6 +125,34 @@ class LeveldbStore(Store):
 
     def _per_block(self, image_nbytes: int) -> int:
         return max(1, int(self.options["block_bytes"]) // (image_nbytes + 8))
+
+    def _direct(self) -> DirectTables | None:
+        """Where the records of this reader's view lie in its table files (leveldb_tables); None for
+        the writer, whose database changes under it."""
+        view = self._view
+        if view is None or self._db is not None or view.db is None:
+            return None
+        tables = self._tables
+        if tables is None or tables[0] is not view:
+            raw = self._encoded is None
+            size = int(np.prod(self.image_shape)) if raw and len(self) else None
+            if raw and size is None:
+                return None
+            tables = (view, DirectTables(view.path, len(self), size, self._per_block(size) if size else 1))
+            self._tables = tables
+        return tables[1]
+
+    def _located(self, direct: DirectTables, indices: np.ndarray) -> np.ndarray | None:
+        """The file offsets of records ``indices``, learned where needed; None if plyvel must read any."""
+        if len(indices) and int(indices.max()) >= len(direct.offsets):
+            return None
+        offsets = direct.offsets[indices]
+        if len(offsets) and offsets.min() == UNKNOWN:
+            for index in indices[offsets == UNKNOWN].tolist():
+                if direct.offsets.item(index) == UNKNOWN:
+                    direct.learn(index)
+            offsets = direct.offsets[indices]
+        return offsets if not len(offsets) or offsets.min() >= 0 else None
 
     # -------------------------------------------------------------- writing
 
@@ -245,6 +275,11 @@ class LeveldbStore(Store):
 
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         size = images[0].nbytes
+        direct = self._direct()
+        if direct is not None and self._located(direct, indices) is not None:
+            direct.gather(indices, size, images.data.cast("B"))
+            labels[:] = direct.labels[indices]
+            return
         per_block = self._per_block(size)
         record = size + 8
         pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
@@ -264,6 +299,9 @@ class LeveldbStore(Store):
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         size = images[0].nbytes
+        if self._direct() is not None:
+            self._read_into(np.arange(start, stop), images, labels)
+            return
         per_block = self._per_block(size)
         pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")
         first, last = start // per_block, (stop - 1) // per_block
@@ -285,6 +323,15 @@ class LeveldbStore(Store):
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         image = np.empty(self.image_shape, dtype=np.uint8)
+        direct = self._direct()
+        if direct is not None and index < len(direct.offsets):
+            offset = direct.offsets.item(index)
+            if offset == UNKNOWN:
+                direct.learn(index)
+                offset = direct.offsets.item(index)
+            if offset >= 0:
+                image.data.cast("B")[:] = direct.maps[direct.tables.item(index)][offset : offset + image.nbytes]
+                return image, direct.labels.item(index)
         size = image.nbytes
         per_block = self._per_block(size)
         block, row = divmod(index, per_block)
@@ -294,7 +341,25 @@ class LeveldbStore(Store):
             raise CorruptStoreError(f"{self.path}: image {index} is committed but missing")
         return image, one_record(memoryview(value), count, size, row, image)  # value: checked by _records
 
+    def _direct_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray] | None:
+        """Records ``indices`` of an encoded store read out of the view's table files, or None."""
+        direct = self._direct()
+        offsets = self._located(direct, indices) if direct is not None else None
+        if direct is None or offsets is None or direct.lengths is None:
+            return None
+        maps = direct.maps
+        blobs = [
+            maps[slot][offset : offset + length].tobytes()
+            for slot, offset, length in zip(
+                direct.tables[indices].tolist(), offsets.tolist(), direct.lengths[indices].tolist(), strict=True
+            )
+        ]
+        return blobs, direct.labels[indices]
+
     def _read_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        direct = self._direct_blobs(indices)
+        if direct is not None:
+            return direct
         labels = np.empty(len(indices), dtype=np.int64)
         blobs: list[bytes] = []
         get = self._reader.get
@@ -307,6 +372,9 @@ class LeveldbStore(Store):
         return blobs, labels
 
     def _read_blob_range(self, start: int, stop: int) -> tuple[list[bytes], np.ndarray]:
+        direct = self._direct_blobs(np.arange(start, stop))
+        if direct is not None:
+            return direct
         labels = np.empty(stop - start, dtype=np.int64)
         blobs: list[bytes] = []
         for index, (key, value) in enumerate(self._reader.iterator(start=_key(start), stop=_key(stop)), start):

@@ -302,7 +302,7 @@ def _fill(source: Path, path: Path, put_table: Callable[[Path, Path], object]) -
     if not _MANIFEST.match(manifest):
         raise CorruptStoreError(f"{source}/CURRENT does not name a manifest")
     shutil.copyfile(source / manifest, path / manifest)
-    state = _read_manifest(path / manifest)
+    state = read_manifest(path / manifest)
     tables = {number for number in state.tables if number < state.next_file}
     if len(tables) != len(state.tables):
         raise CorruptStoreError(f"{source}/{manifest} names a table past its next file number")
@@ -325,9 +325,10 @@ class _ManifestState:
         self.log_number = 0
         self.prev_log = 0
         self.tables: set[int] = set()
+        self.ranges: dict[int, tuple[bytes, bytes]] = {}  # live table -> its smallest and largest user keys
 
 
-def _varint(data: bytes, at: int) -> tuple[int, int]:
+def varint(data: bytes, at: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if at >= len(data) or shift > 63:
@@ -373,7 +374,7 @@ def _manifest_records(data: bytes) -> Iterator[bytes]:
             raise ValueError(f"record type {kind}")
 
 
-def _read_manifest(manifest: Path) -> _ManifestState:
+def read_manifest(manifest: Path) -> _ManifestState:
     """The next file number, log numbers and live tables of a LevelDB manifest (its VersionEdit records).
 
     A manifest LevelDB would refuse (damage) raises CorruptStoreError here or fails LevelDB's open,
@@ -383,34 +384,38 @@ def _read_manifest(manifest: Path) -> _ManifestState:
         for record in _manifest_records(manifest.read_bytes()):
             at = 0
             while at < len(record):
-                tag, at = _varint(record, at)
+                tag, at = varint(record, at)
                 if tag == 1:  # comparator name
-                    length, at = _varint(record, at)
+                    length, at = varint(record, at)
                     at += length
                 elif tag == 2:
-                    state.log_number, at = _varint(record, at)
+                    state.log_number, at = varint(record, at)
                 elif tag == 3:
-                    state.next_file, at = _varint(record, at)
+                    state.next_file, at = varint(record, at)
                 elif tag == 4:  # last sequence
-                    _, at = _varint(record, at)
+                    _, at = varint(record, at)
                 elif tag == 5:  # compact pointer: level, key
-                    _, at = _varint(record, at)
-                    length, at = _varint(record, at)
+                    _, at = varint(record, at)
+                    length, at = varint(record, at)
                     at += length
                 elif tag == 6:  # deleted file: level, number
-                    _, at = _varint(record, at)
-                    number, at = _varint(record, at)
+                    _, at = varint(record, at)
+                    number, at = varint(record, at)
                     state.tables.discard(number)
+                    state.ranges.pop(number, None)
                 elif tag == 7:  # new file: level, number, size, smallest, largest
-                    _, at = _varint(record, at)
-                    number, at = _varint(record, at)
-                    _, at = _varint(record, at)
-                    for _key in range(2):
-                        length, at = _varint(record, at)
+                    _, at = varint(record, at)
+                    number, at = varint(record, at)
+                    _, at = varint(record, at)
+                    bounds = []
+                    for _key in range(2):  # internal keys: the user key, then an 8-byte tag
+                        length, at = varint(record, at)
+                        bounds.append(record[at : at + length - 8])
                         at += length
                     state.tables.add(number)
+                    state.ranges[number] = (bounds[0], bounds[1])
                 elif tag == 9:
-                    state.prev_log, at = _varint(record, at)
+                    state.prev_log, at = varint(record, at)
                 else:
                     raise ValueError(f"tag {tag}")
                 if at > len(record):
