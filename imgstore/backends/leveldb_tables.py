@@ -112,6 +112,7 @@ class DirectTables:
         self.lengths = np.zeros(count, np.int64) if size is None else None
         self.labels = np.zeros(count, np.int64)
         self.maps: list[memoryview] = []  # per table slot: its bytes (a read-only map)
+        self.arrays: list[np.ndarray] = []  # the same, as NumPy arrays
         self._lock = threading.Lock()
         self._segments: list[tuple[int, list[str]]] | None = None  # (first key, tables covering it)
         self._starts: list[int] = []
@@ -178,6 +179,7 @@ class DirectTables:
                 raise Unreadable(str(exc)) from exc
         entries = table_values(data)
         self.maps.append(memoryview(data))
+        self.arrays.append(np.frombuffer(data, np.uint8))
         return len(self.maps) - 1, entries, data
 
     def _publish(self, first: int, stop: int, values: list[tuple[int, tuple[np.ndarray, ...], mmap.mmap]]) -> None:
@@ -227,19 +229,38 @@ class DirectTables:
             lo, hi = first * self._per_block, stop * self._per_block
             self.offsets[min(lo, self._count) : min(hi, self._count)] = value
 
-    def gather(self, indices: np.ndarray, size: int, pixels: memoryview) -> None:
-        """Copy raw records ``indices`` (all learned, none LIBRARY) into ``pixels`` (bytes, back to back):
-        one copy per run of records that lie back to back in one table (a block's, in a range read)."""
+    def gather(self, indices: np.ndarray, size: int, images: np.ndarray) -> None:
+        """Copy raw records ``indices`` (all learned, none LIBRARY) into ``images`` (uint8, C order).
+
+        Records back to back in one table (a block's) are one run; runs of one table and length that lie
+        equally spaced (its consecutive blocks, in a range read) are one strided copy."""
+        if not len(indices):
+            return
+        flat = images.reshape(-1)
         offsets, tables = self.offsets[indices], self.tables[indices]
         joined = (tables[1:] == tables[:-1]) & (offsets[1:] == offsets[:-1] + size)
-        starts = np.flatnonzero(~joined) + 1
-        maps = self.maps
-        lo = 0
-        for hi, offset, slot in zip(
-            [*starts.tolist(), len(indices)],
-            offsets[[0, *starts.tolist()]].tolist(),
-            tables[[0, *starts.tolist()]].tolist(),
+        first = np.flatnonzero(np.concatenate(([True], ~joined)))  # each run's first record
+        length = np.diff(np.append(first, len(indices)))  # its records
+        run_offsets, run_tables = offsets[first], tables[first]
+        stride = np.diff(run_offsets)
+        # run k joins run k + 1: same table and length, and (past the first pair) the same spacing
+        same = (run_tables[1:] == run_tables[:-1]) & (length[1:] == length[:-1])
+        same[1:] &= stride[1:] == stride[:-1]
+        groups = np.flatnonzero(np.concatenate(([True], ~same)))
+        ends = np.append(groups[1:], len(first))
+        for group, end, at, records, offset, slot, step in zip(
+            groups.tolist(),
+            ends.tolist(),
+            first[groups].tolist(),
+            length[groups].tolist(),
+            run_offsets[groups].tolist(),
+            run_tables[groups].tolist(),
+            np.append(stride, 0)[groups].tolist(),
             strict=True,
         ):
-            pixels[lo * size : hi * size] = maps[slot][offset : offset + (hi - lo) * size]
-            lo = hi
+            source, nbytes = self.arrays[slot], records * size
+            if end - group == 1:
+                flat[at * size : at * size + nbytes] = source[offset : offset + nbytes]
+            else:
+                runs = np.lib.stride_tricks.as_strided(source[offset:], (end - group, nbytes), (step, 1))
+                flat[at * size : (at + (end - group) * records) * size].reshape(-1, nbytes)[:] = runs
