@@ -53,6 +53,11 @@ def _check_reader(path: Path, images: np.ndarray, labels: np.ndarray, monkeypatc
         assert np.array_equal(got, images[order]) and np.array_equal(got_labels, labels[order])
         got, got_labels = store.get_many(range(len(images)))
         assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
+        rng = np.random.default_rng(2)
+        for _ in range(20):  # ranges that start and end inside blocks and runs of blocks
+            lo, hi = sorted(rng.integers(0, len(images) + 1, 2).tolist())
+            got, got_labels = store.get_many(range(lo, hi))
+            assert np.array_equal(got, images[lo:hi]) and np.array_equal(got_labels, labels[lo:hi]), (lo, hi)
         plain, plain_labels = _through_plyvel(store, monkeypatch, order)
         assert np.array_equal(plain, images[order]) and np.array_equal(plain_labels, labels[order])
         direct = store._direct()  # type: ignore[attr-defined]

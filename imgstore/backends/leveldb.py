@@ -303,8 +303,13 @@ class LeveldbStore(Store):
 
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         size = images[0].nbytes
-        if self._direct() is not None:
-            self._read_into(np.arange(start, stop), images, labels)
+        direct = self._direct()
+        if direct is not None:
+            if self._located(direct, np.arange(start, stop)) is not None:
+                direct.copy_range(start, stop, images)
+                labels[:] = direct.labels[start:stop]
+            else:
+                self._read_into(np.arange(start, stop), images, labels)
             return
         per_block = self._per_block(size)
         pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")

@@ -111,6 +111,10 @@ class DirectTables:
         self.tables = np.zeros(count, np.int32)
         self.lengths = np.zeros(count, np.int64) if size is None else None
         self.labels = np.zeros(count, np.int64)
+        self._full = (size + 8) * per_block if size is not None else 0  # a full block's value bytes
+        # per block: its strided group (-1: none), and the groups (first block, [blocks, pixels] view)
+        self.block_groups = np.full(-(-count // per_block) if size is not None else 0, -1, np.int32)
+        self._groups: list[tuple[int, np.ndarray]] = []
         self.maps: list[memoryview] = []  # per table slot: its bytes (a read-only map)
         self.arrays: list[np.ndarray] = []  # the same, as NumPy arrays
         self._lock = threading.Lock()
@@ -201,6 +205,28 @@ class DirectTables:
         for key, (_, kind, slot, offset, length, data) in newest.items():
             if kind == 1:
                 self._record(key, slot, offset, length, data)
+        if self._size is not None:
+            self._group([(key, v[2], v[3]) for key, v in sorted(newest.items()) if v[1] == 1 and v[4] == self._full])
+
+    def _group(self, blocks: list[tuple[int, int, int]]) -> None:
+        """Full blocks (key, slot, value offset) of consecutive keys, one table and equal spacing, as one
+        strided view of their pixels each: a range read copies them with one NumPy assignment."""
+        at = 0
+        while at < len(blocks):
+            key, slot, offset = blocks[at]
+            end, step = at + 1, 0
+            while end < len(blocks) and blocks[end][0] == key + end - at and blocks[end][1] == slot:
+                if end == at + 1:
+                    step = blocks[end][2] - offset
+                elif blocks[end][2] - blocks[end - 1][2] != step:
+                    break
+                end += 1
+            if end - at > 1 and step >= self._full:
+                pixels = self._per_block * self._size  # type: ignore[operator]
+                view = np.lib.stride_tricks.as_strided(self.arrays[slot][offset:], (end - at, pixels), (step, 1))
+                self._groups.append((key, view))
+                self.block_groups[key : key + end - at] = len(self._groups) - 1
+            at = end
 
     def _record(self, key: int, slot: int, offset: int, length: int, data: mmap.mmap) -> None:
         # The offset last: a read in another thread trusts a record's table and label once it has one.
@@ -228,6 +254,32 @@ class DirectTables:
         else:
             lo, hi = first * self._per_block, stop * self._per_block
             self.offsets[min(lo, self._count) : min(hi, self._count)] = value
+
+    def copy_range(self, start: int, stop: int, images: np.ndarray) -> None:
+        """Copy raw records ``start .. stop - 1`` (all learned, none LIBRARY) into ``images`` (uint8, C
+        order): a strided group's whole blocks in one assignment, else a block's records in one copy."""
+        size, per = self._size, self._per_block
+        assert size is not None
+        flat = images.reshape(-1)
+        at = start
+        while at < stop:
+            block = at // per
+            group = self.block_groups.item(block)
+            if group >= 0 and at == block * per and stop - at >= per:
+                first, view = self._groups[group]
+                blocks = min(len(view) - (block - first), (stop - at) // per)
+                done = (at - start) * size
+                flat[done : done + blocks * per * size].reshape(blocks, per * size)[:] = view[
+                    block - first : block - first + blocks
+                ]
+                at += blocks * per
+                continue
+            end = min(stop, (block + 1) * per)  # the rest of this block: its records lie back to back
+            offset = self.offsets.item(at)
+            flat[(at - start) * size : (end - start) * size] = self.arrays[self.tables.item(at)][
+                offset : offset + (end - at) * size
+            ]
+            at = end
 
     def gather(self, indices: np.ndarray, size: int, images: np.ndarray) -> None:
         """Copy raw records ``indices`` (all learned, none LIBRARY) into ``images`` (uint8, C order).
