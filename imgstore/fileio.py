@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import resource
 import stat
 import sys
+import weakref
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,6 +21,10 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - the package metad
 _FALLOC_FL_KEEP_SIZE = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them (find_library runs ldconfig)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def open_regular(path: Path | str) -> BinaryIO:
@@ -62,6 +68,22 @@ def find_linked_folder(root: Path, depth: int | None = None) -> Path | None:
         except FileNotFoundError:  # a temporary folder a writer just removed
             continue
     return None
+
+
+def map_read_only(fd: int, size: int) -> ctypes.Array[ctypes.c_char]:
+    """The first ``size`` bytes of the open file ``fd``, mapped read-only and shared, holding no descriptor.
+
+    Python's ``mmap`` keeps a duplicate of ``fd`` as long as the map lives (``trackfd=False`` is 3.13's):
+    a reader mapping each of a big LevelDB store's thousands of tables would run out of descriptors
+    (RLIMIT_NOFILE, often 1024), failing every later open in the process. Unmapped once the returned
+    buffer and every view of it are gone; views must never write (PROT_READ: a write is SIGSEGV)."""
+    address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    buffer = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(buffer, _libc.munmap, address, size)
+    return buffer
 
 
 def disk_usage(path: Path) -> int:

@@ -10,6 +10,7 @@ are compressed.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -215,3 +216,57 @@ def test_table_values_gives_each_entrys_value_where_plyvel_reads_it(tmp_path: Pa
     assert sorted(seen) == list(range(300)) or sorted(k for k, (_, kind) in seen.items() if kind == 1) == [
         k for k in range(300) if k != 5
     ]
+
+
+def test_keys_past_2_63_in_a_table_are_left_to_plyvel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another program's 8-byte key with its top bit set, in the table of a rewritten block: no int64
+    overflow escapes (it did, as OverflowError, on every read of that segment)."""
+    images, labels = _images(100, seed=9)
+    with imgstore.open_store(tmp_path / "s", "leveldb", "w") as store:
+        store.put_many(images, labels)
+    db = plyvel.DB(str(_db_dir(tmp_path / "s")), compression=None)
+    db.put(bytes(8), db.get(bytes(8)))  # block 0 again, in the same new table as the foreign key
+    db.put(b"\x80" + bytes(7), b"not imgstore's")
+    db.compact_range()
+    db.close()
+    offsets = _check_reader(tmp_path / "s", images, labels, monkeypatch)
+    assert offsets.min() >= 0
+
+
+def test_a_table_bounded_by_a_key_of_another_length_still_holds_the_newest_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit's table whose largest key is not 8 bytes long (another program's, deleted by the commit)
+    holds the newest value of a block a killed write also left in an older table: that table must be
+    in the block's segment, or the killed write's records are read (before: CorruptStoreError)."""
+    images, labels = _images(30, seed=10)
+    record = 8 * 8 * 3 + 8
+    with imgstore.open_store(tmp_path / "s", "leveldb", "w", block_bytes=5 * record) as store:
+        store.put_many(images[:22], labels[:22])  # block 4 holds records 20 and 21
+    db = plyvel.DB(str(_db_dir(tmp_path / "s")), compression=None)  # a killed write's block 4, flushed
+    forged = np.concatenate([images[20:22], np.full((3, 8, 8, 3), 7, np.uint8)])
+    db.put((4).to_bytes(8, "big"), forged.tobytes() + np.array([*labels[20:22], 0, 0, 0], "<i8").tobytes())
+    db.compact_range()
+    db.close()
+    with imgstore.open_store(tmp_path / "s", "leveldb", "a") as store:
+        store._db.put(b"meta", b"another program's")  # type: ignore[attr-defined]
+        store.put_many(images[22:], labels[22:])  # deletes b"meta" in the same table as block 4
+    offsets = _check_reader(tmp_path / "s", images, labels, monkeypatch)
+    assert offsets.min() >= 0
+
+
+def test_a_reader_holds_no_descriptor_per_table(tmp_path: Path) -> None:
+    """Each table's map held a duplicate descriptor: a reader of a store of thousands of tables ran out
+    of them (RLIMIT_NOFILE, often 1024), and every later open in its process failed."""
+    images, labels = _images(120, seed=11)
+    for start in range(0, 120, 3):  # each commit's close flushes its own table
+        with imgstore.open_store(tmp_path / "s", "leveldb", "a", block_bytes=200) as store:
+            store.put_many(images[start : start + 3], labels[start : start + 3])
+    assert len([p for p in _db_dir(tmp_path / "s").iterdir() if p.suffix == ".ldb"]) >= 30
+    with imgstore.open_store(tmp_path / "s") as store:
+        store.get(0)
+        before = len(os.listdir("/proc/self/fd"))
+        got, got_labels = store.get_many(range(120))  # maps every table
+        assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
+        assert store._direct().offsets.min() >= 0  # type: ignore[attr-defined]
+        assert len(os.listdir("/proc/self/fd")) < before + 5

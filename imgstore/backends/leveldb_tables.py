@@ -23,7 +23,6 @@ read, a value of the wrong length, a damaged table) is left to plyvel: the calle
 from __future__ import annotations
 
 import bisect
-import mmap
 import os
 import threading
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from imgstore.backends.leveldb_view import read_manifest, varint
 from imgstore.errors import CorruptStoreError
+from imgstore.fileio import map_read_only, open_regular
 
 _FOOTER, _MAGIC = 48, 0xDB4775248B80FB57
 _TRAILER = 5  # a block's compression type (1 byte; 0: none) and masked CRC-32C (4 bytes)
@@ -43,7 +43,7 @@ class Unreadable(Exception):
     """A table this reader does not read (compressed, damaged, gone): plyvel reads its records."""
 
 
-def table_values(data: bytes | mmap.mmap) -> tuple[np.ndarray, ...]:
+def table_values(data: bytes | memoryview) -> tuple[np.ndarray, ...]:
     """A table file's entries with 8-byte user keys: arrays of key, sequence, type, value offset and
     value length, in the file's (key) order."""
     if len(data) < _FOOTER or int.from_bytes(data[-8:], "little") != _MAGIC:
@@ -58,7 +58,7 @@ def table_values(data: bytes | mmap.mmap) -> tuple[np.ndarray, ...]:
             block_offset, at = varint(handle, 0)
             block_size, _ = varint(handle, at)
             for key, value_offset, value_length in _block_entries(data, block_offset, block_size):
-                if len(key) == _KEY:
+                if len(key) == _KEY and key[0] < 0x80:  # imgstore's keys (past 2**63: another program's)
                     tag = int.from_bytes(key[8:], "little")
                     entries.append((int.from_bytes(key[:8], "big"), tag >> 8, tag & 0xFF, value_offset, value_length))
     except ValueError as exc:
@@ -67,12 +67,12 @@ def table_values(data: bytes | mmap.mmap) -> tuple[np.ndarray, ...]:
     return tuple(columns[:, k] for k in range(5))
 
 
-def _block(data: bytes | mmap.mmap, offset: int, size: int) -> list[bytes]:
+def _block(data: bytes | memoryview, offset: int, size: int) -> list[bytes | memoryview]:
     """The values of the entries of the (index) block at ``offset``."""
     return [data[at : at + length] for _, at, length in _block_entries(data, offset, size)]
 
 
-def _block_entries(data: bytes | mmap.mmap, offset: int, size: int) -> list[tuple[bytes, int, int]]:
+def _block_entries(data: bytes | memoryview, offset: int, size: int) -> list[tuple[bytes, int, int]]:
     """(key, value offset in the file, value length) of each entry of the block at ``offset``."""
     end = offset + size
     if offset < 0 or size < 4 or end + _TRAILER > len(data):
@@ -151,10 +151,15 @@ class DirectTables:
         except (OSError, CorruptStoreError):
             return []  # every record through plyvel
         names = {int(name.partition(".")[0]): name for name in listing if name.endswith((".ldb", ".sst"))}
+        # A bound of another length still bounds the 8-byte keys in the table (a shorter one padded below
+        # or above them): a table holding a key's newest value is never left out of its segment.
         ranges = sorted(
-            (int.from_bytes(low[:8], "big"), int.from_bytes(high[:8], "big"), names.get(number, ""))
+            (
+                int.from_bytes(low[:8].ljust(8, b"\0"), "big"),
+                int.from_bytes(high[:8].ljust(8, b"\xff"), "big"),
+                names.get(number, ""),
+            )
             for number, (low, high) in state.ranges.items()
-            if len(low) >= 8 and len(high) >= 8  # others are not imgstore's keys: plyvel reads them
         )
         bounds = sorted({low for low, _, _ in ranges} | {high + 1 for _, high, _ in ranges})
         segments: list[tuple[int, list[str]]] = []
@@ -168,27 +173,28 @@ class DirectTables:
             segments.append((start, list(active)))
         return segments
 
-    def _table(self, name: str) -> tuple[int, tuple[np.ndarray, ...], mmap.mmap]:
+    def _table(self, name: str) -> tuple[int, tuple[np.ndarray, ...], memoryview]:
         """Table ``name``'s slot, entries and map (opened and parsed once a segment that needs it).
 
         Mapped at its size now, and only the bytes its entries name are read: a table is never cut
         short by LevelDB or imgstore (as the memmap backend's files), so no read touches a page past
-        its end (SIGBUS)."""
+        its end (SIGBUS). The map holds no descriptor (a store may have thousands of tables)."""
         if not name:
             raise Unreadable("a table the manifest names is missing")
-        with open(self._view / name, "rb") as file:  # the map keeps its own descriptor
-            try:
-                data = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-            except ValueError as exc:  # an empty file
-                raise Unreadable(str(exc)) from exc
+        with open_regular(self._view / name) as file:  # never a FIFO's endless wait
+            size = os.fstat(file.fileno()).st_size
+            if size < _FOOTER:
+                raise Unreadable("no table footer")
+            buffer = map_read_only(file.fileno(), size)
+        data = memoryview(buffer).cast("B").toreadonly()
         entries = table_values(data)
-        self.maps.append(memoryview(data))
-        self.arrays.append(np.frombuffer(data, np.uint8))
+        self.maps.append(data)
+        self.arrays.append(np.frombuffer(data, np.uint8))  # read-only, as its memoryview
         return len(self.maps) - 1, entries, data
 
-    def _publish(self, first: int, stop: int, values: list[tuple[int, tuple[np.ndarray, ...], mmap.mmap]]) -> None:
+    def _publish(self, first: int, stop: int, values: list[tuple[int, tuple[np.ndarray, ...], memoryview]]) -> None:
         """Learn the records of keys ``first .. stop - 1`` from the newest entry of each key."""
-        newest: dict[int, tuple[int, int, int, int, int, mmap.mmap]] = {}
+        newest: dict[int, tuple[int, int, int, int, int, memoryview]] = {}
         for slot, (keys, seqs, kinds, offsets, lengths), data in values:
             lo, hi = np.searchsorted(keys, [first, stop])
             for key, seq, kind, offset, length in zip(
@@ -228,7 +234,7 @@ class DirectTables:
                 self.block_groups[key : key + end - at] = len(self._groups) - 1
             at = end
 
-    def _record(self, key: int, slot: int, offset: int, length: int, data: mmap.mmap) -> None:
+    def _record(self, key: int, slot: int, offset: int, length: int, data: memoryview) -> None:
         # The offset last: a read in another thread trusts a record's table and label once it has one.
         if self._size is None:  # encoded: the label, then the record's bytes
             if key >= self._count or length < 9:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import mmap
 import os
 import re
 import secrets
@@ -329,7 +328,7 @@ class _ManifestState:
         self.ranges: dict[int, tuple[bytes, bytes]] = {}  # live table -> its smallest and largest user keys
 
 
-def varint(data: bytes | mmap.mmap, at: int) -> tuple[int, int]:
+def varint(data: bytes | memoryview, at: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if at >= len(data) or shift > 63:
