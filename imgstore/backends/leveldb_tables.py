@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from imgstore.backends.leveldb_view import read_manifest, varint
+from imgstore.backends.mapped_rows import copy_records
 from imgstore.errors import CorruptStoreError
 from imgstore.fileio import map_read_only, open_regular
 
@@ -288,37 +289,5 @@ class DirectTables:
             at = end
 
     def gather(self, indices: np.ndarray, size: int, images: np.ndarray) -> None:
-        """Copy raw records ``indices`` (all learned, none LIBRARY) into ``images`` (uint8, C order).
-
-        Records back to back in one table (a block's) are one run; runs of one table and length that lie
-        equally spaced (its consecutive blocks, in a range read) are one strided copy."""
-        if not len(indices):
-            return
-        flat = images.reshape(-1)
-        offsets, tables = self.offsets[indices], self.tables[indices]
-        joined = (tables[1:] == tables[:-1]) & (offsets[1:] == offsets[:-1] + size)
-        first = np.flatnonzero(np.concatenate(([True], ~joined)))  # each run's first record
-        length = np.diff(np.append(first, len(indices)))  # its records
-        run_offsets, run_tables = offsets[first], tables[first]
-        stride = np.diff(run_offsets)
-        # run k joins run k + 1: same table and length, and (past the first pair) the same spacing
-        same = (run_tables[1:] == run_tables[:-1]) & (length[1:] == length[:-1])
-        same[1:] &= stride[1:] == stride[:-1]
-        groups = np.flatnonzero(np.concatenate(([True], ~same)))
-        ends = np.append(groups[1:], len(first))
-        for group, end, at, records, offset, slot, step in zip(
-            groups.tolist(),
-            ends.tolist(),
-            first[groups].tolist(),
-            length[groups].tolist(),
-            run_offsets[groups].tolist(),
-            run_tables[groups].tolist(),
-            np.append(stride, 0)[groups].tolist(),
-            strict=True,
-        ):
-            source, nbytes = self.arrays[slot], records * size
-            if end - group == 1:
-                flat[at * size : at * size + nbytes] = source[offset : offset + nbytes]
-            else:
-                runs = np.lib.stride_tricks.as_strided(source[offset:], (end - group, nbytes), (step, 1))
-                flat[at * size : (at + (end - group) * records) * size].reshape(-1, nbytes)[:] = runs
+        """Copy raw records ``indices`` (all learned, none LIBRARY) into ``images`` (uint8, C order)."""
+        copy_records(self.arrays, self.tables[indices], self.offsets[indices], size, images)

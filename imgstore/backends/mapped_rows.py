@@ -66,3 +66,40 @@ class MappedRows:
         for lo in range(0, len(offsets), step):
             rows[lo : lo + step] = windows[offsets[lo : lo + step]]
         return out
+
+
+def copy_records(sources: list[np.ndarray], slots: np.ndarray, offsets: np.ndarray, size: int, out: np.ndarray) -> None:
+    """Copy ``size``-byte records, record k at ``offsets[k]`` of ``sources[slots[k]]`` (uint8 arrays, e.g. maps
+    of files), into ``out`` (uint8, C order, ``len(offsets) * size`` bytes), with as few copies as NumPy allows.
+
+    Records back to back in one source are one run (one slice copy); runs of one source and length
+    that lie equally spaced (a table's blocks, an SQLite leaf page's cells) are one strided copy."""
+    if not len(offsets):
+        return
+    flat = out.reshape(-1)
+    joined = (slots[1:] == slots[:-1]) & (offsets[1:] == offsets[:-1] + size)
+    first = np.flatnonzero(np.concatenate(([True], ~joined)))  # each run's first record
+    length = np.diff(np.append(first, len(offsets)))  # its records
+    run_offsets, run_slots = offsets[first], slots[first]
+    stride = np.diff(run_offsets)
+    # run k joins run k + 1: same source and length, and (past a group's first pair) the same spacing
+    same = (run_slots[1:] == run_slots[:-1]) & (length[1:] == length[:-1])
+    same[1:] &= stride[1:] == stride[:-1]
+    groups = np.flatnonzero(np.concatenate(([True], ~same)))
+    ends = np.append(groups[1:], len(first))
+    for group, end, at, records, offset, slot, step in zip(
+        groups.tolist(),
+        ends.tolist(),
+        first[groups].tolist(),
+        length[groups].tolist(),
+        run_offsets[groups].tolist(),
+        run_slots[groups].tolist(),
+        np.append(stride, 0)[groups].tolist(),
+        strict=True,
+    ):
+        source, nbytes = sources[slot], records * size
+        if end - group == 1:
+            flat[at * size : at * size + nbytes] = source[offset : offset + nbytes]
+        else:  # the rows lie inside source (each run does), whatever the sign of step
+            runs = np.lib.stride_tricks.as_strided(source[offset:], (end - group, nbytes), (step, 1))
+            flat[at * size : (at + (end - group) * records) * size].reshape(-1, nbytes)[:] = runs
