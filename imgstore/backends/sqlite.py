@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -45,6 +46,7 @@ from urllib.parse import quote
 import numpy as np
 
 from imgstore.arguments import io_error
+from imgstore.backends.sqlite_pages import UNKNOWN, SnapshotRows, Unreadable
 from imgstore.errors import CorruptStoreError, InvalidOptionError
 from imgstore.fileio import release_reserve, reserve
 from imgstore.options import Option
@@ -98,6 +100,11 @@ class SqliteStore(Store):
         self._path = self.file(_DIR) / _FILE
         self._con: _Connection | None = None
         self._reading = False  # whether the connection holds its read transaction
+        self._immutable = False  # opened with immutable=1 (read-only media): the file never changes
+        # Where the rows of the read transaction's snapshot lie in the file, when the file is that
+        # snapshot (sqlite_pages); checked once a transaction (_rows_checked).
+        self._rows: SnapshotRows | None = None
+        self._rows_checked = False
         self._guard = threading.Lock()  # one statement at a time on the handle's cursor
         page = self.options["page_size"]
         if page & (page - 1):
@@ -155,6 +162,7 @@ class SqliteStore(Store):
             self._close()
             # Read-only media: a WAL database without its -wal and -shm files cannot create them; with
             # no -wal, the main file holds every commit and nothing can change it, so read it as such.
+            self._immutable = True
             return self._new_connection(uri + "&immutable=1")
         return con
 
@@ -217,6 +225,7 @@ class SqliteStore(Store):
     def _close(self) -> None:
         con, self._con = self._con, None
         self._reading = False
+        self._rows, self._rows_checked = None, False
         if con is not None:
             _open_connections.discard(con)
             con.close()
@@ -232,7 +241,50 @@ class SqliteStore(Store):
     def _end_read(self) -> None:
         if self._reading:
             self._reading = False
+            self._rows, self._rows_checked = None, False  # the file may change once the snapshot ends
             self._cur.execute("COMMIT")
+
+    def _snapshot_rows(self) -> SnapshotRows | None:
+        """Where the rows of this read transaction lie in the file, if the file is its snapshot (a
+        reader of a raw store, every WAL frame of the snapshot copied into the file); else None."""
+        if self._rows_checked:
+            return self._rows
+        cursor = self._cursor()
+        self._rows_checked = True
+        if self.writable or self._encoded is not None or not len(self):
+            return None
+        # the first statement of the transaction: the snapshot (and its WAL read lock) begins here
+        root = cursor.execute("SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = 'images'").fetchone()
+        if root is None or type(root[0]) is not int or not self._file_is_snapshot(cursor):
+            return None
+        try:
+            self._rows = SnapshotRows(self._path, root[0], len(self), int(np.prod(self.image_shape)))
+        except (Unreadable, OSError, IndexError):
+            self._rows = None
+        return self._rows
+
+    def _file_is_snapshot(self, cursor: sqlite3.Cursor) -> bool:
+        """Whether this transaction reads every page from the database file, which then stays as it is.
+
+        SQLite gives such a reader WAL read-lock 0 when every frame is copied into the file
+        (``nBackfill == mxFrame`` in the -shm file's header; an empty WAL), and a checkpoint waits for
+        that lock before it writes the file. A reader of some frames (read-lock 1-4, mark m) holds the
+        WAL from being reset, so ``nBackfill`` cannot pass m nor ``mxFrame`` fall below it: seeing
+        them equal after the transaction began means every frame up to m is in the file."""
+        if self._immutable:
+            return True
+        if cursor.execute("PRAGMA journal_mode").fetchone() != ("wal",):
+            return False
+        try:
+            if os.stat(f"{self._path}-wal").st_size == 0:
+                return True
+            with open(f"{self._path}-shm", "rb") as shm:
+                header = shm.read(100)
+        except OSError:
+            return False
+        mx_frame = int.from_bytes(header[16:20], sys.byteorder)
+        backfilled = int.from_bytes(header[96:100], sys.byteorder)
+        return len(header) == 100 and mx_frame == backfilled
 
     def _cursor(self) -> sqlite3.Cursor:
         """The handle's cursor, inside its read transaction (begun here on first use)."""
@@ -315,6 +367,15 @@ class SqliteStore(Store):
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         image = np.empty(self.image_shape, dtype=np.uint8)
         with self._guard:
+            rows = self._rows if self._rows_checked else self._snapshot_rows()
+            if rows is not None and index < len(rows.offsets):
+                offset = rows.offsets.item(index)
+                if offset == UNKNOWN:
+                    rows.learn(index)
+                    offset = rows.offsets.item(index)
+                if offset >= 0:
+                    image.data.cast("B")[:] = rows.view[offset : offset + image.nbytes]
+                    return image, rows.labels.item(index)
             row = self._cursor().execute(_GET, (index,)).fetchone()
         if row is None:
             raise CorruptStoreError(f"{self._path}: image {index} is committed but missing")
@@ -324,11 +385,30 @@ class SqliteStore(Store):
         image.data.cast("B")[:] = blob
         return image, label
 
+    def _read_mapped(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> bool:
+        """Rows ``indices`` copied out of the file (the caller holds the guard); False: read them with SQL."""
+        rows = self._rows if self._rows_checked else self._snapshot_rows()
+        if rows is None or not len(indices) or int(indices.max()) >= len(rows.offsets):
+            return False
+        offsets = rows.offsets[indices]
+        if offsets.min() == UNKNOWN:
+            for index in indices[offsets == UNKNOWN].tolist():
+                if rows.offsets.item(index) == UNKNOWN:
+                    rows.learn(index)
+            offsets = rows.offsets[indices]
+        if offsets.min() < 0:
+            return False
+        rows.gather(offsets, images)
+        labels[:] = rows.labels[indices]
+        return True
+
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         size = images[0].nbytes
         pixels = images.data.cast("B")
         found = []
         with self._guard:
+            if self._read_mapped(indices, images, labels):
+                return
             execute = self._cursor().execute
             for k, index in enumerate(indices.tolist()):
                 row = execute(_GET, (index,)).fetchone()
@@ -347,6 +427,8 @@ class SqliteStore(Store):
         found = []
         at = 0
         with self._guard:
+            if self._read_mapped(np.arange(start, stop), images, labels):
+                return
             for index, label, blob in self._cursor().execute(_SCAN, (start, stop)):
                 if index != start + at or type(label) is not int or type(blob) is not bytes or len(blob) != size:
                     raise CorruptStoreError(f"{self._path}: the row of image {start + at} is missing or damaged")

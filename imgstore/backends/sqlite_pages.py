@@ -1,0 +1,167 @@
+"""Rows of a reader's SQLite snapshot read straight out of the database file, by SQLite's file format.
+
+The ``sqlite3`` module's ``execute(...).fetchone()`` alone costs ~2x an ``os.pread`` of the image
+(the statement's VM steps, a row tuple, a ``bytes`` copy). When a reader's read transaction sees no
+frame of the write-ahead log, SQLite itself reads every page from the database file, and no
+checkpoint can write that file until the transaction ends: a reader that began with every WAL frame
+already copied into the file holds WAL read-lock 0, and a checkpoint needs that lock exclusively
+before it copies a frame (SQLite's ``wal.c``, ``walCheckpoint``). So while the handle holds such a
+transaction, the file is the snapshot: a row can be read from a read-only map of it, where SQLite's
+B-tree says it lies (``fileformat2.html``: table interior pages 0x05, leaf pages 0x0D, a cell per row:
+``varint payload size, varint rowid, record``; the record: a header of serial types, then the values).
+
+The B-tree's interior pages are walked once a snapshot; a leaf's rows are learned when a read first
+needs one (offset of the image's bytes, and the label). A row this reader cannot vouch for (its
+payload spills to overflow pages, a value of another type or length) is read with SQL, as is every
+row when the file does not look like the table imgstore made (the caller then reads with SQL).
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import threading
+from pathlib import Path
+
+import numpy as np
+
+UNKNOWN, LIBRARY = -1, -2  # a row's image offset: not learned yet; read it with SQL
+_INTERIOR, _LEAF = 0x05, 0x0D
+_LABEL_BYTES = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8}  # integer serial types: their big-endian bytes
+_MAX_PAGES = 1 << 24  # interior pages walked before the tree is taken as damaged (a cycle)
+
+
+class Unreadable(Exception):
+    """The file is not what this reader reads: every row through SQL."""
+
+
+def varint(data: mmap.mmap | bytes, at: int) -> tuple[int, int]:
+    """SQLite's varint at ``at``: big-endian groups of 7 bits, the 9th byte whole."""
+    value = 0
+    for k in range(8):
+        byte = data[at + k]
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, at + k + 1
+    return (value << 8) | data[at + 8], at + 9
+
+
+class SnapshotRows:
+    """Where each row of table ``images`` lies in the database file (one read snapshot)."""
+
+    def __init__(self, path: Path, root: int, count: int, size: int) -> None:
+        with open(path, "rb") as file:  # the map keeps its own descriptor
+            try:
+                self._map = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+            except ValueError as exc:  # an empty file
+                raise Unreadable(str(exc)) from exc
+        data = self._map
+        if len(data) < 100 or data[:16] != b"SQLite format 3\x00":
+            raise Unreadable("no SQLite header")
+        page = int.from_bytes(data[16:18], "big")
+        self._page = 65536 if page == 1 else page
+        usable = self._page - data[20]
+        if self._page < 512 or self._page & (self._page - 1) or usable < 480:
+            raise Unreadable("a page size SQLite does not write")
+        self._max_local = usable - 35  # a table leaf's payload up to this lies wholly in its cell
+        self._size, self._count = size, count
+        self.offsets = np.full(count, UNKNOWN, np.int64)
+        self.labels = np.zeros(count, np.int64)
+        self.view = memoryview(data)
+        # every size-byte window of the file as one item: a gather of rows is one NumPy indexing
+        array = np.frombuffer(data, np.uint8)
+        self._windows = np.ndarray((max(0, len(array) - size + 1),), np.dtype((np.void, size)), array, strides=(1,))
+        self._leaves: list[int] = []  # leaf page numbers in rowid order
+        self._bounds: list[int] = []  # the largest rowid each may hold (the last: unbounded)
+        self._walk(root)
+        self._lock = threading.Lock()
+
+    def _start(self, number: int) -> int:
+        """The file offset of page ``number``'s header (page 1's follows the 100-byte file header)."""
+        if not 1 <= number or number * self._page > len(self._map):
+            raise Unreadable(f"page {number} is past the file's end")
+        return (number - 1) * self._page + (100 if number == 1 else 0)
+
+    def _walk(self, root: int) -> None:
+        """List the leaves from the root down, each with the largest rowid its parent's key allows."""
+        data, pending, seen = self._map, [(root, 1 << 63)], 0
+        while pending:
+            number, bound = pending.pop()
+            seen += 1
+            if seen > _MAX_PAGES:
+                raise Unreadable("the B-tree does not end")
+            at = self._start(number)
+            kind = data[at]
+            if kind == _LEAF:
+                self._leaves.append(number)
+                self._bounds.append(bound)
+                continue
+            if kind != _INTERIOR:
+                raise Unreadable(f"page {number} is not a table page")
+            cells = int.from_bytes(data[at + 3 : at + 5], "big")
+            children = []
+            base = at - (100 if number == 1 else 0)
+            for k in range(cells):
+                cell = base + int.from_bytes(data[at + 12 + 2 * k : at + 14 + 2 * k], "big")
+                key, _ = varint(data, cell + 4)
+                children.append((int.from_bytes(data[cell : cell + 4], "big"), min(key, bound)))
+            children.append((int.from_bytes(data[at + 8 : at + 12], "big"), bound))
+            pending.extend(reversed(children))  # popped in key order: leaves listed in rowid order
+        if any(b > a for a, b in zip(self._bounds[1:], self._bounds, strict=False)):
+            raise Unreadable("the B-tree's keys are out of order")
+
+    def gather(self, offsets: np.ndarray, images: np.ndarray) -> None:
+        """Copy the rows' images at ``offsets`` (learned) into ``images`` (uint8, C order)."""
+        images.reshape(len(offsets), -1).view(self._windows.dtype).reshape(len(offsets))[:] = self._windows[offsets]
+
+    def learn(self, index: int) -> None:
+        """Learn the rows of the leaf that holds row ``index`` (or mark it for SQL)."""
+        with self._lock:
+            if self.offsets[index] != UNKNOWN:
+                return
+            at = bisect.bisect_left(self._bounds, index)
+            if at < len(self._leaves):
+                try:
+                    self._learn_leaf(self._leaves[at])
+                except (Unreadable, IndexError):
+                    pass  # a damaged page: SQL says what it holds
+            if self.offsets[index] == UNKNOWN:
+                self.offsets[index] = LIBRARY
+
+    def _learn_leaf(self, number: int) -> None:
+        data, size = self._map, self._size
+        at = self._start(number)
+        if data[at] != _LEAF:
+            raise Unreadable(f"page {number} is not a leaf")
+        base, end = at - (100 if number == 1 else 0), at - (100 if number == 1 else 0) + self._page
+        rows, offsets, labels = [], [], []
+        for k in range(int.from_bytes(data[at + 3 : at + 5], "big")):
+            cell = base + int.from_bytes(data[at + 8 + 2 * k : at + 10 + 2 * k], "big")
+            payload, cell = varint(data, cell)
+            rowid, record = varint(data, cell)
+            if not 0 <= rowid < self._count or payload > self._max_local or record + payload > end:
+                continue  # not a committed row, or spilled to overflow pages: SQL reads it
+            header, column = varint(data, record)
+            types: list[int] = []
+            while column < record + header and len(types) < 4:
+                kind, column = varint(data, column)
+                types.append(kind)
+            if len(types) != 3 or types[0] != 0 or types[2] != 12 + 2 * size:
+                continue  # id is the rowid (stored as NULL); the image a blob of the image's size
+            value = record + header
+            if types[1] in _LABEL_BYTES:
+                width = _LABEL_BYTES[types[1]]
+                label = int.from_bytes(data[value : value + width], "big", signed=True)
+            elif types[1] in (8, 9):
+                label, width = types[1] - 8, 0
+            else:
+                continue
+            if value + width + size > record + payload:
+                continue
+            rows.append(rowid)
+            offsets.append(value + width)
+            labels.append(label)
+        if rows:  # labels first: a read in another thread trusts a row's label once it has an offset
+            picked = np.array(rows, np.int64)
+            self.labels[picked] = labels
+            self.offsets[picked] = offsets
