@@ -120,16 +120,23 @@ def reserve(path: Path, extra_bytes: int) -> None:
         return
     fd = os.open(path, os.O_RDWR)
     try:
-        # Blocks reserved past the end do not count against a file size limit, so check it here.
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit != resource.RLIM_INFINITY and os.fstat(fd).st_size + extra_bytes > limit:
-            raise OSError(errno.EFBIG, f"{path} would exceed the file size limit of {limit} bytes")
-        if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, os.fstat(fd).st_size, extra_bytes) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise OSError(err, os.strerror(err), str(path))
+        reserve_at(fd, extra_bytes, path)
     finally:
         os.close(fd)
+
+
+def reserve_at(fd: int, extra_bytes: int, path: Path | str) -> None:
+    """:func:`reserve` on a file already open as ``fd`` (for files whose descriptors must not be closed)."""
+    if extra_bytes <= 0:
+        return
+    # Blocks reserved past the end do not count against a file size limit, so check it here.
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and os.fstat(fd).st_size + extra_bytes > limit:
+        raise OSError(errno.EFBIG, f"{path} would exceed the file size limit of {limit} bytes")
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, os.fstat(fd).st_size, extra_bytes) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(path))
 
 
 def back_with_blocks(fd: int, nbytes: int, path: Path | str) -> None:

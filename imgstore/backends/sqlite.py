@@ -46,9 +46,10 @@ from urllib.parse import quote
 import numpy as np
 
 from imgstore.arguments import io_error
+from imgstore.backends import sqlite_files
 from imgstore.backends.sqlite_pages import UNKNOWN, SnapshotRows, Unreadable
 from imgstore.errors import CorruptStoreError, InvalidOptionError
-from imgstore.fileio import release_reserve, reserve
+from imgstore.fileio import reserve_at
 from imgstore.options import Option
 from imgstore.store import Store
 
@@ -105,6 +106,7 @@ class SqliteStore(Store):
         # snapshot (sqlite_pages); checked once a transaction (_rows_checked).
         self._rows: SnapshotRows | None = None
         self._rows_checked = False
+        self._files: sqlite_files.Key | None = None  # this connection's count in sqlite_files
         self._guard = threading.Lock()  # one statement at a time on the handle's cursor
         page = self.options["page_size"]
         if page & (page - 1):
@@ -146,6 +148,7 @@ class SqliteStore(Store):
             con.execute(f"PRAGMA wal_autocheckpoint = {max(16, _WAL_BYTES // int(self.options['page_size']))}")
             con.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")
         self._cur = con.cursor()
+        self._files = sqlite_files.hold(self._path)
 
     def _new_connection(self, uri: str, read_only: bool = False) -> _Connection:
         con: _Connection = sqlite3.connect(
@@ -229,6 +232,9 @@ class SqliteStore(Store):
         if con is not None:
             _open_connections.discard(con)
             con.close()
+        files, self._files = self._files, None
+        if files is not None:
+            sqlite_files.release(files)  # after the close: no lock of SQLite's is left to drop
 
     def _reopen_after_fork(self) -> None:
         self._con = None  # the parent's connection was set aside at the fork: never touched here
@@ -258,7 +264,9 @@ class SqliteStore(Store):
         if root is None or type(root[0]) is not int or not self._file_is_snapshot(cursor):
             return None
         try:
-            self._rows = SnapshotRows(self._path, root[0], len(self), int(np.prod(self.image_shape)))
+            assert self._files is not None
+            fd = sqlite_files.descriptor(self._files, self._path)
+            self._rows = SnapshotRows(fd, root[0], len(self), int(np.prod(self.image_shape)))
         except (Unreadable, OSError, IndexError):
             self._rows = None
         return self._rows
@@ -278,8 +286,8 @@ class SqliteStore(Store):
         try:
             if os.stat(f"{self._path}-wal").st_size == 0:
                 return True
-            with open(f"{self._path}-shm", "rb") as shm:
-                header = shm.read(100)
+            assert self._files is not None
+            header = os.pread(sqlite_files.descriptor(self._files, self._path, "-shm"), 100, 0)
         except OSError:
             return False
         mx_frame = int.from_bytes(header[16:20], sys.byteorder)
@@ -326,14 +334,14 @@ class SqliteStore(Store):
             if con is None:
                 raise CorruptStoreError(f"{self._path}: the store's connection was lost after an error; open it again")
             self._end_read()
-            wal = Path(f"{self._path}-wal")
             # Rows take their bytes plus headers and unused page tails; the WAL holds them, then a
             # checkpoint copies them into the main file: claim blocks for both before SQLite writes.
             need = nbytes + nbytes // 4 + count * 32 + 4 * self.options["page_size"] + (64 << 10)
-            reserved = [self._path, *([wal] if wal.exists() else [])]
+            reserved: list[int] = []
             try:
-                for path in reserved:
-                    reserve(path, need)
+                for fd, path in self._reservable():
+                    reserve_at(fd, need, path)
+                    reserved.append(fd)
                 self._cur.execute("BEGIN IMMEDIATE")
                 try:
                     self._cur.execute("DELETE FROM images WHERE id >= ?", (start,))
@@ -343,8 +351,8 @@ class SqliteStore(Store):
                     if con.in_transaction:
                         self._cur.execute("ROLLBACK")
                     raise
-                for path in reserved:
-                    release_reserve(path)
+                for fd in reserved:
+                    os.ftruncate(fd, os.fstat(fd).st_size)  # gives back the blocks the write did not use
             except sqlite3.Error as exc:
                 self._release_quietly(reserved)
                 if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
@@ -354,11 +362,26 @@ class SqliteStore(Store):
                 self._release_quietly(reserved)
                 raise
 
+    def _reservable(self) -> list[tuple[int, Path]]:
+        """The database file and its WAL (if there is one), as descriptors kept in sqlite_files: never
+        opened and closed here, which would drop SQLite's locks on them."""
+        assert self._files is not None
+        files = [(sqlite_files.descriptor(self._files, self._path, "", writable=True), self._path)]
+        wal = Path(f"{self._path}-wal")
+        try:
+            info = os.stat(wal)
+        except FileNotFoundError:
+            return files
+        fd = sqlite_files.descriptor(self._files, self._path, "-wal", writable=True)
+        if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (info.st_dev, info.st_ino):
+            files.append((fd, wal))  # else a WAL made since the one kept: its room goes unclaimed
+        return files
+
     @staticmethod
-    def _release_quietly(paths: list[Path]) -> None:
-        for path in paths:
+    def _release_quietly(fds: list[int]) -> None:
+        for fd in fds:
             try:
-                release_reserve(path)
+                os.ftruncate(fd, os.fstat(fd).st_size)
             except OSError:
                 pass  # blocks past the end stay claimed until the next write's release; nothing is lost
 

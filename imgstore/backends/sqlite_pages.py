@@ -19,11 +19,12 @@ row when the file does not look like the table imgstore made (the caller then re
 from __future__ import annotations
 
 import bisect
-import mmap
+import os
 import threading
-from pathlib import Path
 
 import numpy as np
+
+from imgstore.fileio import map_read_only
 
 UNKNOWN, LIBRARY = -1, -2  # a row's image offset: not learned yet; read it with SQL
 _INTERIOR, _LEAF = 0x05, 0x0D
@@ -35,7 +36,7 @@ class Unreadable(Exception):
     """The file is not what this reader reads: every row through SQL."""
 
 
-def varint(data: mmap.mmap | bytes, at: int) -> tuple[int, int]:
+def varint(data: memoryview | bytes, at: int) -> tuple[int, int]:
     """SQLite's varint at ``at``: big-endian groups of 7 bits, the 9th byte whole."""
     value = 0
     for k in range(8):
@@ -49,14 +50,15 @@ def varint(data: mmap.mmap | bytes, at: int) -> tuple[int, int]:
 class SnapshotRows:
     """Where each row of table ``images`` lies in the database file (one read snapshot)."""
 
-    def __init__(self, path: Path, root: int, count: int, size: int) -> None:
-        with open(path, "rb") as file:  # the map keeps its own descriptor
-            try:
-                self._map = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-            except ValueError as exc:  # an empty file
-                raise Unreadable(str(exc)) from exc
-        data = self._map
-        if len(data) < 100 or data[:16] != b"SQLite format 3\x00":
+    def __init__(self, fd: int, root: int, count: int, size: int) -> None:
+        """``fd``: the database file, open in sqlite_files (a map that kept a descriptor of its own
+        would close it when unmapped, dropping SQLite's locks: fileio.map_read_only keeps none)."""
+        length = os.fstat(fd).st_size
+        if length < 100:
+            raise Unreadable("no SQLite header")
+        self._buffer = map_read_only(fd, length)
+        self._map = data = memoryview(self._buffer).cast("B")
+        if data[:16].tobytes() != b"SQLite format 3\x00":
             raise Unreadable("no SQLite header")
         page = int.from_bytes(data[16:18], "big")
         self._page = 65536 if page == 1 else page
@@ -67,7 +69,7 @@ class SnapshotRows:
         self._size, self._count = size, count
         self.offsets = np.full(count, UNKNOWN, np.int64)
         self.labels = np.zeros(count, np.int64)
-        self.view = memoryview(data)
+        self.view = data
         # every size-byte window of the file as one item: a gather of rows is one NumPy indexing
         array = np.frombuffer(data, np.uint8)
         self._windows = np.ndarray((max(0, len(array) - size + 1),), np.dtype((np.void, size)), array, strides=(1,))
