@@ -29,7 +29,6 @@ from imgstore.fileio import map_read_only
 UNKNOWN, LIBRARY = -1, -2  # a row's image offset: not learned yet; read it with SQL
 _INTERIOR, _LEAF = 0x05, 0x0D
 _LABEL_BYTES = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8}  # integer serial types: their big-endian bytes
-_MAX_PAGES = 1 << 24  # interior pages walked before the tree is taken as damaged (a cycle)
 
 
 class Unreadable(Exception):
@@ -85,13 +84,16 @@ class SnapshotRows:
         return (number - 1) * self._page + (100 if number == 1 else 0)
 
     def _walk(self, root: int) -> None:
-        """List the leaves from the root down, each with the largest rowid its parent's key allows."""
-        data, pending, seen = self._map, [(root, 1 << 63)], 0
+        """List the leaves from the root down, each with the largest rowid its parent's key allows.
+
+        Each page once: a B-tree reaches every page by one path, and a forged tree whose pointers
+        lead back to a page it walked (a cycle) would otherwise never end."""
+        data, pending, seen = self._map, [(root, 1 << 63)], set()
         while pending:
             number, bound = pending.pop()
-            seen += 1
-            if seen > _MAX_PAGES:
-                raise Unreadable("the B-tree does not end")
+            if number in seen:
+                raise Unreadable(f"page {number} is reached twice: not a B-tree")
+            seen.add(number)
             at = self._start(number)
             kind = data[at]
             if kind == _LEAF:
@@ -128,14 +130,17 @@ class SnapshotRows:
                 return
             at = bisect.bisect_left(self._bounds, index)
             if at < len(self._leaves):
+                low = self._bounds[at - 1] if at else -1
                 try:
-                    self._learn_leaf(self._leaves[at])
+                    self._learn_leaf(self._leaves[at], low, self._bounds[at])
                 except (Unreadable, IndexError):
                     pass  # a damaged page: SQL says what it holds
             if self.offsets[index] == UNKNOWN:
                 self.offsets[index] = LIBRARY
 
-    def _learn_leaf(self, number: int) -> None:
+    def _learn_leaf(self, number: int, low: int, high: int) -> None:
+        """The rows of leaf ``number`` in ``low < rowid <= high`` (where its parents' keys put them:
+        SQLite finds no other there, so a row elsewhere, say a damaged page's stale copy, is not one)."""
         data, size = self._map, self._size
         at = self._start(number)
         if data[at] != _LEAF:
@@ -146,7 +151,11 @@ class SnapshotRows:
             cell = base + int.from_bytes(data[at + 8 + 2 * k : at + 10 + 2 * k], "big")
             payload, cell = varint(data, cell)
             rowid, record = varint(data, cell)
-            if not 0 <= rowid < self._count or payload > self._max_local or record + payload > end:
+            if (
+                not max(low, -1) < rowid <= min(high, self._count - 1)
+                or payload > self._max_local
+                or record + payload > end
+            ):
                 continue  # not a committed row, or spilled to overflow pages: SQL reads it
             header, column = varint(data, record)
             types: list[int] = []
