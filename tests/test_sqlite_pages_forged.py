@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ def _store(path: Path, n: int, page_size: int = 4096) -> tuple[Path, np.ndarray,
 
 def _pages(file: Path, kind: str) -> list[int]:
     """The images table's pages of a kind ('internal', 'leaf'), by SQLite's own dbstat table."""
-    with sqlite3.connect(file) as con:
+    with closing(sqlite3.connect(file)) as con:
         query = "SELECT pageno FROM dbstat WHERE name = 'images' AND pagetype = ? ORDER BY path"
         return [row[0] for row in con.execute(query, (kind,))]
 
@@ -166,3 +166,19 @@ def test_descriptors_kept_for_the_users_connection_are_used_again_and_closed_aft
     with imgstore.open_store(tmp_path / "s") as store:
         store.get(7)
     assert _descriptors() == before  # no other descriptor of the file left: every kept one closed
+
+
+def test_a_file_moved_to_the_path_under_an_open_reader_is_not_read(tmp_path: Path) -> None:
+    """Another program swaps a new file in at the path (``os.replace``): the reader's connection still
+    reads the file it opened, so must its page reader (it maps the path's file: another's rows)."""
+    file, images, labels = _store(tmp_path / "s", 500)
+    with imgstore.open_store(tmp_path / "s", verify_reads=False) as reader:
+        other = file.with_name("other.sqlite")
+        other.write_bytes(file.read_bytes())
+        con = sqlite3.connect(other)
+        con.execute("UPDATE images SET image = zeroblob(192), label = 1")
+        con.commit()
+        con.close()  # checkpointed into the file: its WAL goes
+        os.replace(other, file)
+        got, got_labels = reader.get_many(range(500))
+        assert np.array_equal(got, images) and np.array_equal(got_labels, labels)

@@ -266,6 +266,8 @@ class SqliteStore(Store):
         try:
             assert self._files is not None
             fd = sqlite_files.descriptor(self._files, self._path)
+            if sqlite_files.file_of(fd) != self._files:
+                return None  # another file moved to the path since the connection opened the one it reads
             self._rows = SnapshotRows(fd, root[0], len(self), int(np.prod(self.image_shape)))
         except (Unreadable, OSError, IndexError):
             self._rows = None

@@ -69,21 +69,22 @@ def _close_unshared() -> None:
     if not _lingering:
         return
     ours = {fd for kept in _lingering.values() for fd in kept.values()}
-    files = {_file(fd) for fd in ours}
+    files = {file_of(fd) for fd in ours}
     listed = _open_descriptors()
     if listed is None:
         return  # cannot tell: kept
-    shared = {file for file in map(_file, set(listed) - ours) if file in files}
+    shared = {file for file in map(file_of, set(listed) - ours) if file in files}
     for key, kept in list(_lingering.items()):
         for name, fd in list(kept.items()):
-            if _file(fd) not in shared:
+            if file_of(fd) not in shared:
                 del kept[name]
                 os.close(fd)
         if not kept:
             del _lingering[key]
 
 
-def _file(fd: int) -> Key | None:
+def file_of(fd: int) -> Key | None:
+    """The (device, inode) of the file open as ``fd``; None if it is not open."""
     try:
         info = os.fstat(fd)
     except OSError:
