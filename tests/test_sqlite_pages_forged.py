@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import imgstore
+from imgstore.backends.sqlite import SqliteStore
 from imgstore.backends.sqlite_pages import varint
 from imgstore.errors import CorruptStoreError
 
@@ -182,3 +183,64 @@ def test_a_file_moved_to_the_path_under_an_open_reader_is_not_read(tmp_path: Pat
         os.replace(other, file)
         got, got_labels = reader.get_many(range(500))
         assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
+
+
+def _reads(path: Path, pages: bool, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each row, unverified (what the file says): (pixels, label) or the error's name; out of the file's
+    pages, or with SQL alone (``_snapshot_rows`` None)."""
+    with monkeypatch.context() as patched:
+        if not pages:
+            patched.setattr(SqliteStore, "_snapshot_rows", lambda self: None)
+        found: list[object] = []
+        with imgstore.open_store(path, verify_reads=False) as store:
+            for index in range(len(store)):
+                try:
+                    image, label = store.get(index)
+                    found.append((image.tobytes(), label))
+                except CorruptStoreError:
+                    found.append("damaged")
+            assert (store._rows is not None) == pages  # type: ignore[attr-defined]
+        return found
+
+
+def _cell(data: bytearray, page: int, number: int, k: int) -> tuple[int, int, int]:
+    """Leaf ``number``'s cell ``k``: where its rowid varint starts and ends, and the rowid."""
+    at = (number - 1) * page
+    cell = (number - 1) * page + int.from_bytes(data[at + 8 + 2 * k : at + 10 + 2 * k], "big")
+    _, rowid_at = varint(data, cell)
+    rowid, end = varint(data, rowid_at)
+    return rowid_at, end, rowid
+
+
+def test_a_leaf_with_two_cells_of_one_rowid_is_read_as_sql_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite finds a row in a leaf by binary search over cells in rowid order: which of two cells
+    of one rowid it finds is its own to say (the page reader had the last; SQLite, the first)."""
+    file, images, labels = _store(tmp_path / "s", 3000)
+    page, leaf = 4096, _pages(file, "leaf")[20]
+    data = bytearray(file.read_bytes())
+    _, _, first = _cell(data, page, leaf, 3)
+    start, end, _ = _cell(data, page, leaf, 10)  # a later cell, out of order now
+    data[start:end] = bytes([0x80 | (first >> 7), first & 0x7F])
+    file.write_bytes(bytes(data))
+    assert _reads(tmp_path / "s", True, monkeypatch) == _reads(tmp_path / "s", False, monkeypatch)
+
+
+def test_a_record_whose_values_do_not_fill_its_payload_is_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A label's serial type narrowed from 8 bytes (6) to 4 (4): SQLite calls the record damaged
+    (its values end before its payload); the page reader read a 4-byte label and shifted pixels."""
+    path = tmp_path / "s"
+    with imgstore.open_store(path, "sqlite", "w", page_size=4096) as store:
+        store.put_many(np.zeros((300, 8, 8, 3), np.uint8), np.full(300, 2**62))
+    file = next(path.glob("sqlite-*/images.sqlite"))
+    page, leaf = 4096, _pages(file, "leaf")[3]
+    data = bytearray(file.read_bytes())
+    _, record, rowid = _cell(data, page, leaf, 5)
+    assert data[record : record + 3] == bytes([5, 0, 6])  # header size, id (NULL), label (8 bytes)
+    data[record + 2] = 4
+    file.write_bytes(bytes(data))
+    pages, sql = _reads(path, True, monkeypatch), _reads(path, False, monkeypatch)
+    assert sql[rowid] == "damaged" and pages == sql

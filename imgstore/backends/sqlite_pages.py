@@ -61,7 +61,7 @@ class SnapshotRows:
             raise Unreadable("no SQLite header")
         page = int.from_bytes(data[16:18], "big")
         self._page = 65536 if page == 1 else page
-        usable = self._page - data[20]
+        self._usable = usable = self._page - data[20]  # the bytes of a page past its reserved tail
         if self._page < 512 or self._page & (self._page - 1) or usable < 480:
             raise Unreadable("a page size SQLite does not write")
         self._max_local = usable - 35  # a table leaf's payload up to this lies wholly in its cell
@@ -140,17 +140,30 @@ class SnapshotRows:
 
     def _learn_leaf(self, number: int, low: int, high: int) -> None:
         """The rows of leaf ``number`` in ``low < rowid <= high`` (where its parents' keys put them:
-        SQLite finds no other there, so a row elsewhere, say a damaged page's stale copy, is not one)."""
+        SQLite finds no other there, so a row elsewhere, say a damaged page's stale copy, is not one).
+
+        SQLite finds a row in a leaf by binary search over its cells, in rowid order: a leaf whose
+        cells are out of order (or two of one rowid), or point outside the page, is damaged, and
+        which cell SQLite finds there is its own to say: none of its rows is learned."""
         data, size = self._map, self._size
         at = self._start(number)
         if data[at] != _LEAF:
             raise Unreadable(f"page {number} is not a leaf")
-        base, end = at - (100 if number == 1 else 0), at - (100 if number == 1 else 0) + self._page
-        rows, offsets, labels = [], [], []
-        for k in range(int.from_bytes(data[at + 3 : at + 5], "big")):
+        base = at - (100 if number == 1 else 0)
+        cells = int.from_bytes(data[at + 3 : at + 5], "big")
+        first, end = at + 8 + 2 * cells, base + self._usable  # cell contents lie between
+        if first > end:
+            raise Unreadable(f"page {number}'s cells do not fit in it")
+        rows, offsets, labels, previous = [], [], [], -(1 << 64)
+        for k in range(cells):
             cell = base + int.from_bytes(data[at + 8 + 2 * k : at + 10 + 2 * k], "big")
+            if not first <= cell < end:
+                raise Unreadable(f"a cell of page {number} lies outside its content")
             payload, cell = varint(data, cell)
             rowid, record = varint(data, cell)
+            if rowid <= previous:
+                raise Unreadable(f"page {number}'s rows are out of order")
+            previous = rowid
             if (
                 not max(low, -1) < rowid <= min(high, self._count - 1)
                 or payload > self._max_local
@@ -162,7 +175,7 @@ class SnapshotRows:
             while column < record + header and len(types) < 4:
                 kind, column = varint(data, column)
                 types.append(kind)
-            if len(types) != 3 or types[0] != 0 or types[2] != 12 + 2 * size:
+            if len(types) != 3 or column != record + header or types[0] != 0 or types[2] != 12 + 2 * size:
                 continue  # id is the rowid (stored as NULL); the image a blob of the image's size
             value = record + header
             if types[1] in _LABEL_BYTES:
@@ -172,8 +185,8 @@ class SnapshotRows:
                 label, width = types[1] - 8, 0
             else:
                 continue
-            if value + width + size > record + payload:
-                continue
+            if value + width + size != record + payload:
+                continue  # the values fill the payload exactly, or SQLite calls the record damaged
             rows.append(rowid)
             offsets.append(value + width)
             labels.append(label)
