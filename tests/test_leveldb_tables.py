@@ -270,3 +270,23 @@ def test_a_reader_holds_no_descriptor_per_table(tmp_path: Path) -> None:
         assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
         assert store._direct().offsets.min() >= 0  # type: ignore[attr-defined]
         assert len(os.listdir("/proc/self/fd")) < before + 5
+
+
+def test_the_direct_reads_script_compares_both_paths_of_both_backends() -> None:
+    """``python -m benchmarks.direct_reads`` (the README's A/B) prints every row; an unknown backend is refused."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.direct_reads", "--n", "300"], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("  ")[0] for line in done.stdout.splitlines()]
+    for backend in ("leveldb", "sqlite"):
+        for way in ("direct", "direct unverified", "library"):
+            assert f"{backend} get, {way}" in rows and f"{backend} scan out=, {way}" in rows
+    bad = subprocess.run(
+        [sys.executable, "-m", "benchmarks.direct_reads", "lmdb"], cwd=root, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "no direct path to compare for lmdb" in bad.stderr
