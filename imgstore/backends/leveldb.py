@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import plyvel
 
-from imgstore.backends.leveldb_tables import UNKNOWN, DirectTables
+from imgstore.backends.leveldb_tables import DirectTables
 from imgstore.backends.leveldb_view import View, background_works, may_start_background, open_db, set_aside
 from imgstore.backends.pixel_blocks import copy_rows, one_record, records_in
 from imgstore.errors import CorruptStoreError, ImgStoreError, StoreFullError, StoreIOError
@@ -145,18 +145,6 @@ class LeveldbStore(Store):
             tables = (view, DirectTables(view.path, len(self), size, self._per_block(size) if size else 1))
             self._tables = tables
         return tables[1]
-
-    def _located(self, direct: DirectTables, indices: np.ndarray) -> np.ndarray | None:
-        """The file offsets of records ``indices``, learned where needed; None if plyvel must read any."""
-        if len(indices) and int(indices.max()) >= len(direct.offsets):
-            return None
-        offsets = direct.offsets[indices]
-        if len(offsets) and offsets.min() == UNKNOWN:
-            for index in indices[offsets == UNKNOWN].tolist():
-                if direct.offsets.item(index) == UNKNOWN:
-                    direct.learn(index)
-            offsets = direct.offsets[indices]
-        return offsets if not len(offsets) or offsets.min() >= 0 else None
 
     # -------------------------------------------------------------- writing
 
@@ -280,7 +268,7 @@ class LeveldbStore(Store):
     def _read_into(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         size = images[0].nbytes
         direct = self._direct()
-        if direct is not None and self._located(direct, indices) is not None:
+        if direct is not None and direct.located(indices) is not None:
             direct.gather(indices, size, images)
             labels[:] = direct.labels[indices]
             return
@@ -305,7 +293,7 @@ class LeveldbStore(Store):
         size = images[0].nbytes
         direct = self._direct()
         if direct is not None:
-            if self._located(direct, np.arange(start, stop)) is not None:
+            if direct.located(np.arange(start, stop)) is not None:
                 direct.copy_range(start, stop, images)
                 labels[:] = direct.labels[start:stop]
             else:
@@ -333,14 +321,10 @@ class LeveldbStore(Store):
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         image = np.empty(self.image_shape, dtype=np.uint8)
         direct = self._direct()
-        if direct is not None and index < len(direct.offsets):
-            offset = direct.offsets.item(index)
-            if offset == UNKNOWN:
-                direct.learn(index)
-                offset = direct.offsets.item(index)
-            if offset >= 0:
-                image.data.cast("B")[:] = direct.maps[direct.tables.item(index)][offset : offset + image.nbytes]
-                return image, direct.labels.item(index)
+        offset = direct.offset(index) if direct is not None else -1
+        if direct is not None and offset >= 0:
+            image.data.cast("B")[:] = direct.maps[direct.tables.item(index)][offset : offset + image.nbytes]
+            return image, direct.labels.item(index)
         size = image.nbytes
         per_block = self._per_block(size)
         block, row = divmod(index, per_block)
@@ -353,7 +337,7 @@ class LeveldbStore(Store):
     def _direct_blobs(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray] | None:
         """Records ``indices`` of an encoded store read out of the view's table files, or None."""
         direct = self._direct()
-        offsets = self._located(direct, indices) if direct is not None else None
+        offsets = direct.located(indices) if direct is not None else None
         if direct is None or offsets is None or direct.lengths is None:
             return None
         maps = direct.maps

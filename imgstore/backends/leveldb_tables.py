@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from imgstore.backends.leveldb_view import read_manifest, varint
-from imgstore.backends.mapped_rows import copy_records
+from imgstore.backends.mapped_rows import LIBRARY, UNKNOWN, LearnedOffsets, copy_records
 from imgstore.errors import CorruptStoreError
 from imgstore.fileio import map_read_only, open_regular
 
 _FOOTER, _MAGIC = 48, 0xDB4775248B80FB57
 _TRAILER = 5  # a block's compression type (1 byte; 0: none) and masked CRC-32C (4 bytes)
 _KEY = 16  # imgstore's keys: 8 bytes (block or index, big-endian) + LevelDB's 8-byte tag
-UNKNOWN, LIBRARY = -1, -2  # a record's offset: not learned yet; read it through plyvel
 
 
 class Unreadable(Exception):
@@ -99,7 +98,7 @@ def _block_entries(data: bytes | memoryview, offset: int, size: int) -> list[tup
     return entries
 
 
-class DirectTables:
+class DirectTables(LearnedOffsets):
     """Where each record of one view lies in its table files, learned a segment at a time.
 
     ``size`` is a raw record's pixel bytes and ``per_block`` the records a value holds (the raw

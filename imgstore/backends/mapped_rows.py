@@ -17,6 +17,40 @@ import os
 import numpy as np
 
 _PIECE_BYTES = 1 << 16
+UNKNOWN, LIBRARY = -1, -2  # a record's offset in LearnedOffsets: not learned yet; read it through the library
+
+
+class LearnedOffsets:
+    """Where each record's bytes lie in a store's files, learned lazily (LevelDB tables, SQLite pages).
+
+    ``offsets`` per record: the bytes' offset, UNKNOWN until ``learn(index)`` (which learns that
+    record and its neighbours) is asked, LIBRARY where the backend's library must read it instead."""
+
+    offsets: np.ndarray
+
+    def learn(self, index: int) -> None:
+        raise NotImplementedError
+
+    def offset(self, index: int) -> int:
+        """Record ``index``'s offset, learned if need be; negative: the library reads it."""
+        if index >= len(self.offsets):
+            return LIBRARY
+        offset: int = self.offsets.item(index)
+        if offset == UNKNOWN:
+            self.learn(index)
+            offset = self.offsets.item(index)
+        return offset
+
+    def located(self, indices: np.ndarray) -> np.ndarray | None:
+        """The offsets of records ``indices``, learned where need be; None if the library must read any."""
+        if len(indices) and int(indices.max()) >= len(self.offsets):
+            return None
+        offsets = self.offsets[indices]
+        if len(offsets) and offsets.min() == UNKNOWN:
+            for index in indices[offsets == UNKNOWN].tolist():
+                self.offset(index)
+            offsets = self.offsets[indices]
+        return offsets if not len(offsets) or offsets.min() >= 0 else None
 
 
 class MappedRows:

@@ -47,7 +47,7 @@ import numpy as np
 
 from imgstore.arguments import io_error
 from imgstore.backends import sqlite_files
-from imgstore.backends.sqlite_pages import UNKNOWN, SnapshotRows, Unreadable
+from imgstore.backends.sqlite_pages import SnapshotRows, Unreadable
 from imgstore.errors import CorruptStoreError, InvalidOptionError
 from imgstore.fileio import reserve_at
 from imgstore.options import Option
@@ -393,14 +393,10 @@ class SqliteStore(Store):
         image = np.empty(self.image_shape, dtype=np.uint8)
         with self._guard:
             rows = self._rows if self._rows_checked else self._snapshot_rows()
-            if rows is not None and index < len(rows.offsets):
-                offset = rows.offsets.item(index)
-                if offset == UNKNOWN:
-                    rows.learn(index)
-                    offset = rows.offsets.item(index)
-                if offset >= 0:
-                    image.data.cast("B")[:] = rows.view[offset : offset + image.nbytes]
-                    return image, rows.labels.item(index)
+            offset = rows.offset(index) if rows is not None else -1
+            if rows is not None and offset >= 0:
+                image.data.cast("B")[:] = rows.view[offset : offset + image.nbytes]
+                return image, rows.labels.item(index)
             row = self._cursor().execute(_GET, (index,)).fetchone()
         if row is None:
             raise CorruptStoreError(f"{self._path}: image {index} is committed but missing")
@@ -413,15 +409,8 @@ class SqliteStore(Store):
     def _read_mapped(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> bool:
         """Rows ``indices`` copied out of the file (the caller holds the guard); False: read them with SQL."""
         rows = self._rows if self._rows_checked else self._snapshot_rows()
-        if rows is None or not len(indices) or int(indices.max()) >= len(rows.offsets):
-            return False
-        offsets = rows.offsets[indices]
-        if offsets.min() == UNKNOWN:
-            for index in indices[offsets == UNKNOWN].tolist():
-                if rows.offsets.item(index) == UNKNOWN:
-                    rows.learn(index)
-            offsets = rows.offsets[indices]
-        if offsets.min() < 0:
+        offsets = rows.located(indices) if rows is not None and len(indices) else None
+        if rows is None or offsets is None:
             return False
         rows.gather(offsets, images)
         labels[:] = rows.labels[indices]

@@ -24,9 +24,9 @@ import threading
 
 import numpy as np
 
+from imgstore.backends.mapped_rows import LIBRARY, UNKNOWN, LearnedOffsets
 from imgstore.fileio import map_read_only
 
-UNKNOWN, LIBRARY = -1, -2  # a row's image offset: not learned yet; read it with SQL
 _INTERIOR, _LEAF = 0x05, 0x0D
 _LABEL_BYTES = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8}  # integer serial types: their big-endian bytes
 
@@ -46,7 +46,7 @@ def varint(data: memoryview | bytes, at: int) -> tuple[int, int]:
     return (value << 8) | data[at + 8], at + 9
 
 
-class SnapshotRows:
+class SnapshotRows(LearnedOffsets):
     """Where each row of table ``images`` lies in the database file (one read snapshot)."""
 
     def __init__(self, fd: int, root: int, count: int, size: int) -> None:
