@@ -269,7 +269,7 @@ class LeveldbStore(Store):
         size = images[0].nbytes
         direct = self._direct()
         if direct is not None and direct.located(indices) is not None:
-            direct.gather(indices, size, images)
+            direct.gather(indices, images)
             labels[:] = direct.labels[indices]
             return
         per_block = self._per_block(size)
@@ -292,12 +292,9 @@ class LeveldbStore(Store):
     def _read_range_into(self, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         size = images[0].nbytes
         direct = self._direct()
-        if direct is not None:
-            if direct.located(np.arange(start, stop)) is not None:
-                direct.copy_range(start, stop, images)
-                labels[:] = direct.labels[start:stop]
-            else:
-                self._read_into(np.arange(start, stop), images, labels)
+        if direct is not None and direct.located(np.arange(start, stop)) is not None:
+            direct.copy_range(start, stop, images)
+            labels[:] = direct.labels[start:stop]
             return
         per_block = self._per_block(size)
         pixels, label_bytes = images.data.cast("B"), labels.data.cast("B")

@@ -287,6 +287,7 @@ class DirectTables(LearnedOffsets):
             ]
             at = end
 
-    def gather(self, indices: np.ndarray, size: int, images: np.ndarray) -> None:
+    def gather(self, indices: np.ndarray, images: np.ndarray) -> None:
         """Copy raw records ``indices`` (all learned, none LIBRARY) into ``images`` (uint8, C order)."""
-        copy_records(self.arrays, self.tables[indices], self.offsets[indices], size, images)
+        assert self._size is not None
+        copy_records(self.arrays, self.tables[indices], self.offsets[indices], self._size, images)

@@ -107,7 +107,7 @@ def copy_records(sources: list[np.ndarray], slots: np.ndarray, offsets: np.ndarr
     of files), into ``out`` (uint8, C order, ``len(offsets) * size`` bytes), with as few copies as NumPy allows.
 
     Records back to back in one source are one run (one slice copy); runs of one source and length
-    that lie equally spaced (a table's blocks, an SQLite leaf page's cells) are one strided copy."""
+    that lie equally spaced (a LevelDB table's consecutive blocks) are one strided copy."""
     if not len(offsets):
         return
     flat = out.reshape(-1)

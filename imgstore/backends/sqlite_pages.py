@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import threading
 
 import numpy as np
 
@@ -75,7 +74,6 @@ class SnapshotRows(LearnedOffsets):
         self._leaves: list[int] = []  # leaf page numbers in rowid order
         self._bounds: list[int] = []  # the largest rowid each may hold (the last: unbounded)
         self._walk(root)
-        self._lock = threading.Lock()
 
     def _start(self, number: int) -> int:
         """The file offset of page ``number``'s header (page 1's follows the 100-byte file header)."""
@@ -124,19 +122,17 @@ class SnapshotRows(LearnedOffsets):
             rows[at : at + step] = self._windows[offsets[at : at + step]]
 
     def learn(self, index: int) -> None:
-        """Learn the rows of the leaf that holds row ``index`` (or mark it for SQL)."""
-        with self._lock:
-            if self.offsets[index] != UNKNOWN:
-                return
-            at = bisect.bisect_left(self._bounds, index)
-            if at < len(self._leaves):
-                low = self._bounds[at - 1] if at else -1
-                try:
-                    self._learn_leaf(self._leaves[at], low, self._bounds[at])
-                except (Unreadable, IndexError):
-                    pass  # a damaged page: SQL says what it holds
-            if self.offsets[index] == UNKNOWN:
-                self.offsets[index] = LIBRARY
+        """Learn the rows of the leaf that holds row ``index`` (or mark it for SQL). The caller holds
+        the store handle's guard, as for every use of its snapshot: one thread at a time."""
+        at = bisect.bisect_left(self._bounds, index)
+        if at < len(self._leaves):
+            low = self._bounds[at - 1] if at else -1
+            try:
+                self._learn_leaf(self._leaves[at], low, self._bounds[at])
+            except (Unreadable, IndexError):
+                pass  # a damaged page: SQL says what it holds
+        if self.offsets[index] == UNKNOWN:
+            self.offsets[index] = LIBRARY
 
     def _learn_leaf(self, number: int, low: int, high: int) -> None:
         """The rows of leaf ``number`` in ``low < rowid <= high`` (where its parents' keys put them:
@@ -190,7 +186,7 @@ class SnapshotRows(LearnedOffsets):
             rows.append(rowid)
             offsets.append(value + width)
             labels.append(label)
-        if rows:  # labels first: a read in another thread trusts a row's label once it has an offset
+        if rows:
             picked = np.array(rows, np.int64)
             self.labels[picked] = labels
             self.offsets[picked] = offsets
