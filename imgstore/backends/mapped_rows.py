@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -102,9 +103,13 @@ class MappedRows:
         return out
 
 
-def copy_records(sources: list[np.ndarray], slots: np.ndarray, offsets: np.ndarray, size: int, out: np.ndarray) -> None:
+Sources = Sequence[np.ndarray] | Mapping[int, np.ndarray]
+
+
+def copy_records(sources: Sources, slots: np.ndarray, offsets: np.ndarray, size: int, out: np.ndarray) -> None:
     """Copy ``size``-byte records, record k at ``offsets[k]`` of ``sources[slots[k]]`` (uint8 arrays, e.g. maps
-    of files), into ``out`` (uint8, C order, ``len(offsets) * size`` bytes), with as few copies as NumPy allows.
+    of files; TileDB's attribute files by descriptor slot), into ``out`` (uint8, C order, ``len(offsets) * size``
+    bytes), with as few copies as NumPy allows.
 
     Records back to back in one source are one run (one slice copy); runs of one source and length
     that lie equally spaced (a LevelDB table's consecutive blocks) are one strided copy."""

@@ -100,6 +100,9 @@ class TileDBStore(Store):
         "consolidate_every": Option(8, 2, 1 << 20),
     }
     damage_errors = (tiledb.TileDBError, OSError, ValueError, KeyError, IndexError)
+    # A verified scan copies pieces out of the map: per piece ~25 µs of NumPy set-up (measured 100 000
+    # CIFAR images, against the limit's np.fromfile: 256 KiB pieces 2.2x, 1 MiB 1.42x, 4 MiB 1.29x).
+    scan_piece_bytes = 1 << 22
     files = ("tiledb",)
     readers = ("tiledb-py: tiledb.open(path)[0:count] (attributes image, label)",)
     caveats = ("tiledb.open sees a killed write's records (read [0:count])",)
