@@ -44,10 +44,6 @@ class LeveldbStore(Store):
     # 16 KiB blocks (5 CIFAR images): a shuffled get copies its whole block twice (LevelDB's
     # std::string, then Python bytes), a scan pays per value; measured in the README.
     option_specs = {"block_bytes": Option(1 << 14, 1, 1 << 30, fixed=True)}
-    # A verified scan reads and checks 1 MiB at a time (not 256 KiB): each piece's gather out of the
-    # tables costs ~25 µs of NumPy calls; 100 000 CIFAR images 130 against 155 ms (4 MiB: 110 ms, but
-    # then the piece is hashed out of the CPU cache on a smaller one).
-    scan_piece_bytes = 1 << 20
     damage_errors = (plyvel.Error,)
     files = ("leveldb", "leveldb-views")
     # Readers' private views: a dead one is removed, links in it unfollowed (leveldb_view), never refused.
