@@ -313,7 +313,8 @@ class LeveldbStore(Store):
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
         image = np.empty(self.image_shape, dtype=np.uint8)
-        direct = self._direct()
+        tables = self._tables  # the path of every shuffled get: _direct()'s checks only when the view changed
+        direct = tables[1] if tables is not None and tables[0] is self._view and self._db is None else self._direct()
         offset = direct.offset(index) if direct is not None else -1
         if direct is not None and offset >= 0:
             image.data.cast("B")[:] = direct.maps[direct.tables.item(index)][offset : offset + image.nbytes]
