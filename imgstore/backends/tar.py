@@ -12,7 +12,9 @@ Raw stores of one shape read through a read-only ``mmap`` of each shard (a ``get
 it, a scan a strided copy of the pixels and label texts: no ``preadv`` of the 5 120 bytes a 3 072-byte
 record takes, measured in the README). A mapping of a file cut short under it would kill the process
 with SIGBUS, so each mapping is made only after the shard's size is checked against the committed
-records it holds, and imgstore never cuts a shard below a committed record (only a killed write's tail).
+records it holds, and every read out of one asks the shard's size again first (an ``lseek``, ~0.2 µs: a
+shard cut short by another program since is damage; only a cut during the copy itself could still be a
+SIGBUS). imgstore never cuts a shard below a committed record (only a killed write's tail).
 
 Appending keeps every shard a valid tar archive for ``tar`` and ``webdataset`` at every moment,
 holding whole records only:
@@ -32,9 +34,9 @@ from __future__ import annotations
 
 import copy
 import math
-import mmap
 import os
 import re
+import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 
@@ -42,7 +44,7 @@ import numpy as np
 
 from imgstore.backends import tar_format as fmt
 from imgstore.errors import CorruptStoreError, ImgStoreError
-from imgstore.fileio import fsync_dir
+from imgstore.fileio import fsync_dir, map_read_only
 from imgstore.options import Option
 from imgstore.store import Store
 
@@ -50,6 +52,7 @@ _CHUNK_BYTES = 8 << 20  # records are made and written this many bytes at a time
 _MAX_OPEN_SHARDS = 256  # a reader keeps this many shards open or mapped (each is one descriptor)
 _MAX_CACHED_LABELS = 1 << 16  # label texts a handle keeps parsed (a dict lookup is 4x cheaper than a parse)
 _EOA = bytes(fmt.END_OF_ARCHIVE)
+_lseek, _SEEK_END = os.lseek, os.SEEK_END  # a shard's size at every read of its map: ~0.2 µs of a get
 _PAGE = 4096  # the kernel copies a write into the page cache page by page; a kill lands between pages
 # Every file of the store is opened without following a link (ELOOP: damage to a reader, StoreIOError to a
 # writer): a link planted as a shard or the index must never make a write cut or overwrite a file elsewhere.
@@ -72,7 +75,8 @@ class TarStore(Store):
         self._lists: tuple[list[int], list[int], list[int], list[int]] | None = None  # for _read_one
         self._one_shape: tuple[int, ...] = ()  # the image shape, for _read_one
         self._fds: dict[int, int] = {}
-        self._maps: dict[int, memoryview] = {}  # read-only mappings of shards (raw stores of one shape)
+        # read-only mappings of shards (raw stores of one shape), each with a descriptor open as long as it is mapped
+        self._maps: dict[int, tuple[memoryview, int]] = {}
         self._parsed: dict[bytes, int] = {}  # label text -> label, for get
         self._layout: tuple[np.ndarray, list[int], list[int]] | None = None  # for scans: _scan_layout
         self._prefix: int | None = None  # bytes of a raw record's .npy header
@@ -109,23 +113,26 @@ class TarStore(Store):
 
     def _map(self, shard: int, end: int) -> memoryview:
         """A read-only map of ``shard`` holding at least its first ``end`` bytes (checked: never a SIGBUS)."""
-        view = self._maps.get(shard)
-        if view is not None and len(view) >= end:
-            return view
-        # A descriptor of its own, closed here (the map keeps a duplicate): one of _fds could be closed by
-        # another thread's eviction between the fstat and the mmap.
+        entry = self._maps.get(shard)
+        if entry is not None and len(entry[0]) >= end:
+            return _checked(entry, end, shard)
+        # A descriptor of its own (one of _fds could be closed by another thread's eviction between the fstat and
+        # the map), closed once the map and every view of it are gone: a read holding a view can still ask its size.
         fd = os.open(self._shard(shard), os.O_RDONLY | _NOFOLLOW)
         try:
             size = os.fstat(fd).st_size
             if size < end:
                 raise CorruptStoreError(f"{self.path}: shard {shard} is cut short of its committed records")
-            mapped = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
-        finally:
+            buffer = map_read_only(fd, size)
+        except BaseException:
             os.close(fd)
-        if view is None and len(self._maps) >= _MAX_OPEN_SHARDS:
+            raise
+        weakref.finalize(buffer, os.close, fd)
+        mapped = memoryview(buffer).cast("B").toreadonly()
+        if entry is None and len(self._maps) >= _MAX_OPEN_SHARDS:
             for oldest in list(self._maps)[:1]:  # a copy of the keys: another thread may map meanwhile
                 self._maps.pop(oldest, None)
-        self._maps[shard] = mapped
+        self._maps[shard] = mapped, fd
         return mapped
 
     # -------------------------------------------------------------- the index
@@ -179,9 +186,8 @@ class TarStore(Store):
             self._one_shape = self.image_shape
         shards, offsets, ends, labels = lists
         shard, at, end = shards[index], offsets[index], ends[index]
-        view = self._maps.get(shard)
-        if view is None or len(view) < end:
-            view = self._map(shard, end)
+        entry = self._maps.get(shard)
+        view = self._map(shard, end) if entry is None or len(entry[0]) < end else _checked(entry, end, shard)
         image = np.empty(self._one_shape, dtype=np.uint8)
         image.data.cast("B")[:] = view[at : at + image.nbytes]
         label = labels[index]
@@ -214,8 +220,14 @@ class TarStore(Store):
         nbytes = images[0].nbytes
         pixels = images.data.cast("B")
         label_len = self._index()["label_len"][indices].tolist()
-        for k, (s, o, e) in enumerate(zip(shard.tolist(), offset.tolist(), end.tolist(), strict=True)):
-            view = self._map(s, e)
+        shards, ends = shard.tolist(), end.tolist()
+        need: dict[int, int] = {}  # each shard's furthest byte in the batch: mapped and its size checked once
+        for s, e in zip(shards, ends, strict=True):
+            if need.get(s, 0) < e:
+                need[s] = e
+        views = {s: self._map(s, e) for s, e in need.items()}
+        for k, (s, o, e) in enumerate(zip(shards, offset.tolist(), ends, strict=True)):
+            view = views[s]
             pixels[k * nbytes : (k + 1) * nbytes] = view[o : o + nbytes]
             labels[k] = self._label(view[e - label_len[k] : e].tobytes())
 
@@ -439,6 +451,13 @@ class TarStore(Store):
         if isinstance(exc, ImgStoreError):  # this backend's own verdict, raised again
             return copy.copy(exc)
         return super()._damaged(exc)
+
+
+def _checked(entry: tuple[memoryview, int], end: int, shard: int) -> memoryview:
+    """A shard's map if its file still holds ``end`` bytes: a page past a file's end is SIGBUS."""
+    if _lseek(entry[1], 0, _SEEK_END) < end:
+        raise CorruptStoreError(f"shard {shard} was cut short under this reader")
+    return entry[0]
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

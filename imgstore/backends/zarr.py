@@ -15,9 +15,10 @@ shard past the committed ones and rewrites the shard's index (at the start of th
 a raw record is copied out of a read-only map of its shard (mapped up to the committed records once
 the shard index and the file's size are checked: never past the file's end; a scan is one copy per
 shard, against a ``preadv`` per shard before: 1.5-1.6x the limit's ``np.fromfile`` with the checks,
-~1.25x now), an encoded one read with one ``pread``. As with every map, a shard cut short by another
-program under an open reader could end that reader with SIGBUS (imgstore never cuts committed
-records). So zarr-python is not needed to use the store, only to read it from zarr's side.
+~1.25x now), an encoded one read with one ``pread``. Every read of a map first asks the shard's size
+(an ``lseek``, ~0.2 µs): a shard cut short by another program under an open reader is damage, not a
+SIGBUS (only a cut during the copy itself could still be one; imgstore never cuts committed records).
+So zarr-python is not needed to use the store, only to read it from zarr's side.
 
 Crashes. Nothing committed is ever rewritten with other bytes: a write adds chunks past the
 committed ones (cutting off a crashed write's leftovers), labels past the committed ones, index
@@ -57,6 +58,7 @@ from imgstore.options import Option
 from imgstore.store import Store
 
 _IOV_MAX = 1024  # buffers per pwritev call (Linux's IOV_MAX)
+_lseek, _SEEK_END = os.lseek, os.SEEK_END  # a file's size at every read of its map: ~0.2 µs of a get
 
 
 class ZarrStore(Store):
@@ -76,7 +78,8 @@ class ZarrStore(Store):
         self._shard = int(self.options["shard_images"])
         self._header = index_nbytes(self._shard)  # bytes of a shard's index, before its first chunk
         self._fds: dict[tuple[str, int], int] = {}  # open shard and label-chunk files (read-write in a writer)
-        self._maps: dict[int, np.ndarray] = {}  # raw: shard -> its first checked records, mapped read-only (uint8)
+        # raw: shard -> its first checked records mapped read-only (uint8), and its descriptor (one of _fds)
+        self._maps: dict[int, tuple[np.ndarray, int]] = {}
         self._blob_index: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # encoded: shard -> checked offsets, lengths
         self._labels = np.empty(0, dtype=np.int64)  # the committed labels read so far
         if create:
@@ -276,19 +279,22 @@ class ZarrStore(Store):
     def _image_map(self, shard: int, end: int) -> np.ndarray:
         """A raw shard mapped read-only through at least byte ``end``: its records there checked first, in
         its index and against the file's size (read_index), so no page of the map lies past the file's end."""
-        mapped = self._maps.get(shard)
-        if mapped is None or len(mapped) < end:
-            nbytes = math.prod(self.image_shape)
-            committed = min(self._shard, len(self) - shard * self._shard)
-            if end > self._header + committed * nbytes:
-                raise CorruptStoreError(f"{self._data_path(shard)}: a read past its committed records")
-            fd = self._fd("images", shard)
-            self._index_of(fd, shard, committed)
-            view = memoryview(map_read_only(fd, self._header + committed * nbytes)).cast("B").toreadonly()
-            mapped = np.frombuffer(view, np.uint8)
-            if os.fstat(fd).st_size < len(mapped):  # cut short since it was checked
-                raise CorruptStoreError(f"{self._data_path(shard)} is shorter than its records")
-            self._maps[shard] = mapped
+        entry = self._maps.get(shard)
+        if entry is not None and len(entry[0]) >= end:
+            if _lseek(entry[1], 0, _SEEK_END) < end:  # cut short since: a page past the file's end is SIGBUS
+                raise CorruptStoreError(f"{self._data_path(shard)} was cut short under this reader")
+            return entry[0]
+        nbytes = math.prod(self.image_shape)
+        committed = min(self._shard, len(self) - shard * self._shard)
+        if end > self._header + committed * nbytes:
+            raise CorruptStoreError(f"{self._data_path(shard)}: a read past its committed records")
+        fd = self._fd("images", shard)
+        self._index_of(fd, shard, committed)
+        view = memoryview(map_read_only(fd, self._header + committed * nbytes)).cast("B").toreadonly()
+        mapped = np.frombuffer(view, np.uint8)
+        if os.fstat(fd).st_size < len(mapped):  # cut short since it was checked
+            raise CorruptStoreError(f"{self._data_path(shard)} is shorter than its records")
+        self._maps[shard] = mapped, fd
         return mapped
 
     def _read_one(self, index: int) -> tuple[np.ndarray, int]:
