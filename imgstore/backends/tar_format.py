@@ -116,6 +116,13 @@ def parse_label(text: bytes | bytearray, where: object) -> int:
 
 def parse_labels(text: np.ndarray, where: object) -> np.ndarray:
     """Labels from ``[n, MAX_LABEL_DIGITS]`` bytes of decimal text, each NUL padded: ``[n]`` int64, checked."""
+    # Digits then NULs only, as parse_label takes: NumPy's parse also takes " 5", "+5" (a damaged "45" read
+    # as 5 by a get, which parses its shard's labels this way, where the record's own text is refused).
+    digits = (text >= _ZERO) & (text <= _ZERO + 9)
+    if len(text) and not (
+        digits[:, 0].all() and (digits | (text == 0)).all() and (digits[:, 1:] <= digits[:, :-1]).all()
+    ):
+        raise CorruptStoreError(f"{where}: a label is not a decimal number")
     try:  # NumPy's own parse (8x faster than one in NumPy operations); a number past int64 is an OverflowError
         values: np.ndarray = np.ascontiguousarray(text).view(f"S{MAX_LABEL_DIGITS}").ravel().astype(np.int64)
     except (ValueError, OverflowError):
