@@ -257,7 +257,7 @@ class TarStore(Store):
         view = self._map(shard, first + n * stride)  # a valid shard holds the last label's whole block
         rows = np.frombuffer(view, dtype=np.uint8, count=n * stride, offset=first).reshape(n, stride)
         pixels[...] = rows[:, payload : payload + pixels.shape[1]]
-        labels = fmt.parse_labels(np.ascontiguousarray(rows[:, label_at : label_at + fmt.MAX_LABEL_DIGITS]), self.path)
+        labels = fmt.parse_labels(rows[:, label_at : label_at + fmt.MAX_LABEL_DIGITS], self.path)  # no copy
         del rows  # no view of the map outlives the call: close() can unmap it
         return labels
 

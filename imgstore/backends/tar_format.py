@@ -37,6 +37,8 @@ INT64_MAX = (1 << 63) - 1
 ENTRY = np.dtype([("shard", "<u4"), ("label_len", "<u4"), ("offset", "<u8"), ("length", "<u8")])
 KEY_DIGITS = 9
 _ZERO = ord("0")
+_NOT_LABEL_BYTE = np.ones(256, bool)  # every byte but NUL and the ten digits
+_NOT_LABEL_BYTE[[0, *range(_ZERO, _ZERO + 10)]] = False
 
 
 def padded(n: int) -> int:
@@ -115,20 +117,18 @@ def parse_label(text: bytes | bytearray, where: object) -> int:
 
 
 def parse_labels(text: np.ndarray, where: object) -> np.ndarray:
-    """Labels from ``[n, MAX_LABEL_DIGITS]`` bytes of decimal text, each NUL padded: ``[n]`` int64, checked."""
-    # Digits then NULs only, as parse_label takes: NumPy's parse also takes " 5", "+5" (a damaged "45" read
-    # as 5 by a get, which parses its shard's labels this way, where the record's own text is refused).
-    digits = (text >= _ZERO) & (text <= _ZERO + 9)
-    if len(text) and not (
-        digits[:, 0].all() and (digits | (text == 0)).all() and (digits[:, 1:] <= digits[:, :-1]).all()
-    ):
+    """Labels from ``[n, MAX_LABEL_DIGITS]`` bytes of decimal text, each NUL padded: ``[n]`` int64, checked.
+
+    ``text`` may be a strided view (rows of a shard's map): each row's bytes must be contiguous."""
+    # Digits and NULs only, as parse_label takes: NumPy's parse also takes " 5", "+5", "1_0" (a damaged "45"
+    # read as 5 by a get, which parses its shard's labels this way). NumPy's parse then refuses a NUL
+    # before a digit and an empty text. One table lookup: a third of the time of comparisons.
+    if _NOT_LABEL_BYTE.take(text).any():
         raise CorruptStoreError(f"{where}: a label is not a decimal number")
     try:  # NumPy's own parse (8x faster than one in NumPy operations); a number past int64 is an OverflowError
-        values: np.ndarray = np.ascontiguousarray(text).view(f"S{MAX_LABEL_DIGITS}").ravel().astype(np.int64)
+        values: np.ndarray = text.view(f"S{MAX_LABEL_DIGITS}")[:, 0].astype(np.int64)
     except (ValueError, OverflowError):
         raise CorruptStoreError(f"{where}: a label is not a decimal number in the int64 range") from None
-    if len(values) and values.min() < 0:  # a "-" parses too
-        raise CorruptStoreError(f"{where}: a label is not a decimal number in the int64 range")
     return values
 
 
