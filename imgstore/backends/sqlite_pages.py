@@ -113,13 +113,20 @@ class SnapshotRows(LearnedOffsets):
             raise Unreadable("the B-tree's keys are out of order")
 
     def gather(self, offsets: np.ndarray, images: np.ndarray) -> None:
-        """Copy the rows' images at ``offsets`` (learned) into ``images`` (uint8, C order), ~64 KiB at a
+        """Copy the rows' images at ``offsets`` (learned) into ``images`` (uint8, C order), ~256 KiB at a
         time: NumPy gathers through a temporary, which then stays in the CPU cache (100 000 CIFAR rows
-        at once 130 ms, in pieces 80 ms)."""
-        rows = images.reshape(len(offsets), -1).view(self._windows.dtype).reshape(len(offsets))
-        step = max(1, (1 << 16) // self._size)
-        for at in range(0, len(offsets), step):
-            rows[at : at + step] = self._windows[offsets[at : at + step]]
+        at once 130 ms, in pieces 80 ms). A piece whose rows lie at falling offsets (a leaf's cells are
+        laid from its end: consecutive rows run backwards) is copied in the file's order: 100 000 CIFAR
+        rows 42 against 37 ms."""
+        windows, n = self._windows, len(offsets)
+        rows = images.reshape(n, -1).view(windows.dtype).reshape(n)
+        step = max(1, (1 << 18) // self._size)
+        for at in range(0, n, step):
+            end = min(n, at + step)
+            if offsets[at] > offsets[end - 1]:
+                rows[at:end][::-1] = windows[offsets[at:end][::-1]]
+            else:
+                rows[at:end] = windows[offsets[at:end]]
 
     def learn(self, index: int) -> None:
         """Learn the rows of the leaf that holds row ``index`` (or mark it for SQL). The caller holds
