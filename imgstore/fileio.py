@@ -86,16 +86,28 @@ def map_read_only(fd: int, size: int) -> ctypes.Array[ctypes.c_char]:
     return buffer
 
 
+def _files_once(path: Path) -> list[os.stat_result]:
+    """The ``lstat`` of every file under ``path``, each file once: a LevelDB reader's view holds hard links
+    to the tables (``du`` counts a file once too; counted per link, a store with a reader open doubled)."""
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            info = os.lstat(os.path.join(root, name))
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                found.append(info)
+    return found
+
+
 def disk_usage(path: Path) -> int:
-    """Bytes allocated on disk under ``path`` (blocks, as ``du`` counts them; links not followed)."""
-    return sum(
-        os.lstat(os.path.join(root, name)).st_blocks * 512 for root, _dirs, files in os.walk(path) for name in files
-    )
+    """Bytes allocated on disk under ``path`` (blocks, as ``du`` counts them; links not followed, each file once)."""
+    return sum(info.st_blocks * 512 for info in _files_once(path))
 
 
 def file_bytes(path: Path) -> int:
-    """Bytes in the files under ``path`` (their sizes, not the blocks they take)."""
-    return sum(os.lstat(os.path.join(root, name)).st_size for root, _dirs, files in os.walk(path) for name in files)
+    """Bytes in the files under ``path`` (their sizes, not the blocks they take; each file once)."""
+    return sum(info.st_size for info in _files_once(path))
 
 
 def fsync_dir(path: Path) -> None:

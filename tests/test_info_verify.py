@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,25 @@ def test_verify_and_info_of_what_is_not_a_store(tmp_path: Path, capsys: Any) -> 
     assert main(["verify", str(tmp_path / "nothing")]) == 2
     assert main(["info", str(tmp_path / "nothing")]) == 2
     assert "no imgstore store" in capsys.readouterr().err
+
+
+def test_a_hard_linked_file_counts_once_on_disk(tmp_path: Path) -> None:
+    """A LevelDB reader's view hard-links the tables: a store with a reader open read twice its size."""
+    from imgstore import fileio
+
+    (tmp_path / "a").write_bytes(b"x" * 100_000)
+    (tmp_path / "views").mkdir()
+    os.link(tmp_path / "a", tmp_path / "views" / "a")
+    assert fileio.file_bytes(tmp_path) == 100_000
+    assert 100_000 <= fileio.disk_usage(tmp_path) < 200_000
+
+
+def test_a_leveldb_reader_does_not_double_the_stores_size(tmp_path: Path) -> None:
+    pytest.importorskip("plyvel")
+    images = np.random.default_rng(0).integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
+    with imgstore.open_store(tmp_path / "s", "leveldb", mode="w") as store:
+        store.put_many(images, np.arange(500))
+        written = store.disk_usage()
+    with imgstore.open_store(tmp_path / "s") as reader:
+        reader.get(0)  # its view: hard links to the tables, copies of the small files
+        assert reader.disk_usage() < 1.2 * written

@@ -2,6 +2,8 @@
 
 Registered, so ``--strict-markers`` accepts it; and in a project that does not select by marker
 (no ``-m``), the slow variants are skipped with a note instead of tripling the run. ``-m slow`` runs them.
+pytest loads it in every project of an environment that has imgstore-ml: it imports nothing of
+``imgstore.testing`` (whose suites need Hypothesis, which the ``[bench]`` extra does not install).
 """
 
 from __future__ import annotations

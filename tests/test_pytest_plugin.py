@@ -1,0 +1,34 @@
+"""imgstore's pytest plugin loads in every pytest run of the environment: it must not need the test suites' Hypothesis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_plugin_loads_without_hypothesis_and_without_the_suites(tmp_path: Path) -> None:
+    # A fresh `pip install -e ".[bench]"` has no Hypothesis: pytest failed to start in any project (exit 3).
+    script = (
+        "import sys\n"
+        "class NoHypothesis:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'hypothesis' or name.startswith('hypothesis.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'hypothesis'\")\n"
+        "sys.meta_path.insert(0, NoHypothesis())\n"
+        "import imgstore.pytest_plugin\n"
+        "assert 'imgstore.testing' not in sys.modules, 'the plugin imported the suites'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_entry_point_names_the_plugin_module() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    with open(REPO / "pyproject.toml", "rb") as file:
+        entry = tomllib.load(file)["project"]["entry-points"]["pytest11"]["imgstore"]
+    assert entry == "imgstore.pytest_plugin"
