@@ -1,4 +1,4 @@
-"""imgstore's pytest plugin loads in every pytest run of the environment: it must not need the test suites' Hypothesis."""
+"""imgstore's pytest plugin loads in every pytest run of its environment: it must not need the suites' Hypothesis."""
 
 from __future__ import annotations
 
