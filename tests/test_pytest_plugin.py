@@ -32,3 +32,25 @@ def test_the_entry_point_names_the_plugin_module() -> None:
     with open(REPO / "pyproject.toml", "rb") as file:
         entry = tomllib.load(file)["project"]["entry-points"]["pytest11"]["imgstore"]
     assert entry == "imgstore.pytest_plugin"
+
+
+def test_the_benchmarks_helpers_import_without_hypothesis(tmp_path: Path) -> None:
+    # The benchmarks import imgstore.testing.s3server; only the conformance suite needs Hypothesis ([test]).
+    script = (
+        "import sys\n"
+        "class NoHypothesis:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'hypothesis' or name.startswith('hypothesis.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'hypothesis'\")\n"
+        "sys.meta_path.insert(0, NoHypothesis())\n"
+        "import imgstore.testing.s3server, imgstore.testing\n"
+        "from imgstore.testing import check_records\n"
+        "try:\n"
+        "    from imgstore.testing import StoreConformance\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    assert 'hypothesis' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('StoreConformance imported without Hypothesis')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -35,8 +35,9 @@ without it. Long variants (60 kills, 1 000 fuzz cases, 120 kills during ``"w"``)
 ``@pytest.mark.slow``: a project that uses ``--strict-markers`` registers that marker, e.g.
 ``markers = ["slow: long runs"]`` and ``addopts = ["-m", "not slow"]`` to leave them out by default.
 
-The robustness suites are imported on first use (``from imgstore.testing import StoreRobustness``),
-so that ``python -m imgstore.testing.fuzz worker`` does not import its own module twice.
+The suites are imported on first use (``from imgstore.testing import StoreRobustness``), so that
+``python -m imgstore.testing.fuzz worker`` does not import its own module twice, and so that the
+helpers (``imgstore.testing.s3server``, which the benchmarks use) need no Hypothesis.
 """
 
 from __future__ import annotations
@@ -76,17 +77,18 @@ from imgstore.testing.checks import (  # noqa: E402
     read_only_view,
     small_tmpfs,
 )
-from imgstore.testing.conformance import StoreConformance  # noqa: E402
 from imgstore.testing.layouts import Layout, Records  # noqa: E402
 
 if TYPE_CHECKING:
     from imgstore.testing.concurrency import ConcurrentAccess
+    from imgstore.testing.conformance import StoreConformance
     from imgstore.testing.crash import CrashSafety
     from imgstore.testing.faults import FaultTolerance
     from imgstore.testing.fuzz import DamageDetection
     from imgstore.testing.robustness import StoreRobustness
 
-_LAZY = {
+_LAZY = {  # Hypothesis (the [test] extra) only for StoreConformance: imgstore.testing.s3server needs none
+    "StoreConformance": "conformance",
     "ConcurrentAccess": "concurrency",
     "CrashSafety": "crash",
     "FaultTolerance": "faults",
