@@ -44,7 +44,7 @@ import numpy as np
 
 from imgstore.backends import tar_format as fmt
 from imgstore.errors import CorruptStoreError, ImgStoreError
-from imgstore.fileio import fsync_dir, map_read_only
+from imgstore.fileio import fsync_dir, holds, map_read_only
 from imgstore.options import Option
 from imgstore.store import Store
 
@@ -52,7 +52,6 @@ _CHUNK_BYTES = 8 << 20  # records are made and written this many bytes at a time
 _MAX_OPEN_SHARDS = 256  # a reader keeps this many shards open or mapped (each is one descriptor)
 _MAX_CACHED_LABELS = 1 << 16  # label texts a handle keeps parsed (a dict lookup is 4x cheaper than a parse)
 _EOA = bytes(fmt.END_OF_ARCHIVE)
-_lseek, _SEEK_END = os.lseek, os.SEEK_END  # a shard's size at every read of its map: ~0.2 µs of a get
 _PAGE = 4096  # the kernel copies a write into the page cache page by page; a kill lands between pages
 # Every file of the store is opened without following a link (ELOOP: damage to a reader, StoreIOError to a
 # writer): a link planted as a shard or the index must never make a write cut or overwrite a file elsewhere.
@@ -455,7 +454,7 @@ class TarStore(Store):
 
 def _checked(entry: tuple[memoryview, int], end: int, shard: int) -> memoryview:
     """A shard's map if its file still holds ``end`` bytes: a page past a file's end is SIGBUS."""
-    if _lseek(entry[1], 0, _SEEK_END) < end:
+    if not holds(entry[1], end):
         raise CorruptStoreError(f"shard {shard} was cut short under this reader")
     return entry[0]
 

@@ -36,11 +36,10 @@ import tiledb
 
 from imgstore.backends.mapped_rows import copy_records
 from imgstore.errors import CorruptStoreError
-from imgstore.fileio import map_read_only
+from imgstore.fileio import holds, map_read_only
 
 FORMAT_VERSIONS = (22,)  # the layout described above, as checked
 _HEADER = struct.Struct("<III")  # a chunk: its size, its filtered size, its metadata size
-_lseek, _SEEK_END = os.lseek, os.SEEK_END  # a file's size at every read of its map: ~0.2 µs of a get
 
 
 class Unreadable(Exception):
@@ -75,7 +74,7 @@ class DirectIndex:
 
     def read_one(self, index: int, image: np.ndarray) -> int:
         size, offset, slot = image.nbytes, self.offset.item(index), self.fd.item(index)
-        if _lseek(self.fds[slot], 0, _SEEK_END) < offset + size:  # a page past the file's end is SIGBUS
+        if not holds(self.fds[slot], offset + size):
             raise CorruptStoreError("a TileDB fragment file was cut short under this reader")
         image.reshape(-1)[:] = self.maps[slot][offset : offset + size]
         return int(self.labels[index])
@@ -85,7 +84,7 @@ class DirectIndex:
         labels[:] = self.labels[indices]
         maps = self.maps
         for slot, mapped in maps.items():  # a few fragments (merges keep them few): each file's size, not SIGBUS
-            if _lseek(self.fds[slot], 0, _SEEK_END) < len(mapped):
+            if not holds(self.fds[slot], len(mapped)):
                 raise CorruptStoreError("a TileDB fragment file was cut short under this reader")
         copy_records(maps, self.fd[indices], self.offset[indices], images[0].nbytes, images)
 

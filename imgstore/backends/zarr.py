@@ -52,13 +52,12 @@ from imgstore.backends.zarr_layout import (
     write_json,
 )
 from imgstore.errors import CorruptStoreError
-from imgstore.fileio import map_read_only, sync_filesystem
+from imgstore.fileio import holds, map_read_only, sync_filesystem
 from imgstore.manifest import MAX_IMAGE_BYTES
 from imgstore.options import Option
 from imgstore.store import Store
 
 _IOV_MAX = 1024  # buffers per pwritev call (Linux's IOV_MAX)
-_lseek, _SEEK_END = os.lseek, os.SEEK_END  # a file's size at every read of its map: ~0.2 µs of a get
 
 
 class ZarrStore(Store):
@@ -281,7 +280,7 @@ class ZarrStore(Store):
         its index and against the file's size (read_index), so no page of the map lies past the file's end."""
         entry = self._maps.get(shard)
         if entry is not None and len(entry[0]) >= end:
-            if _lseek(entry[1], 0, _SEEK_END) < end:  # cut short since: a page past the file's end is SIGBUS
+            if not holds(entry[1], end):  # cut short since it was mapped
                 raise CorruptStoreError(f"{self._data_path(shard)} was cut short under this reader")
             return entry[0]
         nbytes = math.prod(self.image_shape)
