@@ -9,10 +9,11 @@ A session ``<kind>_<i>`` is two runs of the gated matrix taken in turns, benchma
   A/A: a false alarm if anything is a regression. Injected: each target (a slowed benchmark,
   ``--target``) caught or not; any other benchmark flagged is a false alarm, unless it matches
   ``--affected`` (rows a real code change slows too).
-* Benchmarks left ``slower? (rerun)`` are judged again, among themselves, on two other sessions of
-  the kind (later ones, or earlier near the end), as the script's rerun stage runs and judges just
-  those; unlike the script, also when another benchmark already failed the first stage (the I
-  sessions slow five benchmarks at once; each is counted as if it were the only one).
+* Benchmarks left ``slower? (rerun)`` are judged again on four sessions: the comparison's two and two
+  other sessions of the kind (later ones, or earlier near the end) cut down to those benchmarks, as
+  the script's rerun stage runs just those and judges them on all four; unlike the script, also
+  when another benchmark already failed the first stage (the I sessions slow five benchmarks at
+  once; each is counted as if it were the only one).
 
 Consecutive comparisons share a session, so the counts are not independent trials.
     usage: python -m benchmarks.validate_gate DIR [--target ID ...] [--affected SUBSTRING ...]
@@ -78,13 +79,16 @@ def gate(base: list[Run], head: list[Run], base2: list[Run], head2: list[Run]) -
     regressions = [row.fullname for row in rows if row.verdict is Verdict.REGRESSION]
     rerun = compare.unsure(rows)
     if rerun and base2:  # no other runs to rerun on: stays unsettled
-        # .ci/bench-gate's rerun stage runs just these benchmarks, judged among themselves. The script
-        # skips it when the first stage already failed; here it always runs, so that each slowed
-        # benchmark counts as caught when the gate would catch it were it the only one slowed.
+        # .ci/bench-gate's rerun stage runs just these benchmarks and judges them on all four sessions
+        # (the first two whole, the rerun's cut to those). The script skips it when the first stage
+        # already failed; here it always runs, so that each slowed benchmark counts as caught when the
+        # gate would catch it were it the only one slowed.
         again = compare.compare_clocks(
-            compare.merge_runs(only(base2, rerun)), compare.merge_runs(only(head2, rerun)), paired=True
+            compare.merge_runs(base + only(base2, rerun), partial=True),
+            compare.merge_runs(head + only(head2, rerun), partial=True),
+            paired=True,
         )
-        regressions += [row.fullname for row in again if row.verdict is Verdict.REGRESSION]
+        regressions += [row.fullname for row in again if row.verdict is Verdict.REGRESSION and row.fullname in rerun]
     return Outcome(regressions, rerun)
 
 

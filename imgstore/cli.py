@@ -42,7 +42,8 @@ workflow:
   To gate a change (what CI does), from the repository root with the change in the working tree:
        .ci/bench-gate origin/main
   runs base and head twice each, interleaved, on the gated matrix, compares the two directories of
-  runs (exit 1 on a regression) and settles "slower? (rerun)" rows with two more runs a side.
+  runs (exit 1 on a regression) and settles "slower? (rerun)" rows with two more runs a side,
+  judged on all four.
   (--benchmark-save=NAME --benchmark-save-data folders work too; a folder is searched recursively.)
 """
 
@@ -67,8 +68,8 @@ Verdicts:
   regression             the interval lies above 1 + THRESHOLD at CONFIDENCE and the slowdown is
                          significant after Bonferroni over the suite: exit status 1
   improvement            the mirror image
-  slower? (rerun)        (directories) over the threshold, but this benchmark's own runs
-                         disagreed; not a failure; --rerun FILE lists them
+  slower? (rerun)        (directories) over the threshold, but not confirmed by these runs;
+                         not a failure; --rerun FILE lists them, more runs settle them
   slower (reference row) a tutorial/limit row: the machine or the reference code moved; never fails
   unchanged              none of the above
   ... (unconfirmed)      no saved rounds, or too few for the suite-wide test (8 per run for 40
@@ -154,6 +155,13 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "the others still inform the intervals",
     )
     parser.add_argument(
+        "--partial-runs",
+        action="store_true",
+        help="keep a benchmark that only some runs of a directory hold, judged on those runs (.ci/bench-gate's "
+        "rerun sessions hold just the benchmarks to settle: judged on every session, the spread floors from all); "
+        "without it such a benchmark is left out of that side",
+    )
+    parser.add_argument(
         "--paired",
         action="store_true",
         help="directories whose runs were taken in turns, benchmark by benchmark: run N of BASELINE with run N "
@@ -172,8 +180,8 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def _run_compare(args: argparse.Namespace) -> int:
     from imgstore.analysis import clocks, load, report, stats, verdict
 
-    baseline = load.load_runs(args.baseline)
-    candidate = load.load_runs(args.candidate)
+    baseline = load.load_runs(args.baseline, partial=args.partial_runs)
+    candidate = load.load_runs(args.candidate, partial=args.partial_runs)
     rows = clocks.compare_clocks(
         baseline,
         candidate,
@@ -183,6 +191,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         wall_threshold=args.wall_threshold,
         paired=args.paired,
     )
+    suite = None
     if args.only is not None:
         try:
             wanted = set(args.only.read_text(encoding="utf-8").split())
@@ -190,12 +199,15 @@ def _run_compare(args: argparse.Namespace) -> int:
             raise ImgStoreError(f"{args.only}: cannot read: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
             raise ImgStoreError(f"{args.only}: not a text file (not UTF-8 at byte {exc.start})") from None
+        suite = sum(row.confidence is not None for row in rows)
         rows = [row for row in rows if row.fullname in wanted]
     if all(row.verdict in (verdict.Verdict.ADDED, verdict.Verdict.REMOVED) for row in rows):
         # A gate that compared nothing must not pass: benchmarks renamed, or a run that ran none.
         raise ImgStoreError("no benchmark is in both runs: nothing was compared (renamed benchmarks, or an empty run?)")
     drift = stats.machine_drift(baseline, candidate)
-    notes = report.notes(rows, drift, threshold=args.threshold, normalized=args.normalize, paired=args.paired)
+    notes = report.notes(
+        rows, drift, threshold=args.threshold, normalized=args.normalize, paired=args.paired, suite=suite
+    )
 
     print(report.format_table(rows, args.columns))
     print()

@@ -71,6 +71,9 @@ class Benchmark:
     timer: str | None = None
     wall_rounds: tuple[float, ...] = ()
     run_wall_rounds: tuple[tuple[float, ...], ...] = ()
+    # Which of the merged runs (0-based, in merge order) hold run_rounds, when merge_runs(partial=True)
+    # kept a benchmark only some runs have; () when every run has it.
+    run_numbers: tuple[int, ...] = ()
 
     @property
     def record(self) -> ResultRecord:
@@ -235,8 +238,9 @@ def _check_seconds(value: object, what: str, smallest: float) -> None:
         raise MalformedRunError(f"{what} is {describe(value)}, not a time from {smallest:g} to {MAX_SECONDS:g} seconds")
 
 
-def load_runs(path: str | Path) -> Run:
-    """A JSON file, or a directory whose ``*.json`` files are repeated runs of the same code (merged).
+def load_runs(path: str | Path, *, partial: bool = False) -> Run:
+    """A JSON file, or a directory whose ``*.json`` files are repeated runs of the same code (merged,
+    in file-name order; ``partial``: see :func:`merge_runs`).
 
     The directory is searched recursively, so a ``--benchmark-storage`` folder
     (``<folder>/<machine>/NNNN_<name>.json``) is taken as it is."""
@@ -246,34 +250,39 @@ def load_runs(path: str | Path) -> Run:
     files = sorted(file for file in path.rglob("*.json") if file.is_file())
     if not files:
         raise ImgStoreError(f"{path}: a directory with no *.json run in it")
-    return merge_runs([load_run(file) for file in files])
+    return merge_runs([load_run(file) for file in files], partial=partial)
 
 
-def merge_runs(runs: Sequence[Run]) -> Run:
+def merge_runs(runs: Sequence[Run], *, partial: bool = False) -> Run:
     """Several runs of the same code as one: rounds pooled, each run's median kept.
 
     Runs of one side taken at different times (base, head, base, head, ...) are what lets
     :func:`imgstore.analysis.verdict.compare_runs` see how much a benchmark moves between runs of
-    the same code.  A benchmark enters the merged run only if every run has it.
+    the same code.  A benchmark enters the merged run only if every run has it; with ``partial``,
+    if any run has it, with the runs that do (:attr:`Benchmark.run_numbers` says which): the
+    gate's rerun sessions hold only the benchmarks to settle, judged on every session that has them.
     """
     if not runs:
         raise ImgStoreError("no runs to merge")
     if len(runs) == 1:
         return runs[0]
     first = runs[0]
+    names = dict.fromkeys(name for run in runs for name in run.benchmarks) if partial else first.benchmarks
     benchmarks = {}
-    for name, bench in first.benchmarks.items():
-        copies = [run.benchmarks.get(name) for run in runs]
-        if any(copy is None for copy in copies):
+    for name in names:
+        held = [(number, run.benchmarks[name]) for number, run in enumerate(runs) if name in run.benchmarks]
+        if len(held) < len(runs) and not partial:
             continue
-        per_run = tuple(copy.rounds for copy in copies)  # type: ignore[union-attr]
-        per_run_wall = tuple(copy.wall_rounds for copy in copies)  # type: ignore[union-attr]
-        timers = {copy.timer for copy in copies}  # type: ignore[union-attr]
+        copies = [copy for _, copy in held]
+        bench = copies[0]
+        per_run = tuple(copy.rounds for copy in copies)
+        per_run_wall = tuple(copy.wall_rounds for copy in copies)
+        timers = {copy.timer for copy in copies}
         if len(timers) > 1:  # CPU seconds pooled with wall seconds would be neither
-            names = ", ".join(sorted(map(str, timers)))
-            raise ImgStoreError(f"{short(name)}: the runs were timed with different timers ({names})")
+            timer_names = ", ".join(sorted(map(str, timers)))
+            raise ImgStoreError(f"{short(name)}: the runs were timed with different timers ({timer_names})")
         rounds = tuple(t for run_rounds in per_run for t in run_rounds)
-        medians = [copy.median for copy in copies]  # type: ignore[union-attr]
+        medians = [copy.median for copy in copies]
         benchmarks[name] = Benchmark(
             fullname=name,
             name=bench.name,
@@ -285,6 +294,7 @@ def merge_runs(runs: Sequence[Run]) -> Run:
             timer=bench.timer,
             wall_rounds=tuple(t for run_wall in per_run_wall for t in run_wall) if all(per_run_wall) else (),
             run_wall_rounds=per_run_wall if all(per_run_wall) else (),
+            run_numbers=tuple(number for number, _ in held) if len(held) < len(runs) else (),
         )
     return Run(
         path=" + ".join(run.path for run in runs),

@@ -142,15 +142,17 @@ def notes(
     threshold: float,
     normalized: bool = False,
     paired: bool = False,
+    suite: int | None = None,
 ) -> list[str]:
-    """The footnotes a reader needs to trust (or distrust) the table."""
+    """The footnotes a reader needs to trust (or distrust) the table (``suite``: how many benchmarks with
+    rounds the Bonferroni count took, when the table shows fewer: ``--only``)."""
     lines = []
     tested = [row for row in comparisons if row.confidence is not None]
     if tested:
         lines.append(
             f"Intervals are at {tested[0].confidence:.4g} confidence; a regression's interval lies "
             f"above 1 + threshold and its slowdown stays significant after Bonferroni over the "
-            f"{len(tested)} benchmarks with saved rounds."
+            f"{suite or len(tested)} benchmarks with saved rounds."
         )
     # Beyond the threshold at their own confidence, held back only by the suite-wide check.
     held_back = [
