@@ -56,7 +56,7 @@ def format_seconds(seconds: float) -> str:
 
 def _interval_text(row: Comparison) -> str:
     if row.low is None or row.high is None:
-        return "no rounds"
+        return "too few runs" if _few_runs(row) else "no rounds"
     if row.low == 0 and math.isinf(row.high):
         return "too few rounds"
     return f"[{row.low:.3f}, {row.high:.3f}]"
@@ -169,7 +169,14 @@ def notes(
             f"significant for the whole suite (more rounds would settle it): {', '.join(held_back)}."
         )
     unconfirmed = (Verdict.SLOWER_UNCONFIRMED, Verdict.FASTER_UNCONFIRMED, Verdict.UNCHANGED_UNCONFIRMED)
-    no_rounds = sum(row.verdict in unconfirmed and row.confidence is None for row in comparisons)
+    few_runs = [row.name for row in comparisons if row.verdict in unconfirmed and _few_runs(row)]
+    if few_runs:
+        lines.append(
+            f"{len(few_runs)} benchmark(s) held by too few of the runs (--partial-runs: one run a side, or, "
+            f"paired, fewer than two runs both sides hold): unconfirmed, judged on the medians and never counted "
+            f"as regressions: {', '.join(few_runs[:10])}{', ...' if len(few_runs) > 10 else ''}."
+        )
+    no_rounds = sum(row.verdict in unconfirmed and row.confidence is None and not _few_runs(row) for row in comparisons)
     if no_rounds:
         lines.append(
             f"{no_rounds} benchmark(s) have no saved rounds in one run: unconfirmed, judged on the "
@@ -177,7 +184,7 @@ def notes(
         )
     few = sum(row.verdict in unconfirmed and row.confidence is not None for row in comparisons)
     if few and tested:
-        needed = rounds_needed(tested[0].confidence or 0.99, len(tested))
+        needed = rounds_needed(tested[0].confidence or 0.99, suite or len(tested))
         lines.append(
             f"{few} benchmark(s) have too few rounds for the suite-wide test (it needs at least "
             f"{needed} in each run): unconfirmed, judged on the medians and never counted as "
@@ -239,6 +246,13 @@ def notes(
             text += "; if it is far from 1, the machine changed speed (rerun, or use --normalize)."
         lines.append(text)
     return lines
+
+
+def _few_runs(row: Comparison) -> bool:
+    """Rounds on both sides, yet no interval: compare_runs found too few runs to judge it on (a partial merge)."""
+    return row.confidence is None and bool(
+        row.baseline and row.baseline.rounds and row.candidate and row.candidate.rounds
+    )
 
 
 def _repeated(row: Comparison) -> bool:

@@ -80,7 +80,9 @@ Repeated runs (the gate)
     runs): run i of each side was taken in turns with the other, one benchmark at a time
     (benchmarks/turns.py), so a neighbour's load that moves whole runs by 5-10% touches both
     measurements of a benchmark alike.  The spread is then that of each benchmark's differences
-    between the sessions (same floors), and the rule is the one above.  Measured on a quiet machine
+    between the sessions (same floors), and the rule is the one above; a row the two sides hold in
+    fewer than two of the same sessions (a partial merge) has no pairs, and is judged on its medians
+    like a row without rounds: never a regression.  Measured on a quiet machine
     (README, "Regression gate"): the same sessions taken as unpaired runs caught a 25% slowdown at
     10 000 images 11-16 times in 20, paired 18-20 times, with no A/A false alarm either way; while a
     CI run loaded the machine, paired 4-9 times in 10 (unpaired 2-6), with 2 A/A false alarms in 11.
@@ -221,14 +223,20 @@ def compare_runs(
 
     common = [name for name in baseline.benchmarks if name in candidate.benchmarks]
     with_rounds = {name for name in common if baseline.benchmarks[name].rounds and candidate.benchmarks[name].rounds}
-    # Bonferroni: "did anything change at all" keeps the asked-for confidence for the whole suite.
-    suite = 1 - (1 - confidence) / max(len(with_rounds), 1)
-
+    if paired:
+        # A row whose sides share fewer than two runs (merge_runs(partial=True): held by different runs
+        # on each side) has no pairs to take: pairing run i with run j would judge two different
+        # sessions' machines, and its spread against the paired rows' floors. Judged on its medians.
+        with_rounds = {name for name in with_rounds if len(_shared_runs(baseline, candidate, name)) >= 2}
     repeated = [
         name
         for name in with_rounds
         if max(len(baseline.benchmarks[name].run_rounds), len(candidate.benchmarks[name].run_rounds)) > 1
     ]
+    # Bonferroni: "did anything change at all" keeps the asked-for confidence for the whole suite, over
+    # the rows judged on rounds (with repeated runs, a row a single run holds a side is not).
+    suite = 1 - (1 - confidence) / max(len(repeated or with_rounds), 1)
+
     if repeated:
         rows = list(_repeated_comparisons(baseline, candidate, repeated, threshold, confidence, suite, drift, paired))
         return sorted_rows(rows + _other_rows(baseline, candidate, set(repeated), threshold, drift))
@@ -330,13 +338,23 @@ def _repeated_comparisons(
         )
 
 
+def _run_numbers(bench: Benchmark) -> tuple[int, ...]:
+    """Which runs (0-based, in merge order) hold the benchmark's run_rounds."""
+    return bench.run_numbers or tuple(range(len(bench.run_rounds) or 1))
+
+
+def _shared_runs(baseline: Run, candidate: Run, name: str) -> set[int]:
+    return set(_run_numbers(baseline.benchmarks[name])) & set(_run_numbers(candidate.benchmarks[name]))
+
+
 def _fastest(base: Benchmark, cand: Benchmark, paired: bool) -> list[list[float]]:
     """Each side's log fastest round per run; paired, only the runs (sessions) both sides have the
-    benchmark in, so that run i of one side still pairs with run i of the other."""
+    benchmark in (compare_runs judges a row paired only when there are two), so that run i of one side
+    still pairs with run i of the other."""
     sides = [list(bench.run_rounds or (bench.rounds,)) for bench in (base, cand)]
-    numbers = [bench.run_numbers or tuple(range(len(side))) for bench, side in zip((base, cand), sides, strict=True)]
-    common = set(numbers[0]) & set(numbers[1])
-    if paired and numbers[0] != numbers[1] and len(common) >= 2:
+    numbers = [_run_numbers(base), _run_numbers(cand)]
+    if paired and numbers[0] != numbers[1]:
+        common = set(numbers[0]) & set(numbers[1])
         sides = [
             [rounds for number, rounds in zip(held, side, strict=True) if number in common]
             for held, side in zip(numbers, sides, strict=True)
