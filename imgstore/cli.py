@@ -151,15 +151,16 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--only",
         metavar="FILE",
         type=Path,
-        help="report and judge only the benchmarks named in FILE (as --rerun writes it); "
-        "the others still inform the intervals",
+        help="report and judge only the benchmarks named in FILE, one full name a line (as --rerun writes it; "
+        "a name neither side has is an error); the others still inform the intervals",
     )
     parser.add_argument(
         "--partial-runs",
         action="store_true",
         help="keep a benchmark that only some runs of a directory hold, judged on those runs (.ci/bench-gate's "
         "rerun sessions hold just the benchmarks to settle: judged on every session, the spread floors from all); "
-        "without it such a benchmark is left out of that side",
+        "with --paired, on the runs both sides hold it in (fewer than two: judged on its medians, never a "
+        "regression); without it such a benchmark is left out of that side",
     )
     parser.add_argument(
         "--paired",
@@ -179,6 +180,7 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _run_compare(args: argparse.Namespace) -> int:
     from imgstore.analysis import clocks, load, report, stats, verdict
+    from imgstore.analysis.schema import short
 
     baseline = load.load_runs(args.baseline, partial=args.partial_runs)
     candidate = load.load_runs(args.candidate, partial=args.partial_runs)
@@ -194,11 +196,19 @@ def _run_compare(args: argparse.Namespace) -> int:
     suite = None
     if args.only is not None:
         try:
-            wanted = set(args.only.read_text(encoding="utf-8").split())
+            # One name a line, as --rerun writes it: a parametrize id may hold a space.
+            wanted = {line.strip() for line in args.only.read_text(encoding="utf-8").splitlines() if line.strip()}
         except OSError as exc:
             raise ImgStoreError(f"{args.only}: cannot read: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
             raise ImgStoreError(f"{args.only}: not a text file (not UTF-8 at byte {exc.start})") from None
+        if not wanted:
+            raise ImgStoreError(f"{args.only}: names no benchmark (one full name a line, as --rerun writes them)")
+        # A name asked for and judged nowhere must not pass the gate unjudged.
+        missing = sorted(wanted - {row.fullname for row in rows})
+        if missing:
+            listed = ", ".join(map(short, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ImgStoreError(f"{args.only}: names benchmarks neither side has: {listed}")
         suite = sum(row.confidence is not None for row in rows)
         rows = [row for row in rows if row.fullname in wanted]
     if all(row.verdict in (verdict.Verdict.ADDED, verdict.Verdict.REMOVED) for row in rows):

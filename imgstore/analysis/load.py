@@ -22,6 +22,7 @@ file, where in it, and what is wrong.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -247,10 +248,17 @@ def load_runs(path: str | Path, *, partial: bool = False) -> Run:
     path = Path(path)
     if not path.is_dir():
         return load_run(path)
-    files = sorted(file for file in path.rglob("*.json") if file.is_file())
+    files = sorted((file for file in path.rglob("*.json") if file.is_file()), key=lambda file: _natural(file, path))
     if not files:
         raise ImgStoreError(f"{path}: a directory with no *.json run in it")
     return merge_runs([load_run(file) for file in files], partial=partial)
+
+
+def _natural(file: Path, root: Path) -> tuple[list[tuple[int, int | str]], str]:
+    """Sort key: numbers in the names by value, so that run 10 follows run 9 (not 1), and 1.json, 02.json on
+    one side and 01.json, 2.json on the other still pair run N with run N; then the name itself (1 before 01)."""
+    name = file.relative_to(root).as_posix()
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part], name
 
 
 def merge_runs(runs: Sequence[Run], *, partial: bool = False) -> Run:
