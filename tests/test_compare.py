@@ -305,6 +305,7 @@ def test_variants_of_a_backend_lend_each_other_their_spread() -> None:
     # 1.8x, but its siblings move that much between runs: not a regression, a rerun settles it.
     assert verdicts["level0"] is Verdict.UNSURE
     assert not verdict.has_regression(compare_runs(base, head))
+
     # The gate's rerun: two more runs a side of just that row, judged on all four with the floors of all.
     def level0(level: float) -> Run:
         return Run("r", {"level0": run({"level0": level}).benchmarks["level0"]})
