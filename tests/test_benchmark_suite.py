@@ -161,6 +161,24 @@ def test_summary_ends_with_the_verdict_of_this_run(run: dict[str, Any]) -> None:
         assert f"{backend}: " in verdict.split("readable by other tools: ", 1)[1], backend
 
 
+@pytest.mark.parametrize("cache", ["both", "cold"])
+def test_the_verdict_compares_warm_rows_with_warm_rows(cache: str) -> None:
+    """With --cache both, LMDB's cold read_random row was the runner-up of its own warm row ("lmdb
+    (2.91 ms, 1.43x faster than lmdb)"); a cold-only run names its rows cold. One backend: no
+    runner-up, and no empty "where the others differ" clause."""
+    command = [sys.executable, "-m", "pytest", "--benchmark-only", "--backends=lmdb", "--ops=read_random",
+               "--cutoffs=10", "--dataset=synthetic", f"--cache={cache}", "-q", "-p", "no:cacheprovider"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "IMGSTORE_BENCH_INJECT_SLOWDOWN"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    verdict = result.stdout[result.stdout.index("which backend for which need") :].splitlines()
+    line = next(line for line in verdict if "fastest shuffled read" in line)
+    assert line.split(": ", 1)[1].startswith("lmdb (") and "faster than" not in line, line
+    assert ("cold cache" in line) == (cache == "cold"), line
+    safest = next(line for line in verdict if line.strip().startswith("safest: "))
+    assert "differ" not in safest and safest.endswith("concurrency suites)"), safest
+
+
 def test_saved_runs_compare_and_fail_as_pytest_benchmark_documents(tmp_path: Path) -> None:
     storage = tmp_path / "storage"
     base = [sys.executable, "-m", "pytest", "--benchmark-only", "--cutoffs=10", "--ops=read_many",
