@@ -1034,3 +1034,21 @@ def test_markdown_escapes_html_in_names_and_paths() -> None:
     text = report.format_markdown(rows, baseline=Run("a<b>`x.json", {}), candidate=Run("b.json", {}))
     assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;&amp;amp" in text
     assert "`a<b>'x.json`" in text  # inside a code span, as it is, with no backtick to end the span early
+
+
+def test_markdown_names_a_folder_of_runs_by_the_folder(tmp_path: Path) -> None:
+    """A folder a side was shown as its last file and its first run's time ("Baseline `2.json` (...)"),
+    which reads as one run a side: the folder and its count of runs instead."""
+    sides = {}
+    for side in ("base", "head"):
+        (tmp_path / side).mkdir()
+        for n in (1, 2):
+            write_run(tmp_path / side / f"{n}.json", [bench_json("m::t", [0.010 + 0.0001 * i for i in range(10)])])
+        sides[side] = str(tmp_path / side)
+    markdown = tmp_path / "summary.md"
+    assert main(["compare", sides["base"], sides["head"], "--markdown", str(markdown)]) == 0
+    text = markdown.read_text(encoding="utf-8")
+    assert "Baseline `base/` (2 runs, 0123456789) → candidate `head/` (2 runs, 0123456789)." in text, text
+    assert "2.json" not in text
+    assert main(["compare", f"{sides['base']}/1.json", f"{sides['head']}/2.json", "--markdown", str(markdown)]) == 0
+    assert "Baseline `1.json` (0123456789, 2025-01-01" in markdown.read_text(encoding="utf-8")

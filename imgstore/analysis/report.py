@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -316,7 +317,16 @@ def format_markdown(
 
 
 def _describe(run: Run) -> str:
-    details = [detail for detail in (run.commit and run.commit[:10], run.datetime) if detail]
-    suffix = f" ({', '.join(details)})" if details else ""
-    name = Path(run.path).name.replace("`", "'")  # a code span shows '<' as it is; a backtick would end it
+    if run.runs > 1:
+        # A folder of runs (merge_runs joins their paths with " + "): named by the folder and its count,
+        # not by its last file and its first run's time, which read as a one-run comparison.
+        folder = Path(os.path.commonpath(run.path.split(" + "))).name
+        details = [f"{run.runs} runs", run.commit and run.commit[:10]]
+        name = f"{folder}/"
+    else:
+        details = [run.commit and run.commit[:10], run.datetime]
+        name = Path(run.path).name
+    shown = [detail for detail in details if detail]
+    suffix = f" ({', '.join(shown)})" if shown else ""
+    name = name.replace("`", "'")  # a code span shows '<' as it is; a backtick would end it
     return f"`{name}`{_markdown_text(suffix)}"
