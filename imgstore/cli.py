@@ -30,6 +30,7 @@ WORKFLOW = """\
 workflow:
   1. save runs of the base branch and of your branch, alternating, each side in its own folder
      (one run a side cannot tell a benchmark's drift between runs from a change):
+       mkdir -p runs/base runs/head    # --benchmark-json does not create them
        git switch main      && pytest --benchmark-only --benchmark-json=runs/base/1.json
        git switch my-change && pytest --benchmark-only --benchmark-json=runs/head/1.json
        ... and again: runs/base/2.json, runs/head/2.json

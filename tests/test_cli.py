@@ -74,6 +74,30 @@ def test_help_explains_the_workflow(capsys: Any) -> None:
     assert ".ci/bench-gate origin/main" in out
 
 
+@pytest.mark.parametrize("where", ["help"])
+def test_the_saving_recipe_makes_its_folders_first(where: str, capsys: Any) -> None:
+    """pytest-benchmark's --benchmark-json does not create its folder: it fails when it saves, at the end
+    of the run, which is then lost. Every folder the recipe saves into is made before its first run."""
+    if where == "README":
+        text = (REPO / "README.md").read_text(encoding="utf-8")
+        text = text[text.index("Saving and comparing runs:") :]
+        text = text[: text.index("```", text.index("```sh") + 5)]
+    else:
+        assert main(["compare", "--help"]) == 0
+        text = capsys.readouterr().out
+    made: set[str] = set()
+    saved = 0
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:2] == ["mkdir", "-p"]:
+            made.update(word.rstrip("/") for word in words[2:])
+        for word in words:
+            if word.startswith("--benchmark-json="):
+                saved += 1
+                assert str(Path(word.split("=", 1)[1]).parent) in made, line
+    assert saved >= 2
+
+
 @pytest.mark.parametrize(
     "command,words",
     [
