@@ -74,7 +74,7 @@ def test_help_explains_the_workflow(capsys: Any) -> None:
     assert ".ci/bench-gate origin/main" in out
 
 
-@pytest.mark.parametrize("where", ["help"])
+@pytest.mark.parametrize("where", ["README", "help"])
 def test_the_saving_recipe_makes_its_folders_first(where: str, capsys: Any) -> None:
     """pytest-benchmark's --benchmark-json does not create its folder: it fails when it saves, at the end
     of the run, which is then lost. Every folder the recipe saves into is made before its first run."""
