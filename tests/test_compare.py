@@ -737,7 +737,7 @@ def test_markdown_summary(real_runs: tuple[Path, Path], tmp_path: Path) -> None:
     text = comment.read_text(encoding="utf-8")
     lines = text.splitlines()
     assert lines[0].startswith("### :x: Benchmarks: 4 regressions, 0 improvements")
-    assert "| benchmark | baseline median | candidate median | ratio | interval | verdict |" in lines
+    assert "| benchmark | baseline | candidate | ratio | interval | verdict |" in lines
     assert "|:---|---:|---:|---:|---:|:---|" in lines
     assert sum(line.endswith("| regression |") for line in lines) == 4
 

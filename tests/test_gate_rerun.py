@@ -13,6 +13,7 @@ import pytest
 from benchmarks.validate_gate import gate, only
 from imgstore.analysis import load
 from imgstore.analysis.load import Benchmark, Run
+from imgstore.analysis.stats import machine_drift
 from imgstore.analysis.verdict import Verdict, compare_runs
 from imgstore.cli import main
 
@@ -149,3 +150,24 @@ def test_compare_partial_runs_judges_the_rerun_rows_on_every_session(
     # Without it the other rows are left out of each side: judged among the rows rerun alone.
     assert main(args) == 1
     assert "Bonferroni over the 1 benchmarks" in capsys.readouterr().out
+
+
+def test_normalized_repeated_runs_divide_by_the_drift_of_the_figures_the_ratios_are_of() -> None:
+    # One base run slowed in most rounds but not its fastest: the pooled medians drift x0.8, the fastest rounds
+    # (what the ratios are of) not at all. Dividing by the medians' drift made every row a 25% "regression".
+    def run(rounds: tuple[float, ...]) -> Run:
+        rows = {}
+        for index in range(10):
+            info = {"kind": "imgstore", "backend": f"b{index}", "operation": "read_many", "images": 1000}
+            name = f"bench.py::test_{index}"
+            times = tuple(t * (1 + index) * (1 + 0.001 * k) for k, t in enumerate(rounds))
+            rows[name] = Benchmark(name, name, None, float(np.median(times)), times, info)
+        return Run("r", rows)
+
+    base = load.merge_runs([run((1.0,) * 4), run((1.0, 1.5, 1.5, 1.5))])
+    head = load.merge_runs([run((1.0,) * 4), run((1.0,) * 4)])
+    drift = machine_drift(base, head)
+    assert drift is not None and drift.factor == pytest.approx(1.0, abs=0.01)
+    rows = compare_runs(base, head, normalize=True)
+    assert not [row for row in rows if row.verdict is Verdict.REGRESSION]
+    assert base.benchmarks["bench.py::test_0"].figure == pytest.approx(1.0)

@@ -22,6 +22,7 @@ file, where in it, and what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections.abc import Sequence
@@ -75,6 +76,14 @@ class Benchmark:
     # Which of the merged runs (0-based, in merge order) hold run_rounds, when merge_runs(partial=True)
     # kept a benchmark only some runs have; () when every run has it.
     run_numbers: tuple[int, ...] = ()
+
+    @property
+    def figure(self) -> float:
+        """The time a comparison's ratio is of: with several runs merged, each run's fastest round, geometric
+        mean over the runs (imgstore.analysis.verdict, "Repeated runs"); else the median."""
+        if len(self.run_rounds) > 1 and all(self.run_rounds):
+            return math.exp(statistics.fmean(math.log(min(rounds)) for rounds in self.run_rounds))
+        return self.median
 
     @property
     def record(self) -> ResultRecord:

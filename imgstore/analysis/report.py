@@ -37,8 +37,9 @@ COLUMNS: dict[str, tuple[str, bool]] = {
     "operation": ("operation", False),
     "images": ("images", True),
     "rounds": ("rounds", True),
-    "baseline": ("baseline median", True),
-    "candidate": ("candidate median", True),
+    # Bench.figure: the median with one run a side, the runs' fastest rounds with several (what the ratio is of).
+    "baseline": ("baseline", True),
+    "candidate": ("candidate", True),
     "ratio": ("ratio", True),
     "interval": ("interval", True),
     "verdict": ("verdict", False),
@@ -79,9 +80,9 @@ def _cell(row: Comparison, column: str, show_fullname: bool) -> str:
         sides = [len(b.rounds) if b else "-" for b in (row.baseline, row.candidate)]
         return f"{sides[0]}/{sides[1]}"
     if column == "baseline":
-        return format_seconds(row.baseline.median) if row.baseline else "-"
+        return format_seconds(row.baseline.figure) if row.baseline else "-"
     if column == "candidate":
-        return format_seconds(row.candidate.median) if row.candidate else "-"
+        return format_seconds(row.candidate.figure) if row.candidate else "-"
     if column == "ratio":
         return f"{row.ratio:.3f}" if row.ratio is not None else "-"
     if column == "interval":
@@ -203,7 +204,8 @@ def notes(
     if tested and not repeated:
         # Rounds show the noise within a run only; a neighbour can slow one benchmark for a whole run.
         lines.append(
-            "One run a side cannot tell a benchmark that drifted between two runs of "
+            "Baseline and candidate are the runs' medians. One run a side cannot tell a benchmark that drifted "
+            "between two runs of "
             "the same code from a change (seen here: x2.0, interval [1.66, 2.38], on identical code). "
             "For a verdict that can, save several runs a side, alternating, and compare the folders "
             '(imgstore compare base/ head/, or .ci/bench-gate: README, "Saving and comparing runs").'
@@ -227,8 +229,14 @@ def notes(
             else "the spread between runs of the same code, per benchmark"
         )
         lines.append(
-            f"Repeated runs ({sides} a side{', paired' if paired else ''}): ratio and interval are of each run's "
-            f"fastest round; the interval includes {between}."
+            f"Repeated runs ({sides} a side{', paired' if paired else ''}): baseline, candidate, ratio and interval "
+            f"are of each run's fastest round (geometric mean over the runs); the interval includes {between}."
+        )
+    on_wall = sum(row.clock == "wall" for row in comparisons)
+    if on_wall:
+        lines.append(
+            f"{on_wall} row(s) judged on wall time (cold cache, durable writes, or a wall check graver than "
+            "the CPU verdict) show wall seconds; the others, the runs' timer."
         )
     spreads: dict[str, float] = {}
     if not repeated:  # one run a side: the spreads come from the reference rows, per operation

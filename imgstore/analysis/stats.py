@@ -130,7 +130,9 @@ def machine_drift(baseline: Run, candidate: Run) -> Drift | None:
     chosen = reference if len(reference) >= 3 else common
     if not chosen:
         return None
-    logs = [math.log(candidate.benchmarks[name].median / baseline.benchmarks[name].median) for name in chosen]
+    # The figure each ratio is of (with repeated runs, the runs' fastest rounds, not the pooled median:
+    # one slow run moves the median, not the ratio, and dividing by it made false regressions).
+    logs = [math.log(candidate.benchmarks[name].figure / baseline.benchmarks[name].figure) for name in chosen]
     return Drift(math.exp(statistics.median(logs)), len(chosen), chosen is reference)
 
 
