@@ -9,11 +9,10 @@ A session ``<kind>_<i>`` is two runs of the gated matrix taken in turns, benchma
   A/A: a false alarm if anything is a regression. Injected: each target (a slowed benchmark,
   ``--target``) caught or not; any other benchmark flagged is a false alarm, unless it matches
   ``--affected`` (rows a real code change slows too).
-* Benchmarks left ``slower? (rerun)`` are judged again on four sessions: the comparison's two and two
-  other sessions of the kind (later ones, or earlier near the end) cut down to those benchmarks, as
-  the script's rerun stage runs just those and judges them on all four; unlike the script, also
-  when another benchmark already failed the first stage (the I sessions slow five benchmarks at
-  once; each is counted as if it were the only one).
+* Benchmarks the first two sessions call a regression (to confirm) or leave ``slower? (rerun)`` (to
+  settle) are judged again on four sessions: the comparison's two and two other sessions of the kind
+  (later ones, or earlier near the end) cut down to those benchmarks, as the script's rerun stage
+  runs just those and judges them on all four. A regression is one confirmed there.
 
 Consecutive comparisons share a session, so the counts are not independent trials.
     usage: python -m benchmarks.validate_gate DIR [--target ID ...] [--affected SUBSTRING ...]
@@ -76,13 +75,11 @@ def benchmark_id(fullname: str) -> str:
 def gate(base: list[Run], head: list[Run], base2: list[Run], head2: list[Run]) -> Outcome:
     """The verdict of one .ci/bench-gate invocation on these paired runs (base2/head2: its rerun stage's)."""
     rows = compare.compare_clocks(compare.merge_runs(base), compare.merge_runs(head), paired=True)
-    regressions = [row.fullname for row in rows if row.verdict is Verdict.REGRESSION]
-    rerun = compare.unsure(rows)
-    if rerun and base2:  # no other runs to rerun on: stays unsettled
+    rerun = compare.to_rerun(rows)  # the regressions, to confirm, and the unsure rows, to settle
+    regressions = [row.fullname for row in rows if row.verdict is Verdict.REGRESSION] if not base2 else []
+    if rerun and base2:  # no other runs to rerun on: the first stage's verdicts stand
         # .ci/bench-gate's rerun stage runs just these benchmarks and judges them on all four sessions
-        # (the first two whole, the rerun's cut to those). The script skips it when the first stage
-        # already failed; here it always runs, so that each slowed benchmark counts as caught when the
-        # gate would catch it were it the only one slowed.
+        # (the first two whole, the rerun's cut to those): a regression is one confirmed there.
         again = compare.compare_clocks(
             compare.merge_runs(base + only(base2, rerun), partial=True),
             compare.merge_runs(head + only(head2, rerun), partial=True),

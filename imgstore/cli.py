@@ -146,7 +146,8 @@ def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--rerun",
         metavar="FILE",
         type=Path,
-        help="write the full names of the benchmarks to rerun (verdict 'slower? (rerun)'), one per line",
+        help="write the full names of the benchmarks to run again, one per line: the regressions (to confirm) and "
+        "the 'slower? (rerun)' rows (to settle); .ci/bench-gate reruns them and judges them on all its runs",
     )
     parser.add_argument(
         "--only",
@@ -241,7 +242,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ImgStoreError(f"{args.markdown}: cannot write: {exc.strerror or exc}") from None
     if args.rerun is not None:
-        names = verdict.unsure(rows)
+        names = verdict.to_rerun(rows)
         try:
             args.rerun.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
         except OSError as exc:

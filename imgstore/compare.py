@@ -35,6 +35,7 @@ from imgstore.analysis.verdict import (
     compare_runs,
     has_regression,
     parse_threshold,
+    to_rerun,
     unsure,
 )
 from imgstore.errors import ImgStoreError
@@ -68,5 +69,6 @@ __all__ = [
     "repeated_run_spreads",
     "rounds_needed",
     "summary",
+    "to_rerun",
     "unsure",
 ]

@@ -660,7 +660,7 @@ def test_directories_of_repeated_runs_gate_on_the_fastest_rounds(tmp_path: Path,
     assert rerun.read_text() == "b.py::test_0\n"
     assert "slower? (rerun)" in capsys.readouterr().out
     assert main(["compare", str(base), str(slow), "--rerun", str(rerun)]) == 1
-    assert rerun.read_text() == ""
+    assert rerun.read_text() == "b.py::test_0\n"  # a regression, listed to be confirmed on more runs
     out = capsys.readouterr().out
     only = tmp_path / "only.txt"
     only.write_text("b.py::test_3\n")

@@ -171,3 +171,33 @@ def test_normalized_repeated_runs_divide_by_the_drift_of_the_figures_the_ratios_
     rows = compare_runs(base, head, normalize=True)
     assert not [row for row in rows if row.verdict is Verdict.REGRESSION]
     assert base.benchmarks["bench.py::test_0"].figure == pytest.approx(1.0)
+
+
+def sessions_with(ratios: list[float], rng: np.random.Generator) -> list[tuple[Run, Run]]:
+    """Paired sessions of ROWS steady rows, whose test_0 has head/base = ``ratios[i]`` in session i."""
+    result = []
+    for ratio in ratios:
+        base, head = session(rng)
+        name = "bench.py::test_0"
+        bench = base.benchmarks[name]
+        head.benchmarks[name] = Benchmark(
+            name, bench.name, None, bench.median * ratio, tuple(t * ratio for t in bench.rounds), bench.extra_info
+        )
+        result.append((base, head))
+    return result
+
+
+def test_a_regression_is_one_the_rerun_confirms_on_four_sessions() -> None:
+    rng = np.random.default_rng(3)
+    name = "bench.py::test_0"
+    # Two sessions that agree by chance on a row that swings (seen: a cold 2-worker epoch, x0.74-x1.30 between
+    # sessions, at x1.23 and x1.30 in two in a row): the first stage calls it a regression, four sessions do not.
+    chance = sessions_with([1.23, 1.30, 0.96, 1.0], rng)
+    base, head = [s[0] for s in chance], [s[1] for s in chance]
+    assert name in gate(base[:2], head[:2], [], []).regressions  # the first stage alone
+    outcome = gate(base[:2], head[:2], base[2:], head[2:])
+    assert name in outcome.rerun and name not in outcome.regressions
+    # A slowdown in every session is confirmed.
+    slowed = sessions_with([1.25, 1.27, 1.24, 1.26], rng)
+    base, head = [s[0] for s in slowed], [s[1] for s in slowed]
+    assert name in gate(base[:2], head[:2], base[2:], head[2:]).regressions

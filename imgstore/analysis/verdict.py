@@ -130,6 +130,7 @@ __all__ = [
     "format_threshold",
     "parse_threshold",
     "sorted_rows",
+    "to_rerun",
     "unsure",
 ]
 
@@ -387,6 +388,14 @@ def _row_order(row: Comparison) -> tuple[int, float, str]:
 def unsure(comparisons: Iterable[Comparison]) -> list[str]:
     """Full names of the benchmarks to rerun before a verdict (see :attr:`Verdict.UNSURE`)."""
     return [row.fullname for row in comparisons if row.verdict is Verdict.UNSURE]
+
+
+def to_rerun(comparisons: Iterable[Comparison]) -> list[str]:
+    """Full names of the benchmarks the gate runs again (``--rerun FILE``): the regressions, to confirm on
+    four sessions, then the unsure rows, to settle.  Two sessions that agree by chance on a row that swings
+    (a cold 2-worker epoch: x0.74-x1.30 between sessions) made a false alarm; confirmed on four they did not
+    (README, "Regression gate")."""
+    return [row.fullname for row in comparisons if row.verdict is Verdict.REGRESSION] + unsure(comparisons)
 
 
 def has_regression(comparisons: Iterable[Comparison]) -> bool:
