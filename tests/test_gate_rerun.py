@@ -201,3 +201,30 @@ def test_a_regression_is_one_the_rerun_confirms_on_four_sessions() -> None:
     slowed = sessions_with([1.25, 1.27, 1.24, 1.26], rng)
     base, head = [s[0] for s in slowed], [s[1] for s in slowed]
     assert name in gate(base[:2], head[:2], base[2:], head[2:]).regressions
+
+
+def test_a_swinging_reference_row_sets_no_floor_for_imgstore_rows() -> None:
+    # The narrowed matrix's durable writes at 10 000 images: three imgstore rows, one of them 25% slower in
+    # every session, one swinging with the disk, and the LIMIT row (a raw write + fsync) swinging 4x. As a
+    # quarter of the pool, the LIMIT row's swing made the floor of the slowed row (unsure 11 times in 20).
+    def sessions(swings: list[tuple[float, float]]) -> tuple[Run, Run]:
+        base_runs, head_runs = [], []
+        for swing, limit in swings:
+            base, head = {}, {}
+            for name, kind, ratio in (
+                ("hdf5", "imgstore", 1.25),
+                ("lmdb", "imgstore", swing),
+                ("memmap", "imgstore", 1.0),
+                ("limit", "limit", limit),
+            ):
+                info = {"kind": kind, "backend": name, "operation": "store_many", "images": 10000}
+                rounds = (0.03, 0.031, 0.032)
+                base[name] = Benchmark(name, name, None, 0.031, rounds, info)
+                head[name] = Benchmark(name, name, None, 0.031 * ratio, tuple(t * ratio for t in rounds), info)
+            base_runs.append(Run("b", base))
+            head_runs.append(Run("h", head))
+        return load.merge_runs(base_runs), load.merge_runs(head_runs)
+
+    rows = {row.fullname: row for row in compare_runs(*sessions([(1.2, 1.0), (0.85, 4.0)]), paired=True)}
+    assert rows["hdf5"].verdict is Verdict.REGRESSION
+    assert rows["lmdb"].verdict is not Verdict.REGRESSION
