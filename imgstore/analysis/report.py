@@ -196,8 +196,8 @@ def notes(
     if unsettled:
         lines.append(
             f"{len(unsettled)} benchmark(s) slower than the threshold by their ratio but not conclusively "
-            f"(not a failure): {', '.join(unsettled)}. Rerun just them and compare the new runs "
-            "(--rerun FILE lists them; .ci/bench-gate does this once)."
+            f"(not a failure): {', '.join(unsettled)}. Run them again and judge them on every run "
+            "(--rerun FILE lists them; .ci/bench-gate runs two more sessions and judges on all four, --partial-runs)."
         )
     regressions = [row for row in comparisons if row.verdict is Verdict.REGRESSION]
     repeated = [row for row in tested if _repeated(row)]
