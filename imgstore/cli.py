@@ -42,9 +42,10 @@ workflow:
        imgstore history .benchmarks/ --html history.html
   To gate a change (what CI does), from the repository root with the change in the working tree:
        .ci/bench-gate origin/main
-  runs base and head twice each, interleaved, on the gated matrix, compares the two directories of
-  runs (exit 1 on a regression) and settles "slower? (rerun)" rows with two more runs a side,
-  judged on all four.
+  runs base and head in two paired sessions of the gated matrix (taking turns, benchmark by
+  benchmark), compares the two directories of runs, runs the rows called a regression or left
+  "slower? (rerun)" in two more sessions and judges them on all four (exit 1 on a regression
+  confirmed there).
   (--benchmark-save=NAME --benchmark-save-data folders work too; a folder is searched recursively.)
 """
 
@@ -74,7 +75,8 @@ Verdicts:
   slower (reference row) a tutorial/limit row: the machine or the reference code moved; never fails
   unchanged              none of the above
   ... (unconfirmed)      no saved rounds, or too few for the suite-wide test (8 per run for 40
-                         benchmarks at 0.99): judged on medians only, never fails
+                         benchmarks at 0.99), or (--partial-runs) too few runs: judged on medians
+                         only, never fails
   added / removed        in one side only
 exit status: 0 no regression, 1 at least one regression, 2 bad input.
 """

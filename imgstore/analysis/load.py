@@ -271,7 +271,7 @@ def _natural(file: Path, root: Path) -> tuple[list[tuple[int, int | str]], str]:
 
 
 def merge_runs(runs: Sequence[Run], *, partial: bool = False) -> Run:
-    """Several runs of the same code as one: rounds pooled, each run's median kept.
+    """Several runs of the same code as one: rounds pooled, each run's rounds kept (``run_rounds``).
 
     Runs of one side taken at different times (base, head, base, head, ...) are what lets
     :func:`imgstore.analysis.verdict.compare_runs` see how much a benchmark moves between runs of

@@ -179,8 +179,9 @@ def repeated_run_spreads(
     the same code differ only by the machine, so their spread holds whatever the change did: the
     sd of a run's figure about its side's mean, pooled over both sides, times sqrt(1/k + 1/m)
     for k and m runs.  With two runs a side a benchmark's own estimate rests on two degrees of
-    freedom and now and then comes out far too small, so it is never taken below the two floors
-    described in the body (its operation's usual spread, its backend's other variants').
+    freedom and now and then comes out far too small, so it is never taken below the three floors
+    described in the body (its operation's usual spread, that of every row run the same way, its
+    backend's other variants'), which the reference rows (tutorial, limit) do not set.
 
     ``paired``: run i of one side was taken in turns with run i of the other, benchmark by benchmark
     (``.ci/bench-gate``, benchmarks/turns.py), so the machine's slow swings touch both alike: the

@@ -49,8 +49,8 @@ The verdict
 Repeated runs (the gate)
     Widening by the reference rows is coarse: it gives every row of an operation the drift of
     the worst reference row, so a 25% slowdown is lost in it.  What settles the question is to
-    measure each benchmark's own drift: run each side twice, interleaved (base, head, base,
-    head: ``.ci/bench-gate``), and give :func:`compare_runs` the merged runs
+    measure each benchmark's own drift: run each side twice, alternating (base, head, base, head;
+    ``.ci/bench-gate`` takes them as paired sessions, below), and give :func:`compare_runs` the merged runs
     (:func:`~imgstore.analysis.load.merge_runs`, or a directory per side on the command line).
     Then:
 
@@ -62,19 +62,21 @@ Repeated runs (the gate)
       that of the geometric means of these figures, candidate over baseline;
     * its interval is ratio x/÷ exp(z sd), sd from how far the runs of the same code spread
       (:func:`~imgstore.analysis.stats.repeated_run_spreads`): the change cannot move that, so it
-      is measured on both sides, per benchmark, and never taken below what is typical for its
-      operation, nor below what the other variants of its backend show on that operation
-      (``-nosync``, presets);
+      is measured on both sides, per benchmark, and never taken below three floors among the rows
+      run the same way (size, cache, workers, clock): what is typical for its operation, for all
+      such rows, and what the other variants of its backend show on that operation (``-nosync``,
+      presets); the tutorial and limit rows set none of them for imgstore's rows;
     * the verdict rule is the one above: beyond the threshold at ``confidence`` and significant
       after Bonferroni;
     * ``slower? (rerun)`` when it is not, but its ratio is over the threshold: two runs a side
       cannot tell that from drift (its own runs disagreed, one of them hit by a neighbour, or its
-      spread is wide), and more runs can.  No failure; ``--rerun FILE`` lists them and
-      ``.ci/bench-gate`` runs them in two more paired sessions, then judges them on all four
-      (``--partial-runs --only FILE``: the rerun sessions hold just those benchmarks, while the
-      spread floors and the Bonferroni count still come from the whole matrix of the first two).
-      Until 2026-11 only rows whose own runs disagreed were rerun, and a 2-worker epoch slowed 25%
-      whose spread floor was wide was missed 3 times in 7 (README, "Regression gate").
+      spread is wide), and more runs can.  No failure; ``--rerun FILE`` lists them, after the
+      regressions (to confirm), and ``.ci/bench-gate`` runs all of those in two more paired sessions,
+      then judges them on all four (``--partial-runs --only FILE``: the rerun sessions hold just
+      those benchmarks, while the spread floors and the Bonferroni count still come from the whole
+      matrix); the gate fails only on a regression confirmed there.
+      Until ``44fa472`` (2026-11-30) only rows whose own runs disagreed were rerun, and a 2-worker
+      epoch slowed 25% whose spread floor was wide was missed 3-4 times in 20 (README, "Regression gate").
 
     Paired sessions (``paired=True``, ``imgstore compare --paired``: what ``.ci/bench-gate`` now
     runs): run i of each side was taken in turns with the other, one benchmark at a time
@@ -82,17 +84,20 @@ Repeated runs (the gate)
     measurements of a benchmark alike.  The spread is then that of each benchmark's differences
     between the sessions (same floors), and the rule is the one above; a row the two sides hold in
     fewer than two of the same sessions (a partial merge) has no pairs, and is judged on its medians
-    like a row without rounds: never a regression.  Measured on a quiet machine
-    (README, "Regression gate"): the same sessions taken as unpaired runs caught a 25% slowdown at
-    10 000 images 11-16 times in 20, paired 18-20 times, with no A/A false alarm either way; while a
-    CI run loaded the machine, paired 4-9 times in 10 (unpaired 2-6), with 2 A/A false alarms in 11.
+    like a row without rounds: never a regression.  Measured with the gate of the day, two
+    sessions deciding (README, "Regression gate", earlier measurements), on a quiet machine: the same
+    sessions taken as unpaired runs caught a 25% slowdown at 10 000 images 11-16 times in 20, paired
+    18-20 times, with no A/A false alarm either way; while a CI run loaded the machine, paired 4-9
+    times in 10 (unpaired 2-6), with 2 A/A false alarms in 11.  The gate now (four sessions decide):
+    every slowdown 20 times in 20 and no A/A false alarm in 21 on a holdout set of sessions.
 
     In both modes a tutorial or limit row is at most ``slower (reference row)``, never a
     regression: it measures the machine or the reference code, not imgstore.
 
     Measured on this project's 2-core machine (README, "Regression gate"): false alarms in A/A
-    comparisons and detections of a 25% slowdown injected into one benchmark, from runs of
-    the gated matrix.
+    comparisons and detections of 25% slowdowns injected into benchmarks of two backends and of a
+    real code change in a third, from paired sessions of the gated matrix (narrowed to those
+    backends and the limit rows).
 
 Benchmarks without saved rounds (in either run), or with too few for the suite-wide test ever to
 pass (at 99%: fewer than 5 rounds for one benchmark, 8 for 40, 9 for 100; see
