@@ -171,9 +171,9 @@ def between_run_spreads(
 
 def repeated_run_spreads(
     baseline: Run, fastest: dict[str, list[list[float]]], *, paired: bool = False
-) -> dict[str, tuple[float, float]]:
-    """Per benchmark, the sd (log scale) of the difference between the two sides' means, and the
-    sd its operation usually has (both times sqrt(1/k + 1/m)).
+) -> dict[str, float]:
+    """Per benchmark, the sd (log scale) of the difference between the two sides' means (times
+    sqrt(1/k + 1/m)), never below what its kind of row usually shows.
 
     ``fastest`` maps a benchmark to [baseline logs, candidate logs], one figure per run.  Runs of
     the same code differ only by the machine, so their spread holds whatever the change did: the
@@ -248,7 +248,7 @@ def repeated_run_spreads(
             alike[setting[name]],
             statistics.fmean(siblings) if siblings else 0.0,
         )
-        spreads[name] = (math.sqrt(max(value, usual)) * factor[name], math.sqrt(usual) * factor[name])
+        spreads[name] = math.sqrt(max(value, usual)) * factor[name]
     return spreads
 
 

@@ -329,7 +329,7 @@ def _repeated_comparisons(
         base, cand = baseline.benchmarks[name], candidate.benchmarks[name]
         base_logs, cand_logs = fastest[name]
         centre = statistics.fmean(cand_logs) - statistics.fmean(base_logs) - math.log(drift)
-        spread, _ = spreads[name]
+        spread = spreads[name]
         low, high = math.exp(centre - z_each * spread), math.exp(centre + z_each * spread)
         significant = centre - z_suite * spread > 0 or centre + z_suite * spread < 0
         verdict = _verdict(low, high, significant, threshold, base.record.kind)
